@@ -1,0 +1,149 @@
+"""Peak memory of Taylor scoring with and without the GradientScorer hooks.
+
+Each mode runs in its own subprocess (CPU peak = ru_maxrss, which only grows; CUDA peak =
+torch.cuda.max_memory_allocated):
+
+* plain: one backward keeping every gradient, then `weight_scores(W, W.grad)` per layer
+  (LLM-Pruner / TP style: weights + activations + ALL gradients);
+* hooks: the same backward inside `GradientScorer(free_grads=True)`: each gradient is scored
+  and dropped as soon as it is ready (weights + activations + the largest gradients in flight).
+
+Only the scored weights (every nn.Linear in model.model.layers) require grad in both modes.
+Inputs are random token ids (memory does not depend on the text). Reported: peak minus the
+memory after loading the model. Never asserts.
+
+    python benches/bench_scoring_memory.py [--model smollm2-135m|PATH|random] [--tokens 256] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+
+
+def _random_smollm2_shape():
+    """A randomly initialised model with SmolLM2-135M's shape (the fallback when none loads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval(), "random (SmolLM2-135M shape)"
+
+
+def _load(model_arg: str, device: str):
+    import torch
+
+    if model_arg != "random":
+        try:
+            from layerprune.models import load_model
+
+            model, _ = load_model(model_arg, dtype=torch.float32, device=device, require_tokenizer=False)
+            return model, model_arg
+        except Exception as exc:  # noqa: BLE001 - any failure falls back to the random model
+            print(f"[memory] could not load {model_arg!r} ({type(exc).__name__}: {exc}); using a random model", file=sys.stderr)
+    model, label = _random_smollm2_shape()
+    return model.to(device), label
+
+
+def _peak_bytes(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def child(mode: str, model_arg: str, tokens: int, device: str) -> dict:
+    import torch
+
+    from layerprune.scoring import GradientScorer, weight_scores
+
+    torch.manual_seed(0)
+    model, label = _load(model_arg, device)
+    model.config.use_cache = False
+    layers = model.model.layers
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and any(m is x for x in layers.modules())}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in targets.values():
+        m.weight.requires_grad_(True)
+    seq = min(tokens, 128)
+    ids = torch.randint(0, model.config.vocab_size, (max(1, tokens // seq), seq), device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if device == "cuda" else _peak_bytes(device)
+    t0 = time.perf_counter()
+    scores = {}
+    if mode == "plain":
+        model(ids, labels=ids).loss.backward()
+        for n, m in targets.items():
+            scores[n] = weight_scores(m.weight.detach(), m.weight.grad, kind="taylor", axis=0)
+    else:
+        with GradientScorer(model, kinds=("taylor",)) as scorer:
+            model(ids, labels=ids).loss.backward()
+        for n in targets:
+            scores[n] = scorer.row_scores(n)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = _peak_bytes(device)
+    grad_bytes = sum(m.weight.numel() * m.weight.element_size() for m in targets.values())
+    return {
+        "mode": mode,
+        "model": label,
+        "device": device,
+        "tokens": int(ids.numel()),
+        "peak_over_loaded_mib": round((peak - base) / 2**20, 1),
+        "all_scored_grads_mib": round(grad_bytes / 2**20, 1),
+        "seconds": round(seconds, 2),
+        "checksum": float(sum(s.double().sum() for s in scores.values())),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", help="registry name, local HF folder, or 'random'")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--child", choices=["plain", "hooks"], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.child:
+        print(json.dumps(child(args.child, args.model, args.tokens, device)))
+        return 0
+    rows = []
+    for mode in ("plain", "hooks"):
+        cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--tokens", str(args.tokens), "--device", device]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            print(res.stderr[-2000:], file=sys.stderr)
+            return res.returncode
+        sys.stderr.write("".join(line + "\n" for line in res.stderr.splitlines() if line.startswith("[memory]")))
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{mode:6s} {r['model']:30s} {r['device']:4s} tokens={r['tokens']:<5d} peak over loaded: "
+              f"{r['peak_over_loaded_mib']:8.1f} MiB (all scored grads: {r['all_scored_grads_mib']:.1f} MiB) {r['seconds']:.1f} s", flush=True)
+    rel = abs(rows[0]["checksum"] - rows[1]["checksum"]) / max(abs(rows[0]["checksum"]), 1e-30)
+    print(f"scores agree between modes: relative checksum difference {rel:.2e}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""Triton kernel: fused elementwise importance score + row/column reduction + group sum.
+
+One pass over W (and G, H when the kind reads them), float32 accumulation. Each program owns a
+block of output lines (rows for axis=0, columns for axis=1) and one span of the reduced
+dimension; partial line sums are atomically added into `out[line // group_size]`, so the group
+sum is fused and the grid can split long reductions across SMs. For `vectorize` the absolute
+value is taken after the full group sum (one tiny elementwise op on the output).
+Formulas: see `layerprune.scoring.reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from layerprune.kernels import HAS_TRITON
+
+KIND_IDS = {"taylor": 0, "vectorize": 1, "taylor2": 2, "taylor-mix": 3, "l1": 4, "l2": 5}
+_USES_G = {"taylor", "vectorize", "taylor-mix"}
+_USES_H = {"taylor2", "taylor-mix"}
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _element_score(w, g, h, KIND: tl.constexpr):
+        if KIND == 0:
+            e = tl.abs(w * g)
+        elif KIND == 1:
+            e = w * g
+        elif KIND == 2:
+            e = tl.abs(w * h * w)
+        elif KIND == 3:
+            e = tl.abs(w * g - 0.5 * (w * h * w))
+        elif KIND == 4:
+            e = tl.abs(w)
+        else:
+            e = w * w
+        return e
+
+    @triton.jit
+    def _load_tile(w_ptr, g_ptr, h_ptr, rows, cols, mask, stride_w, stride_g, stride_h, KIND: tl.constexpr,
+                   USES_G: tl.constexpr, USES_H: tl.constexpr):
+        r64 = rows.to(tl.int64)[:, None]
+        c = cols[None, :]
+        w = tl.load(w_ptr + r64 * stride_w + c, mask=mask, other=0.0).to(tl.float32)
+        if USES_G:
+            g = tl.load(g_ptr + r64 * stride_g + c, mask=mask, other=0.0).to(tl.float32)
+        else:
+            g = w
+        if USES_H:
+            h = tl.load(h_ptr + r64 * stride_h + c, mask=mask, other=0.0).to(tl.float32)
+        else:
+            h = w
+        return _element_score(w, g, h, KIND)
+
+    @triton.jit
+    def _weight_scores_kernel(
+        w_ptr, g_ptr, h_ptr, out_ptr,
+        R, C, stride_w, stride_g, stride_h, group_size, span,
+        KIND: tl.constexpr, USES_G: tl.constexpr, USES_H: tl.constexpr, AXIS: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        pid_line = tl.program_id(0)
+        pid_split = tl.program_id(1)
+        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        if AXIS == 0:
+            rows = pid_line * BLOCK_R + tl.arange(0, BLOCK_R)
+            row_mask = rows < R
+            c_begin = pid_split * span
+            c_end = tl.minimum(c_begin + span, C)
+            for c0 in range(c_begin, c_end, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                mask = row_mask[:, None] & (cols < c_end)[None, :]
+                acc += _load_tile(w_ptr, g_ptr, h_ptr, rows, cols, mask, stride_w, stride_g, stride_h,
+                                  KIND, USES_G, USES_H)
+            part = tl.sum(acc, axis=1)
+            tl.atomic_add(out_ptr + rows // group_size, part, mask=row_mask)
+        else:
+            cols = pid_line * BLOCK_C + tl.arange(0, BLOCK_C)
+            col_mask = cols < C
+            r_begin = pid_split * span
+            r_end = tl.minimum(r_begin + span, R)
+            for r0 in range(r_begin, r_end, BLOCK_R):
+                rows = r0 + tl.arange(0, BLOCK_R)
+                mask = (rows < r_end)[:, None] & col_mask[None, :]
+                acc += _load_tile(w_ptr, g_ptr, h_ptr, rows, cols, mask, stride_w, stride_g, stride_h,
+                                  KIND, USES_G, USES_H)
+            part = tl.sum(acc, axis=0)
+            tl.atomic_add(out_ptr + cols // group_size, part, mask=col_mask)
+
+
+def _row_major(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # interpreter: programs run one after another, fewer is faster
+
+
+def weight_scores_triton(
+    weight: torch.Tensor,
+    grad: torch.Tensor | None,
+    fisher: torch.Tensor | None,
+    *,
+    kind: str,
+    axis: int,
+    group_size: int,
+    programs: int | None = None,
+) -> torch.Tensor:
+    """Launch the fused kernel. Inputs are validated by `layerprune.scoring.weight_scores`.
+
+    `programs` overrides the target grid size (default 4 × SMs on CUDA, 1 in the interpreter);
+    tests use it to exercise split reductions and atomics on CPU."""
+    if not HAS_TRITON:  # pragma: no cover - guarded by the dispatcher
+        raise RuntimeError("triton is not installed")
+    w, g, h = _row_major(weight.detach()), _row_major(None if grad is None else grad.detach()), _row_major(
+        None if fisher is None else fisher.detach()
+    )
+    rows, cols = w.shape
+    n_out = rows if axis == 0 else cols
+    out = torch.zeros(n_out // group_size, dtype=torch.float32, device=w.device)
+    if rows == 0 or cols == 0:
+        return out
+    uses_g, uses_h = kind in _USES_G, kind in _USES_H
+    g_arg = g if uses_g else w
+    h_arg = h if uses_h else w
+    if axis == 0:
+        block_r, block_c = 16, 256
+        lines, reduced, block_red = triton.cdiv(rows, block_r), cols, block_c
+    else:
+        block_r, block_c = 32, 128
+        lines, reduced, block_red = triton.cdiv(cols, block_c), rows, block_r
+    red_blocks = triton.cdiv(reduced, block_red)
+    target = programs if programs is not None else _target_programs(w.device)
+    splits = max(1, min(red_blocks, target // lines))
+    span = triton.cdiv(red_blocks, splits) * block_red
+    splits = triton.cdiv(reduced, span)
+    _weight_scores_kernel[(lines, splits)](
+        w, g_arg, h_arg, out,
+        rows, cols, w.stride(0), g_arg.stride(0), h_arg.stride(0), group_size, span,
+        KIND=KIND_IDS[kind], USES_G=uses_g, USES_H=uses_h, AXIS=axis,
+        BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    if kind == "vectorize":
+        out.abs_()
+    return out

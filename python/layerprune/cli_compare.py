@@ -1,0 +1,113 @@
+"""`layerprune compare`: prune one model with every method at every ratio, evaluate all on the same
+test tokens, and write DIR/report.md, DIR/report.json and PNG plots (finished runs are reused)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from layerprune.compare import DEFAULT_MAX_TOKENS, METHODS
+
+    p = subparsers.add_parser(
+        "compare",
+        help="uniform vs unbalanced pruning on equal terms, with a report",
+        description="Prune --model at each target ratio with every method (dense, uniform-range, uniform, "
+        "unbalanced-seed, unbalanced), evaluate each on the same WikiText-2 test tokens, and write "
+        "DIR/report.md, DIR/report.json and plots. Runs already finished in DIR are reused.",
+    )
+    p.add_argument("--model", required=True, help="'smollm2-135m' (embedded), a local Hugging Face folder, or a hub id")
+    p.add_argument("--ratio", type=float, default=None, help="fraction of ALL parameters to remove, in (0, 1)")
+    p.add_argument("--ratios", default=None, help="comma-separated target ratios, e.g. 0.2,0.25 (with or instead of --ratio)")
+    p.add_argument("--out", required=True, help="output folder (created; finished runs in it are reused)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: all; dense is always run)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"evaluate the first N test tokens (default: {DEFAULT_MAX_TOKENS}; 0 = the whole split)")
+    p.add_argument("--seq-len", type=int, default=128, help="evaluation window in tokens (default: 128)")
+    p.add_argument("--dataset", default="wikitext2", help="'wikitext2' or a path to a .txt file (default: wikitext2)")
+    p.add_argument("--data-dir", default=None, help="folder with WikiText-2 raw test.txt / valid.txt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default: 0)")
+    p.add_argument("--calib-samples", type=int, default=10, help="calibration windows (default: 10)")
+    p.add_argument("--calib-seq-len", type=int, default=64, help="tokens per calibration window (default: 64)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per prompt (default: 16)")
+    p.add_argument("--no-generate", action="store_true", help="skip the greedy generations")
+    p.add_argument("--no-save-models", action="store_true",
+                   help="do not keep DIR/models/<ratio>/<method> (sizes are still measured through a temporary save)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default: float32)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(run=run)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """Checked settings (raises InvalidInputError naming the flag) before any model is loaded."""
+    from layerprune.compare import CompareSettings, parse_methods, parse_ratios, validate_settings
+    from layerprune.errors import InvalidInputError
+
+    parts: list[float] = []
+    if args.ratio is not None:
+        parts.append(args.ratio)
+    if args.ratios is not None:
+        parts.extend(parse_ratios(args.ratios))
+    if not parts:
+        raise InvalidInputError("give --ratio R or --ratios R1,R2,...")
+    if len({round(r, 6) for r in parts}) != len(parts):
+        parts = sorted({round(r, 6) for r in parts})  # --ratio repeated inside --ratios: once
+    if args.max_tokens is not None and args.max_tokens < 0:
+        raise InvalidInputError(f"--max-tokens must be positive (or 0 for the whole split); got {args.max_tokens}")
+    settings = CompareSettings(
+        ratios=parse_ratios(parts),
+        methods=parse_methods(args.methods),
+        max_tokens=None if not args.max_tokens else args.max_tokens,
+        seq_len=args.seq_len,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len,
+        prompts=() if args.no_generate else CompareSettings.prompts,
+        max_new_tokens=args.max_new_tokens,
+        save_models=not args.no_save_models,
+    )
+    if settings.seed < 0:
+        raise InvalidInputError(f"--seed must be non-negative; got {settings.seed}")
+    return validate_settings(settings)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from layerprune import models
+    from layerprune.compare import compare
+    from layerprune.report import main_table
+
+    settings = settings_from_args(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            from layerprune.errors import InvalidInputError
+
+            raise InvalidInputError(f"--threads must be positive; got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = models.load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+
+    def log(message: str) -> None:
+        print(f"[compare] {message}", file=sys.stderr, flush=True)
+
+    report = compare(model, tokenizer, settings, args.out, model_name=args.model, progress=not args.no_progress,
+                     log=log)
+    print(main_table(report["runs"], report["methods"]))
+    from layerprune.report import verdict_lines
+
+    for line in verdict_lines(report["verdicts"]):
+        print(line.replace("**", ""))
+    print(f"report: {args.out}/report.md")
+    return 0

@@ -1,0 +1,215 @@
+"""WikiText-2 (raw) and plain text files as rows, text and token tensors.
+
+Row rule (the Hugging Face ``wikitext-2-raw-v1`` convention, which LLM-Pruner's evaluator
+reads): one line of the raw file is one row; a row keeps its trailing ``"\\n"``; a line that is
+only whitespace (WikiText's blank lines are ``" \\n"``) becomes the empty row ``""``. So the raw
+``test.txt`` and ``datasets.load_dataset('wikitext', 'wikitext-2-raw-v1', split='test')`` give
+the same 4,358 rows, and the same tokens after joining.
+
+Evaluation text is the rows joined with ``"\\n\\n"`` and tokenized once with the tokenizer's
+defaults (LLM-Pruner's PPL protocol). Calibration text comes from the train split when present,
+else from the validation split, never from test.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerprune.errors import DataError, InvalidInputError
+
+WIKITEXT2 = "wikitext2"
+DATA_DIR_ENV = "LAYERPRUNE_DATA_DIR"
+SPLIT_FILES = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
+SPLIT_ALIASES = {"validation": "valid", "val": "valid"}
+HF_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
+
+_HOW_TO_PROVIDE = (
+    f"pass --data-dir DIR or set {DATA_DIR_ENV}=DIR (a folder with WikiText-2 raw test.txt and valid.txt, "
+    "optional train.txt), or install the `datasets` library with access to the Hugging Face hub"
+)
+
+
+def rows_from_lines(lines: Any) -> list[str]:
+    """Apply the row rule to an iterable of lines that keep their ``"\\n"``."""
+    return [line if line.strip() else "" for line in lines]
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[str]:
+    """Rows of one text file (read as UTF-8 with Python's universal newlines, like the HF loader)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return rows_from_lines(handle)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def normalize_split(split: str) -> str:
+    split = SPLIT_ALIASES.get(split, split)
+    if split not in SPLIT_FILES:
+        raise InvalidInputError(f"split must be one of {', '.join(SPLIT_FILES)}; got '{split}'")
+    return split
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
+    """`data_dir`, else ``$LAYERPRUNE_DATA_DIR``, else None (then the `datasets` library is tried)."""
+    if data_dir is not None and os.fspath(data_dir) != "":
+        source, path = "--data-dir", Path(data_dir).expanduser()
+    elif os.environ.get(DATA_DIR_ENV):
+        source, path = DATA_DIR_ENV, Path(os.environ[DATA_DIR_ENV]).expanduser()
+    else:
+        return None
+    if not path.is_dir():
+        raise DataError(f"{source} {path} is not a folder; {_HOW_TO_PROVIDE}")
+    return path
+
+
+def is_text_file_dataset(dataset: str) -> bool:
+    return os.fspath(dataset).endswith(".txt")
+
+
+def _rows_from_hub(split: str) -> list[str]:
+    try:
+        import datasets  # optional dependency
+    except ImportError:
+        raise DataError(f"WikiText-2 not found: {_HOW_TO_PROVIDE}") from None
+    try:
+        loaded = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=HF_SPLITS[split])
+    except Exception as exc:  # network and hub errors come in many types
+        raise DataError(
+            f"WikiText-2 not found ({type(exc).__name__} from the datasets library); {_HOW_TO_PROVIDE}"
+        ) from None
+    return list(loaded["text"])
+
+
+def load_rows(dataset: str, split: str, data_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """Rows of `dataset` ('wikitext2' or a path to a .txt file, whose `split` is ignored)."""
+    dataset = os.fspath(dataset)
+    if is_text_file_dataset(dataset):
+        path = Path(dataset).expanduser()
+        if not path.is_file():
+            raise DataError(f"--dataset {path} does not exist")
+        return read_rows(path)
+    if dataset.lower() != WIKITEXT2:
+        raise DataError(f"unknown --dataset '{dataset}': use 'wikitext2' or a path to a .txt file")
+    split = normalize_split(split)
+    folder = resolve_data_dir(data_dir)
+    if folder is None:
+        return _rows_from_hub(split)
+    path = folder / SPLIT_FILES[split]
+    if not path.is_file():
+        raise DataError(f"WikiText-2 {split} split not found: {path} does not exist; {_HOW_TO_PROVIDE}")
+    return read_rows(path)
+
+
+def calibration_split(data_dir: str | os.PathLike[str] | None = None, dataset: str = WIKITEXT2) -> str:
+    """'train' when the train split is available, else 'valid'. Never 'test'."""
+    if is_text_file_dataset(dataset):
+        return "train"  # a user's own file; the split name is ignored
+    folder = resolve_data_dir(data_dir)
+    if folder is None:
+        return "train"  # the datasets library always has it
+    if (folder / SPLIT_FILES["train"]).is_file():
+        return "train"
+    if (folder / SPLIT_FILES["valid"]).is_file():
+        return "valid"
+    raise DataError(
+        f"no calibration split in {folder}: need train.txt or valid.txt (test.txt is never used for calibration)"
+    )
+
+
+def load_text(dataset: str, split: str, data_dir: str | os.PathLike[str] | None = None) -> str:
+    """The rows joined with ``"\\n\\n"`` (LLM-Pruner's PPL text)."""
+    return "\n\n".join(load_rows(dataset, split, data_dir))
+
+
+def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
+    """``tokenizer(text, return_tensors='pt').input_ids[0]`` with the tokenizer's default special tokens."""
+    import logging
+
+    # The "sequence longer than model max length" notice does not apply: the text is windowed later.
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    finally:
+        logger.setLevel(level)
+    return ids.to(torch.long)
+
+
+def eval_tokens(
+    tokenizer: Any,
+    dataset: str = WIKITEXT2,
+    data_dir: str | os.PathLike[str] | None = None,
+    split: str = "test",
+    max_tokens: int | None = None,
+) -> torch.Tensor:
+    """The evaluation split as one 1-D LongTensor, truncated to the first `max_tokens` tokens."""
+    if max_tokens is not None and max_tokens < 1:
+        raise InvalidInputError(f"--max-tokens must be positive; got {max_tokens}")
+    ids = tokenize_text(tokenizer, load_text(dataset, split, data_dir))
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return ids
+
+
+def calibration_batch(
+    tokenizer: Any,
+    n_samples: int = 10,
+    seq_len: int = 64,
+    seed: int = 0,
+    dataset: str = WIKITEXT2,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> torch.Tensor:
+    """`n_samples` windows of `seq_len` tokens from the calibration split, shape [n_samples, seq_len].
+
+    Follows LLM-Pruner's ``get_examples``: visit rows in a seeded random order, tokenize each row
+    on its own, keep rows with at least `seq_len` tokens (each row at most once), and cut one
+    window at a seeded random offset from each.
+    """
+    if n_samples < 1:
+        raise InvalidInputError(f"calibration samples must be positive; got {n_samples}")
+    if seq_len < 2:
+        raise InvalidInputError(f"calibration seq_len must be at least 2; got {seq_len}")
+    split = calibration_split(data_dir, dataset)
+    assert split != "test", "calibration must never read the test split"
+    rows = load_rows(dataset, split, data_dir)
+    rng = random.Random(seed)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    windows: list[torch.Tensor] = []
+    for index in order:
+        if not rows[index]:
+            continue
+        ids = tokenize_text(tokenizer, rows[index])
+        if ids.numel() < seq_len:
+            continue
+        start = rng.randint(0, ids.numel() - seq_len)
+        windows.append(ids[start : start + seq_len])
+        if len(windows) == n_samples:
+            return torch.stack(windows)
+    raise DataError(
+        f"only {len(windows)} rows of the {dataset} {split} split have at least {seq_len} tokens; "
+        f"{n_samples} calibration samples were requested (lower the sample count or the sequence length)"
+    )
+
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "WIKITEXT2",
+    "calibration_batch",
+    "calibration_split",
+    "eval_tokens",
+    "load_rows",
+    "load_text",
+    "read_rows",
+    "resolve_data_dir",
+    "rows_from_lines",
+]

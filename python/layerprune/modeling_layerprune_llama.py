@@ -1,0 +1,94 @@
+"""A Llama whose decoder layers have their own widths (query heads, KV heads, MLP width), as left by layerprune.
+
+This file is copied next to the weights of every model layerprune saves, so that
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works without layerprune installed.
+It must import only torch and transformers.
+
+config.json keeps the dense model's global widths and adds, per layer l:
+  layer_num_attention_heads[l], layer_num_key_value_heads[l], layer_intermediate_sizes[l]
+Each layer is built dense by transformers' Llama code, then its q/k/v/o and gate/up/down projections are
+replaced by Linear layers of that layer's widths. head_dim and the hidden size are those of the dense model;
+a layer's GQA ratio is its query heads // its KV heads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+LAYER_WIDTH_KEYS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes")
+
+
+class LayerpruneLlamaConfig(LlamaConfig):
+    """LlamaConfig plus per-layer widths (the lists named in LAYER_WIDTH_KEYS)."""
+
+    model_type = "layerprune_llama"
+
+
+def layer_widths(config: LlamaConfig) -> list[tuple[int, int, int]]:
+    """(query heads, KV heads, MLP width) per layer; layers without a listed width keep the global one."""
+    n_layers = config.num_hidden_layers
+    defaults = (config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads,
+                config.intermediate_size)
+    columns = []
+    for key, default in zip(LAYER_WIDTH_KEYS, defaults):
+        values = getattr(config, key, None)
+        if values is None:
+            values = [default] * n_layers
+        values = list(values)
+        if len(values) != n_layers:
+            raise ValueError(f"config.{key}: has {len(values)} entries, num_hidden_layers is {n_layers}")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise ValueError(f"config.{key}: every entry must be a positive integer")
+        columns.append(values)
+    widths = list(zip(*columns))
+    for i, (q_heads, kv_heads, _) in enumerate(widths):
+        if q_heads % kv_heads:
+            raise ValueError(f"layer {i}: {q_heads} query heads is not a multiple of {kv_heads} KV heads")
+    return widths
+
+
+def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    if old.in_features == in_features and old.out_features == out_features:
+        return old
+    return nn.Linear(in_features, out_features, bias=old.bias is not None,
+                     device=old.weight.device, dtype=old.weight.dtype)
+
+
+def resize_decoder_layers(model: Any, config: LlamaConfig) -> None:
+    """Give each decoder layer of a freshly built (dense) Llama its own widths; weights are re-created, not kept."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    hidden = config.hidden_size
+    for layer, (q_heads, kv_heads, intermediate) in zip(model.layers, layer_widths(config)):
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.q_proj = _linear_like(attn.q_proj, hidden, q_heads * head_dim)
+        attn.k_proj = _linear_like(attn.k_proj, hidden, kv_heads * head_dim)
+        attn.v_proj = _linear_like(attn.v_proj, hidden, kv_heads * head_dim)
+        attn.o_proj = _linear_like(attn.o_proj, q_heads * head_dim, hidden)
+        attn.num_key_value_groups = q_heads // kv_heads
+        # Older transformers reshape with these per-module attributes; newer ones infer heads from the weights.
+        if hasattr(attn, "num_heads"):
+            attn.num_heads = q_heads
+        if hasattr(attn, "num_key_value_heads"):
+            attn.num_key_value_heads = kv_heads
+        mlp.gate_proj = _linear_like(mlp.gate_proj, hidden, intermediate)
+        mlp.up_proj = _linear_like(mlp.up_proj, hidden, intermediate)
+        mlp.down_proj = _linear_like(mlp.down_proj, intermediate, hidden)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = intermediate
+
+
+class LayerpruneLlamaForCausalLM(LlamaForCausalLM):
+    """LlamaForCausalLM with per-layer widths read from LayerpruneLlamaConfig."""
+
+    config_class = LayerpruneLlamaConfig
+
+    def __init__(self, config: LayerpruneLlamaConfig) -> None:
+        super().__init__(config)
+        resize_decoder_layers(self.model, config)
+        self.post_init()
+
+
+__all__ = ["LayerpruneLlamaConfig", "LayerpruneLlamaForCausalLM", "layer_widths", "resize_decoder_layers"]

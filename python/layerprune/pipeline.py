@@ -1,0 +1,433 @@
+"""`prune`: calibration -> element scores -> (layer importance) -> allocation -> structured pruning.
+
+Modes:
+
+* ``uniform`` -- LLM-Pruner ``llama3.py``: one rate in every layer of a range. Without
+  ``match_params`` the ratio is the per-layer rate (``floor(rate*Hkv)`` KV groups and
+  ``floor(rate*I)`` channels removed; the allocation module's ``layer_rate``), so the fraction of
+  ALL parameters removed is lower and reported. With ``match_params`` the allocation's exact
+  uniform solver removes ``ratio`` of all parameters (to one granule).
+* ``unbalanced`` -- per-layer rates from layer importance (``removal`` / ``activation`` /
+  ``sensitivity``) through a solver (``seed`` / ``greedy`` / ``lagrange`` / ``dp``).
+  ``sensitivity`` gives the solver measured cost curves; the others give one importance per
+  layer and component (the allocation's surrogate objective).
+
+Iterative pruning (``iterative_steps = N``): the allocation for the final ``ratio`` is computed once
+on the dense model (layer importance too, on the dense model), and step ``k`` prunes every layer
+to ``round(full - (full - final) * k / N)`` KV groups / channels, i.e. a linear schedule that
+removes about ``ratio * k / N`` of the ORIGINAL parameters at step k (parameter counts are affine
+in the kept counts); element scores are recomputed on the partially pruned model before every
+step. Kept indices in the report always refer to the ORIGINAL model.
+
+``prune`` never modifies its input model (it works on a deep copy).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from layerprune.errors import InvalidInputError, ModelError
+from layerprune.group_scores import IMPORTANCE_KINDS, element_group_scores
+from layerprune.layer_importance import METHODS as LAYER_IMPORTANCE_METHODS
+from layerprune.layer_importance import LayerImportance, decoder_layers, layer_importance as compute_layer_importance
+from layerprune.layer_importance import mlp_grid_size, sensitivity_importance
+
+MODES = ("unbalanced", "uniform")
+SOLVERS = ("seed", "greedy", "lagrange", "dp")
+
+
+@dataclass
+class PruneConfig:
+    """What to prune and how (see the module docstring and ``layerprune prune --help``)."""
+
+    ratio: float
+    mode: str = "unbalanced"
+    solver: str = "dp"
+    layer_importance: str = "removal"
+    importance: str = "taylor"
+    calib_samples: int = 10
+    calib_seq_len: int = 64
+    iterative_steps: int = 1
+    match_params: bool = False
+    layer_start: int | None = None
+    layer_end: int | None = None
+    attn_layer_start: int | None = None
+    attn_layer_end: int | None = None
+    mlp_layer_start: int | None = None
+    mlp_layer_end: int | None = None
+    min_effective_rate: float = 0.0
+    protected: tuple[int, ...] = ()
+    mlp_step: int = 1
+    min_kv_groups: int = 1
+    tie: bool = False
+    seed: int = 0
+    dataset: str = "wikitext2"
+    data_dir: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["protected"] = list(self.protected)
+        return out
+
+
+@dataclass
+class PruneResult:
+    model: torch.nn.Module
+    allocation: Any
+    layer_importance: LayerImportance | None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (usable before any model is loaded)
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def validate_config(config: PruneConfig) -> None:
+    """Field checks that need no model. Raises InvalidInputError naming the field."""
+    if not isinstance(config, PruneConfig):
+        raise InvalidInputError(f"config: expected a PruneConfig, got {type(config).__name__}")
+    r = config.ratio
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0.0 < r < 1.0:
+        raise InvalidInputError(f"ratio: must be a fraction strictly between 0 and 1, got {r!r}")
+    if config.mode not in MODES:
+        raise InvalidInputError(f"mode: expected one of {', '.join(MODES)}, got {config.mode!r}")
+    if config.solver not in SOLVERS:
+        raise InvalidInputError(f"solver: expected one of {', '.join(SOLVERS)}, got {config.solver!r}")
+    if config.layer_importance not in LAYER_IMPORTANCE_METHODS:
+        raise InvalidInputError(
+            f"layer_importance: expected one of {', '.join(LAYER_IMPORTANCE_METHODS)}, got {config.layer_importance!r}"
+        )
+    if config.importance not in IMPORTANCE_KINDS:
+        raise InvalidInputError(f"importance: expected one of {', '.join(IMPORTANCE_KINDS)}, got {config.importance!r}")
+    for name, low in (("calib_samples", 1), ("calib_seq_len", 2), ("iterative_steps", 1), ("mlp_step", 1),
+                      ("min_kv_groups", 1)):
+        v = getattr(config, name)
+        if not _is_int(v) or v < low:
+            raise InvalidInputError(f"{name}: must be an integer >= {low}, got {v!r}")
+    if not _is_int(config.seed) or config.seed < 0:
+        raise InvalidInputError(f"seed: must be a non-negative integer, got {config.seed!r}")
+    m = config.min_effective_rate
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m < 1.0:
+        raise InvalidInputError(f"min_effective_rate: must be in [0, 1), got {m!r}")
+    for name in ("layer_start", "layer_end", "attn_layer_start", "attn_layer_end", "mlp_layer_start", "mlp_layer_end"):
+        v = getattr(config, name)
+        if v is not None and (not _is_int(v) or v < 0):
+            raise InvalidInputError(f"{name}: must be a non-negative layer index, got {v!r}")
+    if any(not _is_int(p) or p < 0 for p in config.protected):
+        raise InvalidInputError(f"protected: layer indices must be non-negative integers, got {list(config.protected)}")
+
+
+def layer_ranges(config: PruneConfig, num_layers: int) -> dict[str, tuple[int, int]]:
+    """Resolved [start, end) of the attention and MLP ranges; checked against the model depth."""
+    out = {}
+    for part in ("attn", "mlp"):
+        start = getattr(config, f"{part}_layer_start")
+        end = getattr(config, f"{part}_layer_end")
+        start = config.layer_start if start is None else start
+        end = config.layer_end if end is None else end
+        start = 0 if start is None else int(start)
+        end = num_layers if end is None else int(end)
+        if not 0 <= start < end <= num_layers:
+            raise InvalidInputError(
+                f"{part}_layer_start/end: range [{start}, {end}) is outside the model's {num_layers} layers "
+                f"(need 0 <= start < end <= {num_layers})"
+            )
+        out[part] = (start, end)
+    return out
+
+
+def validate_against_model(config: PruneConfig, num_layers: int, num_kv_heads: int | None = None) -> None:
+    """Checks that need the model's depth (from its config: done before the weights are loaded)."""
+    validate_config(config)
+    layer_ranges(config, num_layers)
+    bad = [p for p in config.protected if p >= num_layers]
+    if bad:
+        raise InvalidInputError(f"protected: layers {bad} do not exist (the model has {num_layers} layers)")
+    if num_kv_heads is not None and config.min_kv_groups > num_kv_heads:
+        raise InvalidInputError(f"min_kv_groups: {config.min_kv_groups} exceeds the {num_kv_heads} KV heads per layer")
+
+
+def seed_everything(seed: int) -> None:
+    """torch, numpy and random seeded; deterministic algorithms where torch has them."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Allocation
+# ---------------------------------------------------------------------------------------------
+
+
+def _nonneg(values: np.ndarray) -> np.ndarray:
+    """Importance for the allocation: finite and >= 0 (a negative removal cost is noise: 0)."""
+    arr = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise InvalidInputError("layer importance: contains NaN or infinite values")
+    return np.maximum(arr, 0.0)
+
+
+def build_allocation_spec(model_config: Any, config: PruneConfig, importance: LayerImportance | None, num_layers: int):
+    """The allocation problem for ``config`` on a dense model described by ``model_config``."""
+    from layerprune import allocation
+
+    ranges = layer_ranges(config, num_layers)
+    constraints: dict[str, Any] = {
+        "mlp_step": config.mlp_step,
+        "min_kv_groups": config.min_kv_groups,
+        "protected": tuple(int(p) for p in config.protected),
+        "tie": config.tie,
+        "attn_layer_start": ranges["attn"][0],
+        "attn_layer_end": ranges["attn"][1],
+        "mlp_layer_start": ranges["mlp"][0],
+        "mlp_layer_end": ranges["mlp"][1],
+        "min_effective_rate": config.min_effective_rate,
+    }
+    if config.mode == "uniform" and not config.match_params:
+        constraints["layer_rate"] = float(config.ratio)
+    if importance is not None:
+        if importance.attn_curves is not None and importance.mlp_curves is not None:
+            constraints["attn_curves"] = [np.asarray(c, dtype=np.float64) for c in importance.attn_curves]
+            constraints["mlp_curves"] = [np.asarray(c, dtype=np.float64) for c in importance.mlp_curves]
+        constraints["attn_importance"] = _nonneg(importance.attn)
+        constraints["mlp_importance"] = _nonneg(importance.mlp)
+    return allocation.spec_from_model_config(model_config, float(config.ratio), **constraints)
+
+
+def _spec_for_model(model: torch.nn.Module, config: PruneConfig, importance: LayerImportance | None, total: int):
+    """``build_allocation_spec`` with ``extra_params`` (embeddings, lm_head, final norm) taken from the
+    real model, so the budget is a fraction of exactly ``count_parameters(model)["total"]``."""
+    spec = build_allocation_spec(model.config, config, importance, len(decoder_layers(model)))
+    spec.extra_params = int(total - spec.params_layers)
+    if spec.extra_params < 0:
+        raise ModelError("model: its decoder layers do not match its config (already pruned? prune the dense model)")
+    return spec
+
+
+def _solver_for(config: PruneConfig) -> str:
+    return "uniform" if config.mode == "uniform" else config.solver
+
+
+def _check_importance(li: LayerImportance, config: PruneConfig, shapes: Sequence[dict[str, int]]) -> None:
+    if li.num_layers != len(shapes):
+        raise InvalidInputError(f"layer_importance: has {li.num_layers} layers, the model has {len(shapes)}")
+    if li.attn_curves is not None and li.mlp_curves is not None:
+        if li.mlp_step != config.mlp_step:
+            raise InvalidInputError(
+                f"layer_importance: its MLP curves use mlp_step={li.mlp_step}, the config asks for {config.mlp_step}"
+            )
+        for l, s in enumerate(shapes):
+            if len(li.attn_curves[l]) != s["num_kv_heads"] + 1 or len(li.mlp_curves[l]) != mlp_grid_size(
+                s["intermediate"], config.mlp_step
+            ):
+                raise InvalidInputError(f"layer_importance: curve lengths of layer {l} do not match the model")
+
+
+# ---------------------------------------------------------------------------------------------
+# prune
+# ---------------------------------------------------------------------------------------------
+
+
+def _step_targets(full: Sequence[int], final: Sequence[int], step: int, steps: int) -> list[int]:
+    """Kept counts at ``step`` of ``steps`` on the linear schedule from ``full`` to ``final``."""
+    return [int(f - math.floor((f - t) * step / steps + 0.5)) for f, t in zip(full, final)]
+
+
+def _calibration(tokenizer: Any, config: PruneConfig) -> torch.Tensor:
+    from layerprune.data import calibration_batch
+
+    return calibration_batch(
+        tokenizer, n_samples=config.calib_samples, seq_len=config.calib_seq_len, seed=config.seed,
+        dataset=config.dataset, data_dir=config.data_dir,
+    )
+
+
+def prune(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    config: PruneConfig,
+    *,
+    layer_importance: LayerImportance | None = None,
+    calib_ids: torch.Tensor | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune a deep copy of ``model`` as ``config`` says; returns it with the allocation and a report.
+
+    ``layer_importance`` reuses an earlier computation (e.g. across methods of ``compare``);
+    ``calib_ids`` ([n, seq_len] token ids) replaces the calibration batch drawn from ``config.dataset``.
+    """
+    from layerprune.allocation import allocate
+    from layerprune.models import count_parameters
+    from layerprune.pruning import LlamaStructuredPruner, layer_shapes, select_keep
+
+    validate_config(config)
+    layers = decoder_layers(model)
+    num_layers = len(layers)
+    shapes = layer_shapes(model)
+    validate_against_model(config, num_layers, min(s["num_kv_heads"] for s in shapes))
+    timings: dict[str, float] = {}
+    total_start = time.perf_counter()
+    seed_everything(config.seed)
+
+    t0 = time.perf_counter()
+    if calib_ids is None:
+        calib_ids = _calibration(tokenizer, config)
+    if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.shape[1] < 2:
+        raise InvalidInputError("calib_ids: expected a [n_samples, seq_len >= 2] tensor of token ids")
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if vocab and (int(calib_ids.min()) < 0 or int(calib_ids.max()) >= vocab):
+        raise InvalidInputError(f"calib_ids: token ids must be in [0, {vocab})")
+    calib_ids = calib_ids.long().to(next(model.parameters()).device)
+    timings["calibration"] = time.perf_counter() - t0
+
+    work = copy.deepcopy(model).eval()
+    params_before = count_parameters(work)
+
+    # Dense element scores: needed by the sensitivity curves and by the first pruning step.
+    t0 = time.perf_counter()
+    dense_scores = element_group_scores(work, calib_ids, importance=config.importance, progress=progress)
+    timings["element_scores"] = time.perf_counter() - t0
+
+    li = None
+    t0 = time.perf_counter()
+    if config.mode == "unbalanced":
+        if layer_importance is not None:
+            if layer_importance.method != config.layer_importance:
+                raise InvalidInputError(
+                    f"layer_importance: given {layer_importance.method!r} results, the config asks for {config.layer_importance!r}"
+                )
+            _check_importance(layer_importance, config, shapes)
+            li = layer_importance
+        elif config.layer_importance == "sensitivity":
+            li = sensitivity_importance(
+                work, calib_ids, dense_scores[0], dense_scores[1], mlp_step=config.mlp_step,
+                min_kv_groups=config.min_kv_groups, progress=progress,
+            )
+        else:
+            li = compute_layer_importance(work, calib_ids, config.layer_importance, progress=progress)
+    timings["layer_importance"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    spec = _spec_for_model(work, config, li, params_before["total"])
+    alloc = allocate(spec, solver=_solver_for(config))
+    timings["allocation"] = time.perf_counter() - t0
+
+    full_kv = [s["num_kv_heads"] for s in shapes]
+    full_mlp = [s["intermediate"] for s in shapes]
+    final_kv = [int(a.kv_groups_kept) for a in alloc.layers]
+    final_mlp = [int(a.mlp_kept) for a in alloc.layers]
+    kept_kv = [list(range(n)) for n in full_kv]  # indices into the ORIGINAL model
+    kept_mlp = [list(range(n)) for n in full_mlp]
+    example = calib_ids[:1, : min(16, calib_ids.shape[1])]
+    t0 = time.perf_counter()
+    rescoring = 0.0
+    steps = config.iterative_steps
+    for step in tqdm(range(1, steps + 1), desc="pruning steps", disable=not progress or steps == 1, leave=False):
+        want_kv = _step_targets(full_kv, final_kv, step, steps)
+        want_mlp = _step_targets(full_mlp, final_mlp, step, steps)
+        if step == 1:
+            kv_scores, ch_scores = dense_scores
+        else:
+            r0 = time.perf_counter()
+            kv_scores, ch_scores = element_group_scores(work, calib_ids, importance=config.importance, progress=progress)
+            rescoring += time.perf_counter() - r0
+        keep = select_keep(kv_scores, ch_scores, want_kv, want_mlp)
+        LlamaStructuredPruner(work, example).prune(keep)
+        kept_kv = [[prev[i] for i in k.kv_heads] for prev, k in zip(kept_kv, keep)]
+        kept_mlp = [[prev[i] for i in k.mlp_channels] for prev, k in zip(kept_mlp, keep)]
+    timings["pruning"] = time.perf_counter() - t0 - rescoring
+    if steps > 1:
+        timings["element_scores"] += rescoring
+
+    new_shapes = layer_shapes(work)
+    if [s["num_kv_heads"] for s in new_shapes] != final_kv or [s["intermediate"] for s in new_shapes] != final_mlp:
+        raise ModelError("pruned shapes do not match the allocation (internal inconsistency)")
+    params_after = count_parameters(work)
+    timings["total"] = time.perf_counter() - total_start
+    report = build_report(config, params_before, params_after, shapes, alloc, li, kept_kv, kept_mlp, calib_ids, timings)
+    return PruneResult(model=work, allocation=alloc, layer_importance=li, report=report)
+
+
+def build_report(config, params_before, params_after, shapes, alloc, li, kept_kv, kept_mlp, calib_ids, timings):
+    """The JSON-ready record of one pruning run (report.json in the output folder)."""
+    from layerprune.report import command_line, versions
+
+    before, after = params_before["total"], params_after["total"]
+    layers_before, layers_after = params_before["decoder_layers"], params_after["decoder_layers"]
+    per_layer = []
+    for l, s in enumerate(shapes):
+        r = s["num_q_heads"] // s["num_kv_heads"]
+        a = alloc.layers[l]
+        entry = {
+            "layer": l,
+            "kv_heads_before": s["num_kv_heads"],
+            "kv_heads_kept": kept_kv[l],
+            "q_heads_kept": [r * j + t for j in kept_kv[l] for t in range(r)],
+            "mlp_before": s["intermediate"],
+            "mlp_kept": len(kept_mlp[l]),
+            "mlp_channels_kept": kept_mlp[l],
+            "attn_rate": 1.0 - len(kept_kv[l]) / s["num_kv_heads"],
+            "mlp_rate": 1.0 - len(kept_mlp[l]) / s["intermediate"],
+            "params_kept": int(getattr(a, "params_kept", 0)),
+        }
+        if li is not None:
+            entry["importance"] = {"attn": float(li.attn[l]), "mlp": float(li.mlp[l]), "combined": float(li.combined[l])}
+        per_layer.append(entry)
+    alloc_json = alloc.to_json() if hasattr(alloc, "to_json") else None
+    return {
+        "command": command_line(),
+        "versions": versions(),
+        "config": config.to_json(),
+        "method": method_name(config),
+        "target_ratio": float(config.ratio),
+        "params_before": params_before,
+        "params_after": params_after,
+        "actual_ratio": 1.0 - after / before,
+        "actual_ratio_layers": 1.0 - layers_after / layers_before,
+        "calibration": {"samples": int(calib_ids.shape[0]), "seq_len": int(calib_ids.shape[1]),
+                        "dataset": config.dataset},
+        "layers": per_layer,
+        "allocation": alloc_json,
+        "layer_importance": li.to_json() if li is not None else None,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def method_name(config: PruneConfig) -> str:
+    """A short label: uniform-range, uniform-match, unbalanced-<importance>-<solver>."""
+    if config.mode == "uniform":
+        return "uniform-match" if config.match_params else "uniform-range"
+    return f"unbalanced-{config.layer_importance}-{config.solver}"
+
+
+def summary_table(report: dict[str, Any], extra: Sequence[tuple[str, str]] = ()) -> str:
+    """Plain-text summary printed at the end of `layerprune prune`."""
+    b, a = report["params_before"], report["params_after"]
+    rows = [
+        ("method", report["method"]),
+        ("params before", f"{b['total']:,}"),
+        ("params after", f"{a['total']:,}"),
+        ("target ratio", f"{report['target_ratio']:.4f}"),
+        ("actual ratio (all params)", f"{report['actual_ratio']:.4f}"),
+        ("actual ratio (decoder layers)", f"{report['actual_ratio_layers']:.4f}"),
+    ]
+    rows += [(f"time: {k}", f"{v:.1f} s") for k, v in report["timings"].items()]
+    rows += list(extra)
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -1,0 +1,118 @@
+"""PNG plots for `layerprune compare` (matplotlib, Agg backend, no display needed).
+
+- `plot_importance`: per-layer importance of each layer-importance method (attention, MLP, combined);
+- `plot_allocation`: per-layer kept KV groups and MLP channels of each method at one target ratio;
+- `plot_ppl_vs_ratio`: perplexity against target ratio per method (only meaningful with several ratios).
+
+Each function writes through a temporary file and a rename, like every other output.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".png", dir=target.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return target
+
+
+def plot_importance(layer_importance: Mapping[str, Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """One panel per importance method; lines for attention, MLP and combined importance per layer."""
+    names = list(layer_importance)
+    if not names:
+        raise ValueError("plot_importance: no layer importance to plot")
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.8 * len(names)), squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        li = layer_importance[name]
+        for part, style in (("attn", "o-"), ("mlp", "s-"), ("combined", "k^--")):
+            values = li.get(part)
+            if values is None:
+                continue
+            ys = [float("nan") if v is None else float(v) for v in values]
+            ax.plot(range(len(ys)), ys, style, label=part, markersize=3)
+        ax.set_title(f"layer importance: {name}")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("importance")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_allocation(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *, title: str = "") -> Path:
+    """Two panels: kept KV groups per layer and kept MLP channels per layer, one line per method."""
+    with_layers = [r for r in runs if r.get("layers")]
+    if not with_layers:
+        raise ValueError("plot_allocation: no run has a per-layer allocation")
+    fig, (ax_kv, ax_mlp) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for r in with_layers:
+        label = r["method"]
+        layers = r["layers"]
+        xs = range(len(layers))
+        dashed = "--" if r["method"] == "dense" else "-"
+        ax_kv.plot(xs, [l["kv_groups_kept"] for l in layers], dashed, marker="o", markersize=3, label=label)
+        ax_mlp.plot(xs, [l["mlp_kept"] for l in layers], dashed, marker="o", markersize=3, label=label)
+    ax_kv.set_ylabel("kept KV groups")
+    ax_mlp.set_ylabel("kept MLP channels")
+    ax_mlp.set_xlabel("layer")
+    for ax in (ax_kv, ax_mlp):
+        ax.grid(alpha=0.3)
+    ax_kv.legend(fontsize=8)
+    if title:
+        ax_kv.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_ppl_vs_ratio(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Perplexity (log scale) against the target ratio, one line per method; dense as a horizontal line."""
+    pruned = [r for r in runs if r["method"] != "dense" and r.get("ppl") is not None and math.isfinite(r["ppl"])]
+    if not pruned:
+        raise ValueError("plot_ppl_vs_ratio: no pruned run to plot")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods: list[str] = []
+    for r in pruned:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    for method in methods:
+        points = sorted((r["target_ratio"], r["ppl"]) for r in pruned if r["method"] == method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
+    dense = next((r for r in runs if r["method"] == "dense"), None)
+    if dense is not None:
+        ax.axhline(dense["ppl"], color="gray", linestyle=":", label=f"dense ({dense['ppl']:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("target pruning ratio (of all parameters)")
+    ax.set_ylabel("perplexity (log)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def is_png(path: str | os.PathLike[str]) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(len(PNG_MAGIC)) == PNG_MAGIC

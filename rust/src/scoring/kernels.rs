@@ -1,0 +1,312 @@
+//! Fused one-pass kernels: elementwise score, reduced over a row or a column, in f32.
+//!
+//! Rows run in parallel (rayon); each row is read in chunks of `CHUNK` elements, widened to
+//! f32 (bf16 / f16) into a per-task buffer, then reduced with `LANES` independent
+//! accumulators so the inner loop vectorises.
+
+use rayon::prelude::*;
+
+use super::element::{load, Element};
+
+/// Elements widened per step (per tensor): 16 KiB of f32, stays in L1/L2.
+const CHUNK: usize = 4096;
+/// Independent partial sums in a row reduction (lets the compiler use SIMD adds).
+const LANES: usize = 16;
+
+/// Elementwise score of one weight entry `w`, its gradient `g` and Fisher diagonal `h`.
+pub(crate) trait ElementScore: Send + Sync {
+    const USES_G: bool;
+    const USES_H: bool;
+    fn eval(w: f32, g: f32, h: f32) -> f32;
+}
+
+/// `|w·g|` (taylor, LLM-Pruner `param_first`).
+pub(crate) struct AbsTaylor;
+/// `w·g`, signed (vectorize: the absolute value is taken after the group sum).
+pub(crate) struct SignedTaylor;
+/// `|w·h·w|` (taylor2, LLM-Pruner `param_second`).
+pub(crate) struct SecondOrder;
+/// `|w·g − ½·w·h·w|` (taylor-mix, LLM-Pruner `param_mix`).
+pub(crate) struct Mixed;
+/// `|w|`.
+pub(crate) struct L1;
+/// `w²`.
+pub(crate) struct L2;
+
+impl ElementScore for AbsTaylor {
+    const USES_G: bool = true;
+    const USES_H: bool = false;
+    #[inline(always)]
+    fn eval(w: f32, g: f32, _h: f32) -> f32 {
+        (w * g).abs()
+    }
+}
+impl ElementScore for SignedTaylor {
+    const USES_G: bool = true;
+    const USES_H: bool = false;
+    #[inline(always)]
+    fn eval(w: f32, g: f32, _h: f32) -> f32 {
+        w * g
+    }
+}
+impl ElementScore for SecondOrder {
+    const USES_G: bool = false;
+    const USES_H: bool = true;
+    #[inline(always)]
+    fn eval(w: f32, _g: f32, h: f32) -> f32 {
+        (w * h * w).abs()
+    }
+}
+impl ElementScore for Mixed {
+    const USES_G: bool = true;
+    const USES_H: bool = true;
+    #[inline(always)]
+    fn eval(w: f32, g: f32, h: f32) -> f32 {
+        (w * g - 0.5 * (w * h * w)).abs()
+    }
+}
+impl ElementScore for L1 {
+    const USES_G: bool = false;
+    const USES_H: bool = false;
+    #[inline(always)]
+    fn eval(w: f32, _g: f32, _h: f32) -> f32 {
+        w.abs()
+    }
+}
+impl ElementScore for L2 {
+    const USES_G: bool = false;
+    const USES_H: bool = false;
+    #[inline(always)]
+    fn eval(w: f32, _g: f32, _h: f32) -> f32 {
+        w * w
+    }
+}
+
+/// Sum of `O::eval` over three equal-length f32 slices.
+#[inline(always)]
+fn reduce_chunk<O: ElementScore>(w: &[f32], g: &[f32], h: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut wc = w.chunks_exact(LANES);
+    let mut gc = g.chunks_exact(LANES);
+    let mut hc = h.chunks_exact(LANES);
+    for ((a, b), c) in (&mut wc).zip(&mut gc).zip(&mut hc) {
+        let a: &[f32; LANES] = a.try_into().unwrap();
+        let b: &[f32; LANES] = b.try_into().unwrap();
+        let c: &[f32; LANES] = c.try_into().unwrap();
+        for l in 0..LANES {
+            acc[l] += O::eval(a[l], b[l], c[l]);
+        }
+    }
+    let mut tail = 0.0f32;
+    for ((a, b), c) in wc.remainder().iter().zip(gc.remainder()).zip(hc.remainder()) {
+        tail += O::eval(*a, *b, *c);
+    }
+    // pairwise fold of the lanes
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+        width /= 2;
+    }
+    acc[0] + tail
+}
+
+/// `reduce_chunk` reading the storage type directly (f32, bf16: no widening buffer).
+#[inline(always)]
+fn reduce_direct<T: Element, O: ElementScore>(w: &[T], g: &[T], h: &[T]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut wc = w.chunks_exact(LANES);
+    let mut gc = g.chunks_exact(LANES);
+    let mut hc = h.chunks_exact(LANES);
+    for ((a, b), c) in (&mut wc).zip(&mut gc).zip(&mut hc) {
+        let a: &[T; LANES] = a.try_into().unwrap();
+        let b: &[T; LANES] = b.try_into().unwrap();
+        let c: &[T; LANES] = c.try_into().unwrap();
+        for l in 0..LANES {
+            acc[l] += O::eval(a[l].get(), b[l].get(), c[l].get());
+        }
+    }
+    let mut tail = 0.0f32;
+    for ((a, b), c) in wc.remainder().iter().zip(gc.remainder()).zip(hc.remainder()) {
+        tail += O::eval(a.get(), b.get(), c.get());
+    }
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+        width /= 2;
+    }
+    acc[0] + tail
+}
+
+/// `accumulate_chunk` reading the storage type directly.
+#[inline(always)]
+fn accumulate_direct<T: Element, O: ElementScore>(acc: &mut [f32], w: &[T], g: &[T], h: &[T]) {
+    for (((s, a), b), c) in acc.iter_mut().zip(w).zip(g).zip(h) {
+        *s += O::eval(a.get(), b.get(), c.get());
+    }
+}
+
+/// `acc[c] += O::eval(w[c], g[c], h[c])`.
+#[inline(always)]
+fn accumulate_chunk<O: ElementScore>(acc: &mut [f32], w: &[f32], g: &[f32], h: &[f32]) {
+    for (((s, a), b), c) in acc.iter_mut().zip(w).zip(g).zip(h) {
+        *s += O::eval(*a, *b, *c);
+    }
+}
+
+/// Per-task scratch for widening up to three tensors.
+struct Scratch {
+    w: Vec<f32>,
+    g: Vec<f32>,
+    h: Vec<f32>,
+}
+
+impl Scratch {
+    fn new<T: Element>() -> Self {
+        let n = if T::DIRECT { 0 } else { CHUNK };
+        Scratch { w: vec![0.0; n], g: vec![0.0; n], h: vec![0.0; n] }
+    }
+}
+
+/// Loads the f32 views of `w`, `g`, `h` over `range` (unused tensors alias `w`).
+#[inline(always)]
+fn load3<'a, T: Element, O: ElementScore>(
+    s: &'a mut Scratch,
+    w: &'a [T],
+    g: &'a [T],
+    h: &'a [T],
+    range: std::ops::Range<usize>,
+) -> (&'a [f32], &'a [f32], &'a [f32]) {
+    let Scratch { w: bw, g: bg, h: bh } = s;
+    let wf = load(&w[range.clone()], bw);
+    let gf = if O::USES_G { load(&g[range.clone()], bg) } else { wf };
+    let hf = if O::USES_H { load(&h[range], bh) } else { wf };
+    (wf, gf, hf)
+}
+
+fn tasks_for(n: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    // a few tasks per thread for load balance, never more than n
+    (threads * 4).min(n).max(1)
+}
+
+/// One value per row: `out[r] = Σ_c O::eval(w[r,c], g[r,c], h[r,c])`.
+pub(crate) fn per_row<T: Element, O: ElementScore>(
+    w: &[T],
+    g: &[T],
+    h: &[T],
+    rows: usize,
+    cols: usize,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; rows];
+    if rows == 0 || cols == 0 {
+        return out;
+    }
+    let rows_per_task = rows.div_ceil(tasks_for(rows));
+    out.par_chunks_mut(rows_per_task).enumerate().for_each(|(task, out_rows)| {
+        let mut scratch = Scratch::new::<T>();
+        let first_row = task * rows_per_task;
+        for (i, o) in out_rows.iter_mut().enumerate() {
+            let base = (first_row + i) * cols;
+            let mut total = 0.0f32;
+            let mut c0 = 0;
+            while c0 < cols {
+                let c1 = (c0 + CHUNK).min(cols);
+                let r = base + c0..base + c1;
+                if T::DIRECT {
+                    total += reduce_direct::<T, O>(&w[r.clone()], &g[r.clone()], &h[r]);
+                } else {
+                    let (wf, gf, hf) = load3::<T, O>(&mut scratch, w, g, h, r);
+                    total += reduce_chunk::<O>(wf, gf, hf);
+                }
+                c0 = c1;
+            }
+            *o = total;
+        }
+    });
+    out
+}
+
+/// One value per column: `out[c] = Σ_r O::eval(w[r,c], g[r,c], h[r,c])`.
+/// Row blocks are reduced in parallel into partial column vectors, then summed.
+pub(crate) fn per_col<T: Element, O: ElementScore>(
+    w: &[T],
+    g: &[T],
+    h: &[T],
+    rows: usize,
+    cols: usize,
+) -> Vec<f32> {
+    if rows == 0 || cols == 0 {
+        return vec![0.0f32; cols];
+    }
+    let blocks = tasks_for(rows).min(rayon::current_num_threads().max(1) * 2);
+    let rows_per_block = rows.div_ceil(blocks);
+    (0..rows.div_ceil(rows_per_block))
+        .into_par_iter()
+        .map(|b| {
+            let mut scratch = Scratch::new::<T>();
+            let mut acc = vec![0.0f32; cols];
+            let r1 = ((b + 1) * rows_per_block).min(rows);
+            for r in b * rows_per_block..r1 {
+                let base = r * cols;
+                let mut c0 = 0;
+                while c0 < cols {
+                    let c1 = (c0 + CHUNK).min(cols);
+                    let r = base + c0..base + c1;
+                    if T::DIRECT {
+                        accumulate_direct::<T, O>(&mut acc[c0..c1], &w[r.clone()], &g[r.clone()], &h[r]);
+                    } else {
+                        let (wf, gf, hf) = load3::<T, O>(&mut scratch, w, g, h, r);
+                        accumulate_chunk::<O>(&mut acc[c0..c1], wf, gf, hf);
+                    }
+                    c0 = c1;
+                }
+            }
+            acc
+        })
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            a
+        })
+        .unwrap_or_else(|| vec![0.0f32; cols])
+}
+
+/// Per-channel (column) sum and sum of squares of `x` (`rows` tokens × `cols` channels).
+pub(crate) fn column_sum_sumsq<T: Element>(x: &[T], rows: usize, cols: usize) -> (Vec<f32>, Vec<f32>) {
+    if rows == 0 || cols == 0 {
+        return (vec![0.0; cols], vec![0.0; cols]);
+    }
+    let blocks = tasks_for(rows).min(rayon::current_num_threads().max(1) * 2);
+    let rows_per_block = rows.div_ceil(blocks);
+    (0..rows.div_ceil(rows_per_block))
+        .into_par_iter()
+        .map(|b| {
+            let mut buf = if T::as_f32(&[]).is_some() { Vec::new() } else { vec![0.0f32; CHUNK] };
+            let mut sum = vec![0.0f32; cols];
+            let mut sumsq = vec![0.0f32; cols];
+            let r1 = ((b + 1) * rows_per_block).min(rows);
+            for r in b * rows_per_block..r1 {
+                let base = r * cols;
+                let mut c0 = 0;
+                while c0 < cols {
+                    let c1 = (c0 + CHUNK).min(cols);
+                    let xf = load(&x[base + c0..base + c1], &mut buf);
+                    for ((s, q), v) in sum[c0..c1].iter_mut().zip(&mut sumsq[c0..c1]).zip(xf) {
+                        *s += *v;
+                        *q += *v * *v;
+                    }
+                    c0 = c1;
+                }
+            }
+            (sum, sumsq)
+        })
+        .reduce_with(|(mut s, mut q), (s2, q2)| {
+            s.iter_mut().zip(&s2).for_each(|(x, y)| *x += y);
+            q.iter_mut().zip(&q2).for_each(|(x, y)| *x += y);
+            (s, q)
+        })
+        .unwrap_or_else(|| (vec![0.0; cols], vec![0.0; cols]))
+}

@@ -1,0 +1,150 @@
+"""`layerprune prune` through the CLI: a full run on a tiny model, and every bad input -> one line, exit 2,
+no output folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from layerprune.cli import main
+
+VOCAB = 64
+
+
+def _char_tokenizer(data_dir: Path):
+    """A character-level tokenizer over the 63 most frequent characters of the calibration split."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    text = (data_dir / "valid.txt").read_text()[:200_000]
+    chars = [c for c, _ in Counter(text).most_common(VOCAB - 1)]
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def _save_model(folder: Path, data_dir: Path, poison: bool = False) -> Path:
+    model = make_tiny_llama(num_heads=4, num_kv_heads=2, head_dim=8, hidden=32, intermediate=64, layers=3, vocab=VOCAB)
+    if poison:
+        with torch.no_grad():
+            model.model.layers[1].self_attn.k_proj.weight.fill_(float("nan"))
+    model.save_pretrained(folder)
+    _char_tokenizer(data_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, wikitext_dir) -> Path:
+    return _save_model(tmp_path_factory.mktemp("tiny"), wikitext_dir)
+
+
+def _args(model, out, data_dir, *extra):
+    return ["prune", "--model", str(model), "--ratio", "0.2", "--out", str(out), "--data-dir", str(data_dir),
+            "--calib-samples", "3", "--calib-seq-len", "24", "--no-progress", *extra]
+
+
+def test_prune_writes_a_loadable_folder_with_report(tiny_dir, wikitext_dir, tmp_path, capsys, monkeypatch):
+    from layerprune.pruned_io import load_pruned
+
+    out = tmp_path / "pruned"
+    argv = _args(tiny_dir, out, wikitext_dir, "--layer-importance", "sensitivity", "--seed", "3")
+    monkeypatch.setattr(sys, "argv", ["layerprune", *argv])
+    rc = main(argv)
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "actual ratio (all params)" in printed and "params before" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["command"] == ["layerprune", *argv]
+    assert report["config"]["seed"] == 3 and report["method"] == "unbalanced-sensitivity-dp"
+    assert abs(report["actual_ratio"] - 0.2) <= report["allocation"]["granule"] / report["params_before"]["total"] + 1e-12
+    assert set(report["timings"]) >= {"load", "calibration", "element_scores", "layer_importance", "allocation", "pruning"}
+    assert len(report["layers"]) == 3 and "mlp_channels_kept" in report["layers"][0]
+    assert len(report["layer_importance"]["attn_curves"]) == 3
+    loaded = load_pruned(out)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    params = sum(p.numel() for p in model.parameters())
+    assert params == report["params_after"]["total"]
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits).all()
+
+
+def test_uniform_match_params_through_cli(tiny_dir, wikitext_dir, tmp_path):
+    out = tmp_path / "uniform"
+    assert main(_args(tiny_dir, out, wikitext_dir, "--mode", "uniform", "--match-params")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "uniform-match" and report["layer_importance"] is None
+    assert abs(report["actual_ratio"] - 0.2) <= report["allocation"]["granule"] / report["params_before"]["total"] + 1e-12
+
+
+def _expect_error(argv, out, capsys, match, code=2):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == code
+    assert len(err.splitlines()) == 1, err
+    assert match in err, err
+    assert not Path(out).exists()
+    leftovers = [p for p in Path(out).parent.iterdir() if p.name.startswith(f".{Path(out).name}")]
+    assert not leftovers
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--ratio", "1.5"], "ratio"),
+        (["--ratio", "0"], "ratio"),
+        (["--layer-end", "9"], "layer_start/end"),
+        (["--attn-layer-start", "3"], "attn_layer_start/end"),
+        (["--protected", "0,5"], "protected"),
+        (["--iterative-steps", "0"], "iterative_steps"),
+        (["--ratio", "0.97"], "Infeasible"),
+    ],
+)
+def test_bad_arguments(tiny_dir, wikitext_dir, tmp_path, capsys, extra, match):
+    out = tmp_path / "out"
+    _expect_error(_args(tiny_dir, out, wikitext_dir) + extra, out, capsys, match)
+
+
+def test_non_llama_and_missing_model(tmp_path, wikitext_dir, capsys):
+    from transformers import GPT2Config
+
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32).save_pretrained(gpt2)
+    out = tmp_path / "out"
+    _expect_error(_args(gpt2, out, wikitext_dir), out, capsys, "does not support")
+    _expect_error(_args(tmp_path / "nowhere" / "model", out, wikitext_dir), out, capsys, "does not exist")
+
+
+def test_missing_data_and_busy_output(tiny_dir, tmp_path, wikitext_dir, capsys):
+    out = tmp_path / "out"
+    _expect_error(_args(tiny_dir, out, tmp_path / "no-data"), out, capsys, "DataError")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    rc = main(_args(tiny_dir, busy, wikitext_dir))
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
+
+
+def test_nan_weights_give_a_numerical_error(tmp_path, wikitext_dir, capsys):
+    bad = _save_model(tmp_path / "nan", wikitext_dir, poison=True)
+    out = tmp_path / "out"
+    _expect_error(_args(bad, out, wikitext_dir), out, capsys, "NumericalError")
+
+
+def test_interrupt_leaves_no_output(tiny_dir, wikitext_dir, tmp_path, capsys, monkeypatch):
+    import layerprune.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "prune", interrupted)
+    out = tmp_path / "out"
+    _expect_error(_args(tiny_dir, out, wikitext_dir), out, capsys, "interrupted", code=130)

