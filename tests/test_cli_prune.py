@@ -14,6 +14,15 @@ import torch
 from conftest import make_tiny_llama
 from layerprune.cli import main
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
 VOCAB = 64
 
 
@@ -84,6 +93,7 @@ def test_uniform_match_params_through_cli(tiny_dir, wikitext_dir, tmp_path):
 
 
 def _expect_error(argv, out, capsys, match, code=2):
+    capsys.readouterr()
     rc = main(argv)
     err = capsys.readouterr().err.strip()
     assert rc == code
@@ -148,3 +158,15 @@ def test_interrupt_leaves_no_output(tiny_dir, wikitext_dir, tmp_path, capsys, mo
     monkeypatch.setattr(pipeline, "prune", interrupted)
     out = tmp_path / "out"
     _expect_error(_args(tiny_dir, out, wikitext_dir), out, capsys, "interrupted", code=130)
+
+
+def test_same_command_twice_gives_identical_weights(tiny_dir, wikitext_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        assert main(_args(tiny_dir, out, wikitext_dir, "--seed", "11", "--iterative-steps", "2")) == 0
+    a, b = (load_file(str(o / "model.safetensors")) for o in outs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((o / "report.json").read_text()) for o in outs)
+    assert ra["layers"] == rb["layers"]

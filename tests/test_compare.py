@@ -279,7 +279,7 @@ def test_cli_bad_input_one_line_before_loading(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(models, "load_model", never)
     for argv, message in (
-        (["--ratios", "0.2,abc"], "--ratios: '0.2,abc'" if False else "'abc' is not a number"),
+        (["--ratios", "0.2,abc"], "'abc' is not a number"),
         (["--ratio", "1.2"], "strictly between 0 and 1"),
         (["--ratio", "0.2", "--methods", "uniform,magic"], "unknown method 'magic'"),
         (["--ratio", "0.2", "--max-tokens", "16"], "smaller than one window"),

@@ -11,6 +11,7 @@ import torch
 from conftest import make_tiny_llama
 from layerprune.errors import InvalidInputError, ModelError
 from layerprune.layer_importance import (
+
     activation_importance,
     attention_block,
     capture_layer_inputs,
@@ -19,6 +20,14 @@ from layerprune.layer_importance import (
     removal_importance,
     sensitivity_importance,
 )
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 class _Identity(torch.nn.Module):
@@ -189,3 +198,17 @@ def test_to_json_roundtrips_through_json():
     imp = layer_importance(model, _ids(), "removal", progress=False)
     data = json.loads(json.dumps(imp.to_json()))
     assert data["method"] == "removal" and len(data["combined"]) == 2
+
+
+def test_curve_samples_equal_curves_on_the_first_sequences():
+    model = make_tiny_llama(layers=2, intermediate=16)
+    ids = _ids(n=4)
+    kv = [torch.tensor([2.0, 1.0])] * 2
+    ch = [torch.arange(16, dtype=torch.float32)] * 2
+    sub = sensitivity_importance(model, ids, kv, ch, curve_samples=2, progress=False)
+    direct = sensitivity_importance(model, ids[:2], kv, ch, progress=False)
+    assert sub.base_loss == pytest.approx(direct.base_loss, abs=1e-6)
+    for a, b in zip(sub.mlp_curves + sub.attn_curves, direct.mlp_curves + direct.attn_curves):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    with pytest.raises(InvalidInputError, match="curve_samples"):
+        sensitivity_importance(model, ids, kv, ch, curve_samples=0, progress=False)

@@ -80,7 +80,7 @@ def test_smollm2_loads_with_the_published_parameter_count(smollm2_dir, wikitext_
     assert info["intermediate"] == [1536] * 30 and info["head_dim"] == 64 and info["tied_embeddings"]
     # A scrambled conversion (say, q/k rows left in GGUF's rotary order) gives a perplexity in the
     # thousands; the dense model is near 55 on this text.
-    tokens = eval_tokens(tokenizer, "wikitext2", wikitext_dir, max_tokens=512)
+    tokens = eval_tokens(tokenizer, "wikitext2", wikitext_dir, max_tokens=256)
     assert perplexity(model, tokens, seq_len=128, progress=False)["ppl"] < 100
 
 
@@ -257,3 +257,29 @@ def test_pruned_folder_goes_through_pruned_io(tmp_path, tiny_llama, smollm2_toke
     model, tokenizer = models.load_model(folder, dtype=torch.bfloat16)
     assert seen == [(folder, torch.bfloat16, "cpu")] and model is tiny and tokenizer is smollm2_tokenizer
     assert not model.training and next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_folder_written_by_pruning_loads(tmp_path, tiny_llama, smollm2_tokenizer):
+    """End to end with the real pruning modules: non-uniform per-layer shapes survive save and load."""
+    from layerprune.evaluate import perplexity
+    from layerprune.pruned_io import save_pruned
+    from layerprune.pruning import LayerKeep, prune_llama
+
+    dense = tiny_llama(vocab=len(smollm2_tokenizer), hidden=32, num_heads=4, num_kv_heads=2, layers=2)
+    keep = [
+        LayerKeep(kv_heads=(0,), mlp_channels=tuple(range(50))),
+        LayerKeep(kv_heads=(0, 1), mlp_channels=tuple(range(0, 96, 2))),
+    ]
+    pruned = prune_llama(dense, keep)
+    folder = save_pruned(pruned, smollm2_tokenizer, tmp_path / "pruned")
+    before = _folder_digest(folder)
+    model, tokenizer = models.load_model(folder)
+    assert _folder_digest(folder) == before and tokenizer is not None
+    info = models.model_info(model)
+    assert (info["heads"], info["kv_heads"], info["intermediate"]) == ([2, 4], [1, 2], [50, 48])
+    assert models.count_parameters(model)["total"] == sum(p.numel() for p in pruned.parameters())
+    models.check_supported(models.load_config(folder), "pruned folder")
+    tokens = torch.randint(0, len(smollm2_tokenizer), (64,), generator=torch.Generator().manual_seed(0))
+    assert perplexity(model, tokens, seq_len=16, progress=False)["ppl"] == pytest.approx(
+        perplexity(pruned, tokens, seq_len=16, progress=False)["ppl"], rel=1e-6
+    )

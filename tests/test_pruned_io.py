@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_llama
@@ -61,7 +62,8 @@ def test_save_then_load_pruned(tmp_path, capfd, tie, bias):
     config_before = model.config.to_dict()
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
     tokenizer = _tokenizer()
-    report = {"method": "test", "ppl": float("nan"), "kept": torch.tensor([1, 2])}
+    report = {"method": "test", "ppl": float("nan"), "kept": torch.tensor([1, 2]), "rate": np.float32(0.5),
+              "shape": np.array([[3, 4]])}
 
     out = save_pruned(model, tokenizer, tmp_path / "pruned", report=report)
 
@@ -81,7 +83,8 @@ def test_save_then_load_pruned(tmp_path, capfd, tie, bias):
     assert config["layerprune"]["version"] and config["layerprune"]["format"] == 1
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_layerprune_llama.LayerpruneLlamaForCausalLM"
     assert config["tie_word_embeddings"] is tie
-    assert json.loads((out / "report.json").read_text()) == {"method": "test", "ppl": None, "kept": [1, 2]}
+    assert json.loads((out / "report.json").read_text()) == {
+        "method": "test", "ppl": None, "kept": [1, 2], "rate": 0.5, "shape": [[3, 4]]}
     assert (out / "modeling_layerprune_llama.py").is_file()
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -232,3 +235,9 @@ def test_reloaded_model_can_be_pruned_again_and_resaved(tmp_path):
     reloaded, _ = load_pruned(save_pruned(pruned_again, None, tmp_path / "b"))
     assert [s["num_kv_heads"] for s in layer_shapes(reloaded)] == [1, 2, 1]
     torch.testing.assert_close(_logits(reloaded, _ids()), reference, atol=1e-5, rtol=0)
+
+
+def test_report_must_be_json(tmp_path):
+    with pytest.raises(InvalidInputError, match="report: value of type object"):
+        save_pruned(_pruned_model(), None, tmp_path / "m", report={"bad": object()})
+    assert list(tmp_path.iterdir()) == []

@@ -47,6 +47,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "per-layer rate, LLM-Pruner style)")
     p.add_argument("--calib-samples", type=int, default=10, help="calibration windows (default: 10)")
     p.add_argument("--calib-seq-len", type=int, default=64, help="tokens per calibration window (default: 64)")
+    p.add_argument("--curve-samples", type=int, default=None,
+                   help="sensitivity: measure the curves on the first N calibration windows (default: all)")
     p.add_argument("--iterative-steps", type=int, default=1, help="prune in N steps, rescoring between (default: 1)")
     for name, what in (("layer", "attention and MLP"), ("attn-layer", "attention"), ("mlp-layer", "MLP")):
         p.add_argument(f"--{name}-start", type=int, default=None, help=f"first prunable layer for {what} (default: 0)")
@@ -61,6 +63,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="wikitext2", help="calibration data: 'wikitext2' or a .txt file")
     p.add_argument("--data-dir", default=None, help="folder with WikiText-2 raw valid.txt (calibration; never test.txt)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype while pruning (default: float32)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(run=run)
     return p
@@ -77,6 +81,7 @@ def config_from_args(args: argparse.Namespace):
         mlp_layer_start=args.mlp_layer_start, mlp_layer_end=args.mlp_layer_end,
         min_effective_rate=args.min_effective_rate, protected=tuple(args.protected), mlp_step=args.mlp_step,
         min_kv_groups=args.min_kv_groups, tie=args.tie, seed=args.seed, dataset=args.dataset, data_dir=args.data_dir,
+        curve_samples=args.curve_samples,
     )
 
 
@@ -94,12 +99,29 @@ def _check_out(out: str, overwrite: bool) -> None:
         raise InvalidInputError(f"--out {out}: parent folder {parent} is not writable")
 
 
+def _load_quietly(name: str, dtype, progress: bool):
+    """load_model, with transformers' own progress bars off under --no-progress (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    from layerprune.models import load_model
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        return load_model(name, dtype=dtype)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from layerprune.data import calibration_split
-    from layerprune.models import check_supported, load_config, load_model
-    from layerprune.pipeline import prune, summary_table, validate_against_model, validate_config
+    from layerprune.models import check_supported, load_config
+    from layerprune import pipeline
+    from layerprune.pipeline import check_feasible, summary_table, validate_against_model, validate_config
     from layerprune.pruned_io import save_pruned
 
     progress = not args.no_progress
@@ -107,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
     # Everything that can be checked without the weights is checked first.
     config = config_from_args(args)
     validate_config(config)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InvalidInputError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     _check_out(args.out, args.overwrite)
     calibration_split(config.data_dir, config.dataset)
     model_config = load_config(args.model)
@@ -115,11 +141,12 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(layers, int) or layers < 1:
         raise InvalidInputError(f"model '{args.model}': its config has no num_hidden_layers")
     validate_against_model(config, layers, getattr(model_config, "num_key_value_heads", None))
+    check_feasible(model_config, config)
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    model, tokenizer = _load_quietly(args.model, getattr(torch, args.dtype), progress)
     load_seconds = time.perf_counter() - t0
-    result = prune(model, tokenizer, config, progress=progress)
+    result = pipeline.prune(model, tokenizer, config, progress=progress)
     report = result.report
     report["model"] = os.fspath(args.model)
     report["timings"] = {"load": round(load_seconds, 3), **report["timings"]}

@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -326,6 +325,12 @@ def compute_layer_importance(model: torch.nn.Module, calib_ids: torch.Tensor, me
 # --------------------------------------------------------------------------- prune configs
 
 
+def num_decoder_layers(model: torch.nn.Module) -> int:
+    from layerprune.models import decoder_layers
+
+    return len(decoder_layers(model))
+
+
 def reference_range(num_layers: int) -> tuple[int, int]:
     """LLM-Pruner's block-wise range [3, L-1); for models too shallow for it, [1, L-1), else all layers."""
     start, end = REFERENCE_RANGE_START, num_layers - REFERENCE_RANGE_END_FROM_LAST
@@ -339,7 +344,7 @@ def reference_range(num_layers: int) -> tuple[int, int]:
 def prune_config(method: str, ratio: float, settings: CompareSettings, num_layers: int) -> Any:
     from layerprune.pipeline import PruneConfig
 
-    common = dict(importance=settings.importance, calib_samples=settings.calib_samples,
+    common: dict[str, Any] = dict(importance=settings.importance, calib_samples=settings.calib_samples,
                   calib_seq_len=settings.calib_seq_len, mlp_step=settings.mlp_step, seed=settings.seed,
                   dataset=settings.dataset, data_dir=settings.data_dir)
     if method == "uniform-range":
@@ -360,7 +365,7 @@ def allocated_params(model: torch.nn.Module, config: Any) -> int:
     from layerprune.allocation import allocate
     from layerprune.pipeline import _solver_for, build_allocation_spec
 
-    num_layers = len(model.model.layers)
+    num_layers = num_decoder_layers(model)
     spec = build_allocation_spec(model.config, config, None, num_layers)
     return int(allocate(spec, solver=_solver_for(config)).params_after)
 
@@ -372,7 +377,7 @@ def range_rate_for_ratio(model: torch.nn.Module, ratio: float, settings: Compare
     bisection finds the step that crosses the target; the closer of its two sides wins."""
     from layerprune.models import count_parameters
 
-    num_layers = len(model.model.layers)
+    num_layers = num_decoder_layers(model)
     total = count_parameters(model)["total"]
     target = (1.0 - ratio) * total
     if params_after is None:
@@ -518,7 +523,7 @@ def compare(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
-    num_layers = len(model.model.layers)
+    num_layers = num_decoder_layers(model)
     if eval_ids is None:
         eval_ids = eval_tokens(tokenizer, settings.dataset, settings.data_dir, "test", settings.max_tokens)
     elif settings.max_tokens is not None:
@@ -632,7 +637,8 @@ def param_match(runs: Sequence[Mapping[str, Any]], model_granule: int) -> list[d
         if "uniform" in at and "unbalanced" in at:
             a, b = at["uniform"]["params"], at["unbalanced"]["params"]
             recorded = [at[m].get("allocation_granule") for m in ("uniform", "unbalanced")]
-            granule = max(recorded) if all(isinstance(g, int) and g > 0 for g in recorded) else model_granule
+            granules = [g for g in recorded if isinstance(g, int) and g > 0]
+            granule = max(granules) if len(granules) == len(recorded) else model_granule
             out.append({"target_ratio": ratio, "a": "uniform", "b": "unbalanced", "params_a": a, "params_b": b,
                         "difference": b - a, "granule": granule, "within_granule": abs(b - a) <= granule})
     return out
@@ -643,7 +649,7 @@ def build_report(runs: list[dict[str, Any]], settings: CompareSettings, model: t
     settings_json = dataclasses.asdict(settings)
     settings_json.update(ratios=list(settings.ratios), methods=list(settings.methods), prompts=list(settings.prompts),
                          calib_split=calib_split, device=runs[0].get("device"),
-                         reference_range=list(reference_range(len(model.model.layers))))
+                         reference_range=list(reference_range(num_decoder_layers(model))))
     return {
         "schema": report_mod.SCHEMA,
         "model": model_name,

@@ -103,7 +103,8 @@ def throughput(
     _check_window_args(seq_len, batch_size)
     if repeats < 1:
         raise InvalidInputError(f"repeats must be positive; got {repeats}")
-    vocab = int(vocab if vocab is not None else model.config.vocab_size)
+    config: Any = model.config
+    vocab = int(vocab if vocab is not None else config.vocab_size)
     device = _model_device(model)
     generator = torch.Generator().manual_seed(0)
     batch = torch.randint(0, vocab, (batch_size, seq_len), generator=generator).to(device)

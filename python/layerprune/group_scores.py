@@ -90,7 +90,8 @@ def _head_layout(layer: torch.nn.Module, config) -> tuple[int, int, int]:
 def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
     if not bool(torch.isfinite(t).all()):
         raise NumericalError(
-            f"{what}: non-finite importance scores (NaN/inf gradients; float16 overflow? load the model in float32)"
+            f"{what}: non-finite importance scores (NaN/inf weights or gradients; in float16 / bfloat16 an "
+            "overflow: load the model in float32)"
         )
     return t
 
@@ -141,10 +142,9 @@ def _lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     loss = out.loss
     if not bool(torch.isfinite(loss.detach())):
         where = _first_non_finite_module(model, ids)
-        raise NumericalError(
-            f"calibration loss is {float(loss.detach())}: first non-finite output in {where} "
-            f"(overflow in {next(model.parameters()).dtype}? load the model in float32)"
-        )
+        dtype = next(model.parameters()).dtype
+        hint = f"overflow in {dtype}? load the model in float32" if dtype != torch.float32 else "NaN/inf weights?"
+        raise NumericalError(f"calibration loss is {float(loss.detach())}: first non-finite output in {where} ({hint})")
     return loss
 
 

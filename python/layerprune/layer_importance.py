@@ -248,6 +248,28 @@ def loss_from_layer(model: torch.nn.Module, cache: LayerInputs, start: int, hidd
     return loss
 
 
+def subset_cache(model: torch.nn.Module, cache: LayerInputs, n_samples: int) -> LayerInputs:
+    """The first ``n_samples`` calibration sequences of a cache (per-sample tensors sliced on dim 0)."""
+    n_all = cache.labels.shape[0]
+    if n_samples >= n_all:
+        return cache
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n_all:
+            return v[:n_samples]
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        return v
+
+    hidden = [h[:n_samples] for h in cache.hidden]
+    kwargs = [{k: cut(v) for k, v in kw.items()} for kw in cache.layer_kwargs]
+    labels = cache.labels[:n_samples]
+    sub = LayerInputs(hidden=hidden, layer_kwargs=kwargs, labels=labels, base_loss=0.0)
+    with torch.no_grad():
+        sub.base_loss = head_loss(model, hidden[-1], labels)
+    return sub
+
+
 def _increase(loss: float, base: float, metric: str) -> float:
     if metric == "ppl":
         return math.exp(min(loss, 700.0)) - math.exp(base)
@@ -411,11 +433,14 @@ def sensitivity_importance(
     all_kv_points_up_to: int = 4,
     min_kv_groups: int = 1,
     include_mlp_zero: bool = True,
+    curve_samples: int | None = None,
     metric: str = "loss",
     progress: bool = True,
     cache: LayerInputs | None = None,
 ) -> LayerImportance:
     """Per-layer cost curves from a few pruned evaluations of one layer at a time.
+
+    ``curve_samples``: measure the curves on the first n calibration sequences only (default: all).
 
     Sampled points (loss increase when only layer ``l`` is pruned, everything else dense):
 
@@ -442,6 +467,10 @@ def sensitivity_importance(
 
     start = time.perf_counter()
     cache = cache or capture_layer_inputs(model, calib_ids, progress)
+    if curve_samples is not None:
+        if curve_samples < 1:
+            raise InvalidInputError(f"curve_samples: must be >= 1, got {curve_samples}")
+        cache = subset_cache(model, cache, curve_samples)
     layers = model.model.layers
     num = len(layers)
     if len(kv_group_scores) != num or len(channel_scores) != num:

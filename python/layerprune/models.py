@@ -305,7 +305,8 @@ def load_model(
             raise ModelError(f"cannot load model weights from {resolved}: {type(exc).__name__}: {_first_line(exc)}") from None
         raise _hub_error(name, exc) from None
     tokenizer = _load_tokenizer(source, name, require_tokenizer, gguf_file)
-    return model.to(device).eval(), tokenizer
+    torch.nn.Module.to(model, device)  # (transformers wraps .to with a signature mypy misreads)
+    return model.eval(), tokenizer
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
@@ -336,7 +337,7 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def decoder_layers(model: Any) -> list[Any]:
     """The decoder blocks of a Llama-like causal LM (``model.model.layers``)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
@@ -345,7 +346,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def model_info(model: torch.nn.Module) -> dict[str, Any]:
+def model_info(model: Any) -> dict[str, Any]:
     """Shape of a (possibly non-uniformly pruned) Llama-like model, read from its modules.
 
     Per-layer lists: ``heads`` (query heads), ``kv_heads``, ``intermediate`` (MLP channels).

@@ -74,6 +74,7 @@ class PruneConfig:
     seed: int = 0
     dataset: str = "wikitext2"
     data_dir: str | None = None
+    curve_samples: int | None = None  # sensitivity: measure curves on the first n calibration sequences
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -120,6 +121,8 @@ def validate_config(config: PruneConfig) -> None:
         v = getattr(config, name)
         if not _is_int(v) or v < low:
             raise InvalidInputError(f"{name}: must be an integer >= {low}, got {v!r}")
+    if config.curve_samples is not None and (not _is_int(config.curve_samples) or config.curve_samples < 1):
+        raise InvalidInputError(f"curve_samples: must be an integer >= 1, got {config.curve_samples!r}")
     if not _is_int(config.seed) or config.seed < 0:
         raise InvalidInputError(f"seed: must be a non-negative integer, got {config.seed!r}")
     m = config.min_effective_rate
@@ -220,6 +223,21 @@ def _spec_for_model(model: torch.nn.Module, config: PruneConfig, importance: Lay
     return spec
 
 
+def check_feasible(model_config: Any, config: PruneConfig, total_params: int | None = None) -> None:
+    """Solve the allocation once with a flat importance (cheap: no data, no weights) so an
+    impossible budget fails before any scoring. Raises InfeasibleError naming the binding constraint."""
+    from layerprune.allocation import allocate
+
+    num_layers = int(getattr(model_config, "num_hidden_layers"))
+    flat = LayerImportance(
+        method="flat", attn=np.ones(num_layers), mlp=np.ones(num_layers), combined=np.ones(num_layers)
+    )
+    spec = build_allocation_spec(model_config, config, flat, num_layers)
+    if total_params is not None:
+        spec.extra_params = max(0, int(total_params - spec.params_layers))
+    allocate(spec, solver=_solver_for(config))
+
+
 def _solver_for(config: PruneConfig) -> str:
     return "uniform" if config.mode == "uniform" else config.solver
 
@@ -242,6 +260,19 @@ def _check_importance(li: LayerImportance, config: PruneConfig, shapes: Sequence
 # ---------------------------------------------------------------------------------------------
 # prune
 # ---------------------------------------------------------------------------------------------
+
+
+def _check_dense(model: torch.nn.Module, shapes: Sequence[dict[str, int]]) -> None:
+    """The allocation is computed from the config: every layer must still have the config's widths."""
+    cfg = model.config
+    kv = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    want = (int(cfg.num_attention_heads), kv, int(cfg.intermediate_size))
+    for l, s in enumerate(shapes):
+        if (s["num_q_heads"], s["num_kv_heads"], s["intermediate"]) != want:
+            raise ModelError(
+                f"model: layer {l} has {s['num_q_heads']} heads / {s['num_kv_heads']} KV heads / {s['intermediate']} "
+                f"channels, its config says {want[0]} / {want[1]} / {want[2]}: prune the dense model"
+            )
 
 
 def _step_targets(full: Sequence[int], final: Sequence[int], step: int, steps: int) -> list[int]:
@@ -281,6 +312,7 @@ def prune(
     num_layers = len(layers)
     shapes = layer_shapes(model)
     validate_against_model(config, num_layers, min(s["num_kv_heads"] for s in shapes))
+    _check_dense(model, shapes)
     timings: dict[str, float] = {}
     total_start = time.perf_counter()
     seed_everything(config.seed)
@@ -298,6 +330,7 @@ def prune(
 
     work = copy.deepcopy(model).eval()
     params_before = count_parameters(work)
+    check_feasible(model.config, config, params_before["total"])
 
     # Dense element scores: needed by the sensitivity curves and by the first pruning step.
     t0 = time.perf_counter()
@@ -317,7 +350,7 @@ def prune(
         elif config.layer_importance == "sensitivity":
             li = sensitivity_importance(
                 work, calib_ids, dense_scores[0], dense_scores[1], mlp_step=config.mlp_step,
-                min_kv_groups=config.min_kv_groups, progress=progress,
+                min_kv_groups=config.min_kv_groups, curve_samples=config.curve_samples, progress=progress,
             )
         else:
             li = compute_layer_importance(work, calib_ids, config.layer_importance, progress=progress)

@@ -319,8 +319,8 @@ def _param_match_section(entries: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
     header = ["ratio", "method A", "method B", "params A", "params B", "B - A", "granule", "within one granule"]
     return ["## Equal terms: parameter counts", "",
-            "Methods compared at the same parameter count must land within one pruning granule "
-            "(the parameters of one KV group, the largest unit a solver can move).", "",
+            "`uniform` and `unbalanced` target the same parameter budget and must land within one granule of "
+            "each other (the allocation's stated precision; one KV group when no allocation recorded it).", "",
             *_table(header, rows, align="rlllrrrl"), ""]
 
 
