@@ -10,6 +10,7 @@ DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/test.txt),$(SHARED_DATA),$(LAYERPRUNE
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 DEMO_OUT ?= runs/demo
 DEMO_TOKENS ?= 4096
+DEMO_THREADS ?= 1
 RUST_SRC := $(shell find rust -name '*.rs') Cargo.toml
 PY_SETUP := $(VENV)/.deps-stamp
 EXT_STAMP := $(VENV)/.ext-stamp
@@ -33,7 +34,8 @@ $(EXT_STAMP): $(PY_SETUP) $(RUST_SRC) pyproject.toml
 build: $(EXT_STAMP)
 
 demo: setup
-	$(VENV)/bin/layerprune eval --model smollm2-135m --dataset wikitext2 $(DATA_FLAG) --max-tokens $(DEMO_TOKENS)
+	$(VENV)/bin/layerprune compare --model smollm2-135m --ratio 0.25 --max-tokens $(DEMO_TOKENS) $(DATA_FLAG) \
+		--threads $(DEMO_THREADS) --out $(DEMO_OUT)
 
 rust-test:
 	cargo test --release --quiet
@@ -46,6 +48,7 @@ test: setup rust-test py-test
 bench: setup
 	$(PY) benches/bench_solvers.py
 	$(PY) benches/bench_scoring.py
+	$(PY) benches/bench_scoring_memory.py
 
 clean:
 	rm -rf target $(EXT_STAMP)

@@ -80,3 +80,13 @@ def make_tiny_llama(
 def tiny_llama():
     """Factory fixture: `tiny_llama(num_heads=9, num_kv_heads=3)` builds a fresh tiny model."""
     return make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module of tiny-model tests: they gain nothing from threads,
+    and on a busy 2-core machine spin-waiting makes them many times slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -295,10 +295,4 @@ def test_methods_list_always_has_dense():
     assert compare_mod.parse_methods("unbalanced,uniform") == ("dense", "uniform", "unbalanced")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids spin-waiting on a loaded 2-core machine (10x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -12,13 +12,7 @@ from layerprune.errors import InvalidInputError, NumericalError
 from layerprune.group_scores import element_group_scores, fold_attention_scores, fold_mlp_scores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ids(vocab=128, n=3, seq=10, seed=0):

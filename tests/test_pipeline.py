@@ -15,13 +15,7 @@ from layerprune.pipeline import PruneConfig, prune, validate_against_model
 from layerprune.pruning import LayerKeep, layer_shapes, masked_dense_forward
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GQA = {"4:1": dict(num_heads=8, num_kv_heads=2), "3:1": dict(num_heads=6, num_kv_heads=2), "1:1": dict(num_heads=4, num_kv_heads=4)}
 

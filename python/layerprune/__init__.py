@@ -1,10 +1,14 @@
 """layerprune: structured pruning of Llama-family language models, uniform or unbalanced.
 
 Data flows one way: model + calibration text -> scores -> layer importance -> allocation
--> pruned model -> evaluation -> report.
+-> pruned model -> evaluation -> report. The public entry points below are imported lazily,
+so `import layerprune` stays cheap and works without triton or CUDA.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from layerprune.errors import (
     DataError,
@@ -18,6 +22,41 @@ from layerprune.errors import (
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "allocate": "layerprune.allocation",
+    "AllocationSpec": "layerprune.allocation",
+    "AllocationResult": "layerprune.allocation",
+    "LayerAllocation": "layerprune.allocation",
+    "LayerShape": "layerprune.allocation",
+    "spec_from_model_config": "layerprune.allocation",
+    "weight_scores": "layerprune.scoring",
+    "GradientScorer": "layerprune.scoring",
+    "ActivationStats": "layerprune.scoring",
+    "load_model": "layerprune.models",
+    "perplexity": "layerprune.evaluate",
+    "layer_importance": "layerprune.layer_importance",
+    "prune": "layerprune.pipeline",
+    "PruneConfig": "layerprune.pipeline",
+    "PruneResult": "layerprune.pipeline",
+    "prune_llama": "layerprune.pruning",
+    "load_pruned": "layerprune.pruned_io",
+    "save_pruned": "layerprune.pruned_io",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'layerprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "DataError",
     "InfeasibleError",
@@ -27,4 +66,5 @@ __all__ = [
     "ModelError",
     "NumericalError",
     "__version__",
+    *_LAZY,
 ]

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from layerprune.allocation import SOLVERS, AllocationResult, allocate, load_spec, spec_from_model_config, spec_to_json, write_json_atomic
+from layerprune.allocation import SOLVERS, AllocationResult, allocate, load_spec, spec_from_model_config, spec_to_json
+from layerprune.atomic import write_json_atomic
 from layerprune.errors import InvalidInputError, ModelError
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from layerprune.atomic import write_json_atomic
 from layerprune.errors import InvalidInputError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -59,21 +58,6 @@ def _validate(args: argparse.Namespace) -> None:
             raise InvalidInputError(f"--json {args.json_out}: folder {parent} does not exist")
         if Path(args.json_out).is_dir():
             raise InvalidInputError(f"--json {args.json_out} is a folder; give a file name")
-
-
-def write_json_atomic(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over `path`."""
-    target = Path(path).expanduser()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.resolve().parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def format_parameters(params: dict[str, int]) -> str:

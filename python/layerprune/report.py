@@ -7,15 +7,15 @@ reader never sees a half-written report and a crash leaves the previous one inta
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from layerprune.atomic import write_json_atomic, write_text_atomic
 
 SCHEMA = "layerprune.compare/1"
 DENSE = "dense"
@@ -27,43 +27,7 @@ QUALITY_BAR_REL = 0.10
 REQUIRED_RUN_KEYS = ("method", "target_ratio", "actual_ratio", "params", "ppl", "tokens")
 
 
-# --------------------------------------------------------------------------- atomic writes
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    """`write_text_atomic` of `obj` as indented JSON (NaN/inf are written as null)."""
-    return write_text_atomic(path, json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n")
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return _json_safe(obj.item())
-    return obj
+# atomic writes live in layerprune.atomic; re-exported here for callers of this module
 
 
 def versions() -> dict[str, str]:
