@@ -15,7 +15,7 @@ import torch
 from conftest import make_tiny_llama
 from layerprune import compare as compare_mod
 from layerprune import pipeline, plots, report
-from layerprune.errors import InvalidInputError
+from layerprune.errors import InfeasibleError, InvalidInputError
 
 METHODS = ("dense", "uniform-range", "uniform", "unbalanced-seed", "unbalanced")
 
@@ -174,6 +174,29 @@ def test_uniform_range_lands_closest_to_target(finished):
         best = min(abs(compare_mod.allocated_params(model, compare_mod.prune_config("uniform-range", r, settings, 6))
                        - target) for r in np.linspace(0.001, 0.999, 200))
         assert abs(run["params"] - target) <= best
+
+
+def test_unbalanced_seed_is_matched_in_parameter_count(finished):
+    """The seed mapping misses a requested ratio (clip, minimum effective rate, floors); compare picks the
+    request that lands it closest to the target, so no request on a fine grid does better."""
+    out, rep, model, _ = finished
+    settings = compare_mod.validate_settings(_settings(Path(".")))
+    removal = compare_mod.layer_importance_from_json(
+        json.loads((out / "layer_importance" / "removal.json").read_text())["layer_importance"])
+    dense = rep["runs"][0]["params"]
+    for run in rep["runs"]:
+        if run["method"] != "unbalanced-seed":
+            continue
+        target = (1 - run["target_ratio"]) * dense
+        assert run["config"]["ratio"] != run["target_ratio"]  # the request differs from the target
+        grid = []
+        for r in np.linspace(0.001, 0.999, 200):
+            try:
+                config = compare_mod.prune_config("unbalanced-seed", r, settings, 6)
+                grid.append(abs(compare_mod.allocated_params(model, config, removal) - target))
+            except InfeasibleError:
+                pass
+        assert abs(run["params"] - target) <= min(grid)
 
 
 def test_range_rate_search_on_step_function():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,3 +190,16 @@ def test_already_pruned_model_is_refused():
     pruned = _run(_model("4:1", layers=2)).model
     with pytest.raises(ModelError, match="dense"):
         _run(pruned)
+
+
+def test_removal_metric_ppl_is_the_perplexity_increase():
+    from layerprune.layer_importance import removal_importance
+
+    model, calib = _model("3:1"), _calib()
+    by_ppl = _run(model, calib, layer_importance="removal", removal_metric="ppl")
+    expected = removal_importance(model, calib, metric="ppl", progress=False)
+    np.testing.assert_allclose(by_ppl.layer_importance.combined, expected.combined, rtol=1e-6)
+    by_loss = _run(model, calib, layer_importance="removal")
+    assert not np.allclose(by_loss.layer_importance.combined, by_ppl.layer_importance.combined)
+    with pytest.raises(InvalidInputError, match="removal_metric"):
+        _run(model, calib, removal_metric="accuracy")

@@ -40,6 +40,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--solver", choices=SOLVERS, default="dp", help="allocation solver for unbalanced (default: dp)")
     p.add_argument("--layer-importance", choices=METHODS, default="removal",
                    help="layer importance for unbalanced (default: removal)")
+    p.add_argument("--removal-metric", choices=("loss", "ppl"), default="loss",
+                   help="removal importance measures the calibration loss increase (default) or the perplexity increase")
     p.add_argument("--importance", choices=IMPORTANCE_KINDS, default="taylor",
                    help="element score choosing which heads/channels to keep (default: taylor)")
     p.add_argument("--match-params", action="store_true",
@@ -75,6 +77,7 @@ def config_from_args(args: argparse.Namespace):
 
     return PruneConfig(
         ratio=args.ratio, mode=args.mode, solver=args.solver, layer_importance=args.layer_importance,
+        removal_metric=args.removal_metric,
         importance=args.importance, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         iterative_steps=args.iterative_steps, match_params=args.match_params, layer_start=args.layer_start,
         layer_end=args.layer_end, attn_layer_start=args.attn_layer_start, attn_layer_end=args.attn_layer_end,

@@ -40,7 +40,7 @@ import torch
 
 from layerprune import plots
 from layerprune import report as report_mod
-from layerprune.errors import InvalidInputError
+from layerprune.errors import InfeasibleError, InvalidInputError
 
 METHODS = ("dense", "uniform-range", "uniform", "unbalanced-seed", "unbalanced")
 PRUNED_METHODS = METHODS[1:]
@@ -65,7 +65,8 @@ METHOD_NOTES = {
     "uniform": "one rate for every layer, matched to the exact parameter budget (within one granule).",
     "unbalanced-seed": (
         "reference mapping: layer importance by removal, inverse mapping to per-layer rates, "
-        f"minimum effective rate {SEED_MIN_EFFECTIVE_RATE} (achieved ratio reported)."
+        f"minimum effective rate {SEED_MIN_EFFECTIVE_RATE}, floors; the ratio requested from the mapping is chosen "
+        "by bisection on the parameter count so the model lands closest to the target (achieved ratio reported)."
     ),
     "unbalanced": "per-layer sensitivity curves + exact DP allocation at the same parameter budget as `uniform`.",
 }
@@ -360,31 +361,33 @@ def prune_config(method: str, ratio: float, settings: CompareSettings, num_layer
     raise InvalidInputError(f"method: unknown '{method}'")
 
 
-def allocated_params(model: torch.nn.Module, config: Any) -> int:
-    """Total parameters after the allocation `config` asks for (no data, no pruning)."""
+def allocated_params(model: torch.nn.Module, config: Any, importance: Any = None) -> int:
+    """Total parameters after the allocation `config` asks for (no data, no pruning); `importance`
+    is the layer importance the solver needs (the seed mapping), None for the uniform solvers."""
     from layerprune.allocation import allocate
     from layerprune.pipeline import _solver_for, build_allocation_spec
 
     num_layers = num_decoder_layers(model)
-    spec = build_allocation_spec(model.config, config, None, num_layers)
+    spec = build_allocation_spec(model.config, config, importance, num_layers)
     return int(allocate(spec, solver=_solver_for(config)).params_after)
 
 
-def range_rate_for_ratio(model: torch.nn.Module, ratio: float, settings: CompareSettings,
-                         params_after: Callable[[float], int] | None = None, iterations: int = 40) -> tuple[float, int]:
-    """The per-layer rate inside the reference range whose whole-model parameter count is closest
-    to ``(1 - ratio) * total``. The count is a non-increasing step function of the rate (floors), so
-    bisection finds the step that crosses the target; the closer of its two sides wins."""
-    from layerprune.models import count_parameters
-
-    num_layers = num_decoder_layers(model)
-    total = count_parameters(model)["total"]
+def closest_rate(params_after: Callable[[float], int | None], total: int, ratio: float,
+                 iterations: int = 40) -> tuple[float, int]:
+    """The requested rate whose whole-model parameter count is closest to ``(1 - ratio) * total``.
+    The count is a non-increasing step function of the rate (floors, filters), so bisection finds the
+    step that crosses the target; the closer of its two sides wins. `params_after` returns None for a
+    request the solver cannot meet at all; the search then stays below it."""
     target = (1.0 - ratio) * total
-    if params_after is None:
-        def params_after(rate: float) -> int:
-            return allocated_params(model, prune_config("uniform-range", rate, settings, num_layers))
     lo, hi = 1e-6, 1.0 - 1e-6
     p_lo, p_hi = params_after(lo), params_after(hi)
+    while p_hi is None:  # back off to the largest request the solver accepts
+        hi = 0.5 * (lo + hi)
+        if hi - lo < 1e-9:
+            raise InvalidInputError(f"no feasible request lands near ratio {ratio}")
+        p_hi = params_after(hi)
+    if p_lo is None:
+        raise InvalidInputError(f"the smallest request is infeasible near ratio {ratio}")
     if p_hi > target:  # even the largest rate keeps too much (minimum widths): report what it achieves
         return hi, p_hi
     if p_lo <= target:
@@ -392,11 +395,43 @@ def range_rate_for_ratio(model: torch.nn.Module, ratio: float, settings: Compare
     for _ in range(iterations):  # invariant: params_after(lo) > target >= params_after(hi)
         mid = 0.5 * (lo + hi)
         p_mid = params_after(mid)
+        if p_mid is None:  # a monotone solver never refuses a request between two it accepted
+            raise InvalidInputError(f"request {mid:.6f} is infeasible between feasible ones")
         if p_mid > target:
             lo, p_lo = mid, p_mid
         else:
             hi, p_hi = mid, p_mid
     return (lo, p_lo) if abs(p_lo - target) < abs(p_hi - target) else (hi, p_hi)
+
+
+def range_rate_for_ratio(model: torch.nn.Module, ratio: float, settings: CompareSettings,
+                         params_after: Callable[[float], int] | None = None, iterations: int = 40) -> tuple[float, int]:
+    """The per-layer rate inside the reference range that lands the model closest to `ratio`."""
+    from layerprune.models import count_parameters
+
+    num_layers = num_decoder_layers(model)
+    if params_after is None:
+        def params_after(rate: float) -> int:
+            return allocated_params(model, prune_config("uniform-range", rate, settings, num_layers))
+    return closest_rate(params_after, count_parameters(model)["total"], ratio, iterations)
+
+
+def seed_ratio_for_ratio(model: torch.nn.Module, ratio: float, settings: CompareSettings, importance: Any,
+                         iterations: int = 40) -> tuple[float, int]:
+    """The ratio to request from the reference (seed) mapping so that, after its clipping, its
+    minimum-effective-rate filter and its floors, the model lands closest to `ratio` of all
+    parameters removed: the seed run is matched in parameter count where the mapping allows."""
+    from layerprune.models import count_parameters
+
+    num_layers = num_decoder_layers(model)
+
+    def params_after(requested: float) -> int | None:
+        try:
+            return allocated_params(model, prune_config("unbalanced-seed", requested, settings, num_layers), importance)
+        except InfeasibleError:
+            return None
+
+    return closest_rate(params_after, count_parameters(model)["total"], ratio, iterations)
 
 
 def granule_params(model: torch.nn.Module, mlp_step: int = 1) -> int:
@@ -576,6 +611,9 @@ def compare(
             if method == "uniform-range":
                 range_rate, _ = range_rate_for_ratio(model, ratio, settings)
                 config = prune_config(method, range_rate, settings, num_layers)
+            elif method == "unbalanced-seed":
+                requested, _ = seed_ratio_for_ratio(model, ratio, settings, importance_for("removal"))
+                config = prune_config(method, requested, settings, num_layers)
             run = store.load_run(method, ratio, config.to_json())
             if run is not None:
                 log("reusing " + _pct_line(run))

@@ -55,6 +55,7 @@ class PruneConfig:
     mode: str = "unbalanced"
     solver: str = "dp"
     layer_importance: str = "removal"
+    removal_metric: str = "loss"  # removal importance: calibration loss increase, or perplexity increase ("ppl")
     importance: str = "taylor"
     calib_samples: int = 10
     calib_seq_len: int = 64
@@ -110,6 +111,8 @@ def validate_config(config: PruneConfig) -> None:
         raise InvalidInputError(f"mode: expected one of {', '.join(MODES)}, got {config.mode!r}")
     if config.solver not in SOLVERS:
         raise InvalidInputError(f"solver: expected one of {', '.join(SOLVERS)}, got {config.solver!r}")
+    if config.removal_metric not in ("loss", "ppl"):
+        raise InvalidInputError(f"removal_metric: expected 'loss' or 'ppl', got {config.removal_metric!r}")
     if config.layer_importance not in LAYER_IMPORTANCE_METHODS:
         raise InvalidInputError(
             f"layer_importance: expected one of {', '.join(LAYER_IMPORTANCE_METHODS)}, got {config.layer_importance!r}"
@@ -353,7 +356,8 @@ def prune(
                 min_kv_groups=config.min_kv_groups, curve_samples=config.curve_samples, progress=progress,
             )
         else:
-            li = compute_layer_importance(work, calib_ids, config.layer_importance, progress=progress)
+            options = {"metric": config.removal_metric} if config.layer_importance == "removal" else {}
+            li = compute_layer_importance(work, calib_ids, config.layer_importance, progress=progress, **options)
     timings["layer_importance"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
