@@ -31,7 +31,17 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 /// Convolve `cur` with the run `g[k]` at units `e0 + k*c` (option indices `first + k`) into
 /// `new`/`arg` for output states `s_lo..=s_hi`, by monotone minima (requires `g` convex).
 #[allow(clippy::too_many_arguments)]
-fn merge_convex_run(cur: &[f64], new: &mut [f64], arg: &mut [u32], e0: usize, c: usize, g: &[f64], first: usize, s_lo: usize, s_hi: usize) {
+fn merge_convex_run(
+    cur: &[f64],
+    new: &mut [f64],
+    arg: &mut [u32],
+    e0: usize,
+    c: usize,
+    g: &[f64],
+    first: usize,
+    s_lo: usize,
+    s_hi: usize,
+) {
     let n = g.len();
     let mut f_vals: Vec<f64> = Vec::new();
     let mut cols: Vec<usize> = Vec::new();
@@ -44,7 +54,11 @@ fn merge_convex_run(cur: &[f64], new: &mut [f64], arg: &mut [u32], e0: usize, c:
         }
         // rows t: output state e0 + rho + t*c ; columns i: input state rho + i*c
         let t_max = (s_hi - e0 - rho) / c;
-        let t_min = if s_lo > e0 + rho { (s_lo - e0 - rho).div_ceil(c) } else { 0 };
+        let t_min = if s_lo > e0 + rho {
+            (s_lo - e0 - rho).div_ceil(c)
+        } else {
+            0
+        };
         if t_min > t_max {
             continue;
         }
@@ -94,7 +108,11 @@ fn merge_convex_run(cur: &[f64], new: &mut [f64], arg: &mut [u32], e0: usize, c:
                     best = p;
                 }
             }
-            let pivot = if best == usize::MAX { lo[mid].clamp(c0, c1) } else { best };
+            let pivot = if best == usize::MAX {
+                lo[mid].clamp(c0, c1)
+            } else {
+                best
+            };
             if best != usize::MAX {
                 let s = e0 + rho + t * c;
                 if bv < new[s] {
@@ -110,7 +128,8 @@ fn merge_convex_run(cur: &[f64], new: &mut [f64], arg: &mut [u32], e0: usize, c:
 
 fn is_convex(g: &[f64]) -> bool {
     let scale = g.iter().fold(0.0f64, |m, v| m.max(v.abs())) + 1.0;
-    g.windows(3).all(|w| (w[2] - w[1]) - (w[1] - w[0]) >= -1e-12 * scale)
+    g.windows(3)
+        .all(|w| (w[2] - w[1]) - (w[1] - w[0]) >= -1e-12 * scale)
 }
 
 /// Run the DP on units `units[i][j]` (per item option) with window `[lo_u, hi_u]`.
@@ -143,11 +162,23 @@ impl Bound {
             lsuf[i] = lsuf[i + 1] + m;
             lsuf0[i] = lsuf0[i + 1] + m0;
         }
-        Bound { lam, ub, lsuf, lsuf0 }
+        Bound {
+            lam,
+            ub,
+            lsuf,
+            lsuf0,
+        }
     }
 }
 
-pub(crate) fn table_dp(p: &Problem, units: &[Vec<usize>], lo_u: usize, hi_u: usize, monotone: bool, bound: Option<&Bound>) -> Option<Vec<usize>> {
+pub(crate) fn table_dp(
+    p: &Problem,
+    units: &[Vec<usize>],
+    lo_u: usize,
+    hi_u: usize,
+    monotone: bool,
+    bound: Option<&Bound>,
+) -> Option<Vec<usize>> {
     let s_len = hi_u + 1;
     let mut cur = vec![f64::INFINITY; s_len];
     cur[0] = 0.0;
@@ -182,7 +213,10 @@ pub(crate) fn table_dp(p: &Problem, units: &[Vec<usize>], lo_u: usize, hi_u: usi
                     end += 1;
                 }
             }
-            let g: Vec<f64> = it.options[start..end].iter().map(|o| o.loss - base_loss).collect();
+            let g: Vec<f64> = it.options[start..end]
+                .iter()
+                .map(|o| o.loss - base_loss)
+                .collect();
             if monotone && end - start >= MIN_RUN_FOR_MONOTONE && is_convex(&g) {
                 let c = e[start + 1] - e[start];
                 merge_convex_run(&cur, &mut new, &mut arg, e[start], c, &g, start, s_lo, s_hi);
@@ -256,7 +290,10 @@ fn dual_lambda(p: &Problem, units: &[Vec<usize>], lo_u: usize) -> f64 {
         for w in h.windows(2) {
             let du = units[i][w[1]] - units[i][w[0]];
             if du > 0 {
-                steps.push(((it.options[w[1]].loss - it.options[w[0]].loss) / du as f64, du));
+                steps.push((
+                    (it.options[w[1]].loss - it.options[w[0]].loss) / du as f64,
+                    du,
+                ));
             }
         }
     }
@@ -314,7 +351,11 @@ pub(crate) fn solve_dp_impl(spec: &Spec, monotone: bool) -> Result<Allocation, A
                     .iter()
                     .map(|o| {
                         let d = o.removed - r0;
-                        if exact { (d / unit) as usize } else { ((d + unit / 2) / unit) as usize }
+                        if exact {
+                            (d / unit) as usize
+                        } else {
+                            ((d + unit / 2) / unit) as usize
+                        }
                     })
                     .collect()
             })
@@ -333,7 +374,13 @@ pub(crate) fn solve_dp_impl(spec: &Spec, monotone: bool) -> Result<Allocation, A
             let (g_used, b) = land(&p, &mut c);
             if b.is_empty() && g_used == granule {
                 let base_loss: f64 = p.items.iter().map(|it| it.options[0].loss).sum();
-                let ub = p.items.iter().zip(&c).map(|(it, &j)| it.options[j].loss).sum::<f64>() - base_loss;
+                let ub = p
+                    .items
+                    .iter()
+                    .zip(&c)
+                    .map(|(it, &j)| it.options[j].loss)
+                    .sum::<f64>()
+                    - base_loss;
                 Some(Bound::new(&p, &units, dual_lambda(&p, &units, lo_u), ub))
             } else {
                 None
@@ -341,7 +388,9 @@ pub(crate) fn solve_dp_impl(spec: &Spec, monotone: bool) -> Result<Allocation, A
         } else {
             None
         };
-        let Some(mut choice) = table_dp(&p, &units, lo_u, hi_u, monotone, bound.as_ref()) else { continue };
+        let Some(mut choice) = table_dp(&p, &units, lo_u, hi_u, monotone, bound.as_ref()) else {
+            continue;
+        };
         if !exact {
             notes.push(format!(
                 "dp: exact state space ({exact_states} states x {n_items} items) too large; amounts rounded to {unit} params, result checked exactly"
@@ -360,6 +409,8 @@ pub(crate) fn solve_dp_impl(spec: &Spec, monotone: bool) -> Result<Allocation, A
     // No combination lands in either window: fall back to the greedy landing and say so.
     let mut choice = vec![0usize; p.items.len()];
     let (granule, binding) = land(&p, &mut choice);
-    notes.push("dp: no combination lands within the widest budget window; greedy landing used".into());
+    notes.push(
+        "dp: no combination lands within the widest budget window; greedy landing used".into(),
+    );
     Ok(p.finish(&choice, Solver::Dp, &binding, notes, granule))
 }

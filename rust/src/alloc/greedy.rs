@@ -64,7 +64,9 @@ impl PartialOrd for Step {
 /// Walk hull steps from `choice` in marginal order until removed >= `lo`, never exceeding
 /// `hi`. Returns the removed amount. Items whose next step does not fit are blocked.
 pub(crate) fn fill(p: &Problem, choice: &mut [usize], lo: u64, hi: u64) -> u64 {
-    let hulls: Vec<Vec<usize>> = (0..p.items.len()).map(|i| hull_from(p, i, choice[i])).collect();
+    let hulls: Vec<Vec<usize>> = (0..p.items.len())
+        .map(|i| hull_from(p, i, choice[i]))
+        .collect();
     let mut pos = vec![0usize; p.items.len()];
     let mut removed = p.removed_of(choice);
     let mut heap = BinaryHeap::new();
@@ -75,11 +77,16 @@ pub(crate) fn fill(p: &Problem, choice: &mut [usize], lo: u64, hi: u64) -> u64 {
     };
     for i in 0..p.items.len() {
         if hulls[i].len() > 1 {
-            heap.push(Step { slope: slope(i, 0), item: i });
+            heap.push(Step {
+                slope: slope(i, 0),
+                item: i,
+            });
         }
     }
     while removed < lo {
-        let Some(Step { item: i, .. }) = heap.pop() else { break };
+        let Some(Step { item: i, .. }) = heap.pop() else {
+            break;
+        };
         let o = &p.items[i].options;
         let k = pos[i];
         let delta = o[hulls[i][k + 1]].removed - o[hulls[i][k]].removed;
@@ -90,7 +97,10 @@ pub(crate) fn fill(p: &Problem, choice: &mut [usize], lo: u64, hi: u64) -> u64 {
         pos[i] = k + 1;
         choice[i] = hulls[i][k + 1];
         if k + 2 < hulls[i].len() {
-            heap.push(Step { slope: slope(i, k + 1), item: i });
+            heap.push(Step {
+                slope: slope(i, k + 1),
+                item: i,
+            });
         }
     }
     removed

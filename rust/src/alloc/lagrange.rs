@@ -39,7 +39,13 @@ pub fn solve_lagrange(spec: &Spec) -> Result<Allocation, AllocError> {
         }
         span = span.max(hi - lo);
     }
-    let min_step = p.items.iter().flat_map(|it| it.options.windows(2).map(|w| w[1].removed - w[0].removed)).filter(|&d| d > 0).min().unwrap_or(1);
+    let min_step = p
+        .items
+        .iter()
+        .flat_map(|it| it.options.windows(2).map(|w| w[1].removed - w[0].removed))
+        .filter(|&d| d > 0)
+        .min()
+        .unwrap_or(1);
     let bound = 2.0 * span / min_step as f64 + 1.0;
     let (mut lam_lo, mut lam_hi) = (-bound, bound);
     let mut c_lo = vec![0usize; p.items.len()];
@@ -69,7 +75,13 @@ pub fn solve_lagrange(spec: &Spec) -> Result<Allocation, AllocError> {
     let mut landed = start.clone();
     let (granule, binding) = land(&p, &mut landed);
     // the relaxation's own solution, when already inside the window, competes
-    let obj = |c: &[usize]| -> f64 { p.items.iter().zip(c).map(|(it, &j)| it.options[j].loss).sum() };
+    let obj = |c: &[usize]| -> f64 {
+        p.items
+            .iter()
+            .zip(c)
+            .map(|(it, &j)| it.options[j].loss)
+            .sum()
+    };
     if r_hi >= t && r_hi <= t + p.granule && (!binding.is_empty() || obj(&c_hi) < obj(&landed)) {
         return Ok(p.finish(&c_hi, Solver::Lagrange, &[], vec![], p.granule));
     }

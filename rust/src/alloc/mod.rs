@@ -61,7 +61,11 @@ impl LayerShape {
     pub fn group_cost(&self) -> u64 {
         let r = self.group_ratio();
         let w = self.hidden * self.head_dim * (2 * r + 2);
-        w + if self.attn_bias { self.head_dim * (r + 2) } else { 0 }
+        w + if self.attn_bias {
+            self.head_dim * (r + 2)
+        } else {
+            0
+        }
     }
     /// Parameters removed per pruned MLP channel (gate/up rows, down column, gate/up biases).
     pub fn channel_cost(&self) -> u64 {
@@ -125,7 +129,11 @@ pub struct Spec<'a> {
 
 impl<'a> Spec<'a> {
     /// A spec with default constraints and the importance surrogate objective.
-    pub fn with_importance(ratio: f64, layers: Vec<LayerShape>, importance: &[f64]) -> Spec<'static> {
+    pub fn with_importance(
+        ratio: f64,
+        layers: Vec<LayerShape>,
+        importance: &[f64],
+    ) -> Spec<'static> {
         let n = layers.len();
         let attn = importance.iter().map(|&w| Curve::Importance(w)).collect();
         let mlp = importance.iter().map(|&w| Curve::Importance(w)).collect();
@@ -366,7 +374,10 @@ pub(crate) fn mlp_loss(spec: &Spec, l: usize, f: u64) -> f64 {
 const RATE_EPS: f64 = 1e-9;
 
 /// Validate a spec (every field) and build the item lists.
-pub(crate) fn build_problem<'s, 'a>(spec: &'s Spec<'a>, solver: Solver) -> Result<Problem<'s, 'a>, AllocError> {
+pub(crate) fn build_problem<'s, 'a>(
+    spec: &'s Spec<'a>,
+    solver: Solver,
+) -> Result<Problem<'s, 'a>, AllocError> {
     let n = spec.layers.len();
     if n == 0 {
         return invalid("layers: at least one layer is required".into());
@@ -392,7 +403,10 @@ pub(crate) fn build_problem<'s, 'a>(spec: &'s Spec<'a>, solver: Solver) -> Resul
                 s.num_q_heads, s.num_kv_heads
             ));
         }
-        if s.hidden.checked_mul(s.head_dim).and_then(|x| x.checked_mul(s.num_q_heads * 4)).is_none()
+        if s.hidden
+            .checked_mul(s.head_dim)
+            .and_then(|x| x.checked_mul(s.num_q_heads * 4))
+            .is_none()
             || s.hidden.checked_mul(s.intermediate * 4).is_none()
         {
             return invalid(format!("layers[{l}]: shape too large"));
@@ -422,10 +436,16 @@ pub(crate) fn build_problem<'s, 'a>(spec: &'s Spec<'a>, solver: Solver) -> Resul
         ));
     }
     if !spec.min_effective_rate.is_finite() || !(0.0..1.0).contains(&spec.min_effective_rate) {
-        return invalid(format!("min_effective_rate: must be in [0, 1), got {}", spec.min_effective_rate));
+        return invalid(format!(
+            "min_effective_rate: must be in [0, 1), got {}",
+            spec.min_effective_rate
+        ));
     }
     if !spec.alpha.is_finite() || spec.alpha <= 0.0 {
-        return invalid(format!("alpha: must be a positive number, got {}", spec.alpha));
+        return invalid(format!(
+            "alpha: must be a positive number, got {}",
+            spec.alpha
+        ));
     }
     if let Some(r) = spec.layer_rate {
         if !r.is_finite() || !(0.0..1.0).contains(&r) {
@@ -434,17 +454,24 @@ pub(crate) fn build_problem<'s, 'a>(spec: &'s Spec<'a>, solver: Solver) -> Resul
     }
     for &p in &spec.protected {
         if p >= n {
-            return invalid(format!("protected: layer {p} out of range (model has {n} layers)"));
+            return invalid(format!(
+                "protected: layer {p} out of range (model has {n} layers)"
+            ));
         }
     }
-    let range = |name: &str, start: Option<usize>, end: Option<usize>| -> Result<(usize, usize), AllocError> {
+    let range = |name: &str,
+                 start: Option<usize>,
+                 end: Option<usize>|
+     -> Result<(usize, usize), AllocError> {
         let s = start.unwrap_or(0);
         let e = end.unwrap_or(n);
         if e > n {
             return invalid(format!("{name}_layer_end: {e} is beyond the {n} layers"));
         }
         if s > e {
-            return invalid(format!("{name}_layer_start: {s} is after {name}_layer_end {e}"));
+            return invalid(format!(
+                "{name}_layer_start: {s} is after {name}_layer_end {e}"
+            ));
         }
         Ok((s, e))
     };
@@ -461,7 +488,11 @@ pub(crate) fn build_problem<'s, 'a>(spec: &'s Spec<'a>, solver: Solver) -> Resul
         let s = &spec.layers[l];
         for (name, obj, want) in [
             ("attn", &spec.attn_objective[l], s.num_kv_heads as usize + 1),
-            ("mlp", &spec.mlp_objective[l], s.intermediate.div_ceil(spec.mlp_step) as usize + 1),
+            (
+                "mlp",
+                &spec.mlp_objective[l],
+                s.intermediate.div_ceil(spec.mlp_step) as usize + 1,
+            ),
         ] {
             match obj {
                 Curve::Importance(w) => {
@@ -499,7 +530,10 @@ pub(crate) fn build_problem<'s, 'a>(spec: &'s Spec<'a>, solver: Solver) -> Resul
                 return invalid(format!("{name}: expected {n} values, got {}", v.len()));
             }
             if let Some(j) = v.iter().position(|x| !x.is_finite() || *x < 0.0) {
-                return invalid(format!("{name}[{j}]: must be finite and non-negative, got {}", v[j]));
+                return invalid(format!(
+                    "{name}[{j}]: must be finite and non-negative, got {}",
+                    v[j]
+                ));
             }
         }
     }
@@ -529,10 +563,16 @@ pub(crate) fn build_problem<'s, 'a>(spec: &'s Spec<'a>, solver: Solver) -> Resul
                     spec.min_kv_groups
                 ));
             }
-            let from_rate = ((1.0 - spec.max_attn_rate) * h as f64 - RATE_EPS).ceil().max(0.0) as u64;
+            let from_rate = ((1.0 - spec.max_attn_rate) * h as f64 - RATE_EPS)
+                .ceil()
+                .max(0.0) as u64;
             b.g_lo = spec.min_kv_groups.max(from_rate);
             if b.g_lo > 0 {
-                b.g_lo_src = Some(if spec.min_kv_groups >= from_rate { "min_kv_groups" } else { "max_attn_rate" });
+                b.g_lo_src = Some(if spec.min_kv_groups >= from_rate {
+                    "min_kv_groups"
+                } else {
+                    "max_attn_rate"
+                });
             }
             b.g_hi = (((1.0 - spec.min_attn_rate) * h as f64 + RATE_EPS).floor() as u64).min(h);
             if b.g_hi < h {
@@ -552,7 +592,9 @@ pub(crate) fn build_problem<'s, 'a>(spec: &'s Spec<'a>, solver: Solver) -> Resul
         if mlp_prunable[l] {
             let min_mlp = spec.min_mlp.unwrap_or(spec.mlp_step.min(i));
             if min_mlp > i {
-                return invalid(format!("min_mlp: {min_mlp} exceeds intermediate {i} of layer {l}"));
+                return invalid(format!(
+                    "min_mlp: {min_mlp} exceeds intermediate {i} of layer {l}"
+                ));
             }
             let from_rate = (1.0 - spec.max_mlp_rate) * i as f64 - RATE_EPS;
             let hi_rate = (1.0 - spec.min_mlp_rate) * i as f64 + RATE_EPS;
@@ -569,7 +611,11 @@ pub(crate) fn build_problem<'s, 'a>(spec: &'s Spec<'a>, solver: Solver) -> Resul
             b.f_lo = fvals[0];
             b.f_hi = *fvals.last().unwrap();
             if b.f_lo > 0 {
-                b.f_lo_src = Some(if (min_mlp as f64) >= from_rate { "min_mlp" } else { "max_mlp_rate" });
+                b.f_lo_src = Some(if (min_mlp as f64) >= from_rate {
+                    "min_mlp"
+                } else {
+                    "max_mlp_rate"
+                });
             }
             if b.f_hi < i {
                 b.f_hi_src = Some("min_mlp_rate");
@@ -599,23 +645,45 @@ pub(crate) fn build_problem<'s, 'a>(spec: &'s Spec<'a>, solver: Solver) -> Resul
                 )));
             }
             opts.sort_by(|a, b| a.removed.cmp(&b.removed).then(a.g.cmp(&b.g).reverse()));
-            items.push(Item { layer: l, kind: ItemKind::Tied, options: opts });
+            items.push(Item {
+                layer: l,
+                kind: ItemKind::Tied,
+                options: opts,
+            });
             continue;
         }
         if attn_prunable[l] {
             let opts = (b.g_lo..=b.g_hi)
                 .rev()
-                .map(|g| Opt { g, f: i, removed: (h - g) * gc, loss: attn_loss(spec, l, g) })
+                .map(|g| Opt {
+                    g,
+                    f: i,
+                    removed: (h - g) * gc,
+                    loss: attn_loss(spec, l, g),
+                })
                 .collect();
-            items.push(Item { layer: l, kind: ItemKind::Attn, options: opts });
+            items.push(Item {
+                layer: l,
+                kind: ItemKind::Attn,
+                options: opts,
+            });
         }
         if mlp_prunable[l] {
             let opts = fvals
                 .iter()
                 .rev()
-                .map(|&f| Opt { g: h, f, removed: (i - f) * cc, loss: mlp_loss(spec, l, f) })
+                .map(|&f| Opt {
+                    g: h,
+                    f,
+                    removed: (i - f) * cc,
+                    loss: mlp_loss(spec, l, f),
+                })
                 .collect();
-            items.push(Item { layer: l, kind: ItemKind::Mlp, options: opts });
+            items.push(Item {
+                layer: l,
+                kind: ItemKind::Mlp,
+                options: opts,
+            });
         }
     }
 
@@ -645,7 +713,10 @@ pub(crate) fn build_problem<'s, 'a>(spec: &'s Spec<'a>, solver: Solver) -> Resul
     }
     granule_max = granule_max.max(granule);
     let min_removed = items.iter().map(|it| it.options[0].removed).sum();
-    let max_removed = items.iter().map(|it| it.options.last().unwrap().removed).sum();
+    let max_removed = items
+        .iter()
+        .map(|it| it.options.last().unwrap().removed)
+        .sum();
     let p = Problem {
         spec,
         items,
@@ -743,7 +814,14 @@ impl<'s, 'a> Problem<'s, 'a> {
     }
 
     /// Turn one option index per item into the result (objective, binding, ratios).
-    pub fn finish(&self, choice: &[usize], solver: Solver, extra_binding: &[&str], notes: Vec<String>, granule: u64) -> Allocation {
+    pub fn finish(
+        &self,
+        choice: &[usize],
+        solver: Solver,
+        extra_binding: &[&str],
+        notes: Vec<String>,
+        granule: u64,
+    ) -> Allocation {
         let spec = self.spec;
         let mut g: Vec<u64> = spec.layers.iter().map(|s| s.num_kv_heads).collect();
         let mut f: Vec<u64> = spec.layers.iter().map(|s| s.intermediate).collect();
@@ -761,7 +839,15 @@ impl<'s, 'a> Problem<'s, 'a> {
         self.finish_gf(&g, &f, solver, extra_binding, notes, granule)
     }
 
-    pub fn finish_gf(&self, g: &[u64], f: &[u64], solver: Solver, extra_binding: &[&str], notes: Vec<String>, granule: u64) -> Allocation {
+    pub fn finish_gf(
+        &self,
+        g: &[u64],
+        f: &[u64],
+        solver: Solver,
+        extra_binding: &[&str],
+        notes: Vec<String>,
+        granule: u64,
+    ) -> Allocation {
         let spec = self.spec;
         let n = spec.layers.len();
         let mut layers = Vec::with_capacity(n);
@@ -833,7 +919,8 @@ impl<'s, 'a> Problem<'s, 'a> {
             params_before: self.total,
             params_after: after,
             actual_ratio: (self.total - after) as f64 / self.total as f64,
-            actual_ratio_layers: (self.layers_total - kept_layers) as f64 / self.layers_total as f64,
+            actual_ratio_layers: (self.layers_total - kept_layers) as f64
+                / self.layers_total as f64,
             objective,
             solver: solver.name(),
             solve_seconds: 0.0,
@@ -845,7 +932,11 @@ impl<'s, 'a> Problem<'s, 'a> {
     }
 
     pub fn removed_of(&self, choice: &[usize]) -> u64 {
-        self.items.iter().zip(choice).map(|(it, &c)| it.options[c].removed).sum()
+        self.items
+            .iter()
+            .zip(choice)
+            .map(|(it, &c)| it.options[c].removed)
+            .sum()
     }
 }
 

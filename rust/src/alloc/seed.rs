@@ -21,12 +21,22 @@ use super::uniform::{apply_rates, prunable_params};
 use super::{build_problem, AllocError, Allocation, Curve, ItemKind, Solver, Spec};
 
 /// Steps 1-8 above for the importance of the layers of one component.
-pub fn seed_rates(importance: &[f64], mean_target: f64, log_transform: bool, alpha: f64, max_rate: f64, min_effective_rate: f64) -> Vec<f64> {
+pub fn seed_rates(
+    importance: &[f64],
+    mean_target: f64,
+    log_transform: bool,
+    alpha: f64,
+    max_rate: f64,
+    min_effective_rate: f64,
+) -> Vec<f64> {
     if importance.is_empty() {
         return vec![];
     }
     let x: Vec<f64> = if log_transform {
-        importance.iter().map(|&v| v.max(f64::MIN_POSITIVE).ln()).collect()
+        importance
+            .iter()
+            .map(|&v| v.max(f64::MIN_POSITIVE).ln())
+            .collect()
     } else {
         importance.to_vec()
     };
@@ -41,7 +51,11 @@ pub fn seed_rates(importance: &[f64], mean_target: f64, log_transform: bool, alp
         .collect();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let ms = mean(&s);
-    let mut r: Vec<f64> = if ms > 0.0 { s.iter().map(|&v| v * mean_target / ms).collect() } else { vec![mean_target; s.len()] };
+    let mut r: Vec<f64> = if ms > 0.0 {
+        s.iter().map(|&v| v * mean_target / ms).collect()
+    } else {
+        vec![mean_target; s.len()]
+    };
     for v in r.iter_mut() {
         *v = v.clamp(0.0, max_rate);
     }
@@ -74,17 +88,36 @@ pub fn solve_seed(spec: &Spec) -> Result<Allocation, AllocError> {
     let (ai, mi): (Vec<f64>, Vec<f64>) = match &spec.seed_importance {
         Some((a, m)) => (a.to_vec(), m.to_vec()),
         None => (
-            spec.attn_objective.iter().map(component_importance).collect(),
-            spec.mlp_objective.iter().map(component_importance).collect(),
+            spec.attn_objective
+                .iter()
+                .map(component_importance)
+                .collect(),
+            spec.mlp_objective
+                .iter()
+                .map(component_importance)
+                .collect(),
         ),
     };
     let prunable = prunable_params(&p);
-    let mean_target = if prunable > 0 { (p.target as f64 / prunable as f64).min(1.0) } else { 0.0 };
+    let mean_target = if prunable > 0 {
+        (p.target as f64 / prunable as f64).min(1.0)
+    } else {
+        0.0
+    };
     let mut attn_rate = vec![0.0; n];
     let mut mlp_rate = vec![0.0; n];
     let mut dropped = false;
-    for (kind, max_rate) in [(ItemKind::Attn, spec.max_attn_rate), (ItemKind::Mlp, spec.max_mlp_rate), (ItemKind::Tied, spec.max_attn_rate.min(spec.max_mlp_rate))] {
-        let layers: Vec<usize> = p.items.iter().filter(|it| it.kind == kind).map(|it| it.layer).collect();
+    for (kind, max_rate) in [
+        (ItemKind::Attn, spec.max_attn_rate),
+        (ItemKind::Mlp, spec.max_mlp_rate),
+        (ItemKind::Tied, spec.max_attn_rate.min(spec.max_mlp_rate)),
+    ] {
+        let layers: Vec<usize> = p
+            .items
+            .iter()
+            .filter(|it| it.kind == kind)
+            .map(|it| it.layer)
+            .collect();
         let imp: Vec<f64> = layers
             .iter()
             .map(|&l| match kind {
@@ -93,8 +126,22 @@ pub fn solve_seed(spec: &Spec) -> Result<Allocation, AllocError> {
                 ItemKind::Tied => ai[l] + mi[l],
             })
             .collect();
-        let rates = seed_rates(&imp, mean_target, spec.log_transform, spec.alpha, max_rate, spec.min_effective_rate);
-        let undropped = seed_rates(&imp, mean_target, spec.log_transform, spec.alpha, max_rate, 0.0);
+        let rates = seed_rates(
+            &imp,
+            mean_target,
+            spec.log_transform,
+            spec.alpha,
+            max_rate,
+            spec.min_effective_rate,
+        );
+        let undropped = seed_rates(
+            &imp,
+            mean_target,
+            spec.log_transform,
+            spec.alpha,
+            max_rate,
+            0.0,
+        );
         dropped |= rates.iter().zip(&undropped).any(|(a, b)| a != b);
         for (&l, &r) in layers.iter().zip(&rates) {
             match kind {
@@ -108,7 +155,11 @@ pub fn solve_seed(spec: &Spec) -> Result<Allocation, AllocError> {
         }
     }
     let (g, f) = apply_rates(&p, &attn_rate, &mlp_rate);
-    let binding: Vec<&str> = if dropped { vec!["min_effective_rate"] } else { vec![] };
+    let binding: Vec<&str> = if dropped {
+        vec!["min_effective_rate"]
+    } else {
+        vec![]
+    };
     let notes = vec![format!(
         "seed: target mean per-layer rate {mean_target:.6} (= target removed / prunable params); rates floored to whole heads/channels, so the budget is not hit exactly"
     )];

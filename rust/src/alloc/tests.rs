@@ -42,14 +42,22 @@ fn layer_ok(spec: &Spec, l: usize, g: u64, f: u64) -> bool {
     let ar = 1.0 - g as f64 / h as f64;
     let mr = 1.0 - f as f64 / i as f64;
     let eps = 1e-9;
-    if attn_on && (g < spec.min_kv_groups || ar < spec.min_attn_rate - eps || ar > spec.max_attn_rate + eps) {
+    if attn_on
+        && (g < spec.min_kv_groups
+            || ar < spec.min_attn_rate - eps
+            || ar > spec.max_attn_rate + eps)
+    {
         return false;
     }
     let min_mlp = spec.min_mlp.unwrap_or(spec.mlp_step.min(i));
     if mlp_on && (f < min_mlp || mr < spec.min_mlp_rate - eps || mr > spec.max_mlp_rate + eps) {
         return false;
     }
-    if spec.tie && attn_on && mlp_on && (f as f64 / i as f64 - g as f64 / h as f64).abs() > 0.5 / h as f64 + 1e-12 {
+    if spec.tie
+        && attn_on
+        && mlp_on
+        && (f as f64 / i as f64 - g as f64 / h as f64).abs() > 0.5 / h as f64 + 1e-12
+    {
         return false;
     }
     true
@@ -67,12 +75,25 @@ fn brute_force(spec: &Spec, lo: u64, hi: u64) -> Option<f64> {
             let s = spec.layers[l];
             layer_choices(spec, l)
                 .into_iter()
-                .map(|(g, f)| (s.full_params() - s.layer_params(g, f), attn_loss(spec, l, g) + mlp_loss(spec, l, f)))
+                .map(|(g, f)| {
+                    (
+                        s.full_params() - s.layer_params(g, f),
+                        attn_loss(spec, l, g) + mlp_loss(spec, l, f),
+                    )
+                })
                 .collect()
         })
         .collect();
     let mut best: Option<f64> = None;
-    fn rec(ch: &[Vec<(u64, f64)>], l: usize, rem: u64, loss: f64, lo: u64, hi: u64, best: &mut Option<f64>) {
+    fn rec(
+        ch: &[Vec<(u64, f64)>],
+        l: usize,
+        rem: u64,
+        loss: f64,
+        lo: u64,
+        hi: u64,
+        best: &mut Option<f64>,
+    ) {
         if rem > hi {
             return;
         }
@@ -97,9 +118,16 @@ fn check_solution(spec: &Spec, a: &Allocation) {
     let mut obj = 0.0;
     for (l, la) in a.layers.iter().enumerate() {
         let s = spec.layers[l];
-        assert!(layer_ok(spec, l, la.kv_groups_kept, la.mlp_kept), "layer {l} violates constraints: {la:?} ({})", a.solver);
+        assert!(
+            layer_ok(spec, l, la.kv_groups_kept, la.mlp_kept),
+            "layer {l} violates constraints: {la:?} ({})",
+            a.solver
+        );
         assert_eq!(la.q_heads_kept, la.kv_groups_kept * s.group_ratio());
-        assert_eq!(la.params_kept, s.layer_params(la.kv_groups_kept, la.mlp_kept));
+        assert_eq!(
+            la.params_kept,
+            s.layer_params(la.kv_groups_kept, la.mlp_kept)
+        );
         kept += la.params_kept;
         obj += attn_loss(spec, l, la.kv_groups_kept) + mlp_loss(spec, l, la.mlp_kept);
     }
@@ -158,39 +186,72 @@ fn curve(incs: &[f64], convex: bool) -> Vec<f64> {
 }
 
 fn case_strategy(max_layers: usize, max_i: u64) -> impl Strategy<Value = Case> {
-    (1..=max_layers, 1u64..=3, 1u64..=3, 1u64..=2, 1u64..=3, 1u64..=max_i, 1u64..=3, any::<bool>(), any::<bool>(), 0u64..=1, 0.0f64..0.95)
-        .prop_flat_map(move |(nl, h, r, hd, d, i, step, tie, convex, min_kv, ratio)| {
-            let shapes = vec![
-                LayerShape { hidden: d, num_q_heads: h * r, num_kv_heads: h, head_dim: hd, intermediate: i, attn_bias: false, mlp_bias: false, norm_params: 2 * d };
-                nl
-            ];
-            let nf = i.div_ceil(step) as usize;
-            (
-                Just(shapes),
-                prop::collection::vec(prop::collection::vec(0.0f64..10.0, h as usize), nl),
-                prop::collection::vec(prop::collection::vec(0.0f64..10.0, nf), nl),
-                Just((ratio, step, min_kv, tie, convex)),
-                prop::collection::vec(0..nl, 0..2),
-                prop_oneof![Just(1.0f64), 0.3f64..1.0],
-                0u64..20,
-            )
-        })
-        .prop_map(|(shapes, ai, mi, (ratio, step, min_kv, tie, convex), protected, max_rate, extra)| Case {
-            attn: ai.iter().map(|v| curve(v, convex)).collect(),
-            mlp: mi.iter().map(|v| curve(v, convex)).collect(),
-            shapes,
-            ratio,
-            step,
-            min_kv,
-            protected,
-            max_rate,
-            tie,
-            extra,
-            convex,
-        })
+    (
+        1..=max_layers,
+        1u64..=3,
+        1u64..=3,
+        1u64..=2,
+        1u64..=3,
+        1u64..=max_i,
+        1u64..=3,
+        any::<bool>(),
+        any::<bool>(),
+        0u64..=1,
+        0.0f64..0.95,
+    )
+        .prop_flat_map(
+            move |(nl, h, r, hd, d, i, step, tie, convex, min_kv, ratio)| {
+                let shapes = vec![
+                    LayerShape {
+                        hidden: d,
+                        num_q_heads: h * r,
+                        num_kv_heads: h,
+                        head_dim: hd,
+                        intermediate: i,
+                        attn_bias: false,
+                        mlp_bias: false,
+                        norm_params: 2 * d
+                    };
+                    nl
+                ];
+                let nf = i.div_ceil(step) as usize;
+                (
+                    Just(shapes),
+                    prop::collection::vec(prop::collection::vec(0.0f64..10.0, h as usize), nl),
+                    prop::collection::vec(prop::collection::vec(0.0f64..10.0, nf), nl),
+                    Just((ratio, step, min_kv, tie, convex)),
+                    prop::collection::vec(0..nl, 0..2),
+                    prop_oneof![Just(1.0f64), 0.3f64..1.0],
+                    0u64..20,
+                )
+            },
+        )
+        .prop_map(
+            |(shapes, ai, mi, (ratio, step, min_kv, tie, convex), protected, max_rate, extra)| {
+                Case {
+                    attn: ai.iter().map(|v| curve(v, convex)).collect(),
+                    mlp: mi.iter().map(|v| curve(v, convex)).collect(),
+                    shapes,
+                    ratio,
+                    step,
+                    min_kv,
+                    protected,
+                    max_rate,
+                    tie,
+                    extra,
+                    convex,
+                }
+            },
+        )
 }
 
-const SOLVERS: [Solver; 5] = [Solver::Uniform, Solver::Seed, Solver::Greedy, Solver::Lagrange, Solver::Dp];
+const SOLVERS: [Solver; 5] = [
+    Solver::Uniform,
+    Solver::Seed,
+    Solver::Greedy,
+    Solver::Lagrange,
+    Solver::Dp,
+];
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
@@ -301,34 +362,68 @@ proptest! {
 /// never better than dp, gap measured and printed (`--nocapture`), no bound is claimed.
 #[test]
 fn greedy_gap_on_mixed_costs_is_measured() {
-    let runner_cfg = ProptestConfig { cases: 200, ..ProptestConfig::default() };
+    let runner_cfg = ProptestConfig {
+        cases: 200,
+        ..ProptestConfig::default()
+    };
     let mut runner = proptest::test_runner::TestRunner::new(runner_cfg);
     let worst = std::cell::Cell::new(0.0f64);
     runner
         .run(&case_strategy(4, 12), |mut case| {
             case.convex = true;
-            case.attn = case.attn.iter().map(|c| curve(&c.windows(2).map(|w| w[0] - w[1]).collect::<Vec<_>>(), true)).collect();
-            case.mlp = case.mlp.iter().map(|c| curve(&c.windows(2).map(|w| w[0] - w[1]).collect::<Vec<_>>(), true)).collect();
+            case.attn = case
+                .attn
+                .iter()
+                .map(|c| curve(&c.windows(2).map(|w| w[0] - w[1]).collect::<Vec<_>>(), true))
+                .collect();
+            case.mlp = case
+                .mlp
+                .iter()
+                .map(|c| curve(&c.windows(2).map(|w| w[0] - w[1]).collect::<Vec<_>>(), true))
+                .collect();
             case.tie = false;
             let spec = case.spec();
-            let Ok(dp) = allocate(&spec, Solver::Dp) else { return Ok(()) };
-            let max_step = case.attn.iter().chain(&case.mlp).flat_map(|c| c.windows(2).map(|w| (w[0] - w[1]).abs())).fold(0.0, f64::max);
+            let Ok(dp) = allocate(&spec, Solver::Dp) else {
+                return Ok(());
+            };
+            let max_step = case
+                .attn
+                .iter()
+                .chain(&case.mlp)
+                .flat_map(|c| c.windows(2).map(|w| (w[0] - w[1]).abs()))
+                .fold(0.0, f64::max);
             for s in [Solver::Greedy, Solver::Lagrange] {
                 let a = allocate(&spec, s).unwrap();
                 let gap = a.objective - dp.objective;
                 worst.set(worst.get().max(gap / (max_step + 1e-12)));
                 if a.granule == dp.granule {
-                    prop_assert!(gap >= -1e-9 * (1.0 + dp.objective.abs()), "{} beats dp by {gap}", a.solver);
+                    prop_assert!(
+                        gap >= -1e-9 * (1.0 + dp.objective.abs()),
+                        "{} beats dp by {gap}",
+                        a.solver
+                    );
                 }
             }
             Ok(())
         })
         .unwrap();
-    eprintln!("worst greedy/lagrange gap: {:.3} x largest step loss", worst.get());
+    eprintln!(
+        "worst greedy/lagrange gap: {:.3} x largest step loss",
+        worst.get()
+    );
 }
 
 fn smollm2(ratio: f64) -> (Vec<LayerShape>, u64) {
-    let s = LayerShape { hidden: 576, num_q_heads: 9, num_kv_heads: 3, head_dim: 64, intermediate: 1536, attn_bias: false, mlp_bias: false, norm_params: 2 * 576 };
+    let s = LayerShape {
+        hidden: 576,
+        num_q_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        intermediate: 1536,
+        attn_bias: false,
+        mlp_bias: false,
+        norm_params: 2 * 576,
+    };
     let _ = ratio;
     (vec![s; 30], 49152 * 576 + 576)
 }
@@ -346,7 +441,11 @@ fn smollm2_total_and_all_solvers() {
         check_solution(&spec, &a);
         let r = removed(&a);
         if s != Solver::Seed {
-            assert!(r >= a.target_removed && r <= a.target_removed + a.granule, "{}: {r}", a.solver);
+            assert!(
+                r >= a.target_removed && r <= a.target_removed + a.granule,
+                "{}: {r}",
+                a.solver
+            );
             assert_eq!(a.granule, 3 * 576, "{}", a.solver);
         }
     }
@@ -360,8 +459,15 @@ fn infeasible_names_constraints() {
     spec.extra_params = extra;
     spec.protected = vec![0, 29];
     let e = allocate(&spec, Solver::Dp).unwrap_err();
-    let AllocError::Infeasible(m) = e else { panic!("{e:?}") };
-    assert!(m.contains("protected layers [0, 29]") && m.contains("min_kv_groups=1") && m.contains("ratio 0.9"), "{m}");
+    let AllocError::Infeasible(m) = e else {
+        panic!("{e:?}")
+    };
+    assert!(
+        m.contains("protected layers [0, 29]")
+            && m.contains("min_kv_groups=1")
+            && m.contains("ratio 0.9"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -370,15 +476,36 @@ fn invalid_inputs_name_the_field() {
     let cases: Vec<(Box<dyn Fn(&mut Spec)>, &str)> = vec![
         (Box::new(|s: &mut Spec| s.ratio = 1.0), "ratio"),
         (Box::new(|s: &mut Spec| s.ratio = f64::NAN), "ratio"),
-        (Box::new(|s: &mut Spec| s.attn_objective[3] = Curve::Importance(f64::NAN)), "attn_importance[3]"),
-        (Box::new(|s: &mut Spec| s.mlp_objective[2] = Curve::Importance(-1.0)), "mlp_importance[2]"),
-        (Box::new(|s: &mut Spec| s.layers[1].num_kv_heads = 0), "layers[1].num_kv_heads"),
-        (Box::new(|s: &mut Spec| s.layers[1].num_q_heads = 10), "layers[1].num_q_heads"),
-        (Box::new(|s: &mut Spec| s.min_attn_rate = 0.5), "min_attn_rate"),
-        (Box::new(|s: &mut Spec| s.max_mlp_rate = 1.5), "max_mlp_rate"),
+        (
+            Box::new(|s: &mut Spec| s.attn_objective[3] = Curve::Importance(f64::NAN)),
+            "attn_importance[3]",
+        ),
+        (
+            Box::new(|s: &mut Spec| s.mlp_objective[2] = Curve::Importance(-1.0)),
+            "mlp_importance[2]",
+        ),
+        (
+            Box::new(|s: &mut Spec| s.layers[1].num_kv_heads = 0),
+            "layers[1].num_kv_heads",
+        ),
+        (
+            Box::new(|s: &mut Spec| s.layers[1].num_q_heads = 10),
+            "layers[1].num_q_heads",
+        ),
+        (
+            Box::new(|s: &mut Spec| s.min_attn_rate = 0.5),
+            "min_attn_rate",
+        ),
+        (
+            Box::new(|s: &mut Spec| s.max_mlp_rate = 1.5),
+            "max_mlp_rate",
+        ),
         (Box::new(|s: &mut Spec| s.protected = vec![30]), "protected"),
         (Box::new(|s: &mut Spec| s.mlp_step = 0), "mlp_step"),
-        (Box::new(|s: &mut Spec| s.attn_objective.pop().map(|_| ()).unwrap()), "importance"),
+        (
+            Box::new(|s: &mut Spec| s.attn_objective.pop().map(|_| ()).unwrap()),
+            "importance",
+        ),
     ];
     for (mutate, field) in cases {
         let mut spec = Spec::with_importance(0.2, layers.clone(), &[1.0; 30]);
@@ -447,9 +574,36 @@ fn uniform_exact_budget_keeps_layers_within_one_step() {
 #[test]
 #[ignore]
 fn profile_dp_8b() {
-    let s = LayerShape { hidden: 4096, num_q_heads: 32, num_kv_heads: 8, head_dim: 128, intermediate: 14336, attn_bias: false, mlp_bias: false, norm_params: 8192 };
-    let a: Vec<Vec<f64>> = (0..32).map(|l| curve(&(0..8).map(|k| ((k * 7 + l) % 11) as f64 + 1.0).collect::<Vec<_>>(), true)).collect();
-    let m: Vec<Vec<f64>> = (0..32).map(|l| curve(&(0..14336).map(|k| ((k * 7919 + l * 13) % 10007) as f64 / 10007.0).collect::<Vec<_>>(), true)).collect();
+    let s = LayerShape {
+        hidden: 4096,
+        num_q_heads: 32,
+        num_kv_heads: 8,
+        head_dim: 128,
+        intermediate: 14336,
+        attn_bias: false,
+        mlp_bias: false,
+        norm_params: 8192,
+    };
+    let a: Vec<Vec<f64>> = (0..32)
+        .map(|l| {
+            curve(
+                &(0..8)
+                    .map(|k| ((k * 7 + l) % 11) as f64 + 1.0)
+                    .collect::<Vec<_>>(),
+                true,
+            )
+        })
+        .collect();
+    let m: Vec<Vec<f64>> = (0..32)
+        .map(|l| {
+            curve(
+                &(0..14336)
+                    .map(|k| ((k * 7919 + l * 13) % 10007) as f64 / 10007.0)
+                    .collect::<Vec<_>>(),
+                true,
+            )
+        })
+        .collect();
     let mut spec = Spec::bare(0.25, vec![s; 32]);
     spec.attn_objective = a.iter().map(|c| Curve::Values(c)).collect();
     spec.mlp_objective = m.iter().map(|c| Curve::Values(c)).collect();

@@ -15,11 +15,26 @@ use super::{build_problem, AllocError, Allocation, ItemKind, Problem, Solver, Sp
 
 /// Put `items` at a common level (option index), then bump single items one step, cheapest
 /// first, until the removed total lies in `[lo, hi]`. `fixed` is removal outside `items`.
-fn level_fill(p: &Problem, items: &[usize], choice: &mut [usize], fixed: u64, lo: u64, hi: u64) -> bool {
+fn level_fill(
+    p: &Problem,
+    items: &[usize],
+    choice: &mut [usize],
+    fixed: u64,
+    lo: u64,
+    hi: u64,
+) -> bool {
     let total_at = |k: usize| -> u64 {
-        fixed + items.iter().map(|&i| p.items[i].options[k.min(p.items[i].options.len() - 1)].removed).sum::<u64>()
+        fixed
+            + items
+                .iter()
+                .map(|&i| p.items[i].options[k.min(p.items[i].options.len() - 1)].removed)
+                .sum::<u64>()
     };
-    let max_level = items.iter().map(|&i| p.items[i].options.len() - 1).max().unwrap_or(0);
+    let max_level = items
+        .iter()
+        .map(|&i| p.items[i].options.len() - 1)
+        .max()
+        .unwrap_or(0);
     if total_at(0) > hi {
         return false;
     }
@@ -61,7 +76,11 @@ fn level_fill(p: &Problem, items: &[usize], choice: &mut [usize], fixed: u64, lo
 /// Apply per-layer removal rates as the pruner would: `floor(rate * Hkv)` KV groups and
 /// `floor(rate * I)` channels removed, the kept width rounded up to an allowed value, then
 /// clamped into the layer's constraints (closest allowed option).
-pub(crate) fn apply_rates(p: &Problem, attn_rate: &[f64], mlp_rate: &[f64]) -> (Vec<u64>, Vec<u64>) {
+pub(crate) fn apply_rates(
+    p: &Problem,
+    attn_rate: &[f64],
+    mlp_rate: &[f64],
+) -> (Vec<u64>, Vec<u64>) {
     let spec = p.spec;
     let mut g: Vec<u64> = spec.layers.iter().map(|s| s.num_kv_heads).collect();
     let mut f: Vec<u64> = spec.layers.iter().map(|s| s.intermediate).collect();
@@ -69,13 +88,23 @@ pub(crate) fn apply_rates(p: &Problem, attn_rate: &[f64], mlp_rate: &[f64]) -> (
         let l = it.layer;
         let s = spec.layers[l];
         let ra = attn_rate[l].clamp(0.0, 1.0);
-        let rm = if it.kind == ItemKind::Tied { ra } else { mlp_rate[l].clamp(0.0, 1.0) };
-        let want_g = s.num_kv_heads - ((ra * s.num_kv_heads as f64).floor() as u64).min(s.num_kv_heads);
-        let want_f = s.intermediate - ((rm * s.intermediate as f64).floor() as u64).min(s.intermediate);
+        let rm = if it.kind == ItemKind::Tied {
+            ra
+        } else {
+            mlp_rate[l].clamp(0.0, 1.0)
+        };
+        let want_g =
+            s.num_kv_heads - ((ra * s.num_kv_heads as f64).floor() as u64).min(s.num_kv_heads);
+        let want_f =
+            s.intermediate - ((rm * s.intermediate as f64).floor() as u64).min(s.intermediate);
         // closest allowed option: first by KV groups, then the smallest allowed width >= want_f
         let key = |o: &super::Opt| -> (u64, u64) {
             let dg = o.g.abs_diff(want_g);
-            let df = if o.f >= want_f { o.f - want_f } else { u64::MAX / 2 + (want_f - o.f) };
+            let df = if o.f >= want_f {
+                o.f - want_f
+            } else {
+                u64::MAX / 2 + (want_f - o.f)
+            };
             match it.kind {
                 ItemKind::Attn => (dg, 0),
                 ItemKind::Mlp => (df, 0),
@@ -98,7 +127,9 @@ pub(crate) fn apply_rates(p: &Problem, attn_rate: &[f64], mlp_rate: &[f64]) -> (
 fn layer_rate_mode(p: &Problem, rate: f64) -> Allocation {
     let n = p.spec.layers.len();
     let (g, f) = apply_rates(p, &vec![rate; n], &vec![rate; n]);
-    let notes = vec![format!("uniform layer_rate={rate}: ratio is not a target; actual_ratio is what the floors achieve")];
+    let notes = vec![format!(
+        "uniform layer_rate={rate}: ratio is not a target; actual_ratio is what the floors achieve"
+    )];
     p.finish_gf(&g, &f, Solver::Uniform, &[], notes, p.granule)
 }
 
@@ -111,7 +142,9 @@ pub(crate) fn prunable_params(p: &Problem) -> u64 {
             match it.kind {
                 ItemKind::Attn => s.num_kv_heads * s.group_cost(),
                 ItemKind::Mlp => s.intermediate * s.channel_cost(),
-                ItemKind::Tied => s.num_kv_heads * s.group_cost() + s.intermediate * s.channel_cost(),
+                ItemKind::Tied => {
+                    s.num_kv_heads * s.group_cost() + s.intermediate * s.channel_cost()
+                }
             }
         })
         .sum()
@@ -124,10 +157,18 @@ pub fn solve_uniform(spec: &Spec) -> Result<Allocation, AllocError> {
     }
     p.check_budget()?;
     let t = p.target;
-    let attn: Vec<usize> = (0..p.items.len()).filter(|&i| p.items[i].kind == ItemKind::Attn).collect();
-    let absorb: Vec<usize> = (0..p.items.len()).filter(|&i| p.items[i].kind != ItemKind::Attn).collect();
+    let attn: Vec<usize> = (0..p.items.len())
+        .filter(|&i| p.items[i].kind == ItemKind::Attn)
+        .collect();
+    let absorb: Vec<usize> = (0..p.items.len())
+        .filter(|&i| p.items[i].kind != ItemKind::Attn)
+        .collect();
     let prunable = prunable_params(&p);
-    let rho = if prunable > 0 { (t as f64 / prunable as f64).min(1.0) } else { 0.0 };
+    let rho = if prunable > 0 {
+        (t as f64 / prunable as f64).min(1.0)
+    } else {
+        0.0
+    };
     let mut choice = vec![0usize; p.items.len()];
 
     let windows = [(p.granule, vec![]), (p.granule_max, vec!["granularity"])];
@@ -148,7 +189,12 @@ pub fn solve_uniform(spec: &Spec) -> Result<Allocation, AllocError> {
             .collect();
         fracs.sort_by(|a, b| a.total_cmp(b));
         fracs.dedup_by(|a, b| (*a - *b).abs() < 1e-12);
-        fracs.sort_by(|a, b| ((1.0 - a) - rho).abs().total_cmp(&((1.0 - b) - rho).abs()).then(b.total_cmp(a)));
+        fracs.sort_by(|a, b| {
+            ((1.0 - a) - rho)
+                .abs()
+                .total_cmp(&((1.0 - b) - rho).abs())
+                .then(b.total_cmp(a))
+        });
         if fracs.is_empty() {
             fracs.push(1.0);
         }
@@ -162,7 +208,11 @@ pub fn solve_uniform(spec: &Spec) -> Result<Allocation, AllocError> {
                         .options
                         .iter()
                         .enumerate()
-                        .min_by(|a, b| (a.1.g as f64 / h - kf).abs().total_cmp(&(b.1.g as f64 / h - kf).abs()))
+                        .min_by(|a, b| {
+                            (a.1.g as f64 / h - kf)
+                                .abs()
+                                .total_cmp(&(b.1.g as f64 / h - kf).abs())
+                        })
                         .unwrap();
                     choice[i] = j;
                     fixed += o.removed;
@@ -178,6 +228,10 @@ pub fn solve_uniform(spec: &Spec) -> Result<Allocation, AllocError> {
     fill(&p, &mut c, t, u64::MAX);
     let ok = repair_single(&p, &mut c, t, t + p.granule_max);
     let r = p.removed_of(&c);
-    let gran = if ok { p.granule_max } else { r.saturating_sub(t) };
+    let gran = if ok {
+        p.granule_max
+    } else {
+        r.saturating_sub(t)
+    };
     Ok(p.finish(&c, Solver::Uniform, &["granularity"], vec!["uniform: no uniform level lands in the budget window; layers differ by more than one step".into()], gran))
 }

@@ -15,21 +15,51 @@ fn classify(e: AllocError) -> (Kind, String) {
     }
 }
 
-const SHAPE_COLUMNS: [&str; 8] =
-    ["hidden", "num_q_heads", "num_kv_heads", "head_dim", "intermediate", "attn_bias", "mlp_bias", "norm_params"];
+const SHAPE_COLUMNS: [&str; 8] = [
+    "hidden",
+    "num_q_heads",
+    "num_kv_heads",
+    "head_dim",
+    "intermediate",
+    "attn_bias",
+    "mlp_bias",
+    "norm_params",
+];
 
 fn slice<'a>(py: Python<'_>, name: &str, a: &'a PyReadonlyArray1<'_, f64>) -> PyResult<&'a [f64]> {
-    a.as_slice().map_err(|_| raise(py, Kind::InvalidInput, format!("{name}: must be a contiguous float64 array")))
+    a.as_slice().map_err(|_| {
+        raise(
+            py,
+            Kind::InvalidInput,
+            format!("{name}: must be a contiguous float64 array"),
+        )
+    })
 }
 
-fn curves<'a>(py: Python<'_>, n: usize, name: &str, v: &'a Option<Vec<PyReadonlyArray1<'_, f64>>>) -> PyResult<Option<Vec<&'a [f64]>>> {
+fn curves<'a>(
+    py: Python<'_>,
+    n: usize,
+    name: &str,
+    v: &'a Option<Vec<PyReadonlyArray1<'_, f64>>>,
+) -> PyResult<Option<Vec<&'a [f64]>>> {
     match v {
         None => Ok(None),
         Some(list) => {
             if list.len() != n {
-                return Err(raise(py, Kind::InvalidInput, format!("{name}: expected {n} curves (one per layer), got {}", list.len())));
+                return Err(raise(
+                    py,
+                    Kind::InvalidInput,
+                    format!(
+                        "{name}: expected {n} curves (one per layer), got {}",
+                        list.len()
+                    ),
+                ));
             }
-            list.iter().enumerate().map(|(l, a)| slice(py, &format!("{name}[{l}]"), a)).collect::<PyResult<Vec<_>>>().map(Some)
+            list.iter()
+                .enumerate()
+                .map(|(l, a)| slice(py, &format!("{name}[{l}]"), a))
+                .collect::<PyResult<Vec<_>>>()
+                .map(Some)
         }
     }
 }
@@ -87,7 +117,12 @@ fn allocate<'py>(
     let bad = |msg: String| raise(py, Kind::InvalidInput, msg);
     let shape_view = shapes.as_array();
     if shape_view.ncols() != SHAPE_COLUMNS.len() {
-        return Err(bad(format!("shapes: expected {} columns ({}), got {}", SHAPE_COLUMNS.len(), SHAPE_COLUMNS.join(", "), shape_view.ncols())));
+        return Err(bad(format!(
+            "shapes: expected {} columns ({}), got {}",
+            SHAPE_COLUMNS.len(),
+            SHAPE_COLUMNS.join(", "),
+            shape_view.ncols()
+        )));
     }
     let n = shape_view.nrows();
     let mut layers = Vec::with_capacity(n);
@@ -95,7 +130,10 @@ fn allocate<'py>(
         let row = shape_view.row(l);
         for (c, name) in SHAPE_COLUMNS.iter().enumerate() {
             if row[c] < 0 {
-                return Err(bad(format!("layers[{l}].{name}: must be non-negative, got {}", row[c])));
+                return Err(bad(format!(
+                    "layers[{l}].{name}: must be non-negative, got {}",
+                    row[c]
+                )));
             }
         }
         layers.push(LayerShape {
@@ -111,20 +149,35 @@ fn allocate<'py>(
     }
     let nonneg = |name: &str, v: i64| -> PyResult<u64> {
         if v < 0 {
-            Err(raise(py, Kind::InvalidInput, format!("{name}: must be non-negative, got {v}")))
+            Err(raise(
+                py,
+                Kind::InvalidInput,
+                format!("{name}: must be non-negative, got {v}"),
+            ))
         } else {
             Ok(v as u64)
         }
     };
-    let opt_idx = |name: &str, v: Option<i64>| -> PyResult<Option<usize>> { v.map(|x| nonneg(name, x).map(|u| u as usize)).transpose() };
-    let attn_imp = attn_importance.as_ref().map(|a| slice(py, "attn_importance", a)).transpose()?;
-    let mlp_imp = mlp_importance.as_ref().map(|a| slice(py, "mlp_importance", a)).transpose()?;
+    let opt_idx = |name: &str, v: Option<i64>| -> PyResult<Option<usize>> {
+        v.map(|x| nonneg(name, x).map(|u| u as usize)).transpose()
+    };
+    let attn_imp = attn_importance
+        .as_ref()
+        .map(|a| slice(py, "attn_importance", a))
+        .transpose()?;
+    let mlp_imp = mlp_importance
+        .as_ref()
+        .map(|a| slice(py, "mlp_importance", a))
+        .transpose()?;
     let ac = curves(py, n, "attn_curves", &attn_curves)?;
     let mc = curves(py, n, "mlp_curves", &mlp_curves)?;
     for (name, imp) in [("attn_importance", attn_imp), ("mlp_importance", mlp_imp)] {
         if let Some(v) = imp {
             if v.len() != n {
-                return Err(bad(format!("{name}: expected {n} values (one per layer), got {}", v.len())));
+                return Err(bad(format!(
+                    "{name}: expected {n} values (one per layer), got {}",
+                    v.len()
+                )));
             }
         }
     }
@@ -137,7 +190,10 @@ fn allocate<'py>(
         mlp_step: nonneg("mlp_step", mlp_step)?,
         min_kv_groups: nonneg("min_kv_groups", min_kv_groups)?,
         min_mlp: min_mlp.map(|v| nonneg("min_mlp", v)).transpose()?,
-        protected: protected.iter().map(|&p| nonneg("protected", p).map(|u| u as usize)).collect::<PyResult<_>>()?,
+        protected: protected
+            .iter()
+            .map(|&p| nonneg("protected", p).map(|u| u as usize))
+            .collect::<PyResult<_>>()?,
         min_attn_rate,
         max_attn_rate,
         min_mlp_rate,
@@ -157,19 +213,42 @@ fn allocate<'py>(
         },
     };
     let solver_name = solver.to_string();
-    let out: Allocation = enter(py, move || Solver::parse(&solver_name).and_then(|s| solve(&spec, s)), classify)?;
+    let out: Allocation = enter(
+        py,
+        move || Solver::parse(&solver_name).and_then(|s| solve(&spec, s)),
+        classify,
+    )?;
     to_dict(py, out)
 }
 
 fn to_dict(py: Python<'_>, a: Allocation) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    let col_i = |f: fn(&crate::alloc::LayerAllocation) -> u64| a.layers.iter().map(|l| f(l) as i64).collect::<Vec<i64>>();
-    d.set_item("kv_groups_kept", col_i(|l| l.kv_groups_kept).into_pyarray(py))?;
+    let col_i = |f: fn(&crate::alloc::LayerAllocation) -> u64| {
+        a.layers.iter().map(|l| f(l) as i64).collect::<Vec<i64>>()
+    };
+    d.set_item(
+        "kv_groups_kept",
+        col_i(|l| l.kv_groups_kept).into_pyarray(py),
+    )?;
     d.set_item("q_heads_kept", col_i(|l| l.q_heads_kept).into_pyarray(py))?;
     d.set_item("mlp_kept", col_i(|l| l.mlp_kept).into_pyarray(py))?;
     d.set_item("params_kept", col_i(|l| l.params_kept).into_pyarray(py))?;
-    d.set_item("attn_rate", a.layers.iter().map(|l| l.attn_rate).collect::<Vec<f64>>().into_pyarray(py))?;
-    d.set_item("mlp_rate", a.layers.iter().map(|l| l.mlp_rate).collect::<Vec<f64>>().into_pyarray(py))?;
+    d.set_item(
+        "attn_rate",
+        a.layers
+            .iter()
+            .map(|l| l.attn_rate)
+            .collect::<Vec<f64>>()
+            .into_pyarray(py),
+    )?;
+    d.set_item(
+        "mlp_rate",
+        a.layers
+            .iter()
+            .map(|l| l.mlp_rate)
+            .collect::<Vec<f64>>()
+            .into_pyarray(py),
+    )?;
     d.set_item("params_before", a.params_before)?;
     d.set_item("params_after", a.params_after)?;
     d.set_item("actual_ratio", a.actual_ratio)?;

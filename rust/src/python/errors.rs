@@ -53,7 +53,11 @@ where
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".to_string());
-            Err(raise(py, Kind::Internal, format!("internal error in layerprune._core: {msg}")))
+            Err(raise(
+                py,
+                Kind::Internal,
+                format!("internal error in layerprune._core: {msg}"),
+            ))
         }
     }
 }

@@ -30,12 +30,20 @@ fn borrow2<'py, S: numpy::Element>(
             Kind::InvalidInput,
             format!(
                 "{field}: expected a 2-D numpy array of {} (dtype={dtype})",
-                if dtype == "float32" { "float32" } else { "uint16 bits" }
+                if dtype == "float32" {
+                    "float32"
+                } else {
+                    "uint16 bits"
+                }
             ),
         )
     })?;
     if !arr.is_c_contiguous() {
-        return Err(raise(py, Kind::InvalidInput, format!("{field}: array must be C-contiguous")));
+        return Err(raise(
+            py,
+            Kind::InvalidInput,
+            format!("{field}: array must be C-contiguous"),
+        ));
     }
     Ok(arr)
 }
@@ -54,23 +62,38 @@ fn scores_typed<'py, S: numpy::Element, T: Element>(
 ) -> PyResult<Vec<f32>> {
     let w = borrow2::<S>(py, "weight", weight, dtype)?;
     let (rows, cols) = (w.shape()[0], w.shape()[1]);
-    let g = grad.map(|o| borrow2::<S>(py, "grad", o, dtype)).transpose()?;
-    let h = fisher.map(|o| borrow2::<S>(py, "fisher", o, dtype)).transpose()?;
+    let g = grad
+        .map(|o| borrow2::<S>(py, "grad", o, dtype))
+        .transpose()?;
+    let h = fisher
+        .map(|o| borrow2::<S>(py, "fisher", o, dtype))
+        .transpose()?;
     for (name, a) in [("grad", &g), ("fisher", &h)] {
         if let Some(a) = a {
             if a.shape() != [rows, cols] {
                 return Err(raise(
                     py,
                     Kind::InvalidInput,
-                    format!("{name}: shape {:?} differs from weight shape [{rows}, {cols}]", a.shape()),
+                    format!(
+                        "{name}: shape {:?} differs from weight shape [{rows}, {cols}]",
+                        a.shape()
+                    ),
                 ));
             }
         }
     }
     let ws = cast(w.as_slice().expect("checked contiguous"));
-    let gs = g.as_ref().map(|a| cast(a.as_slice().expect("checked contiguous")));
-    let hs = h.as_ref().map(|a| cast(a.as_slice().expect("checked contiguous")));
-    enter(py, || scoring::weight_scores(ws, gs, hs, rows, cols, kind, axis, group_size), classify)
+    let gs = g
+        .as_ref()
+        .map(|a| cast(a.as_slice().expect("checked contiguous")));
+    let hs = h
+        .as_ref()
+        .map(|a| cast(a.as_slice().expect("checked contiguous")));
+    enter(
+        py,
+        || scoring::weight_scores(ws, gs, hs, rows, cols, kind, axis, group_size),
+        classify,
+    )
 }
 
 fn same(s: &[f32]) -> &[f32] {
@@ -103,9 +126,15 @@ fn weight_scores<'py>(
     let kind = ScoreKind::parse(kind).map_err(|e| raise(py, Kind::InvalidInput, e.to_string()))?;
     let axis = Axis::from_index(axis).map_err(|e| raise(py, Kind::InvalidInput, e.to_string()))?;
     let out = match dtype {
-        "float32" => scores_typed::<f32, f32>(py, weight, grad, fisher, kind, axis, group_size, dtype, same)?,
-        "bfloat16" => scores_typed::<u16, bf16>(py, weight, grad, fisher, kind, axis, group_size, dtype, as_bf16)?,
-        "float16" => scores_typed::<u16, f16>(py, weight, grad, fisher, kind, axis, group_size, dtype, as_f16)?,
+        "float32" => scores_typed::<f32, f32>(
+            py, weight, grad, fisher, kind, axis, group_size, dtype, same,
+        )?,
+        "bfloat16" => scores_typed::<u16, bf16>(
+            py, weight, grad, fisher, kind, axis, group_size, dtype, as_bf16,
+        )?,
+        "float16" => scores_typed::<u16, f16>(
+            py, weight, grad, fisher, kind, axis, group_size, dtype, as_f16,
+        )?,
         other => {
             return Err(raise(
                 py,

@@ -98,7 +98,12 @@ fn reduce_chunk<O: ElementScore>(w: &[f32], g: &[f32], h: &[f32]) -> f32 {
         }
     }
     let mut tail = 0.0f32;
-    for ((a, b), c) in wc.remainder().iter().zip(gc.remainder()).zip(hc.remainder()) {
+    for ((a, b), c) in wc
+        .remainder()
+        .iter()
+        .zip(gc.remainder())
+        .zip(hc.remainder())
+    {
         tail += O::eval(*a, *b, *c);
     }
     // pairwise fold of the lanes
@@ -128,7 +133,12 @@ fn reduce_direct<T: Element, O: ElementScore>(w: &[T], g: &[T], h: &[T]) -> f32 
         }
     }
     let mut tail = 0.0f32;
-    for ((a, b), c) in wc.remainder().iter().zip(gc.remainder()).zip(hc.remainder()) {
+    for ((a, b), c) in wc
+        .remainder()
+        .iter()
+        .zip(gc.remainder())
+        .zip(hc.remainder())
+    {
         tail += O::eval(a.get(), b.get(), c.get());
     }
     let mut width = LANES / 2;
@@ -157,6 +167,74 @@ fn accumulate_chunk<O: ElementScore>(acc: &mut [f32], w: &[f32], g: &[f32], h: &
     }
 }
 
+/// Whether this CPU runs the AVX2 + FMA builds of the direct kernels (checked once per task;
+/// the wheel targets baseline x86-64, so wider SIMD is chosen at run time).
+#[inline(always)]
+fn use_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `reduce_direct` compiled for AVX2 + FMA (same code; the compiler widens the lanes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn reduce_direct_avx2<T: Element, O: ElementScore>(w: &[T], g: &[T], h: &[T]) -> f32 {
+    reduce_direct::<T, O>(w, g, h)
+}
+
+/// `accumulate_direct` compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn accumulate_direct_avx2<T: Element, O: ElementScore>(
+    acc: &mut [f32],
+    w: &[T],
+    g: &[T],
+    h: &[T],
+) {
+    accumulate_direct::<T, O>(acc, w, g, h)
+}
+
+/// `reduce_direct`, on the widest SIMD this CPU has.
+#[inline(always)]
+fn reduce_direct_dispatch<T: Element, O: ElementScore>(
+    avx2: bool,
+    w: &[T],
+    g: &[T],
+    h: &[T],
+) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: `avx2` is true only when the CPU reports AVX2 and FMA (`use_avx2`).
+        return unsafe { reduce_direct_avx2::<T, O>(w, g, h) };
+    }
+    let _ = avx2;
+    reduce_direct::<T, O>(w, g, h)
+}
+
+/// `accumulate_direct`, on the widest SIMD this CPU has.
+#[inline(always)]
+fn accumulate_direct_dispatch<T: Element, O: ElementScore>(
+    avx2: bool,
+    acc: &mut [f32],
+    w: &[T],
+    g: &[T],
+    h: &[T],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: as in `reduce_direct_dispatch`.
+        return unsafe { accumulate_direct_avx2::<T, O>(acc, w, g, h) };
+    }
+    let _ = avx2;
+    accumulate_direct::<T, O>(acc, w, g, h)
+}
+
 /// Per-task scratch for widening up to three tensors.
 struct Scratch {
     w: Vec<f32>,
@@ -167,7 +245,11 @@ struct Scratch {
 impl Scratch {
     fn new<T: Element>() -> Self {
         let n = if T::DIRECT { 0 } else { CHUNK };
-        Scratch { w: vec![0.0; n], g: vec![0.0; n], h: vec![0.0; n] }
+        Scratch {
+            w: vec![0.0; n],
+            g: vec![0.0; n],
+            h: vec![0.0; n],
+        }
     }
 }
 
@@ -180,9 +262,17 @@ fn load3<'a, T: Element, O: ElementScore>(
     h: &'a [T],
     range: std::ops::Range<usize>,
 ) -> (&'a [f32], &'a [f32], &'a [f32]) {
-    let Scratch { w: bw, g: bg, h: bh } = s;
+    let Scratch {
+        w: bw,
+        g: bg,
+        h: bh,
+    } = s;
     let wf = load(&w[range.clone()], bw);
-    let gf = if O::USES_G { load(&g[range.clone()], bg) } else { wf };
+    let gf = if O::USES_G {
+        load(&g[range.clone()], bg)
+    } else {
+        wf
+    };
     let hf = if O::USES_H { load(&h[range], bh) } else { wf };
     (wf, gf, hf)
 }
@@ -206,27 +296,35 @@ pub(crate) fn per_row<T: Element, O: ElementScore>(
         return out;
     }
     let rows_per_task = rows.div_ceil(tasks_for(rows));
-    out.par_chunks_mut(rows_per_task).enumerate().for_each(|(task, out_rows)| {
-        let mut scratch = Scratch::new::<T>();
-        let first_row = task * rows_per_task;
-        for (i, o) in out_rows.iter_mut().enumerate() {
-            let base = (first_row + i) * cols;
-            let mut total = 0.0f32;
-            let mut c0 = 0;
-            while c0 < cols {
-                let c1 = (c0 + CHUNK).min(cols);
-                let r = base + c0..base + c1;
-                if T::DIRECT {
-                    total += reduce_direct::<T, O>(&w[r.clone()], &g[r.clone()], &h[r]);
-                } else {
-                    let (wf, gf, hf) = load3::<T, O>(&mut scratch, w, g, h, r);
-                    total += reduce_chunk::<O>(wf, gf, hf);
+    out.par_chunks_mut(rows_per_task)
+        .enumerate()
+        .for_each(|(task, out_rows)| {
+            let mut scratch = Scratch::new::<T>();
+            let avx2 = use_avx2();
+            let first_row = task * rows_per_task;
+            for (i, o) in out_rows.iter_mut().enumerate() {
+                let base = (first_row + i) * cols;
+                let mut total = 0.0f32;
+                let mut c0 = 0;
+                while c0 < cols {
+                    let c1 = (c0 + CHUNK).min(cols);
+                    let r = base + c0..base + c1;
+                    if T::DIRECT {
+                        total += reduce_direct_dispatch::<T, O>(
+                            avx2,
+                            &w[r.clone()],
+                            &g[r.clone()],
+                            &h[r],
+                        );
+                    } else {
+                        let (wf, gf, hf) = load3::<T, O>(&mut scratch, w, g, h, r);
+                        total += reduce_chunk::<O>(wf, gf, hf);
+                    }
+                    c0 = c1;
                 }
-                c0 = c1;
+                *o = total;
             }
-            *o = total;
-        }
-    });
+        });
     out
 }
 
@@ -248,6 +346,7 @@ pub(crate) fn per_col<T: Element, O: ElementScore>(
         .into_par_iter()
         .map(|b| {
             let mut scratch = Scratch::new::<T>();
+            let avx2 = use_avx2();
             let mut acc = vec![0.0f32; cols];
             let r1 = ((b + 1) * rows_per_block).min(rows);
             for r in b * rows_per_block..r1 {
@@ -257,7 +356,13 @@ pub(crate) fn per_col<T: Element, O: ElementScore>(
                     let c1 = (c0 + CHUNK).min(cols);
                     let r = base + c0..base + c1;
                     if T::DIRECT {
-                        accumulate_direct::<T, O>(&mut acc[c0..c1], &w[r.clone()], &g[r.clone()], &h[r]);
+                        accumulate_direct_dispatch::<T, O>(
+                            avx2,
+                            &mut acc[c0..c1],
+                            &w[r.clone()],
+                            &g[r.clone()],
+                            &h[r],
+                        );
                     } else {
                         let (wf, gf, hf) = load3::<T, O>(&mut scratch, w, g, h, r);
                         accumulate_chunk::<O>(&mut acc[c0..c1], wf, gf, hf);
@@ -275,7 +380,11 @@ pub(crate) fn per_col<T: Element, O: ElementScore>(
 }
 
 /// Per-channel (column) sum and sum of squares of `x` (`rows` tokens × `cols` channels).
-pub(crate) fn column_sum_sumsq<T: Element>(x: &[T], rows: usize, cols: usize) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn column_sum_sumsq<T: Element>(
+    x: &[T],
+    rows: usize,
+    cols: usize,
+) -> (Vec<f32>, Vec<f32>) {
     if rows == 0 || cols == 0 {
         return (vec![0.0; cols], vec![0.0; cols]);
     }
@@ -284,7 +393,11 @@ pub(crate) fn column_sum_sumsq<T: Element>(x: &[T], rows: usize, cols: usize) ->
     (0..rows.div_ceil(rows_per_block))
         .into_par_iter()
         .map(|b| {
-            let mut buf = if T::as_f32(&[]).is_some() { Vec::new() } else { vec![0.0f32; CHUNK] };
+            let mut buf = if T::as_f32(&[]).is_some() {
+                Vec::new()
+            } else {
+                vec![0.0f32; CHUNK]
+            };
             let mut sum = vec![0.0f32; cols];
             let mut sumsq = vec![0.0f32; cols];
             let r1 = ((b + 1) * rows_per_block).min(rows);

@@ -72,7 +72,10 @@ impl ScoreKind {
 
     /// Whether the gradient `G` is read.
     pub fn needs_grad(self) -> bool {
-        matches!(self, ScoreKind::Taylor | ScoreKind::Vectorize | ScoreKind::TaylorMix)
+        matches!(
+            self,
+            ScoreKind::Taylor | ScoreKind::Vectorize | ScoreKind::TaylorMix
+        )
     }
 
     /// Whether the Fisher diagonal `H` is read.
@@ -95,7 +98,9 @@ impl Axis {
         match axis {
             0 => Ok(Axis::Rows),
             1 => Ok(Axis::Cols),
-            _ => Err(ScoreError::InvalidInput(format!("axis: must be 0 (rows) or 1 (columns), got {axis}"))),
+            _ => Err(ScoreError::InvalidInput(format!(
+                "axis: must be 0 (rows) or 1 (columns), got {axis}"
+            ))),
         }
     }
 }
@@ -128,7 +133,10 @@ pub fn weight_scores<T: Element>(
     check_len("weight", weight, rows, cols)?;
     let g = match (kind.needs_grad(), grad) {
         (true, None) => {
-            return Err(ScoreError::InvalidInput(format!("grad: score kind {:?} needs a gradient", kind.name())))
+            return Err(ScoreError::InvalidInput(format!(
+                "grad: score kind {:?} needs a gradient",
+                kind.name()
+            )))
         }
         (true, Some(g)) => {
             check_len("grad", g, rows, cols)?;
@@ -159,7 +167,14 @@ pub fn weight_scores<T: Element>(
             if axis == Axis::Rows { "row" } else { "column" }
         )));
     }
-    fn run<T: Element, O: ElementScore>(w: &[T], g: &[T], h: &[T], r: usize, c: usize, axis: Axis) -> Vec<f32> {
+    fn run<T: Element, O: ElementScore>(
+        w: &[T],
+        g: &[T],
+        h: &[T],
+        r: usize,
+        c: usize,
+        axis: Axis,
+    ) -> Vec<f32> {
         match axis {
             Axis::Rows => kernels::per_row::<T, O>(w, g, h, r, c),
             Axis::Cols => kernels::per_col::<T, O>(w, g, h, r, c),
@@ -175,7 +190,11 @@ pub fn weight_scores<T: Element>(
     };
     let abs_after = kind == ScoreKind::Vectorize;
     if group_size == 1 {
-        return Ok(if abs_after { per_line.into_iter().map(f32::abs).collect() } else { per_line });
+        return Ok(if abs_after {
+            per_line.into_iter().map(f32::abs).collect()
+        } else {
+            per_line
+        });
     }
     Ok(per_line
         .chunks_exact(group_size)
@@ -191,7 +210,11 @@ pub fn weight_scores<T: Element>(
 }
 
 /// Per-channel sum and sum of squares of `x` (`rows` tokens × `cols` channels), in f32.
-pub fn channel_sums<T: Element>(x: &[T], rows: usize, cols: usize) -> Result<(Vec<f32>, Vec<f32>), ScoreError> {
+pub fn channel_sums<T: Element>(
+    x: &[T],
+    rows: usize,
+    cols: usize,
+) -> Result<(Vec<f32>, Vec<f32>), ScoreError> {
     check_len("x", x, rows, cols)?;
     Ok(kernels::column_sum_sumsq(x, rows, cols))
 }

@@ -6,16 +6,29 @@ use proptest::prelude::*;
 
 /// Deterministic pseudo-random values in [-2, 2).
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
         })
         .collect()
 }
 
-fn naive(w: &[f32], g: &[f32], h: &[f32], rows: usize, cols: usize, kind: ScoreKind, axis: Axis, gs: usize) -> Vec<f64> {
+fn naive(
+    w: &[f32],
+    g: &[f32],
+    h: &[f32],
+    rows: usize,
+    cols: usize,
+    kind: ScoreKind,
+    axis: Axis,
+    gs: usize,
+) -> Vec<f64> {
     let n = if axis == Axis::Rows { rows } else { cols };
     let mut line = vec![0.0f64; n];
     for r in 0..rows {
@@ -49,30 +62,56 @@ fn assert_close(got: &[f32], want: &[f64], tol: f64, ctx: &str) {
     assert_eq!(got.len(), want.len(), "{ctx}: length");
     for (i, (a, b)) in got.iter().zip(want).enumerate() {
         let err = (*a as f64 - b).abs();
-        assert!(err <= tol * (1.0 + b.abs()), "{ctx}: [{i}] got {a}, want {b}");
+        assert!(
+            err <= tol * (1.0 + b.abs()),
+            "{ctx}: [{i}] got {a}, want {b}"
+        );
     }
 }
 
-fn check_all<T: Element>(rows: usize, cols: usize, gs_rows: usize, gs_cols: usize, to_t: fn(f32) -> T, back: fn(T) -> f32) {
+fn check_all<T: Element>(
+    rows: usize,
+    cols: usize,
+    gs_rows: usize,
+    gs_cols: usize,
+    to_t: fn(f32) -> T,
+    back: fn(T) -> f32,
+) {
     let n = rows * cols;
     let w: Vec<T> = values(n, 1).into_iter().map(to_t).collect();
     let g: Vec<T> = values(n, 2).into_iter().map(to_t).collect();
     let h: Vec<T> = values(n, 3).into_iter().map(|v| to_t(v.abs())).collect();
-    let (wf, gf, hf): (Vec<f32>, Vec<f32>, Vec<f32>) =
-        (w.iter().map(|x| back(*x)).collect(), g.iter().map(|x| back(*x)).collect(), h.iter().map(|x| back(*x)).collect());
+    let (wf, gf, hf): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        w.iter().map(|x| back(*x)).collect(),
+        g.iter().map(|x| back(*x)).collect(),
+        h.iter().map(|x| back(*x)).collect(),
+    );
     for kind in ScoreKind::ALL {
-        for (axis, gs) in [(Axis::Rows, 1), (Axis::Rows, gs_rows), (Axis::Cols, 1), (Axis::Cols, gs_cols)] {
+        for (axis, gs) in [
+            (Axis::Rows, 1),
+            (Axis::Rows, gs_rows),
+            (Axis::Cols, 1),
+            (Axis::Cols, gs_cols),
+        ] {
             let got = weight_scores(&w, Some(&g), Some(&h), rows, cols, kind, axis, gs).unwrap();
             let want = naive(&wf, &gf, &hf, rows, cols, kind, axis, gs);
             let scale = if axis == Axis::Rows { cols } else { rows } * gs;
             // f32 accumulation error grows ~ sqrt(len); vectorize can cancel, so compare to
             // the magnitude of the summed terms.
             let tol = 1e-5 * (scale as f64).sqrt() * 4.0;
-            let ctx = format!("{} {:?} {rows}x{cols} gs={gs} {}", kind.name(), axis, T::NAME);
+            let ctx = format!(
+                "{} {:?} {rows}x{cols} gs={gs} {}",
+                kind.name(),
+                axis,
+                T::NAME
+            );
             if kind == ScoreKind::Vectorize {
                 let mag = naive(&wf, &gf, &hf, rows, cols, ScoreKind::Taylor, axis, gs);
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert!((*a as f64 - b).abs() <= tol * (1.0 + mag[i]), "{ctx}: [{i}] got {a} want {b}");
+                    assert!(
+                        (*a as f64 - b).abs() <= tol * (1.0 + mag[i]),
+                        "{ctx}: [{i}] got {a} want {b}"
+                    );
                 }
             } else {
                 assert_close(&got, &want, tol, &ctx);
@@ -83,7 +122,14 @@ fn check_all<T: Element>(rows: usize, cols: usize, gs_rows: usize, gs_cols: usiz
 
 #[test]
 fn f32_matches_naive_on_odd_shapes() {
-    for (r, c, gr, gc) in [(1, 1, 1, 1), (3, 5, 3, 5), (17, 33, 17, 11), (64, 4099, 8, 4099), (130, 70, 13, 7), (5000, 3, 1000, 3)] {
+    for (r, c, gr, gc) in [
+        (1, 1, 1, 1),
+        (3, 5, 3, 5),
+        (17, 33, 17, 11),
+        (64, 4099, 8, 4099),
+        (130, 70, 13, 7),
+        (5000, 3, 1000, 3),
+    ] {
         check_all::<f32>(r, c, gr, gc, |v| v, |v| v);
     }
 }
@@ -125,7 +171,10 @@ fn channel_sums_match_naive() {
             ws += v;
             wq += v * v;
         }
-        assert!((s[c] as f64 - ws).abs() < 1e-3 * (1.0 + wq.sqrt()), "sum[{c}]");
+        assert!(
+            (s[c] as f64 - ws).abs() < 1e-3 * (1.0 + wq.sqrt()),
+            "sum[{c}]"
+        );
         assert!((q[c] as f64 - wq).abs() < 1e-4 * (1.0 + wq), "sumsq[{c}]");
     }
 }
@@ -137,11 +186,61 @@ fn bad_input_is_rejected_with_field_name() {
         Err(ScoreError::InvalidInput(m)) => m,
         Ok(_) => panic!("expected an error"),
     };
-    assert!(err(weight_scores(&w, None, None, 3, 4, ScoreKind::Taylor, Axis::Rows, 1)).starts_with("grad:"));
-    assert!(err(weight_scores(&w, Some(&w), None, 3, 4, ScoreKind::TaylorMix, Axis::Rows, 1)).starts_with("fisher:"));
-    assert!(err(weight_scores(&w, None, None, 3, 5, ScoreKind::L1, Axis::Rows, 1)).starts_with("weight:"));
-    assert!(err(weight_scores(&w, None, None, 3, 4, ScoreKind::L1, Axis::Rows, 2)).starts_with("group_size:"));
-    assert!(err(weight_scores(&w, None, None, 3, 4, ScoreKind::L1, Axis::Cols, 0)).starts_with("group_size:"));
+    assert!(err(weight_scores(
+        &w,
+        None,
+        None,
+        3,
+        4,
+        ScoreKind::Taylor,
+        Axis::Rows,
+        1
+    ))
+    .starts_with("grad:"));
+    assert!(err(weight_scores(
+        &w,
+        Some(&w),
+        None,
+        3,
+        4,
+        ScoreKind::TaylorMix,
+        Axis::Rows,
+        1
+    ))
+    .starts_with("fisher:"));
+    assert!(err(weight_scores(
+        &w,
+        None,
+        None,
+        3,
+        5,
+        ScoreKind::L1,
+        Axis::Rows,
+        1
+    ))
+    .starts_with("weight:"));
+    assert!(err(weight_scores(
+        &w,
+        None,
+        None,
+        3,
+        4,
+        ScoreKind::L1,
+        Axis::Rows,
+        2
+    ))
+    .starts_with("group_size:"));
+    assert!(err(weight_scores(
+        &w,
+        None,
+        None,
+        3,
+        4,
+        ScoreKind::L1,
+        Axis::Cols,
+        0
+    ))
+    .starts_with("group_size:"));
     assert!(ScoreKind::parse("taylor3").is_err());
     assert!(Axis::from_index(2).is_err());
 }
@@ -149,8 +248,14 @@ fn bad_input_is_rejected_with_field_name() {
 #[test]
 fn empty_matrix_gives_zeros() {
     let w: Vec<f32> = vec![];
-    assert_eq!(weight_scores(&w, None, None, 0, 5, ScoreKind::L2, Axis::Cols, 1).unwrap(), vec![0.0; 5]);
-    assert_eq!(weight_scores(&w, None, None, 4, 0, ScoreKind::L2, Axis::Rows, 2).unwrap(), vec![0.0; 2]);
+    assert_eq!(
+        weight_scores(&w, None, None, 0, 5, ScoreKind::L2, Axis::Cols, 1).unwrap(),
+        vec![0.0; 5]
+    );
+    assert_eq!(
+        weight_scores(&w, None, None, 4, 0, ScoreKind::L2, Axis::Rows, 2).unwrap(),
+        vec![0.0; 2]
+    );
 }
 
 proptest! {
