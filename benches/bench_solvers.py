@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from layerprune.allocation import SOLVERS, AllocationSpec, LayerShape, allocate, write_json_atomic
+from layerprune.allocation import SOLVERS, AllocationSpec, LayerShape, allocate
+from layerprune.atomic import write_json_atomic
 
 INSTANCES = {
     # name: (layers, hidden, q heads, kv heads, head_dim, intermediate, mlp_step, vocab, tied)
