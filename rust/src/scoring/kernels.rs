@@ -82,42 +82,8 @@ impl ElementScore for L2 {
     }
 }
 
-/// Sum of `O::eval` over three equal-length f32 slices.
-#[inline(always)]
-fn reduce_chunk<O: ElementScore>(w: &[f32], g: &[f32], h: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let mut wc = w.chunks_exact(LANES);
-    let mut gc = g.chunks_exact(LANES);
-    let mut hc = h.chunks_exact(LANES);
-    for ((a, b), c) in (&mut wc).zip(&mut gc).zip(&mut hc) {
-        let a: &[f32; LANES] = a.try_into().unwrap();
-        let b: &[f32; LANES] = b.try_into().unwrap();
-        let c: &[f32; LANES] = c.try_into().unwrap();
-        for l in 0..LANES {
-            acc[l] += O::eval(a[l], b[l], c[l]);
-        }
-    }
-    let mut tail = 0.0f32;
-    for ((a, b), c) in wc
-        .remainder()
-        .iter()
-        .zip(gc.remainder())
-        .zip(hc.remainder())
-    {
-        tail += O::eval(*a, *b, *c);
-    }
-    // pairwise fold of the lanes
-    let mut width = LANES / 2;
-    while width > 0 {
-        for l in 0..width {
-            acc[l] += acc[l + width];
-        }
-        width /= 2;
-    }
-    acc[0] + tail
-}
-
-/// `reduce_chunk` reading the storage type directly (f32, bf16: no widening buffer).
+/// Sum of `O::eval` over a chunk with `LANES` independent accumulators (so the loop vectorises),
+/// folded pairwise; reads f32 and bf16 storage directly, f16 after widening into a buffer.
 #[inline(always)]
 fn reduce_direct<T: Element, O: ElementScore>(w: &[T], g: &[T], h: &[T]) -> f32 {
     let mut acc = [0.0f32; LANES];
@@ -151,19 +117,11 @@ fn reduce_direct<T: Element, O: ElementScore>(w: &[T], g: &[T], h: &[T]) -> f32 
     acc[0] + tail
 }
 
-/// `accumulate_chunk` reading the storage type directly.
+/// `acc[c] += O::eval(w[c], g[c], h[c])`, reading the storage type directly.
 #[inline(always)]
 fn accumulate_direct<T: Element, O: ElementScore>(acc: &mut [f32], w: &[T], g: &[T], h: &[T]) {
     for (((s, a), b), c) in acc.iter_mut().zip(w).zip(g).zip(h) {
         *s += O::eval(a.get(), b.get(), c.get());
-    }
-}
-
-/// `acc[c] += O::eval(w[c], g[c], h[c])`.
-#[inline(always)]
-fn accumulate_chunk<O: ElementScore>(acc: &mut [f32], w: &[f32], g: &[f32], h: &[f32]) {
-    for (((s, a), b), c) in acc.iter_mut().zip(w).zip(g).zip(h) {
-        *s += O::eval(*a, *b, *c);
     }
 }
 
@@ -318,7 +276,7 @@ pub(crate) fn per_row<T: Element, O: ElementScore>(
                         );
                     } else {
                         let (wf, gf, hf) = load3::<T, O>(&mut scratch, w, g, h, r);
-                        total += reduce_chunk::<O>(wf, gf, hf);
+                        total += reduce_direct::<f32, O>(wf, gf, hf);
                     }
                     c0 = c1;
                 }
@@ -365,7 +323,7 @@ pub(crate) fn per_col<T: Element, O: ElementScore>(
                         );
                     } else {
                         let (wf, gf, hf) = load3::<T, O>(&mut scratch, w, g, h, r);
-                        accumulate_chunk::<O>(&mut acc[c0..c1], wf, gf, hf);
+                        accumulate_direct::<f32, O>(&mut acc[c0..c1], wf, gf, hf);
                     }
                     c0 = c1;
                 }
