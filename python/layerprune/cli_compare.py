@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-DTYPES = ("float32", "bfloat16", "float16")
+from layerprune.cli_args import add_model_argument, add_runtime_arguments, apply_threads
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "unbalanced-seed, unbalanced), evaluate each on the same WikiText-2 test tokens, and write "
         "DIR/report.md, DIR/report.json and plots. Runs already finished in DIR are reused.",
     )
-    p.add_argument("--model", required=True, help="'smollm2-135m' (embedded), a local Hugging Face folder, or a hub id")
+    add_model_argument(p)
     p.add_argument("--ratio", type=float, default=None, help="fraction of ALL parameters to remove, in (0, 1)")
     p.add_argument("--ratios", default=None, help="comma-separated target ratios, e.g. 0.2,0.25 (with or instead of --ratio)")
     p.add_argument("--out", required=True, help="output folder (created; finished runs in it are reused)")
@@ -38,11 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-generate", action="store_true", help="skip the greedy generations")
     p.add_argument("--no-save-models", action="store_true",
                    help="do not keep DIR/models/<ratio>/<method> (sizes are still measured through a temporary save)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default: float32)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op CPU threads (default: torch's choice; 1 is faster on a busy machine)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_runtime_arguments(p)
     p.set_defaults(run=run)
     return p
 
@@ -90,12 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from layerprune.report import main_table
 
     settings = settings_from_args(args)
-    if args.threads is not None:
-        if args.threads < 1:
-            from layerprune.errors import InvalidInputError
-
-            raise InvalidInputError(f"--threads must be positive; got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = models.load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
 

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from layerprune.atomic import write_json_atomic
+from layerprune.cli_args import add_model_argument, add_runtime_arguments
 from layerprune.errors import InvalidInputError
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -23,7 +22,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "model, with LLM-Pruner's protocol: the test split joined with blank lines, tokenized once, cut into "
         "non-overlapping windows of --seq-len tokens.",
     )
-    p.add_argument("--model", required=True, help="'smollm2-135m' (embedded), a local Hugging Face folder, or a hub id")
+    add_model_argument(p)
     p.add_argument("--dataset", default="wikitext2", help="'wikitext2' or a path to a .txt file (default: wikitext2)")
     p.add_argument(
         "--data-dir",
@@ -34,10 +33,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128, help="window length in tokens (default: 128)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default: float32)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the results as JSON ('-' = stdout)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_runtime_arguments(p, threads=False)
     p.set_defaults(run=run)
     return p
 

@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from layerprune.cli_args import add_model_argument, add_runtime_arguments, apply_threads
 from layerprune.errors import InvalidInputError
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _protected(text: str) -> tuple[int, ...]:
@@ -32,7 +31,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--ratio of ALL parameters is removed: the same rate in every layer (--mode uniform, LLM-Pruner style) "
         "or per-layer rates from layer importance (--mode unbalanced). Writes a loadable folder with report.json.",
     )
-    p.add_argument("--model", required=True, help="'smollm2-135m' (embedded), a local Hugging Face folder, or a hub id")
+    add_model_argument(p)
     p.add_argument("--ratio", type=float, required=True, help="fraction of all parameters to remove, in (0, 1)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -64,10 +63,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
     p.add_argument("--dataset", default="wikitext2", help="calibration data: 'wikitext2' or a .txt file")
     p.add_argument("--data-dir", default=None, help="folder with WikiText-2 raw valid.txt (calibration; never test.txt)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype while pruning (default: float32)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_runtime_arguments(p, device=False)
     p.set_defaults(run=run)
     return p
 
@@ -132,10 +128,7 @@ def run(args: argparse.Namespace) -> int:
     # Everything that can be checked without the weights is checked first.
     config = config_from_args(args)
     validate_config(config)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InvalidInputError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     _check_out(args.out, args.overwrite)
     calibration_split(config.data_dir, config.dataset)
     model_config = load_config(args.model)

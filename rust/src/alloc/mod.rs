@@ -874,29 +874,18 @@ impl<'s, 'a> Problem<'s, 'a> {
             let pk = s.layer_params(g[l], f[l]);
             kept_layers += pk;
             objective += attn_loss(spec, l, g[l]) + mlp_loss(spec, l, f[l]);
-            if self.attn_prunable[l] {
-                if g[l] == b.g_lo {
-                    if let Some(src) = b.g_lo_src {
-                        add(&mut binding, src);
-                    }
-                }
-                if g[l] == b.g_hi {
-                    if let Some(src) = b.g_hi_src {
-                        add(&mut binding, src);
-                    }
-                }
-            }
-            if self.mlp_prunable[l] {
-                if f[l] == b.f_lo {
-                    if let Some(src) = b.f_lo_src {
-                        add(&mut binding, src);
-                    }
-                }
-                if f[l] == b.f_hi {
-                    if let Some(src) = b.f_hi_src {
-                        add(&mut binding, src);
-                    }
-                }
+            // a bound the solution sits on is binding, named by the constraint that set it
+            let at_bounds = [
+                (self.attn_prunable[l] && g[l] == b.g_lo, b.g_lo_src),
+                (self.attn_prunable[l] && g[l] == b.g_hi, b.g_hi_src),
+                (self.mlp_prunable[l] && f[l] == b.f_lo, b.f_lo_src),
+                (self.mlp_prunable[l] && f[l] == b.f_hi, b.f_hi_src),
+            ];
+            for src in at_bounds
+                .into_iter()
+                .filter_map(|(hit, src)| src.filter(|_| hit))
+            {
+                add(&mut binding, src);
             }
             layers.push(LayerAllocation {
                 kv_groups_kept: g[l],

@@ -1,0 +1,36 @@
+"""Arguments shared by the `layerprune` subcommands (declared once, checked once)."""
+
+from __future__ import annotations
+
+import argparse
+
+from layerprune.errors import InvalidInputError
+
+DTYPES = ("float32", "bfloat16", "float16")
+MODEL_HELP = "'smollm2-135m' (embedded), a local Hugging Face folder, or a hub id"
+
+
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser, *, device: bool = True, threads: bool = True) -> None:
+    """--dtype, --device, --threads and --no-progress."""
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default: float32)")
+    if device:
+        p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    if threads:
+        p.add_argument("--threads", type=int, default=None,
+                       help="torch intra-op CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's intra-op thread count from --threads (when given)."""
+    if args.threads is None:
+        return
+    if args.threads < 1:
+        raise InvalidInputError(f"--threads must be >= 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
