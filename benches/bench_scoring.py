@@ -2,16 +2,17 @@
 
 CPU: Rust vs torch eager `(W*G).abs().float()...sum` vs TP 1.6.1 GroupTaylorImportance on
 Llama-3-8B projection shapes, float32 and bfloat16. CUDA (when present): Triton vs eager.
-A plain tensor copy is timed in the same run: `copy GB/s` counts bytes read + written;
-kernel `GB/s` counts bytes read (W and G). `copy_fraction` = kernel GB/s / copy GB/s.
-Never asserts on time.
+A plain tensor copy of as many bytes as W and G hold is timed in the same rounds: `copy GB/s`
+counts bytes read + written; kernel `GB/s` counts bytes read (W and G); `copy_fraction` =
+kernel GB/s / copy GB/s. Candidates are timed round-robin, medians reported. Never asserts on time.
 
-    python benches/bench_scoring.py [--quick] [--json OUT] [--device cpu|cuda] [--reps N]
+    python benches/bench_scoring.py [--quick] [--json OUT] [--device cpu|cuda] [--reps N] [--shapes 4096x4096 ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -41,16 +42,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device: str, reps: int) -> float:
-    fn()  # warm-up (and Triton compile)
+def time_ms(fn, device: str) -> float:
     _sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def eager(w: torch.Tensor, g: torch.Tensor, axis: int, group_size: int) -> torch.Tensor:
@@ -81,14 +78,9 @@ def tp_taylor(w: torch.Tensor, g: torch.Tensor, axis: int):
     return lambda: imp(group)
 
 
-def copy_gbps(nbytes: int, device: str, reps: int) -> float:
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, reps)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
 def run(device: str, shapes, dtypes, reps: int, with_tp: bool) -> list[dict]:
+    """Times every candidate of one (shape, dtype) round-robin, `reps` rounds, so that load from
+    elsewhere on the machine hits eager, ours and the copy alike; reports medians."""
     rows_out = []
     backend = "triton" if device == "cuda" else "rust"
     if backend not in available_backends():
@@ -99,44 +91,73 @@ def run(device: str, shapes, dtypes, reps: int, with_tp: bool) -> list[dict]:
             w = (torch.randn(shape, generator=gen) * 0.05).to(device=device, dtype=dtype)
             g = (torch.randn(shape, generator=gen) * 0.01).to(device=device, dtype=dtype)
             nbytes = 2 * w.numel() * w.element_size()
-            cgbps = copy_gbps(nbytes, device, reps)
+            # the copy moves as many bytes as the kernels read (W and G), so both see the same caches
+            src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+            dst = torch.empty_like(src)
             dname = str(dtype).replace("torch.", "")
+            fns = {("copy", ""): lambda: dst.copy_(src)}
             for op, (axis, gs) in OPS.items():
-                eager_ms = median_ms(lambda: eager(w, g, axis, gs), device, reps)
-                candidates = [("torch-eager", eager_ms)]
+                fns[(op, "torch-eager")] = functools.partial(eager, w, g, axis, gs)
                 if backend in available_backends():
                     ref = eager(w, g, axis, gs)
                     got = weight_scores(w, g, kind="taylor", axis=axis, group_size=gs, backend=backend)
                     rel = float(((got - ref).abs() / ref.abs().clamp_min(1e-30)).max())
                     if rel > 1e-3:
                         print(f"[bench] WARNING {backend} differs from eager by {rel:.2e} on {op} {shape} {dname}", file=sys.stderr)
-                    ms = median_ms(lambda: weight_scores(w, g, kind="taylor", axis=axis, group_size=gs, backend=backend), device, reps)
-                    candidates.append((backend, ms))
+                    fns[(op, backend)] = functools.partial(
+                        weight_scores, w, g, kind="taylor", axis=axis, group_size=gs, backend=backend
+                    )
                 if with_tp and gs == 1:
-                    candidates.append(("torch-pruning", median_ms(tp_taylor(w, g, axis), device, max(3, reps // 2))))
-                for name, ms in candidates:
-                    gbps = nbytes / (ms * 1e-3) / 1e9
-                    rows_out.append(
-                        {
-                            "op": op,
-                            "backend": name,
-                            "device": device,
-                            "shape": f"{shape[0]}x{shape[1]}",
-                            "dtype": dname,
-                            "median_ms": round(ms, 3),
-                            "gbps": round(gbps, 2),
-                            "speedup_vs_eager": round(eager_ms / ms, 2),
-                            "copy_fraction": round(gbps / cgbps, 3),
-                            "copy_gbps": round(cgbps, 2),
-                        }
-                    )
-                    r = rows_out[-1]
-                    print(
-                        f"{op:13s} {name:14s} {r['shape']:>11s} {dname:9s} {ms:9.2f} ms {gbps:7.2f} GB/s "
-                        f"x{r['speedup_vs_eager']:<6.2f} {100 * r['copy_fraction']:5.1f}% of copy ({cgbps:.1f} GB/s)",
-                        flush=True,
-                    )
+                    fns[(op, "torch-pruning")] = tp_taylor(w, g, axis)
+            times: dict[tuple[str, str], list[float]] = {key: [] for key in fns}
+            for fn in fns.values():
+                fn()  # warm-up (and Triton compile)
+            for rep in range(reps):
+                for key, fn in fns.items():
+                    # Torch-Pruning is 10-100x slower: half the rounds (at least 3) are plenty
+                    if key[1] == "torch-pruning" and rep >= max(3, reps // 2):
+                        continue
+                    times[key].append(time_ms(fn, device))
+            med = {key: statistics.median(ts) for key, ts in times.items()}
+            cgbps = 2 * nbytes / (med[("copy", "")] * 1e-3) / 1e9
+            for (op, name), ms in med.items():
+                if op == "copy":
+                    continue
+                eager_ms = med[(op, "torch-eager")]
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                rows_out.append(
+                    {
+                        "op": op,
+                        "backend": name,
+                        "device": device,
+                        "shape": f"{shape[0]}x{shape[1]}",
+                        "dtype": dname,
+                        "median_ms": round(ms, 3),
+                        "gbps": round(gbps, 2),
+                        "speedup_vs_eager": round(eager_ms / ms, 2),
+                        "copy_fraction": round(gbps / cgbps, 3),
+                        "copy_gbps": round(cgbps, 2),
+                        "reps": len(times[(op, name)]),
+                    }
+                )
+                r = rows_out[-1]
+                print(
+                    f"{op:13s} {name:14s} {r['shape']:>11s} {dname:9s} {ms:9.2f} ms {gbps:7.2f} GB/s "
+                    f"x{r['speedup_vs_eager']:<6.2f} {100 * r['copy_fraction']:5.1f}% of copy ({cgbps:.1f} GB/s)",
+                    flush=True,
+                )
+            del src, dst, fns
     return rows_out
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 4096x4096, got {text!r}") from None
+    if rows % HEAD_DIM:
+        raise argparse.ArgumentTypeError(f"rows must be a multiple of the head size {HEAD_DIM}, got {rows}")
+    return rows, cols
 
 
 def main(argv=None) -> int:
@@ -146,10 +167,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning's importance")
+    ap.add_argument("--shapes", type=_shape, nargs="+", help="weight shapes ROWSxCOLS (default: Llama-3-8B's)")
     args = ap.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    reps = args.reps or (5 if args.quick else 9)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    reps = args.reps or (5 if args.quick else 15)
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     info = {"device": device, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()

@@ -10,6 +10,8 @@ Formulas: see `layerprune.scoring.reference`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from layerprune.kernels import HAS_TRITON
@@ -90,15 +92,43 @@ if HAS_TRITON:
             tl.atomic_add(out_ptr + cols // group_size, part, mask=col_mask)
 
 
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile (`block_r` rows × `block_c` columns, powers of two), warps per program, and the grid
+    target in programs per SM (long reductions are split until the grid reaches it)."""
+
+    block_r: int
+    block_c: int
+    num_warps: int = 4
+    programs_per_sm: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("block_r", "block_c", "num_warps"):
+            v = getattr(self, name)
+            if v <= 0 or v & (v - 1):
+                raise ValueError(f"LaunchConfig.{name} must be a power of two, got {v}")
+        if self.programs_per_sm <= 0:
+            raise ValueError(f"LaunchConfig.programs_per_sm must be positive, got {self.programs_per_sm}")
+
+
+# Untuned starting points; benches/tune_triton.py sweeps TUNING_CANDIDATES on a GPU.
+DEFAULT_CONFIGS = {0: LaunchConfig(16, 256), 1: LaunchConfig(32, 128)}
+# Tiles of 4-16 Ki elements; rows want wide column spans, columns tall row spans.
+TUNING_CANDIDATES = {
+    0: [LaunchConfig(r, c, w) for r, c, w in ((16, 256, 4), (8, 512, 4), (4, 1024, 4), (2, 2048, 8), (8, 1024, 8), (32, 256, 8))],
+    1: [LaunchConfig(r, c, w) for r, c, w in ((32, 128, 4), (64, 64, 4), (16, 256, 4), (64, 128, 8), (128, 64, 8), (32, 256, 8))],
+}
+
+
 def _row_major(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None:
         return None
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _target_programs(device: torch.device) -> int:
+def _target_programs(device: torch.device, programs_per_sm: int) -> int:
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return 1  # interpreter: programs run one after another, fewer is faster
 
 
@@ -111,10 +141,12 @@ def weight_scores_triton(
     axis: int,
     group_size: int,
     programs: int | None = None,
+    config: LaunchConfig | None = None,
 ) -> torch.Tensor:
     """Launch the fused kernel. Inputs are validated by `layerprune.scoring.weight_scores`.
 
-    `programs` overrides the target grid size (default 4 × SMs on CUDA, 1 in the interpreter);
+    `config` overrides the tile and warps (default `DEFAULT_CONFIGS[axis]`); `programs` overrides
+    the target grid size (default `config.programs_per_sm` × SMs on CUDA, 1 in the interpreter);
     tests use it to exercise split reductions and atomics on CPU."""
     if not HAS_TRITON:  # pragma: no cover - guarded by the dispatcher
         raise RuntimeError("triton is not installed")
@@ -129,14 +161,14 @@ def weight_scores_triton(
     uses_g, uses_h = kind in _USES_G, kind in _USES_H
     g_arg = g if uses_g else w
     h_arg = h if uses_h else w
+    cfg = config or DEFAULT_CONFIGS[axis]
+    block_r, block_c = cfg.block_r, cfg.block_c
     if axis == 0:
-        block_r, block_c = 16, 256
         lines, reduced, block_red = triton.cdiv(rows, block_r), cols, block_c
     else:
-        block_r, block_c = 32, 128
         lines, reduced, block_red = triton.cdiv(cols, block_c), rows, block_r
     red_blocks = triton.cdiv(reduced, block_red)
-    target = programs if programs is not None else _target_programs(w.device)
+    target = programs if programs is not None else _target_programs(w.device, cfg.programs_per_sm)
     splits = max(1, min(red_blocks, target // lines))
     span = triton.cdiv(red_blocks, splits) * block_red
     splits = triton.cdiv(reduced, span)
@@ -144,7 +176,7 @@ def weight_scores_triton(
         w, g_arg, h_arg, out,
         rows, cols, w.stride(0), g_arg.stride(0), h_arg.stride(0), group_size, span,
         KIND=KIND_IDS[kind], USES_G=uses_g, USES_H=uses_h, AXIS=axis,
-        BLOCK_R=block_r, BLOCK_C=block_c,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=cfg.num_warps,
     )
     if kind == "vectorize":
         out.abs_()

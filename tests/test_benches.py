@@ -34,3 +34,32 @@ def test_bench_solvers_writes_its_rows(tmp_path):
         assert set(row) >= {"solver", "instance", "median_ms", "objective", "gap_to_dp", "actual_ratio"}
         if row["solver"] in ("dp", "numpy-dp"):
             assert abs(row["gap_to_dp"]) < 1e-6  # the NumPy DP is the same algorithm: same optimum
+
+
+def test_bench_scoring_writes_its_rows(tmp_path):
+    target = tmp_path / "scoring.json"
+    out = subprocess.run(
+        [sys.executable, str(BENCHES / "bench_scoring.py"), "--device", "cpu", "--shapes", "256x384", "--reps", "2",
+         "--json", str(target)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(target.read_text())
+    rows = data["rows"]
+    assert {(r["op"], r["backend"]) for r in rows} >= {
+        (op, backend) for op in ("head_rows", "channel_rows", "columns") for backend in ("torch-eager", "rust")
+    } | {("channel_rows", "torch-pruning"), ("columns", "torch-pruning")}
+    for row in rows:
+        assert set(row) >= {"op", "backend", "shape", "dtype", "median_ms", "gbps", "speedup_vs_eager", "copy_fraction"}
+        assert row["shape"] == "256x384" and row["dtype"] in ("float32", "bfloat16")
+        assert row["median_ms"] > 0 and row["gbps"] > 0
+        if row["backend"] == "torch-eager":
+            assert row["speedup_vs_eager"] == 1.0
+    assert "WARNING" not in out.stderr  # ours agrees with eager on every row
+
+
+def test_bench_scoring_rejects_a_bad_shape():
+    out = subprocess.run(
+        [sys.executable, str(BENCHES / "bench_scoring.py"), "--shapes", "100x4096"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2 and "multiple of the head size" in out.stderr

@@ -66,3 +66,25 @@ def test_channel_sums_triton(dtype, programs):
     xf = x.double()
     torch.testing.assert_close(s.cpu().double(), xf.sum(0), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(q.cpu().double(), xf.square().sum(0), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_every_tuning_candidate_matches_reference(axis):
+    """The tuner (benches/tune_triton.py) may pick any candidate tile: each one must be correct,
+    including tiles wider than the matrix and split reductions."""
+    from layerprune.kernels.weight_scores import TUNING_CANDIDATES, weight_scores_triton
+
+    w, g, h = make_inputs(48, 136, torch.bfloat16, seed=11)
+    gs = 16 if axis == 0 else 8
+    for cfg in TUNING_CANDIDATES[axis]:
+        for programs in (None, 7):
+            got = weight_scores_triton(w.to(DEVICE), g.to(DEVICE), h.to(DEVICE), kind="taylor-mix", axis=axis,
+                                       group_size=gs, programs=programs, config=cfg)
+            assert_scores_close(got.cpu(), w, g, h, kind="taylor-mix", axis=axis, group_size=gs, ctx=f"{cfg} p={programs}")
+
+
+def test_launch_config_rejects_non_powers_of_two():
+    from layerprune.kernels.weight_scores import LaunchConfig
+
+    with pytest.raises(ValueError, match="block_c must be a power of two"):
+        LaunchConfig(16, 100)

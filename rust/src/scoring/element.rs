@@ -21,6 +21,13 @@ pub trait Element: Copy + Send + Sync + 'static {
 
     /// One element as f32.
     fn get(self) -> f32;
+
+    /// The raw bits when the type is bfloat16 (the upper half of an f32), else `None`. Row
+    /// reductions read bfloat16 two at a time as `u32` words (`kernels::reduce_bf16_words`).
+    #[inline(always)]
+    fn bf16_bits(_src: &[Self]) -> Option<&[u16]> {
+        None
+    }
 }
 
 impl Element for f32 {
@@ -56,6 +63,11 @@ impl Element for bf16 {
     #[inline]
     fn as_f32(_src: &[bf16]) -> Option<&[f32]> {
         None
+    }
+
+    #[inline(always)]
+    fn bf16_bits(src: &[bf16]) -> Option<&[u16]> {
+        Some(src.reinterpret_cast())
     }
 
     /// bfloat16 is the upper half of an f32: widening is a 16-bit shift, which vectorises.

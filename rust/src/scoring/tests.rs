@@ -141,6 +141,48 @@ fn bf16_matches_naive_on_widened_values() {
     }
 }
 
+/// bfloat16 rows are read as u32 words when w, g and h sit at the same offset modulo 4 bytes,
+/// element by element otherwise: slices starting one element in cover both, and every row
+/// start (odd `cols`) at both parities.
+#[test]
+fn bf16_rows_match_naive_at_every_alignment() {
+    let (rows, cols) = (9, 1027);
+    let n = rows * cols;
+    let buf = |seed| -> Vec<bf16> {
+        values(n + 1, seed)
+            .into_iter()
+            .map(|v| bf16::from_f32(if seed == 3 { v.abs() } else { v }))
+            .collect()
+    };
+    let (wb, gb, hb) = (buf(1), buf(2), buf(3));
+    for (ow, og, oh) in [(0, 0, 0), (1, 1, 1), (0, 1, 0), (1, 0, 1), (0, 0, 1)] {
+        let (w, g, h) = (&wb[ow..ow + n], &gb[og..og + n], &hb[oh..oh + n]);
+        let wide = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+        let (wf, gf, hf) = (wide(w), wide(g), wide(h));
+        for kind in ScoreKind::ALL {
+            for gs in [1, 3] {
+                let got =
+                    weight_scores(w, Some(g), Some(h), rows, cols, kind, Axis::Rows, gs).unwrap();
+                let want = naive(&wf, &gf, &hf, rows, cols, kind, Axis::Rows, gs);
+                let mag = naive(&wf, &gf, &hf, rows, cols, ScoreKind::Taylor, Axis::Rows, gs);
+                let tol = 1e-5 * ((cols * gs) as f64).sqrt() * 4.0;
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    let scale = if kind == ScoreKind::Vectorize {
+                        mag[i]
+                    } else {
+                        b.abs()
+                    };
+                    assert!(
+                        (*a as f64 - b).abs() <= tol * (1.0 + scale),
+                        "{} offsets ({ow},{og},{oh}) gs={gs} [{i}]: got {a} want {b}",
+                        kind.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn f16_matches_naive_on_widened_values() {
     for (r, c, gr, gc) in [(7, 9, 7, 3), (40, 4097, 8, 17)] {
