@@ -63,3 +63,23 @@ def test_bench_scoring_rejects_a_bad_shape():
         [sys.executable, str(BENCHES / "bench_scoring.py"), "--shapes", "100x4096"], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 2 and "multiple of the head size" in out.stderr
+
+
+def test_tune_triton_sweeps_every_candidate(tmp_path):
+    """The GPU tuner in the interpreter (timings meaningless): every candidate is correct and ranked."""
+    from layerprune.kernels.weight_scores import TUNING_CANDIDATES
+
+    target = tmp_path / "tune.json"
+    out = subprocess.run(
+        [sys.executable, str(BENCHES / "tune_triton.py"), "--device", "cpu", "--shapes", "128x64", "--dtypes", "bfloat16",
+         "--reps", "1", "--json", str(target)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "WRONG" not in out.stderr
+    rows = json.loads(target.read_text())["rows"]
+    for op, axis in (("head_rows", 0), ("columns", 1)):
+        mine = [r for r in rows if r["op"] == op]
+        assert len(mine) == 4 * len(TUNING_CANDIDATES[axis])  # × programs per SM in {1, 2, 4, 8}
+        assert sorted(r["rank"] for r in mine) == list(range(1, len(mine) + 1))
+        assert sum(r["is_default"] for r in mine) == 1

@@ -1,0 +1,95 @@
+"""Shared by bench_scoring.py and tune_triton.py: Llama-3-8B shapes, the eager formula, the
+same-bytes copy, round-robin timing and the JSON writer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+HEAD_DIM = 128
+# op -> (axis, group_size): head scores over output rows, channel scores over rows / columns
+OPS = {
+    "head_rows": (0, HEAD_DIM),
+    "channel_rows": (0, 1),
+    "columns": (1, 1),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# calls per timed sample: one on CPU; ten queued calls per synchronize on CUDA, so that the
+# synchronize and Python's return path do not dominate kernels of a few tens of microseconds
+BATCH = {"cpu": 1, "cuda": 10}
+
+
+def eager(w: torch.Tensor, g: torch.Tensor, axis: int, group_size: int) -> torch.Tensor:
+    """The unfused baseline: `(W*G).abs().float()` then row or column sums, then group sums."""
+    e = (w * g).abs().float()
+    if axis == 0:
+        return e.view(w.shape[0] // group_size, -1).sum(1)
+    return e.sum(0).view(-1, group_size).sum(1)
+
+
+def make_pair(shape: tuple[int, int], dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(shape, generator=gen) * 0.05).to(device=device, dtype=dtype)
+    g = (torch.randn(shape, generator=gen) * 0.01).to(device=device, dtype=dtype)
+    return w, g
+
+
+def copy_of(nbytes: int, device: str) -> Callable[[], object]:
+    """A plain copy of `nbytes` (as many bytes as the kernels read), for the bandwidth ceiling."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def round_robin_ms(fns: dict, device: str, reps: int, few: set | None = None) -> dict:
+    """Median ms per call of every callable, timed in turn `reps` rounds (keys in `few`: only the
+    first max(3, reps // 2) rounds), so load from elsewhere on the machine hits all alike."""
+    batch = BATCH.get(device, 1)
+    few = few or set()
+    times: dict = {key: [] for key in fns}
+    for fn in fns.values():
+        fn()  # warm-up (and Triton compile)
+    for rep in range(reps):
+        for key, fn in fns.items():
+            if key in few and rep >= max(3, reps // 2):
+                continue
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            _sync(device)
+            times[key].append((time.perf_counter() - t0) * 1e3 / batch)
+    return {key: statistics.median(ts) for key, ts in times.items()}
+
+
+def gbps(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 4096x4096, got {text!r}") from None
+    if rows <= 0 or cols <= 0 or rows % HEAD_DIM:
+        raise argparse.ArgumentTypeError(f"rows must be a positive multiple of the head size {HEAD_DIM}, got {rows}")
+    return rows, cols
+
+
+def write_json(path: Path, payload: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
