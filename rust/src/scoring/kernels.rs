@@ -315,10 +315,37 @@ fn load3<'a, T: Element, O: ElementScore>(
     (wf, gf, hf)
 }
 
-fn tasks_for(n: usize) -> usize {
+/// Matrices with fewer elements than this are scored on the calling thread alone: right after
+/// a torch op (the gradient's backward), torch's OpenMP workers still spin on the cores, and
+/// handing a few MiB to the pool then costs more than it saves (SmolLM2's 1536×576 MLP
+/// weights: 0.42-0.59 ms on this thread vs 0.64-0.74 ms through the pool, on 2 cores).
+pub(crate) const SERIAL_BELOW: usize = 1 << 20;
+
+/// Tasks for `n` lines of `rows × cols`: one (run here) below `SERIAL_BELOW`, else a few per
+/// thread for load balance, never more than `n`.
+fn tasks_for(n: usize, rows: usize, cols: usize) -> usize {
+    if rows.saturating_mul(cols) < SERIAL_BELOW {
+        return 1;
+    }
     let threads = rayon::current_num_threads().max(1);
-    // a few tasks per thread for load balance, never more than n
     (threads * 4).min(n).max(1)
+}
+
+/// `map` over `blocks` (≥ 1) row blocks, partial results summed by `reduce`: on this thread
+/// when there is one block, else in parallel.
+fn map_reduce<R: Send>(
+    blocks: usize,
+    map: impl Fn(usize) -> R + Sync + Send,
+    reduce: impl Fn(R, R) -> R + Sync + Send,
+) -> R {
+    if blocks <= 1 {
+        return map(0);
+    }
+    (0..blocks)
+        .into_par_iter()
+        .map(map)
+        .reduce_with(reduce)
+        .expect("at least two blocks")
 }
 
 /// One value per row: `out[r] = Σ_c O::eval(w[r,c], g[r,c], h[r,c])`.
@@ -333,32 +360,38 @@ pub(crate) fn per_row<T: Element, O: ElementScore>(
     if rows == 0 || cols == 0 {
         return out;
     }
-    let rows_per_task = rows.div_ceil(tasks_for(rows));
-    out.par_chunks_mut(rows_per_task)
-        .enumerate()
-        .for_each(|(task, out_rows)| {
-            let mut scratch = Scratch::new::<T>();
-            let avx2 = use_avx2();
-            let first_row = task * rows_per_task;
-            for (i, o) in out_rows.iter_mut().enumerate() {
-                let base = (first_row + i) * cols;
-                let mut total = 0.0f32;
-                let mut c0 = 0;
-                while c0 < cols {
-                    let c1 = (c0 + CHUNK).min(cols);
-                    let r = base + c0..base + c1;
-                    if T::DIRECT {
-                        total +=
-                            reduce_rows_dispatch::<T, O>(avx2, &w[r.clone()], &g[r.clone()], &h[r]);
-                    } else {
-                        let (wf, gf, hf) = load3::<T, O>(&mut scratch, w, g, h, r);
-                        total += reduce_direct::<f32, O>(wf, gf, hf);
-                    }
-                    c0 = c1;
+    let tasks = tasks_for(rows, rows, cols);
+    let rows_per_task = rows.div_ceil(tasks);
+    let score_rows = |(task, out_rows): (usize, &mut [f32])| {
+        let mut scratch = Scratch::new::<T>();
+        let avx2 = use_avx2();
+        let first_row = task * rows_per_task;
+        for (i, o) in out_rows.iter_mut().enumerate() {
+            let base = (first_row + i) * cols;
+            let mut total = 0.0f32;
+            let mut c0 = 0;
+            while c0 < cols {
+                let c1 = (c0 + CHUNK).min(cols);
+                let r = base + c0..base + c1;
+                if T::DIRECT {
+                    total +=
+                        reduce_rows_dispatch::<T, O>(avx2, &w[r.clone()], &g[r.clone()], &h[r]);
+                } else {
+                    let (wf, gf, hf) = load3::<T, O>(&mut scratch, w, g, h, r);
+                    total += reduce_direct::<f32, O>(wf, gf, hf);
                 }
-                *o = total;
+                c0 = c1;
             }
-        });
+            *o = total;
+        }
+    };
+    if tasks == 1 {
+        score_rows((0, &mut out));
+    } else {
+        out.par_chunks_mut(rows_per_task)
+            .enumerate()
+            .for_each(score_rows);
+    }
     out
 }
 
@@ -374,11 +407,11 @@ pub(crate) fn per_col<T: Element, O: ElementScore>(
     if rows == 0 || cols == 0 {
         return vec![0.0f32; cols];
     }
-    let blocks = tasks_for(rows).min(rayon::current_num_threads().max(1) * 2);
+    let blocks = tasks_for(rows, rows, cols).min(rayon::current_num_threads().max(1) * 2);
     let rows_per_block = rows.div_ceil(blocks);
-    (0..rows.div_ceil(rows_per_block))
-        .into_par_iter()
-        .map(|b| {
+    map_reduce(
+        rows.div_ceil(rows_per_block),
+        |b| {
             let mut scratch = Scratch::new::<T>();
             let avx2 = use_avx2();
             let mut acc = vec![0.0f32; cols];
@@ -405,12 +438,12 @@ pub(crate) fn per_col<T: Element, O: ElementScore>(
                 }
             }
             acc
-        })
-        .reduce_with(|mut a, b| {
+        },
+        |mut a, b| {
             a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
             a
-        })
-        .unwrap_or_else(|| vec![0.0f32; cols])
+        },
+    )
 }
 
 /// Per-channel (column) sum and sum of squares of `x` (`rows` tokens × `cols` channels).
@@ -422,11 +455,11 @@ pub(crate) fn column_sum_sumsq<T: Element>(
     if rows == 0 || cols == 0 {
         return (vec![0.0; cols], vec![0.0; cols]);
     }
-    let blocks = tasks_for(rows).min(rayon::current_num_threads().max(1) * 2);
+    let blocks = tasks_for(rows, rows, cols).min(rayon::current_num_threads().max(1) * 2);
     let rows_per_block = rows.div_ceil(blocks);
-    (0..rows.div_ceil(rows_per_block))
-        .into_par_iter()
-        .map(|b| {
+    map_reduce(
+        rows.div_ceil(rows_per_block),
+        |b| {
             let mut buf = if T::as_f32(&[]).is_some() {
                 Vec::new()
             } else {
@@ -449,11 +482,11 @@ pub(crate) fn column_sum_sumsq<T: Element>(
                 }
             }
             (sum, sumsq)
-        })
-        .reduce_with(|(mut s, mut q), (s2, q2)| {
+        },
+        |(mut s, mut q), (s2, q2)| {
             s.iter_mut().zip(&s2).for_each(|(x, y)| *x += y);
             q.iter_mut().zip(&q2).for_each(|(x, y)| *x += y);
             (s, q)
-        })
-        .unwrap_or_else(|| (vec![0.0; cols], vec![0.0; cols]))
+        },
+    )
 }

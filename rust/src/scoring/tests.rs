@@ -183,6 +183,23 @@ fn bf16_rows_match_naive_at_every_alignment() {
     }
 }
 
+/// Above `SERIAL_BELOW` elements the rows / row blocks run on the pool; below, on this thread.
+#[test]
+fn pool_and_calling_thread_paths_match_naive() {
+    let big = (257, 4099); // 1,053,443 elements: the pool
+    assert!(big.0 * big.1 >= kernels::SERIAL_BELOW && 64 * 4099 < kernels::SERIAL_BELOW);
+    check_all::<f32>(big.0, big.1, 257, 4099, |v| v, |v| v);
+    check_all::<bf16>(big.0, big.1, 1, 1, bf16::from_f32, bf16::to_f32);
+    let n = big.0 * big.1;
+    let x = values(n, 9);
+    let (s, q) = channel_sums(&x, big.0, big.1).unwrap();
+    for c in [0, 1, 2047, 4098] {
+        let col = (0..big.0).map(|r| x[r * big.1 + c] as f64);
+        let (ws, wq) = col.fold((0.0, 0.0), |(a, b), v| (a + v, b + v * v));
+        assert!((s[c] as f64 - ws).abs() < 1e-3 && (q[c] as f64 - wq).abs() < 1e-3 * (1.0 + wq));
+    }
+}
+
 #[test]
 fn f16_matches_naive_on_widened_values() {
     for (r, c, gr, gc) in [(7, 9, 7, 3), (40, 4097, 8, 17)] {
