@@ -6,13 +6,15 @@ A plain tensor copy of as many bytes as W and G hold is timed in the same rounds
 counts bytes read + written; kernel `GB/s` counts bytes read (W and G); `copy_fraction` =
 kernel GB/s / copy GB/s. Candidates are timed round-robin, medians reported. Never asserts on time.
 
-    python benches/bench_scoring.py [--quick] [--json OUT] [--device cpu|cuda] [--reps N] [--shapes 4096x4096 ...]
+    python benches/bench_scoring.py [--quick] [--json OUT] [--device cpu|cuda] [--reps N] [--shapes 4096x4096 ...] [--plot PNG]
+    python benches/bench_scoring.py --from-json OUT [--plot PNG]   # print / plot earlier rows
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -30,6 +32,7 @@ from scoring_common import (  # noqa: E402
     gbps,
     make_pair,
     parse_shape,
+    plot_rows,
     round_robin_ms,
     write_json,
 )
@@ -58,6 +61,15 @@ def tp_taylor(w: torch.Tensor, g: torch.Tensor, axis: int):
     group = dg.get_pruning_group(lin, fn, idxs=list(range(n)))
     imp = tp.importance.GroupTaylorImportance(normalizer=None)
     return lambda: imp(group)
+
+
+def print_row(r: dict) -> None:
+    print(
+        f"{r['op']:13s} {r['backend']:14s} {r['shape']:>11s} {r['dtype']:9s} {r['median_ms']:9.3f} ms "
+        f"{r['gbps']:8.2f} GB/s x{r['speedup_vs_eager']:<6.2f} {100 * r['copy_fraction']:5.1f}% of copy "
+        f"({r['copy_gbps']:.1f} GB/s)",
+        flush=True,
+    )
 
 
 def run(device: str, shapes, dtypes, reps: int, with_tp: bool) -> list[dict]:
@@ -107,12 +119,7 @@ def run(device: str, shapes, dtypes, reps: int, with_tp: bool) -> list[dict]:
                         "copy_gbps": round(cgbps, 2),
                     }
                 )
-                r = rows_out[-1]
-                print(
-                    f"{op:13s} {name:14s} {r['shape']:>11s} {dname:9s} {ms:9.3f} ms {rate:8.2f} GB/s "
-                    f"x{r['speedup_vs_eager']:<6.2f} {100 * r['copy_fraction']:5.1f}% of copy ({cgbps:.1f} GB/s)",
-                    flush=True,
-                )
+                print_row(rows_out[-1])
             del fns
     return rows_out
 
@@ -124,18 +131,33 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning's importance")
+    ap.add_argument("--plot", type=Path, help="write a PNG of speed-ups and copy fractions here")
+    ap.add_argument("--from-json", type=Path, help="time nothing: print and plot the rows of an earlier --json")
     ap.add_argument("--shapes", type=parse_shape, nargs="+", help="weight shapes ROWSxCOLS (default: Llama-3-8B's)")
     args = ap.parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    reps = args.reps or (5 if args.quick else 15)
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
-    info = {"device": device, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    print(f"[bench] {info}", flush=True)
-    rows = run(device, shapes, (torch.float32, torch.bfloat16), reps, with_tp=not args.no_tp)
-    if args.json:
-        write_json(args.json, {"info": info, "rows": rows})
+    if args.from_json:
+        try:
+            saved = json.loads(args.from_json.read_text())
+            info, rows, reps = saved["info"], saved["rows"], saved.get("reps", "?")
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"bench_scoring: cannot read rows from {args.from_json}: {exc}", file=sys.stderr)
+            return 2
+        for r in rows:
+            print_row(r)
+    else:
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        reps = args.reps or (5 if args.quick else 15)
+        shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
+        info = {"device": device, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+        if device == "cuda":
+            info["gpu"] = torch.cuda.get_device_name()
+        print(f"[bench] {info}", flush=True)
+        rows = run(device, shapes, (torch.float32, torch.bfloat16), reps, with_tp=not args.no_tp)
+        if args.json:
+            write_json(args.json, {"info": info, "reps": reps, "rows": rows})
+    if args.plot:
+        where = info.get("gpu") or f"{info['cpus']} CPU cores"
+        plot_rows(rows, args.plot, f"Taylor scores, median of {reps} round-robin runs ({where})", info["device"])
     return 0
 
 

@@ -93,3 +93,40 @@ def write_json(path: Path, payload: object) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(path)
+
+
+SHORT_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+# the issue's goals: (× eager, fraction of copy bandwidth) per device
+GOALS = {"cpu": (5.0, 0.6), "cuda": (4.0, 0.8)}
+
+
+def plot_rows(rows: list[dict], path: Path, title: str, device: str) -> Path:
+    """Two panels: speed-up over eager and fraction of copy bandwidth, one bar per (shape, dtype,
+    op) and backend other than eager; the goals for `device` as dashed lines."""
+    from layerprune.plots import plt, save_figure
+
+    backends = [b for b in dict.fromkeys(r["backend"] for r in rows) if b != "torch-eager"]
+    cases = list(dict.fromkeys((r["shape"], r["dtype"], r["op"]) for r in rows))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.45 * len(cases) + 2), 7), sharex=True)
+    width = 0.8 / max(1, len(backends))
+    for i, backend in enumerate(backends):
+        by_case = {(r["shape"], r["dtype"], r["op"]): r for r in rows if r["backend"] == backend}
+        xs = [k + (i - (len(backends) - 1) / 2) * width for k, c in enumerate(cases) if c in by_case]
+        present = [c for c in cases if c in by_case]
+        axes[0].bar(xs, [by_case[c]["speedup_vs_eager"] for c in present], width, label=backend)
+        axes[1].bar(xs, [100 * by_case[c]["copy_fraction"] for c in present], width, label=backend)
+    axes[0].axhline(1.0, color="gray", lw=0.8)
+    if device in GOALS:
+        speedup, fraction = GOALS[device]
+        axes[0].axhline(speedup, color="red", lw=0.8, ls="--", label=f"goal {speedup:g}×")
+        axes[1].axhline(100 * fraction, color="red", lw=0.8, ls="--", label=f"goal {100 * fraction:g}%")
+    axes[0].set_ylabel("× torch eager (higher is faster)")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("% of copy bandwidth")
+    axes[1].axhline(100, color="gray", lw=0.8)
+    axes[1].set_xticks(range(len(cases)))
+    axes[1].set_xticklabels([f"{s} {SHORT_DTYPE.get(d, d)} {o}" for s, d, o in cases], rotation=70, ha="right", fontsize=8)
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    axes[0].set_title(title)
+    return save_figure(fig, path)

@@ -11,6 +11,8 @@ import pytest
 
 from conftest import REPO_ROOT
 
+from layerprune.plots import is_png
+
 BENCHES = REPO_ROOT / "benches"
 
 
@@ -40,7 +42,7 @@ def test_bench_scoring_writes_its_rows(tmp_path):
     target = tmp_path / "scoring.json"
     out = subprocess.run(
         [sys.executable, str(BENCHES / "bench_scoring.py"), "--device", "cpu", "--shapes", "256x384", "--reps", "2",
-         "--json", str(target)],
+         "--json", str(target), "--plot", str(tmp_path / "scoring.png")],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
@@ -56,6 +58,18 @@ def test_bench_scoring_writes_its_rows(tmp_path):
         if row["backend"] == "torch-eager":
             assert row["speedup_vs_eager"] == 1.0
     assert "WARNING" not in out.stderr  # ours agrees with eager on every row
+    assert is_png(tmp_path / "scoring.png")
+    again = subprocess.run(
+        [sys.executable, str(BENCHES / "bench_scoring.py"), "--from-json", str(target), "--plot", str(tmp_path / "again.png")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("\n") == len(rows) and is_png(tmp_path / "again.png")
+    bad = subprocess.run(
+        [sys.executable, str(BENCHES / "bench_scoring.py"), "--from-json", str(tmp_path / "missing.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "cannot read rows" in bad.stderr
 
 
 def test_bench_scoring_rejects_a_bad_shape():

@@ -4,7 +4,7 @@
 - `plot_allocation`: per-layer kept KV groups and MLP channels of each method at one target ratio;
 - `plot_ppl_vs_ratio`: perplexity against target ratio per method (only meaningful with several ratios).
 
-Each function writes through a temporary file and a rename, like every other output.
+Each function writes through `save_figure` (a temporary file, then a rename), like every other output.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Write `fig` as a PNG at `path` (temporary file, then rename) and close it."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".png", dir=target.parent)
@@ -60,7 +61,7 @@ def plot_importance(layer_importance: Mapping[str, Mapping[str, Any]], path: str
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_allocation(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *, title: str = "") -> Path:
@@ -85,7 +86,7 @@ def plot_allocation(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike[s
     if title:
         ax_kv.set_title(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ppl_vs_ratio(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
@@ -110,7 +111,7 @@ def plot_ppl_vs_ratio(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def is_png(path: str | os.PathLike[str]) -> bool:

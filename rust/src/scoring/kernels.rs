@@ -202,6 +202,79 @@ fn reduce_rows<T: Element, O: ElementScore>(w: &[T], g: &[T], h: &[T]) -> f32 {
     reduce_direct::<T, O>(w, g, h)
 }
 
+/// `x` as `u32` words when it starts 4-byte aligned and has an even length, else `None`.
+#[inline(always)]
+fn as_words(x: &[u16]) -> Option<&[u32]> {
+    // SAFETY: every bit pattern is a valid u32; `align_to` only reinterprets the aligned middle.
+    let (prefix, words, suffix) = unsafe { x.align_to::<u32>() };
+    (prefix.is_empty() && suffix.is_empty()).then_some(words)
+}
+
+/// The `u32` words of a bfloat16 slice already checked by `as_words`.
+#[inline(always)]
+fn bf16_words<T: Element>(t: &[T]) -> &[u32] {
+    T::bf16_bits(t)
+        .and_then(as_words)
+        .expect("checked before the loop: bfloat16, aligned, even length")
+}
+
+/// Column accumulation of bfloat16 read as `u32` words (see `reduce_bf16_words`): word `k`
+/// adds its low element into `even[k]` and its high element into `odd[k]`.
+#[inline(always)]
+fn accumulate_bf16_words<O: ElementScore>(
+    even: &mut [f32],
+    odd: &mut [f32],
+    w: &[u32],
+    g: &[u32],
+    h: &[u32],
+) {
+    const HIGH: u32 = 0xFFFF_0000;
+    for ((((e, o), a), b), c) in even.iter_mut().zip(odd.iter_mut()).zip(w).zip(g).zip(h) {
+        *e += O::eval(
+            f32::from_bits(a << 16),
+            f32::from_bits(b << 16),
+            f32::from_bits(c << 16),
+        );
+        *o += O::eval(
+            f32::from_bits(a & HIGH),
+            f32::from_bits(b & HIGH),
+            f32::from_bits(c & HIGH),
+        );
+    }
+}
+
+/// `accumulate_bf16_words` compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn accumulate_bf16_words_avx2<O: ElementScore>(
+    even: &mut [f32],
+    odd: &mut [f32],
+    w: &[u32],
+    g: &[u32],
+    h: &[u32],
+) {
+    accumulate_bf16_words::<O>(even, odd, w, g, h)
+}
+
+/// `accumulate_bf16_words`, on the widest SIMD this CPU has.
+#[inline(always)]
+fn accumulate_bf16_words_dispatch<O: ElementScore>(
+    avx2: bool,
+    even: &mut [f32],
+    odd: &mut [f32],
+    w: &[u32],
+    g: &[u32],
+    h: &[u32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: as in `reduce_rows_dispatch`.
+        return unsafe { accumulate_bf16_words_avx2::<O>(even, odd, w, g, h) };
+    }
+    let _ = avx2;
+    accumulate_bf16_words::<O>(even, odd, w, g, h)
+}
+
 /// `acc[c] += O::eval(w[c], g[c], h[c])`, reading the storage type directly.
 #[inline(always)]
 fn accumulate_direct<T: Element, O: ElementScore>(acc: &mut [f32], w: &[T], g: &[T], h: &[T]) {
@@ -396,7 +469,9 @@ pub(crate) fn per_row<T: Element, O: ElementScore>(
 }
 
 /// One value per column: `out[c] = Σ_r O::eval(w[r,c], g[r,c], h[r,c])`.
-/// Row blocks are reduced in parallel into partial column vectors, then summed.
+/// Row blocks are reduced in parallel into partial column vectors, then summed. bfloat16 with an
+/// even number of columns and 4-byte aligned storage is read as `u32` words into accumulators
+/// split by column parity (`[even columns | odd columns]`), interleaved once at the end.
 pub(crate) fn per_col<T: Element, O: ElementScore>(
     w: &[T],
     g: &[T],
@@ -407,9 +482,14 @@ pub(crate) fn per_col<T: Element, O: ElementScore>(
     if rows == 0 || cols == 0 {
         return vec![0.0f32; cols];
     }
+    let words = cols % 2 == 0
+        && [w, g, h]
+            .iter()
+            .all(|t| T::bf16_bits(t).and_then(as_words).is_some());
+    let half = cols / 2;
     let blocks = tasks_for(rows, rows, cols).min(rayon::current_num_threads().max(1) * 2);
     let rows_per_block = rows.div_ceil(blocks);
-    map_reduce(
+    let acc = map_reduce(
         rows.div_ceil(rows_per_block),
         |b| {
             let mut scratch = Scratch::new::<T>();
@@ -422,7 +502,17 @@ pub(crate) fn per_col<T: Element, O: ElementScore>(
                 while c0 < cols {
                     let c1 = (c0 + CHUNK).min(cols);
                     let r = base + c0..base + c1;
-                    if T::DIRECT {
+                    if words {
+                        let (even, odd) = acc.split_at_mut(half);
+                        accumulate_bf16_words_dispatch::<O>(
+                            avx2,
+                            &mut even[c0 / 2..c1 / 2],
+                            &mut odd[c0 / 2..c1 / 2],
+                            bf16_words(&w[r.clone()]),
+                            bf16_words(&g[r.clone()]),
+                            bf16_words(&h[r.clone()]),
+                        );
+                    } else if T::DIRECT {
                         accumulate_direct_dispatch::<T, O>(
                             avx2,
                             &mut acc[c0..c1],
@@ -443,7 +533,12 @@ pub(crate) fn per_col<T: Element, O: ElementScore>(
             a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
             a
         },
-    )
+    );
+    if !words {
+        return acc;
+    }
+    let (even, odd) = acc.split_at(half);
+    even.iter().zip(odd).flat_map(|(e, o)| [*e, *o]).collect()
 }
 
 /// Per-channel (column) sum and sum of squares of `x` (`rows` tokens × `cols` channels).
