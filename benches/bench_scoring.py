@@ -148,7 +148,13 @@ def main(argv=None) -> int:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         reps = args.reps or (5 if args.quick else 15)
         shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
-        info = {"device": device, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+        info = {
+            "device": device,
+            "torch_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            # libgomp's workers spin for milliseconds after each torch op unless this is "passive"
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        }
         if device == "cuda":
             info["gpu"] = torch.cuda.get_device_name()
         print(f"[bench] {info}", flush=True)

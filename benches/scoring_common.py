@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -55,14 +56,20 @@ def _sync(device: str) -> None:
 
 def round_robin_ms(fns: dict, device: str, reps: int, few: set | None = None) -> dict:
     """Median ms per call of every callable, timed in turn `reps` rounds (keys in `few`: only the
-    first max(3, reps // 2) rounds), so load from elsewhere on the machine hits all alike."""
+    first max(3, reps // 2) rounds), so load from elsewhere on the machine hits all alike. Each
+    round runs in its own shuffled order (seeded): whatever one call leaves behind (torch's
+    OpenMP workers still spinning, dirty cache lines) falls on every candidate in turn."""
     batch = BATCH.get(device, 1)
     few = few or set()
     times: dict = {key: [] for key in fns}
     for fn in fns.values():
         fn()  # warm-up (and Triton compile)
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
     for rep in range(reps):
-        for key, fn in fns.items():
+        shuffle(order)
+        for key in order:
+            fn = fns[key]
             if key in few and rep >= max(3, reps // 2):
                 continue
             _sync(device)
