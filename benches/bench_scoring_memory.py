@@ -1,7 +1,13 @@
 """Peak memory of Taylor scoring with and without the GradientScorer hooks.
 
-Each mode runs in its own subprocess (CPU peak = ru_maxrss, which only grows; CUDA peak =
-torch.cuda.max_memory_allocated):
+Each mode runs in its own subprocess. Two peaks, both over the memory after loading the model:
+
+* tensors: the most bytes held by torch tensors at once (CUDA: torch.cuda.max_memory_allocated;
+  CPU: every allocation and free recorded by torch.profiler's memory events, replayed in order);
+* RSS (CPU only): ru_maxrss, which also counts the code pages of torch's libraries touched for
+  the first time by the backward pass and the heap glibc keeps after frees.
+
+Modes:
 
 * plain: one backward keeping every gradient, then `weight_scores(W, W.grad)` per layer
   (LLM-Pruner / TP style: weights + activations + ALL gradients);
@@ -9,8 +15,7 @@ torch.cuda.max_memory_allocated):
   and dropped as soon as it is ready (weights + activations + the largest gradients in flight).
 
 Only the scored weights (every nn.Linear in model.model.layers) require grad in both modes.
-Inputs are random token ids (memory does not depend on the text). Reported: peak minus the
-memory after loading the model. Never asserts.
+Inputs are random token ids (memory does not depend on the text). Never asserts.
 
     python benches/bench_scoring_memory.py [--model smollm2-135m|PATH|random] [--tokens 256] [--json OUT]
 """
@@ -53,12 +58,27 @@ def _load(model_arg: str, device: str):
     return model.to(device), label
 
 
-def _peak_bytes(device: str) -> int:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
+def _rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _cpu_tensor_peak(fn) -> int:
+    """Most bytes held by CPU tensors at once while `fn` runs, over what was held before it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def child(mode: str, model_arg: str, tokens: int, device: str) -> dict:
@@ -77,33 +97,42 @@ def child(mode: str, model_arg: str, tokens: int, device: str) -> dict:
         m.weight.requires_grad_(True)
     seq = min(tokens, 128)
     ids = torch.randint(0, model.config.vocab_size, (max(1, tokens // seq), seq), device=device)
+    scores = {}
+
+    def score() -> None:
+        if mode == "plain":
+            model(ids, labels=ids).loss.backward()
+            for n, m in targets.items():
+                scores[n] = weight_scores(m.weight.detach(), m.weight.grad, kind="taylor", axis=0)
+        else:
+            with GradientScorer(model, kinds=("taylor",)) as scorer:
+                model(ids, labels=ids).loss.backward()
+            for n in targets:
+                scores[n] = scorer.row_scores(n)
+
+    t0 = time.perf_counter()
+    rss_peak = None
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() if device == "cuda" else _peak_bytes(device)
-    t0 = time.perf_counter()
-    scores = {}
-    if mode == "plain":
-        model(ids, labels=ids).loss.backward()
-        for n, m in targets.items():
-            scores[n] = weight_scores(m.weight.detach(), m.weight.grad, kind="taylor", axis=0)
-    else:
-        with GradientScorer(model, kinds=("taylor",)) as scorer:
-            model(ids, labels=ids).loss.backward()
-        for n in targets:
-            scores[n] = scorer.row_scores(n)
-    if device == "cuda":
+        base = torch.cuda.memory_allocated()
+        score()
         torch.cuda.synchronize()
+        tensor_peak = torch.cuda.max_memory_allocated() - base
+    else:
+        rss_base = _rss_peak_bytes()
+        tensor_peak = _cpu_tensor_peak(score)
+        rss_peak = _rss_peak_bytes() - rss_base
     seconds = time.perf_counter() - t0
-    peak = _peak_bytes(device)
     grad_bytes = sum(m.weight.numel() * m.weight.element_size() for m in targets.values())
     return {
         "mode": mode,
         "model": label,
         "device": device,
         "tokens": int(ids.numel()),
-        "peak_over_loaded_mib": round((peak - base) / 2**20, 1),
-        "all_scored_grads_mib": round(grad_bytes / 2**20, 1),
+        "peak_tensors_over_loaded_mib": round(tensor_peak / 2**20, 3),
+        "peak_rss_over_loaded_mib": None if rss_peak is None else round(rss_peak / 2**20, 3),
+        "all_scored_grads_mib": round(grad_bytes / 2**20, 3),
         "seconds": round(seconds, 2),
         "checksum": float(sum(s.double().sum() for s in scores.values())),
     }
@@ -133,8 +162,10 @@ def main(argv=None) -> int:
         sys.stderr.write("".join(line + "\n" for line in res.stderr.splitlines() if line.startswith("[memory]")))
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{mode:6s} {r['model']:30s} {r['device']:4s} tokens={r['tokens']:<5d} peak over loaded: "
-              f"{r['peak_over_loaded_mib']:8.1f} MiB (all scored grads: {r['all_scored_grads_mib']:.1f} MiB) {r['seconds']:.1f} s", flush=True)
+        rss = "" if r["peak_rss_over_loaded_mib"] is None else f", RSS {r['peak_rss_over_loaded_mib']:7.1f} MiB"
+        print(f"{mode:6s} {r['model']:30s} {r['device']:4s} tokens={r['tokens']:<5d} peak over loaded: tensors "
+              f"{r['peak_tensors_over_loaded_mib']:7.1f} MiB{rss} (all scored grads: {r['all_scored_grads_mib']:.1f} MiB) "
+              f"{r['seconds']:.1f} s", flush=True)
     rel = abs(rows[0]["checksum"] - rows[1]["checksum"]) / max(abs(rows[0]["checksum"]), 1e-30)
     print(f"scores agree between modes: relative checksum difference {rel:.2e}")
     if args.json:

@@ -97,3 +97,25 @@ def test_tune_triton_sweeps_every_candidate(tmp_path):
         assert len(mine) == 4 * len(TUNING_CANDIDATES[axis])  # × programs per SM in {1, 2, 4, 8}
         assert sorted(r["rank"] for r in mine) == list(range(1, len(mine) + 1))
         assert sum(r["is_default"] for r in mine) == 1
+
+
+def test_bench_scoring_memory_hooks_lower_the_gradient_peak(tmp_path):
+    """Exact tensor peaks (profiler replay on CPU): with few tokens the gradients set the peak,
+    and the hook scorer, which drops each gradient once scored, must hold far less."""
+    from conftest import make_tiny_llama
+
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama(hidden=64, intermediate=256, layers=4, vocab=64).save_pretrained(model_dir)
+    target = tmp_path / "memory.json"
+    out = subprocess.run(
+        [sys.executable, str(BENCHES / "bench_scoring_memory.py"), "--model", str(model_dir), "--tokens", "8",
+         "--device", "cpu", "--json", str(target)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    plain, hooks = json.loads(target.read_text())
+    assert (plain["mode"], hooks["mode"]) == ("plain", "hooks")
+    assert plain["checksum"] == pytest.approx(hooks["checksum"], rel=1e-6)
+    grads = plain["all_scored_grads_mib"]
+    assert plain["peak_tensors_over_loaded_mib"] >= grads  # every gradient alive at once
+    assert hooks["peak_tensors_over_loaded_mib"] < 0.5 * grads
