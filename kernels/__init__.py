@@ -7,8 +7,27 @@ it is available.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+from typing import Any
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-__all__ = ["HAS_TRITON"]
+__all__ = ["HAS_TRITON", "target_programs"]
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: Any, programs_per_sm: int) -> int:
+    """Grid size the launchers aim for: `programs_per_sm` × SMs on CUDA (the SM count is looked up
+    once per device); 1 elsewhere (the interpreter runs programs one after another)."""
+    if device.type == "cuda":
+        import torch
+
+        return programs_per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 1

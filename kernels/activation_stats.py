@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from layerprune.kernels import HAS_TRITON
+from layerprune.kernels import HAS_TRITON, target_programs
 
 if HAS_TRITON:
     import triton
@@ -53,7 +53,7 @@ def channel_sums_triton(x: torch.Tensor, programs: int | None = None) -> tuple[t
     if programs is not None:
         target = programs
     else:
-        target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        target = target_programs(x.device, 4)
     red_blocks = triton.cdiv(n, block_n)
     splits = max(1, min(red_blocks, target // lines))
     span = triton.cdiv(red_blocks, splits) * block_n

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from layerprune.kernels import HAS_TRITON
+from layerprune.kernels import HAS_TRITON, target_programs
 
 KIND_IDS = {"taylor": 0, "vectorize": 1, "taylor2": 2, "taylor-mix": 3, "l1": 4, "l2": 5}
 _USES_G = {"taylor", "vectorize", "taylor-mix"}
@@ -126,12 +126,6 @@ def _row_major(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _target_programs(device: torch.device, programs_per_sm: int) -> int:
-    if device.type == "cuda":
-        return programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # interpreter: programs run one after another, fewer is faster
-
-
 def weight_scores_triton(
     weight: torch.Tensor,
     grad: torch.Tensor | None,
@@ -168,7 +162,7 @@ def weight_scores_triton(
     else:
         lines, reduced, block_red = triton.cdiv(cols, block_c), rows, block_r
     red_blocks = triton.cdiv(reduced, block_red)
-    target = programs if programs is not None else _target_programs(w.device, cfg.programs_per_sm)
+    target = programs if programs is not None else target_programs(w.device, cfg.programs_per_sm)
     splits = max(1, min(red_blocks, target // lines))
     span = triton.cdiv(red_blocks, splits) * block_red
     splits = triton.cdiv(reduced, span)

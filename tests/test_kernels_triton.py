@@ -88,3 +88,28 @@ def test_launch_config_rejects_non_powers_of_two():
 
     with pytest.raises(ValueError, match="block_c must be a power of two"):
         LaunchConfig(16, 100)
+
+
+def test_target_programs_counts_sms_once_per_device(monkeypatch):
+    """The grid target on CUDA is programs_per_sm × SMs, looked up once per device (checked with a
+    stand-in for the device query, so it runs without a GPU); 1 elsewhere."""
+    import types
+
+    import layerprune.kernels as kernels
+
+    calls = []
+
+    def fake_properties(index):
+        calls.append(index)
+        return types.SimpleNamespace(multi_processor_count=132 if index == 0 else 108)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", fake_properties)
+    kernels._sm_count.cache_clear()
+    try:
+        assert kernels.target_programs(torch.device("cuda", 0), 4) == 528
+        assert kernels.target_programs(torch.device("cuda", 0), 2) == 264
+        assert kernels.target_programs(torch.device("cuda", 1), 1) == 108
+        assert calls == [0, 1]
+        assert kernels.target_programs(torch.device("cpu"), 4) == 1
+    finally:
+        kernels._sm_count.cache_clear()
