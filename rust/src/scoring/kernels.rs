@@ -83,6 +83,19 @@ impl ElementScore for L2 {
     }
 }
 
+/// Pairwise sum of `LANES` partial sums.
+#[inline(always)]
+fn fold_lanes(mut acc: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+        width /= 2;
+    }
+    acc[0]
+}
+
 /// Sum of `O::eval` over a chunk with `LANES` independent accumulators (so the loop vectorises),
 /// folded pairwise; reads f32 and bf16 storage directly, f16 after widening into a buffer.
 #[inline(always)]
@@ -108,24 +121,37 @@ fn reduce_direct<T: Element, O: ElementScore>(w: &[T], g: &[T], h: &[T]) -> f32 
     {
         tail += O::eval(a.get(), b.get(), c.get());
     }
-    let mut width = LANES / 2;
-    while width > 0 {
-        for l in 0..width {
-            acc[l] += acc[l + width];
-        }
-        width /= 2;
-    }
-    acc[0] + tail
+    fold_lanes(acc) + tail
 }
 
-/// Row reduction of bfloat16 read as `u32` words, two elements per word: the word's halves
-/// widen to f32 as `word << 16` and `word & 0xFFFF_0000`, two ALU ops and no lane shuffles
-/// (zero-extending u16 lanes costs a shuffle per vector). `w`, `g` and `h` stay paired because
-/// all three are split the same way; the order of a sum does not matter. `None` when the three
-/// slices sit at different offsets modulo 4 bytes (then the element-wise path runs).
+/// Keeps the high bfloat16 of a `u32` word as an f32.
+const HIGH_HALF: u32 = 0xFFFF_0000;
+
+/// `O::eval` on the low and on the high bfloat16 of one `u32` word of each of w, g and h. The
+/// halves widen to f32 as `word << 16` and `word & HIGH_HALF`: two ALU ops and no lane shuffles
+/// (zero-extending u16 lanes costs a shuffle per vector). w, g and h stay paired because all
+/// three are split the same way.
+#[inline(always)]
+fn eval_word<O: ElementScore>(a: u32, b: u32, c: u32) -> (f32, f32) {
+    (
+        O::eval(
+            f32::from_bits(a << 16),
+            f32::from_bits(b << 16),
+            f32::from_bits(c << 16),
+        ),
+        O::eval(
+            f32::from_bits(a & HIGH_HALF),
+            f32::from_bits(b & HIGH_HALF),
+            f32::from_bits(c & HIGH_HALF),
+        ),
+    )
+}
+
+/// Row reduction of bfloat16 read as `u32` words, two elements per word (`eval_word`); the
+/// order of a sum does not matter. `None` when the three slices sit at different offsets
+/// modulo 4 bytes (then the element-wise path runs).
 #[inline(always)]
 fn reduce_bf16_words<O: ElementScore>(w: &[u16], g: &[u16], h: &[u16]) -> Option<f32> {
-    const HIGH: u32 = 0xFFFF_0000;
     // SAFETY: every bit pattern is a valid u32; `align_to` only reinterprets the aligned middle.
     let (wp, wm, _) = unsafe { w.align_to::<u32>() };
     let (gp, gm, _) = unsafe { g.align_to::<u32>() };
@@ -149,16 +175,9 @@ fn reduce_bf16_words<O: ElementScore>(w: &[u16], g: &[u16], h: &[u16]) -> Option
         let b: &[u32; LANES] = b.try_into().unwrap();
         let c: &[u32; LANES] = c.try_into().unwrap();
         for l in 0..LANES {
-            lo[l] += O::eval(
-                f32::from_bits(a[l] << 16),
-                f32::from_bits(b[l] << 16),
-                f32::from_bits(c[l] << 16),
-            );
-            hi[l] += O::eval(
-                f32::from_bits(a[l] & HIGH),
-                f32::from_bits(b[l] & HIGH),
-                f32::from_bits(c[l] & HIGH),
-            );
+            let (low, high) = eval_word::<O>(a[l], b[l], c[l]);
+            lo[l] += low;
+            hi[l] += high;
         }
     }
     for ((a, b), c) in wc
@@ -167,28 +186,14 @@ fn reduce_bf16_words<O: ElementScore>(w: &[u16], g: &[u16], h: &[u16]) -> Option
         .zip(gc.remainder())
         .zip(hc.remainder())
     {
-        tail += O::eval(
-            f32::from_bits(a << 16),
-            f32::from_bits(b << 16),
-            f32::from_bits(c << 16),
-        );
-        tail += O::eval(
-            f32::from_bits(a & HIGH),
-            f32::from_bits(b & HIGH),
-            f32::from_bits(c & HIGH),
-        );
+        let (low, high) = eval_word::<O>(*a, *b, *c);
+        tail += low;
+        tail += high;
     }
     for l in 0..LANES {
         lo[l] += hi[l];
     }
-    let mut width = LANES / 2;
-    while width > 0 {
-        for l in 0..width {
-            lo[l] += lo[l + width];
-        }
-        width /= 2;
-    }
-    Some(lo[0] + tail)
+    Some(fold_lanes(lo) + tail)
 }
 
 /// `reduce_direct`, with bfloat16 rows read two elements per `u32` word when aligned alike.
@@ -218,8 +223,8 @@ fn bf16_words<T: Element>(t: &[T]) -> &[u32] {
         .expect("checked before the loop: bfloat16, aligned, even length")
 }
 
-/// Column accumulation of bfloat16 read as `u32` words (see `reduce_bf16_words`): word `k`
-/// adds its low element into `even[k]` and its high element into `odd[k]`.
+/// Column accumulation of bfloat16 read as `u32` words (`eval_word`): word `k` adds its low
+/// element into `even[k]` and its high element into `odd[k]`.
 #[inline(always)]
 fn accumulate_bf16_words<O: ElementScore>(
     even: &mut [f32],
@@ -228,51 +233,11 @@ fn accumulate_bf16_words<O: ElementScore>(
     g: &[u32],
     h: &[u32],
 ) {
-    const HIGH: u32 = 0xFFFF_0000;
     for ((((e, o), a), b), c) in even.iter_mut().zip(odd.iter_mut()).zip(w).zip(g).zip(h) {
-        *e += O::eval(
-            f32::from_bits(a << 16),
-            f32::from_bits(b << 16),
-            f32::from_bits(c << 16),
-        );
-        *o += O::eval(
-            f32::from_bits(a & HIGH),
-            f32::from_bits(b & HIGH),
-            f32::from_bits(c & HIGH),
-        );
+        let (low, high) = eval_word::<O>(*a, *b, *c);
+        *e += low;
+        *o += high;
     }
-}
-
-/// `accumulate_bf16_words` compiled for AVX2 + FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate_bf16_words_avx2<O: ElementScore>(
-    even: &mut [f32],
-    odd: &mut [f32],
-    w: &[u32],
-    g: &[u32],
-    h: &[u32],
-) {
-    accumulate_bf16_words::<O>(even, odd, w, g, h)
-}
-
-/// `accumulate_bf16_words`, on the widest SIMD this CPU has.
-#[inline(always)]
-fn accumulate_bf16_words_dispatch<O: ElementScore>(
-    avx2: bool,
-    even: &mut [f32],
-    odd: &mut [f32],
-    w: &[u32],
-    g: &[u32],
-    h: &[u32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: as in `reduce_rows_dispatch`.
-        return unsafe { accumulate_bf16_words_avx2::<O>(even, odd, w, g, h) };
-    }
-    let _ = avx2;
-    accumulate_bf16_words::<O>(even, odd, w, g, h)
 }
 
 /// `acc[c] += O::eval(w[c], g[c], h[c])`, reading the storage type directly.
@@ -283,67 +248,12 @@ fn accumulate_direct<T: Element, O: ElementScore>(acc: &mut [f32], w: &[T], g: &
     }
 }
 
-/// Whether this CPU runs the AVX2 + FMA builds of the direct kernels (checked once per task;
-/// the wheel targets baseline x86-64, so wider SIMD is chosen at run time).
+/// Whether this CPU runs the AVX2 + FMA builds of the task bodies (the wheel targets baseline
+/// x86-64, so wider SIMD is chosen at run time, once per task).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn use_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// `reduce_rows` compiled for AVX2 + FMA (same code; the compiler widens the lanes).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn reduce_rows_avx2<T: Element, O: ElementScore>(w: &[T], g: &[T], h: &[T]) -> f32 {
-    reduce_rows::<T, O>(w, g, h)
-}
-
-/// `accumulate_direct` compiled for AVX2 + FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate_direct_avx2<T: Element, O: ElementScore>(
-    acc: &mut [f32],
-    w: &[T],
-    g: &[T],
-    h: &[T],
-) {
-    accumulate_direct::<T, O>(acc, w, g, h)
-}
-
-/// `reduce_rows`, on the widest SIMD this CPU has.
-#[inline(always)]
-fn reduce_rows_dispatch<T: Element, O: ElementScore>(avx2: bool, w: &[T], g: &[T], h: &[T]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: `avx2` is true only when the CPU reports AVX2 and FMA (`use_avx2`).
-        return unsafe { reduce_rows_avx2::<T, O>(w, g, h) };
-    }
-    let _ = avx2;
-    reduce_rows::<T, O>(w, g, h)
-}
-
-/// `accumulate_direct`, on the widest SIMD this CPU has.
-#[inline(always)]
-fn accumulate_direct_dispatch<T: Element, O: ElementScore>(
-    avx2: bool,
-    acc: &mut [f32],
-    w: &[T],
-    g: &[T],
-    h: &[T],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: as in `reduce_rows_dispatch`.
-        return unsafe { accumulate_direct_avx2::<T, O>(acc, w, g, h) };
-    }
-    let _ = avx2;
-    accumulate_direct::<T, O>(acc, w, g, h)
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// Per-task scratch for widening up to three tensors.
@@ -421,6 +331,103 @@ fn map_reduce<R: Send>(
         .expect("at least two blocks")
 }
 
+/// Row sums of rows `first_row..first_row + out.len()` into `out`: one `per_row` task.
+#[inline(always)]
+fn score_rows<T: Element, O: ElementScore>(
+    w: &[T],
+    g: &[T],
+    h: &[T],
+    cols: usize,
+    first_row: usize,
+    out: &mut [f32],
+) {
+    let mut scratch = Scratch::new::<T>();
+    for (i, o) in out.iter_mut().enumerate() {
+        let base = (first_row + i) * cols;
+        let mut total = 0.0f32;
+        let mut c0 = 0;
+        while c0 < cols {
+            let c1 = (c0 + CHUNK).min(cols);
+            let r = base + c0..base + c1;
+            if T::DIRECT {
+                total += reduce_rows::<T, O>(&w[r.clone()], &g[r.clone()], &h[r]);
+            } else {
+                let (wf, gf, hf) = load3::<T, O>(&mut scratch, w, g, h, r);
+                total += reduce_direct::<f32, O>(wf, gf, hf);
+            }
+            c0 = c1;
+        }
+        *o = total;
+    }
+}
+
+/// Column sums over `rows`: one `per_col` block (`words`: the layout `per_col` describes).
+#[inline(always)]
+fn score_cols<T: Element, O: ElementScore>(
+    w: &[T],
+    g: &[T],
+    h: &[T],
+    cols: usize,
+    rows: std::ops::Range<usize>,
+    words: bool,
+) -> Vec<f32> {
+    let mut scratch = Scratch::new::<T>();
+    let mut acc = vec![0.0f32; cols];
+    for r in rows {
+        let base = r * cols;
+        let mut c0 = 0;
+        while c0 < cols {
+            let c1 = (c0 + CHUNK).min(cols);
+            let r = base + c0..base + c1;
+            if words {
+                let (even, odd) = acc.split_at_mut(cols / 2);
+                accumulate_bf16_words::<O>(
+                    &mut even[c0 / 2..c1 / 2],
+                    &mut odd[c0 / 2..c1 / 2],
+                    bf16_words(&w[r.clone()]),
+                    bf16_words(&g[r.clone()]),
+                    bf16_words(&h[r]),
+                );
+            } else if T::DIRECT {
+                accumulate_direct::<T, O>(&mut acc[c0..c1], &w[r.clone()], &g[r.clone()], &h[r]);
+            } else {
+                let (wf, gf, hf) = load3::<T, O>(&mut scratch, w, g, h, r);
+                accumulate_direct::<f32, O>(&mut acc[c0..c1], wf, gf, hf);
+            }
+            c0 = c1;
+        }
+    }
+    acc
+}
+
+/// `score_rows` compiled for AVX2 + FMA (same code; the compiler widens the lanes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn score_rows_avx2<T: Element, O: ElementScore>(
+    w: &[T],
+    g: &[T],
+    h: &[T],
+    cols: usize,
+    first_row: usize,
+    out: &mut [f32],
+) {
+    score_rows::<T, O>(w, g, h, cols, first_row, out)
+}
+
+/// `score_cols` compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn score_cols_avx2<T: Element, O: ElementScore>(
+    w: &[T],
+    g: &[T],
+    h: &[T],
+    cols: usize,
+    rows: std::ops::Range<usize>,
+    words: bool,
+) -> Vec<f32> {
+    score_cols::<T, O>(w, g, h, cols, rows, words)
+}
+
 /// One value per row: `out[r] = Σ_c O::eval(w[r,c], g[r,c], h[r,c])`.
 pub(crate) fn per_row<T: Element, O: ElementScore>(
     w: &[T],
@@ -435,35 +442,19 @@ pub(crate) fn per_row<T: Element, O: ElementScore>(
     }
     let tasks = tasks_for(rows, rows, cols);
     let rows_per_task = rows.div_ceil(tasks);
-    let score_rows = |(task, out_rows): (usize, &mut [f32])| {
-        let mut scratch = Scratch::new::<T>();
-        let avx2 = use_avx2();
-        let first_row = task * rows_per_task;
-        for (i, o) in out_rows.iter_mut().enumerate() {
-            let base = (first_row + i) * cols;
-            let mut total = 0.0f32;
-            let mut c0 = 0;
-            while c0 < cols {
-                let c1 = (c0 + CHUNK).min(cols);
-                let r = base + c0..base + c1;
-                if T::DIRECT {
-                    total +=
-                        reduce_rows_dispatch::<T, O>(avx2, &w[r.clone()], &g[r.clone()], &h[r]);
-                } else {
-                    let (wf, gf, hf) = load3::<T, O>(&mut scratch, w, g, h, r);
-                    total += reduce_direct::<f32, O>(wf, gf, hf);
-                }
-                c0 = c1;
-            }
-            *o = total;
+    let task = |(t, out_rows): (usize, &mut [f32])| {
+        let first_row = t * rows_per_task;
+        #[cfg(target_arch = "x86_64")]
+        if use_avx2() {
+            // SAFETY: the CPU reports AVX2 and FMA.
+            return unsafe { score_rows_avx2::<T, O>(w, g, h, cols, first_row, out_rows) };
         }
+        score_rows::<T, O>(w, g, h, cols, first_row, out_rows)
     };
     if tasks == 1 {
-        score_rows((0, &mut out));
+        task((0, &mut out));
     } else {
-        out.par_chunks_mut(rows_per_task)
-            .enumerate()
-            .for_each(score_rows);
+        out.par_chunks_mut(rows_per_task).enumerate().for_each(task);
     }
     out
 }
@@ -486,48 +477,18 @@ pub(crate) fn per_col<T: Element, O: ElementScore>(
         && [w, g, h]
             .iter()
             .all(|t| T::bf16_bits(t).and_then(as_words).is_some());
-    let half = cols / 2;
     let blocks = tasks_for(rows, rows, cols).min(rayon::current_num_threads().max(1) * 2);
     let rows_per_block = rows.div_ceil(blocks);
     let acc = map_reduce(
         rows.div_ceil(rows_per_block),
         |b| {
-            let mut scratch = Scratch::new::<T>();
-            let avx2 = use_avx2();
-            let mut acc = vec![0.0f32; cols];
-            let r1 = ((b + 1) * rows_per_block).min(rows);
-            for r in b * rows_per_block..r1 {
-                let base = r * cols;
-                let mut c0 = 0;
-                while c0 < cols {
-                    let c1 = (c0 + CHUNK).min(cols);
-                    let r = base + c0..base + c1;
-                    if words {
-                        let (even, odd) = acc.split_at_mut(half);
-                        accumulate_bf16_words_dispatch::<O>(
-                            avx2,
-                            &mut even[c0 / 2..c1 / 2],
-                            &mut odd[c0 / 2..c1 / 2],
-                            bf16_words(&w[r.clone()]),
-                            bf16_words(&g[r.clone()]),
-                            bf16_words(&h[r.clone()]),
-                        );
-                    } else if T::DIRECT {
-                        accumulate_direct_dispatch::<T, O>(
-                            avx2,
-                            &mut acc[c0..c1],
-                            &w[r.clone()],
-                            &g[r.clone()],
-                            &h[r],
-                        );
-                    } else {
-                        let (wf, gf, hf) = load3::<T, O>(&mut scratch, w, g, h, r);
-                        accumulate_direct::<f32, O>(&mut acc[c0..c1], wf, gf, hf);
-                    }
-                    c0 = c1;
-                }
+            let block = b * rows_per_block..((b + 1) * rows_per_block).min(rows);
+            #[cfg(target_arch = "x86_64")]
+            if use_avx2() {
+                // SAFETY: the CPU reports AVX2 and FMA.
+                return unsafe { score_cols_avx2::<T, O>(w, g, h, cols, block, words) };
             }
-            acc
+            score_cols::<T, O>(w, g, h, cols, block, words)
         },
         |mut a, b| {
             a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
@@ -537,7 +498,7 @@ pub(crate) fn per_col<T: Element, O: ElementScore>(
     if !words {
         return acc;
     }
-    let (even, odd) = acc.split_at(half);
+    let (even, odd) = acc.split_at(cols / 2);
     even.iter().zip(odd).flat_map(|(e, o)| [*e, *o]).collect()
 }
 
