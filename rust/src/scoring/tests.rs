@@ -69,40 +69,28 @@ fn assert_close(got: &[f32], want: &[f64], tol: f64, ctx: &str) {
     }
 }
 
-fn check_all<T: Element>(
+/// Every kind at every `(axis, group size)` in `cases` against the f64 reference on the widened
+/// values. f32 accumulation error grows ~ sqrt(len); vectorize can cancel, so it is compared to
+/// the magnitude of the summed terms.
+fn check_against_naive<T: Element>(
+    (w, g, h): (&[T], &[T], &[T]),
     rows: usize,
     cols: usize,
-    gs_rows: usize,
-    gs_cols: usize,
-    to_t: fn(f32) -> T,
+    cases: &[(Axis, usize)],
     back: fn(T) -> f32,
+    ctx: &str,
 ) {
-    let n = rows * cols;
-    let w: Vec<T> = values(n, 1).into_iter().map(to_t).collect();
-    let g: Vec<T> = values(n, 2).into_iter().map(to_t).collect();
-    let h: Vec<T> = values(n, 3).into_iter().map(|v| to_t(v.abs())).collect();
-    let (wf, gf, hf): (Vec<f32>, Vec<f32>, Vec<f32>) = (
-        w.iter().map(|x| back(*x)).collect(),
-        g.iter().map(|x| back(*x)).collect(),
-        h.iter().map(|x| back(*x)).collect(),
-    );
+    let wide = |x: &[T]| x.iter().map(|v| back(*v)).collect::<Vec<f32>>();
+    let (wf, gf, hf) = (wide(w), wide(g), wide(h));
     for kind in ScoreKind::ALL {
-        for (axis, gs) in [
-            (Axis::Rows, 1),
-            (Axis::Rows, gs_rows),
-            (Axis::Cols, 1),
-            (Axis::Cols, gs_cols),
-        ] {
-            let got = weight_scores(&w, Some(&g), Some(&h), rows, cols, kind, axis, gs).unwrap();
+        for &(axis, gs) in cases {
+            let got = weight_scores(w, Some(g), Some(h), rows, cols, kind, axis, gs).unwrap();
             let want = naive(&wf, &gf, &hf, rows, cols, kind, axis, gs);
             let scale = if axis == Axis::Rows { cols } else { rows } * gs;
-            // f32 accumulation error grows ~ sqrt(len); vectorize can cancel, so compare to
-            // the magnitude of the summed terms.
             let tol = 1e-5 * (scale as f64).sqrt() * 4.0;
             let ctx = format!(
-                "{} {:?} {rows}x{cols} gs={gs} {}",
+                "{} {axis:?} {rows}x{cols} gs={gs} {} {ctx}",
                 kind.name(),
-                axis,
                 T::NAME
             );
             if kind == ScoreKind::Vectorize {
@@ -118,6 +106,27 @@ fn check_all<T: Element>(
             }
         }
     }
+}
+
+fn check_all<T: Element>(
+    rows: usize,
+    cols: usize,
+    gs_rows: usize,
+    gs_cols: usize,
+    to_t: fn(f32) -> T,
+    back: fn(T) -> f32,
+) {
+    let n = rows * cols;
+    let w: Vec<T> = values(n, 1).into_iter().map(to_t).collect();
+    let g: Vec<T> = values(n, 2).into_iter().map(to_t).collect();
+    let h: Vec<T> = values(n, 3).into_iter().map(|v| to_t(v.abs())).collect();
+    let cases = [
+        (Axis::Rows, 1),
+        (Axis::Rows, gs_rows),
+        (Axis::Cols, 1),
+        (Axis::Cols, gs_cols),
+    ];
+    check_against_naive((&w, &g, &h), rows, cols, &cases, back, "");
 }
 
 #[test]
@@ -155,40 +164,19 @@ fn bf16_matches_naive_at_every_alignment() {
                 .collect()
         };
         let (wb, gb, hb) = (buf(1), buf(2), buf(3));
+        let cases: Vec<(Axis, usize)> = [
+            (Axis::Rows, 1),
+            (Axis::Rows, 3),
+            (Axis::Cols, 1),
+            (Axis::Cols, 2),
+        ]
+        .into_iter()
+        .filter(|&(axis, gs)| (if axis == Axis::Rows { rows } else { cols }) % gs == 0)
+        .collect();
         for (ow, og, oh) in [(0, 0, 0), (1, 1, 1), (0, 1, 0), (1, 0, 1), (0, 0, 1)] {
-            let (w, g, h) = (&wb[ow..ow + n], &gb[og..og + n], &hb[oh..oh + n]);
-            let wide = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
-            let (wf, gf, hf) = (wide(w), wide(g), wide(h));
-            for kind in ScoreKind::ALL {
-                for (axis, gs) in [
-                    (Axis::Rows, 1),
-                    (Axis::Rows, 3),
-                    (Axis::Cols, 1),
-                    (Axis::Cols, 2),
-                ] {
-                    if (if axis == Axis::Rows { rows } else { cols }) % gs != 0 {
-                        continue;
-                    }
-                    let got =
-                        weight_scores(w, Some(g), Some(h), rows, cols, kind, axis, gs).unwrap();
-                    let want = naive(&wf, &gf, &hf, rows, cols, kind, axis, gs);
-                    let mag = naive(&wf, &gf, &hf, rows, cols, ScoreKind::Taylor, axis, gs);
-                    let len = if axis == Axis::Rows { cols } else { rows };
-                    let tol = 1e-5 * ((len * gs) as f64).sqrt() * 4.0;
-                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                        let scale = if kind == ScoreKind::Vectorize {
-                            mag[i]
-                        } else {
-                            b.abs()
-                        };
-                        assert!(
-                            (*a as f64 - b).abs() <= tol * (1.0 + scale),
-                            "{} {axis:?} {rows}x{cols} offsets ({ow},{og},{oh}) gs={gs} [{i}]: got {a} want {b}",
-                            kind.name()
-                        );
-                    }
-                }
-            }
+            let slices = (&wb[ow..ow + n], &gb[og..og + n], &hb[oh..oh + n]);
+            let ctx = format!("offsets ({ow},{og},{oh})");
+            check_against_naive(slices, rows, cols, &cases, bf16::to_f32, &ctx);
         }
     }
 }
