@@ -29,14 +29,14 @@ from scoring_common import (  # noqa: E402
     SHAPES,
     copy_of,
     eager,
-    gbps,
     make_pair,
     parse_shape,
     plot_rows,
     round_robin_ms,
-    write_json,
+    speed_fields,
 )
 
+from layerprune.atomic import write_json_atomic  # noqa: E402
 from layerprune.scoring import available_backends, weight_scores  # noqa: E402
 
 QUICK_SHAPES = [(4096, 4096), (1024, 4096)]
@@ -99,12 +99,9 @@ def run(device: str, shapes, dtypes, reps: int, with_tp: bool) -> list[dict]:
                     fns[(op, "torch-pruning")] = tp_taylor(w, g, axis)
             # Torch-Pruning is 10-100x slower: half the rounds are plenty
             med = round_robin_ms(fns, device, reps, few={key for key in fns if key[1] == "torch-pruning"})
-            cgbps = 2 * gbps(nbytes, med[("copy", "")])
             for (op, name), ms in med.items():
                 if op == "copy":
                     continue
-                eager_ms = med[(op, "torch-eager")]
-                rate = gbps(nbytes, ms)
                 rows_out.append(
                     {
                         "op": op,
@@ -112,11 +109,7 @@ def run(device: str, shapes, dtypes, reps: int, with_tp: bool) -> list[dict]:
                         "device": device,
                         "shape": f"{shape[0]}x{shape[1]}",
                         "dtype": dname,
-                        "median_ms": round(ms, 4),
-                        "gbps": round(rate, 2),
-                        "speedup_vs_eager": round(eager_ms / ms, 2),
-                        "copy_fraction": round(rate / cgbps, 3),
-                        "copy_gbps": round(cgbps, 2),
+                        **speed_fields(nbytes, ms, med[(op, "torch-eager")], med[("copy", "")]),
                     }
                 )
                 print_row(rows_out[-1])
@@ -160,7 +153,7 @@ def main(argv=None) -> int:
         print(f"[bench] {info}", flush=True)
         rows = run(device, shapes, (torch.float32, torch.bfloat16), reps, with_tp=not args.no_tp)
         if args.json:
-            write_json(args.json, {"info": info, "reps": reps, "rows": rows})
+            write_json_atomic(args.json, {"info": info, "reps": reps, "rows": rows})
     if args.plot:
         where = info.get("gpu") or f"{info['cpus']} CPU cores"
         plot_rows(rows, args.plot, f"Taylor scores, median of {reps} round-robin runs ({where})", info["device"])

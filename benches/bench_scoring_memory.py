@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 
+from layerprune.atomic import write_json_atomic  # noqa: E402
+
 
 def _random_smollm2_shape():
     """A randomly initialised model with SmolLM2-135M's shape (the fallback when none loads)."""
@@ -169,10 +171,7 @@ def main(argv=None) -> int:
     rel = abs(rows[0]["checksum"] - rows[1]["checksum"]) / max(abs(rows[0]["checksum"]), 1e-30)
     print(f"scores agree between modes: relative checksum difference {rel:.2e}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.replace(args.json)
+        write_json_atomic(args.json, rows)
     return 0
 
 

@@ -1,10 +1,9 @@
 """Shared by bench_scoring.py and tune_triton.py: Llama-3-8B shapes, the eager formula, the
-same-bytes copy, round-robin timing and the JSON writer."""
+same-bytes copy, round-robin timing and the plot."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -85,6 +84,19 @@ def gbps(nbytes: int, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
+def speed_fields(nbytes: int, ms: float, eager_ms: float, copy_ms: float) -> dict:
+    """The row fields every benchmark reports for a call reading `nbytes` in `ms`: its median,
+    read GB/s, speed-up over eager, and fraction of the same-bytes copy's (read + write) GB/s."""
+    copy_gbps = 2 * gbps(nbytes, copy_ms)
+    return {
+        "median_ms": round(ms, 4),
+        "gbps": round(gbps(nbytes, ms), 2),
+        "speedup_vs_eager": round(eager_ms / ms, 2),
+        "copy_fraction": round(gbps(nbytes, ms) / copy_gbps, 3),
+        "copy_gbps": round(copy_gbps, 2),
+    }
+
+
 def parse_shape(text: str) -> tuple[int, int]:
     try:
         rows, cols = (int(v) for v in text.lower().split("x"))
@@ -93,13 +105,6 @@ def parse_shape(text: str) -> tuple[int, int]:
     if rows <= 0 or cols <= 0 or rows % HEAD_DIM:
         raise argparse.ArgumentTypeError(f"rows must be a positive multiple of the head size {HEAD_DIM}, got {rows}")
     return rows, cols
-
-
-def write_json(path: Path, payload: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
 
 
 SHORT_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}

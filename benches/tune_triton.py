@@ -22,7 +22,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "python"), str(HERE)]
 
-from scoring_common import DTYPES, HEAD_DIM, SHAPES, copy_of, eager, gbps, make_pair, parse_shape, round_robin_ms, write_json  # noqa: E402
+from layerprune.atomic import write_json_atomic  # noqa: E402
+from scoring_common import DTYPES, HEAD_DIM, SHAPES, copy_of, eager, gbps, make_pair, parse_shape, round_robin_ms, speed_fields  # noqa: E402
 
 TUNED_OPS = {"head_rows": (0, HEAD_DIM), "columns": (1, 1)}
 PROGRAMS_PER_SM = (1, 2, 4, 8)
@@ -50,7 +51,7 @@ def tune(device: str, shapes, dtypes, reps: int) -> list[dict]:
                             continue
                         fns[cfg] = run
                 med = round_robin_ms(fns, device, reps)
-                copy_gbps = 2 * gbps(nbytes, med.pop("copy"))
+                copy_ms = med.pop("copy")
                 eager_ms = med.pop("torch-eager")
                 ranked = sorted(med.items(), key=lambda kv: kv[1])
                 for rank, (cfg, ms) in enumerate(ranked, 1):
@@ -65,14 +66,11 @@ def tune(device: str, shapes, dtypes, reps: int) -> list[dict]:
                             "programs_per_sm": cfg.programs_per_sm,
                             "is_default": cfg == default,
                             "rank": rank,
-                            "median_ms": round(ms, 4),
-                            "gbps": round(gbps(nbytes, ms), 2),
-                            "copy_fraction": round(gbps(nbytes, ms) / copy_gbps, 3),
-                            "speedup_vs_eager": round(eager_ms / ms, 2),
-                            "copy_gbps": round(copy_gbps, 2),
+                            **speed_fields(nbytes, ms, eager_ms, copy_ms),
                         }
                     )
                 mine = rows_out[-len(ranked):]
+                copy_gbps = 2 * gbps(nbytes, copy_ms)
                 print(f"== {op} {shape[0]}x{shape[1]} {dname}: copy {copy_gbps:.1f} GB/s, eager {eager_ms:.4f} ms", flush=True)
                 shown = mine[:5] + [r for r in mine[5:] if r["is_default"]]
                 for r in shown:
@@ -106,7 +104,7 @@ def main(argv=None) -> int:
     print(f"[tune] {info}", flush=True)
     rows = tune(device, args.shapes or SHAPES, args.dtypes, args.reps)
     if args.json:
-        write_json(args.json, {"info": info, "rows": rows})
+        write_json_atomic(args.json, {"info": info, "rows": rows})
     return 0
 
 
