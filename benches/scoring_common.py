@@ -115,7 +115,7 @@ GOALS = {"cpu": (5.0, 0.6), "cuda": (4.0, 0.8)}
 def plot_rows(rows: list[dict], path: Path, title: str, device: str) -> Path:
     """Two panels: speed-up over eager and fraction of copy bandwidth, one bar per (shape, dtype,
     op) and backend other than eager; the goals for `device` as dashed lines."""
-    from layerprune.plots import plt, save_figure
+    from layerprune.report.plots import plt, save_figure
 
     backends = [b for b in dict.fromkeys(r["backend"] for r in rows) if b != "torch-eager"]
     cases = list(dict.fromkeys((r["shape"], r["dtype"], r["op"]) for r in rows))

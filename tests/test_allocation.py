@@ -26,6 +26,8 @@ from layerprune.cli import main as cli_main
 from layerprune.errors import InfeasibleError, InvalidInputError
 
 SMOLLM2_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
     "hidden_size": 576,
     "num_hidden_layers": 30,
     "num_attention_heads": 9,

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO_ROOT
 
-from layerprune.plots import is_png
+from layerprune.report.plots import is_png
 
 BENCHES = REPO_ROOT / "benches"
 

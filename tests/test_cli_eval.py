@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from layerprune import cli, data, models
-from layerprune.evaluate import perplexity
+from layerprune.evaluation import perplexity
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

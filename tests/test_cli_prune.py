@@ -54,7 +54,7 @@ def _args(model, out, data_dir, *extra):
 
 
 def test_prune_writes_a_loadable_folder_with_report(tiny_dir, wikitext_dir, tmp_path, capsys, monkeypatch):
-    from layerprune.pruned_io import load_pruned
+    from layerprune.models import load_pruned
 
     out = tmp_path / "pruned"
     argv = _args(tiny_dir, out, wikitext_dir, "--layer-importance", "sensitivity", "--seed", "3")
@@ -144,7 +144,7 @@ def test_nan_weights_give_a_numerical_error(tmp_path, wikitext_dir, capsys):
 
 
 def test_interrupt_leaves_no_output(tiny_dir, wikitext_dir, tmp_path, capsys, monkeypatch):
-    import layerprune.pipeline as pipeline
+    import layerprune.pruning.pipeline as pipeline
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

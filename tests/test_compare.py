@@ -13,8 +13,12 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
-from layerprune import compare as compare_mod
-from layerprune import pipeline, plots, report
+from layerprune.compare import matching, settings as settings_mod
+from layerprune.compare import run as compare_mod
+from layerprune.importance import LayerImportance
+from layerprune.pruning import pipeline
+from layerprune.report import plots
+from layerprune.report import tables as report
 from layerprune.errors import InfeasibleError, InvalidInputError
 
 METHODS = ("dense", "uniform-range", "uniform", "unbalanced-seed", "unbalanced")
@@ -152,7 +156,7 @@ def test_uniform_and_unbalanced_same_params_within_granule(finished):
     dense = rep["runs"][0]["params"]
     for m in matches:
         assert m["within_granule"], m
-        assert abs(m["params_a"] - m["params_b"]) <= m["granule"] <= compare_mod.granule_params(model)
+        assert abs(m["params_a"] - m["params_b"]) <= m["granule"] <= matching.granule_params(model)
         # and both land on the budget: removed in [target, target + granule]
         for p in (m["params_a"], m["params_b"]):
             removed = dense - p
@@ -171,7 +175,7 @@ def test_uniform_range_lands_closest_to_target(finished):
         assert run["layers"][5]["mlp_kept"] == 96
         target = (1 - run["target_ratio"]) * dense
         # no rate on a fine grid does better than the chosen one
-        best = min(abs(compare_mod.allocated_params(model, compare_mod.prune_config("uniform-range", r, settings, 6))
+        best = min(abs(matching.allocated_params(model, compare_mod.prune_config("uniform-range", r, settings, 6))
                        - target) for r in np.linspace(0.001, 0.999, 200))
         assert abs(run["params"] - target) <= best
 
@@ -181,7 +185,7 @@ def test_unbalanced_seed_is_matched_in_parameter_count(finished):
     request that lands it closest to the target, so no request on a fine grid does better."""
     out, rep, model, _ = finished
     settings = compare_mod.validate_settings(_settings(Path(".")))
-    removal = compare_mod.layer_importance_from_json(
+    removal = LayerImportance.from_json(
         json.loads((out / "layer_importance" / "removal.json").read_text())["layer_importance"])
     dense = rep["runs"][0]["params"]
     for run in rep["runs"]:
@@ -193,7 +197,7 @@ def test_unbalanced_seed_is_matched_in_parameter_count(finished):
         for r in np.linspace(0.001, 0.999, 200):
             try:
                 config = compare_mod.prune_config("unbalanced-seed", r, settings, 6)
-                grid.append(abs(compare_mod.allocated_params(model, config, removal) - target))
+                grid.append(abs(matching.allocated_params(model, config, removal) - target))
             except InfeasibleError:
                 pass
         assert abs(run["params"] - target) <= min(grid)
@@ -208,7 +212,7 @@ def test_range_rate_search_on_step_function():
     def params_after(rate):
         return min(p for r, p in steps if r <= rate)
 
-    rate, params = compare_mod.range_rate_for_ratio(model, 4400 / total, settings, params_after)
+    rate, params = matching.range_rate_for_ratio(model, 4400 / total, settings, params_after)
     assert params == total - 4000  # target removes 4400: 4000 is closer than 5000
     assert 0.4 <= rate < 0.5
 
@@ -265,12 +269,12 @@ def dict_replace(settings, **kw):
 
 
 def test_layer_importance_json_round_trip(tmp_path):
-    from layerprune.layer_importance import LayerImportance
+    from layerprune.importance import LayerImportance
 
     li = LayerImportance(method="sensitivity", attn=np.array([0.1, 0.2]), mlp=np.array([1.0, 2.0]),
                          combined=np.array([1.1, 2.2]), attn_curves=[np.array([1.0, 0.5, 0.0])] * 2,
                          mlp_curves=[np.linspace(2, 0, 5)] * 2, mlp_step=24, base_loss=3.0, seconds=1.5)
-    back = compare_mod.layer_importance_from_json(json.loads(json.dumps(compare_mod.layer_importance_to_json(li))))
+    back = LayerImportance.from_json(json.loads(json.dumps(li.to_json(full_curves=True))))
     assert back.method == "sensitivity" and back.mlp_step == 24 and back.base_loss == 3.0
     for name in ("attn", "mlp", "combined"):
         np.testing.assert_array_equal(getattr(back, name), getattr(li, name))
@@ -291,7 +295,7 @@ def test_layer_importance_json_round_trip(tmp_path):
 )
 def test_bad_ratio_lists(text, message):
     with pytest.raises(InvalidInputError, match=message):
-        compare_mod.parse_ratios(text)
+        settings_mod.parse_ratios(text)
 
 
 def test_cli_bad_input_one_line_before_loading(tmp_path, capsys, monkeypatch):
@@ -315,7 +319,7 @@ def test_cli_bad_input_one_line_before_loading(tmp_path, capsys, monkeypatch):
 
 
 def test_methods_list_always_has_dense():
-    assert compare_mod.parse_methods("unbalanced,uniform") == ("dense", "uniform", "unbalanced")
+    assert settings_mod.parse_methods("unbalanced,uniform") == ("dense", "uniform", "unbalanced")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

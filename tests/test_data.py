@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from layerprune import data
+from layerprune.data import wikitext
 from layerprune.errors import DataError, InvalidInputError
 
 
@@ -140,7 +141,7 @@ def _spy_splits(monkeypatch):
         seen.append(split)
         return original(dataset, split, data_dir)
 
-    monkeypatch.setattr(data, "load_rows", spy)
+    monkeypatch.setattr(wikitext, "load_rows", spy)
     return seen
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from layerprune.errors import DataError, InvalidInputError
-from layerprune.evaluate import generate_greedy, perplexity, throughput
+from layerprune.evaluation import generate_greedy, perplexity, throughput
 
 
 def _random_tokens(n: int, vocab: int, seed: int = 0) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from conftest import make_tiny_llama
 from layerprune.errors import InvalidInputError, NumericalError
-from layerprune.group_scores import element_group_scores, fold_attention_scores, fold_mlp_scores
+from layerprune.scoring.groups import element_group_scores, fold_attention_scores, fold_mlp_scores
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -10,12 +10,10 @@ import torch
 
 from conftest import make_tiny_llama
 from layerprune.errors import InvalidInputError, ModelError
-from layerprune.layer_importance import (
-
+from layerprune.arch import adapter_for
+from layerprune.importance import (
     activation_importance,
-    attention_block,
     capture_layer_inputs,
-    layer_forward,
     layer_importance,
     removal_importance,
     sensitivity_importance,
@@ -57,7 +55,7 @@ def test_layer_forward_matches_the_library_layer():
     cache = capture_layer_inputs(model, ids, progress=False)
     for l, layer in enumerate(model.model.layers):
         with torch.no_grad():
-            ours = layer_forward(layer, cache.hidden[l], cache.layer_kwargs[l])
+            ours = adapter_for(model).layer_forward(layer, cache.hidden[l], cache.layer_kwargs[l])
         torch.testing.assert_close(ours, cache.hidden[l + 1], rtol=1e-5, atol=1e-5)
     assert cache.base_loss == pytest.approx(_loss(model, ids), rel=1e-5)
 
@@ -98,7 +96,7 @@ def test_block_influence_equals_direct_computation():
         direct = 1.0 - float(torch.mean(torch.sum(x * y, -1) / (x.norm(dim=-1) * y.norm(dim=-1))))
         assert imp.combined[l] == pytest.approx(direct, abs=1e-5)
         with torch.no_grad():
-            mid = cache.hidden[l] + attention_block(model.model.layers[l], cache.hidden[l], cache.layer_kwargs[l])
+            mid = cache.hidden[l] + adapter_for(model).attention_block(model.model.layers[l], cache.hidden[l], cache.layer_kwargs[l])
         xm = mid.reshape(-1, x.shape[-1])
         assert imp.attn[l] == pytest.approx(1 - float(torch.nn.functional.cosine_similarity(x, xm).mean()), abs=1e-5)
         assert imp.mlp[l] == pytest.approx(1 - float(torch.nn.functional.cosine_similarity(xm, y).mean()), abs=1e-5)

@@ -13,6 +13,7 @@ import torch
 
 import layerprune
 from layerprune import models
+from layerprune.models import embedded, loading
 from layerprune.errors import InternalError, ModelError
 
 SMOLLM2_PARAMETERS = 134_515_008
@@ -60,7 +61,7 @@ def test_smollm2_checkpoint_folder(smollm2_dir):
 
 def test_smollm2_loads_with_the_published_parameter_count(smollm2_dir, wikitext_dir):
     from layerprune.data import eval_tokens
-    from layerprune.evaluate import perplexity
+    from layerprune.evaluation import perplexity
 
     model, tokenizer = models.load_model("smollm2-135m")
     assert not model.training
@@ -99,8 +100,8 @@ def fake_gguf(monkeypatch, tmp_path, tiny_llama, smollm2_tokenizer):
         calls.append(gguf)
         return tiny, smollm2_tokenizer
 
-    monkeypatch.setattr(models, "_load_gguf", load)
-    monkeypatch.setattr(models, "EMBEDDED_PARAMETERS", sum(p.numel() for p in tiny.parameters()))
+    monkeypatch.setattr(embedded, "_load_gguf", load)
+    monkeypatch.setattr(embedded, "EMBEDDED_PARAMETERS", sum(p.numel() for p in tiny.parameters()))
     return types.SimpleNamespace(cache=cache, model=tiny, calls=calls)
 
 
@@ -125,25 +126,25 @@ def test_conversion_writes_once_and_loads(fake_gguf):
 
 
 def test_interrupted_conversion_leaves_nothing(fake_gguf, monkeypatch):
-    original = models._write_plain_checkpoint
+    original = embedded._write_plain_checkpoint
 
     def write_then_die(model, tokenizer, folder):
         original(model, tokenizer, folder)  # files are on disk, the rename has not happened
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_write_plain_checkpoint", write_then_die)
+    monkeypatch.setattr(embedded, "_write_plain_checkpoint", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         models.ensure_embedded_model(progress=False)
     parent = fake_gguf.cache / "models"
     assert list(parent.iterdir()) == []
-    monkeypatch.setattr(models, "_write_plain_checkpoint", original)
+    monkeypatch.setattr(embedded, "_write_plain_checkpoint", original)
     assert models.ensure_embedded_model(progress=False).is_dir()
 
 
 def test_concurrent_conversion_keeps_the_first(fake_gguf, monkeypatch):
     import shutil
 
-    original = models._write_plain_checkpoint
+    original = embedded._write_plain_checkpoint
     target = models.embedded_model_dir()
 
     def other_process_wins(model, tokenizer, folder):
@@ -151,7 +152,7 @@ def test_concurrent_conversion_keeps_the_first(fake_gguf, monkeypatch):
         shutil.copytree(folder, target)  # the other writer's rename lands first
         (target / "winner").write_text("other process")
 
-    monkeypatch.setattr(models, "_write_plain_checkpoint", other_process_wins)
+    monkeypatch.setattr(embedded, "_write_plain_checkpoint", other_process_wins)
     assert models.ensure_embedded_model(progress=False) == target
     assert (target / "winner").read_text() == "other process"
     assert [p.name for p in target.parent.iterdir()] == ["smollm2-135m"]
@@ -167,7 +168,7 @@ def test_incomplete_cache_folder_is_rebuilt(fake_gguf):
 
 
 def test_conversion_checks_the_parameter_count(fake_gguf, monkeypatch):
-    monkeypatch.setattr(models, "EMBEDDED_PARAMETERS", 123)
+    monkeypatch.setattr(embedded, "EMBEDDED_PARAMETERS", 123)
     with pytest.raises(InternalError, match="expected 123"):
         models.ensure_embedded_model(progress=False)
     assert list((fake_gguf.cache / "models").iterdir()) == []
@@ -251,9 +252,7 @@ def test_pruned_folder_goes_through_pruned_io(tmp_path, tiny_llama, smollm2_toke
         seen.append((Path(path), dtype, device))
         return tiny.train(), smollm2_tokenizer
 
-    fake = types.SimpleNamespace(load_pruned=load_pruned)
-    monkeypatch.setitem(sys.modules, "layerprune.pruned_io", fake)
-    monkeypatch.setattr(layerprune, "pruned_io", fake, raising=False)
+    monkeypatch.setattr(loading, "load_pruned", load_pruned)
     model, tokenizer = models.load_model(folder, dtype=torch.bfloat16)
     assert seen == [(folder, torch.bfloat16, "cpu")] and model is tiny and tokenizer is smollm2_tokenizer
     assert not model.training and next(model.parameters()).dtype == torch.bfloat16
@@ -261,9 +260,10 @@ def test_pruned_folder_goes_through_pruned_io(tmp_path, tiny_llama, smollm2_toke
 
 def test_folder_written_by_pruning_loads(tmp_path, tiny_llama, smollm2_tokenizer):
     """End to end with the real pruning modules: non-uniform per-layer shapes survive save and load."""
-    from layerprune.evaluate import perplexity
-    from layerprune.pruned_io import save_pruned
-    from layerprune.pruning import LayerKeep, prune_llama
+    from layerprune.evaluation import perplexity
+    from layerprune.export import save_pruned
+    from layerprune.pruning import prune_model as prune_llama
+    from layerprune.scoring.selection import LayerKeep
 
     dense = tiny_llama(vocab=len(smollm2_tokenizer), hidden=32, num_heads=4, num_kv_heads=2, layers=2)
     keep = [

@@ -10,10 +10,12 @@ import torch
 
 from conftest import make_tiny_llama
 from layerprune.errors import InvalidInputError
-from layerprune.layer_importance import removal_importance
+from layerprune.importance import removal_importance
 from layerprune.models import count_parameters
-from layerprune.pipeline import PruneConfig, prune, validate_against_model
-from layerprune.pruning import LayerKeep, layer_shapes, masked_dense_forward
+from layerprune.pruning.pipeline import PruneConfig, prune, validate_against_model
+from layerprune.arch import layer_shapes
+from layerprune.pruning import masked_dense_forward
+from layerprune.scoring.selection import LayerKeep
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -193,7 +195,7 @@ def test_already_pruned_model_is_refused():
 
 
 def test_removal_metric_ppl_is_the_perplexity_increase():
-    from layerprune.layer_importance import removal_importance
+    from layerprune.importance import removal_importance
 
     model, calib = _model("3:1"), _calib()
     by_ppl = _run(model, calib, layer_importance="removal", removal_metric="ppl")

@@ -16,10 +16,13 @@ import torch
 from conftest import make_tiny_llama
 from safetensors import safe_open
 
-import layerprune.pruned_io as pruned_io
+import layerprune.export.save as pruned_io
 from layerprune.errors import InvalidInputError, ModelError
-from layerprune.pruned_io import load_pruned, save_pruned
-from layerprune.pruning import LayerKeep, layer_shapes, prune_llama
+from layerprune.export import save_pruned
+from layerprune.models import is_pruned_folder, load_pruned
+from layerprune.arch import layer_shapes
+from layerprune.pruning import prune_model as prune_llama
+from layerprune.scoring.selection import LayerKeep
 
 VOCAB = 128
 
@@ -76,16 +79,16 @@ def test_save_then_load_pruned(tmp_path, capfd, tie, bias):
 
     config = json.loads((out / "config.json").read_text())
     shapes = layer_shapes(model)
-    assert config["model_type"] == "layerprune_llama"
+    assert config["model_type"] == "llama" and config["architectures"] == ["LayerpruneLlamaForCausalLM"]
     assert config["layer_num_attention_heads"] == [3, 12, 6] == [s["num_q_heads"] for s in shapes]
     assert config["layer_num_key_value_heads"] == [1, 4, 2]
     assert config["layer_intermediate_sizes"] == [19, 96, 50]
-    assert config["layerprune"]["version"] and config["layerprune"]["format"] == 1
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_layerprune_llama.LayerpruneLlamaForCausalLM"
+    assert config["layerprune"]["version"] and config["layerprune"]["format"] == 2
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_layerprune.LayerpruneLlamaForCausalLM"
     assert config["tie_word_embeddings"] is tie
     assert json.loads((out / "report.json").read_text()) == {
         "method": "test", "ppl": None, "kept": [1, 2], "rate": 0.5, "shape": [[3, 4]]}
-    assert (out / "modeling_layerprune_llama.py").is_file()
+    assert (out / "modeling_layerprune.py").is_file()
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert ("lm_head.weight" in keys) is (not tie)  # tied embeddings are stored once
@@ -216,7 +219,7 @@ def test_load_refuses_folder_without_marker(tmp_path):
         load_pruned(tmp_path / "dense")
     with pytest.raises(ModelError, match="no config.json"):
         load_pruned(tmp_path / "missing")
-    assert not pruned_io.is_pruned_folder(tmp_path / "dense")
+    assert not is_pruned_folder(tmp_path / "dense")
 
 
 def test_out_dir_that_is_a_file_is_refused(tmp_path):

@@ -10,15 +10,11 @@ import torch
 from conftest import make_tiny_llama
 
 from layerprune.errors import InternalError, InvalidInputError, ModelError
-from layerprune.pruning import (
-    LayerKeep,
-    LlamaStructuredPruner,
-    check_consistency,
-    layer_shapes,
-    masked_dense_forward,
-    prune_llama,
-    select_keep,
-)
+from layerprune.arch import check_consistency, layer_shapes
+from layerprune.pruning import StructuredPruner as LlamaStructuredPruner
+from layerprune.pruning import masked_dense_forward
+from layerprune.pruning import prune_model as prune_llama
+from layerprune.scoring.selection import LayerKeep, select_keep
 
 ATOL = 1e-5
 

@@ -11,10 +11,12 @@ def test_every_public_name_resolves():
 
 
 def test_top_level_entry_points_are_the_module_functions():
-    from layerprune import allocation, pipeline, pruned_io
+    from layerprune import allocation, export, models
+    from layerprune.pruning import pipeline
 
     assert layerprune.allocate is allocation.allocate
-    assert layerprune.load_pruned is pruned_io.load_pruned
+    assert layerprune.load_pruned is models.load_pruned
+    assert layerprune.save_pruned is export.save_pruned
     assert layerprune.prune is pipeline.prune
 
 

@@ -8,7 +8,9 @@ import math
 
 import pytest
 
-from layerprune import plots, report
+from layerprune.errors import InvalidInputError
+from layerprune.report import plots
+from layerprune.report import tables as report
 
 
 def _layers(kv, mlp):
@@ -117,7 +119,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     class Unserializable:
         pass
 
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidInputError, match="Unserializable"):
         report.write_json_atomic(target, {"a": Unserializable()})
     assert json.loads(target.read_text()) == {"a": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

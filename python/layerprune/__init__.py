@@ -1,4 +1,4 @@
-"""layerprune: structured pruning of Llama-family language models, uniform or unbalanced.
+"""layerprune: structured pruning of Llama-family language models (Llama, Mistral, Qwen2, Qwen3), uniform or unbalanced.
 
 Data flows one way: model + calibration text -> scores -> layer importance -> allocation
 -> pruned model -> evaluation -> report. The public entry points below are imported lazily,
@@ -29,18 +29,20 @@ _LAZY = {
     "LayerAllocation": "layerprune.allocation",
     "LayerShape": "layerprune.allocation",
     "spec_from_model_config": "layerprune.allocation",
+    "adapter_for": "layerprune.arch",
+    "supported_architectures": "layerprune.arch",
     "weight_scores": "layerprune.scoring",
     "GradientScorer": "layerprune.scoring",
     "ActivationStats": "layerprune.scoring",
     "load_model": "layerprune.models",
-    "perplexity": "layerprune.evaluate",
-    "layer_importance": "layerprune.layer_importance",
-    "prune": "layerprune.pipeline",
-    "PruneConfig": "layerprune.pipeline",
-    "PruneResult": "layerprune.pipeline",
-    "prune_llama": "layerprune.pruning",
-    "load_pruned": "layerprune.pruned_io",
-    "save_pruned": "layerprune.pruned_io",
+    "perplexity": "layerprune.evaluation",
+    "layer_importance": "layerprune.importance",
+    "prune": "layerprune.pruning",
+    "PruneConfig": "layerprune.pruning",
+    "PruneResult": "layerprune.pruning",
+    "prune_model": "layerprune.pruning",
+    "load_pruned": "layerprune.models",
+    "save_pruned": "layerprune.export",
 }
 
 

@@ -35,8 +35,10 @@ def allocate(
     log_transform: bool = False,
     alpha: float = 1.0,
 ) -> dict[str, object]:
-    """Solve an allocation problem; `shapes` is (L, 8) int64: hidden, num_q_heads, num_kv_heads,
-    head_dim, intermediate, attn_bias, mlp_bias, norm_params. Returns numpy arrays per layer
+    """Solve an allocation problem; `shapes` is (L, 10) int64: hidden, num_q_heads, num_kv_heads,
+    head_dim, intermediate, qkv_bias, o_bias, mlp_bias, qk_norm, norm_params (flags 0/1:
+    qkv_bias = q/k/v projections have biases, o_bias = o_proj has a bias, qk_norm = q_norm and
+    k_norm weights of head_dim each, counted but never pruned). Returns numpy arrays per layer
     (kv_groups_kept, q_heads_kept, mlp_kept, params_kept, attn_rate, mlp_rate) and scalars."""
     ...
 

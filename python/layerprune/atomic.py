@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from layerprune.errors import InvalidInputError
+
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
@@ -32,7 +34,10 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def json_safe(obj: Any) -> Any:
-    """`obj` as strict JSON values: non-finite floats become None, tuples lists, paths and scalars plain."""
+    """`obj` as strict JSON values: non-finite floats become None, tuples lists, paths strings, numpy and
+    torch scalars and arrays plain numbers and lists. Any other type raises InvalidInputError."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
@@ -41,9 +46,9 @@ def json_safe(obj: Any) -> Any:
         return [json_safe(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return json_safe(obj.item())
-    return obj
+    if callable(getattr(obj, "tolist", None)):  # numpy / torch scalars and arrays
+        return json_safe(obj.tolist())
+    raise InvalidInputError(f"value of type {type(obj).__name__} cannot be written as JSON")
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:

@@ -36,6 +36,7 @@ import functools
 import torch
 from torch import nn
 
+from layerprune.arch import find_adapter
 from layerprune.errors import InvalidInputError
 from layerprune.scoring.reference import NEEDS_FISHER, NEEDS_GRAD, SCORE_KINDS
 
@@ -43,10 +44,10 @@ MODES: tuple[str, ...] = ("batch", "accumulate", "per_sample")
 
 
 def _default_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise InvalidInputError("model: has no model.model.layers; pass module_filter=(name, module) -> bool")
-    inside = {id(m) for m in layers.modules()}
+    adapter = find_adapter(model)
+    if adapter is None:
+        raise InvalidInputError("model: not a supported causal LM; pass module_filter=(name, module) -> bool")
+    inside = {id(m) for layer in adapter.decoder_layers(model) for m in layer.modules()}
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in inside}
 
 
@@ -121,7 +122,7 @@ class GradientScorer:
         self._handles.clear()
 
     def _add(self, name: str, kind: str, w: torch.Tensor, g, h) -> None:
-        from layerprune.scoring import weight_scores
+        from layerprune.scoring.dispatch import weight_scores
 
         for axis, store in ((0, self._rows), (1, self._cols)):
             s = weight_scores(w, g, h, kind=kind, axis=axis, backend=self.backend).to(w.device)
@@ -225,7 +226,7 @@ class GradientScorer:
         if kind not in self.kinds:
             raise InvalidInputError(f"kind: {kind!r} was not requested (kinds={self.kinds})")
         if kind in ("l1", "l2"):
-            from layerprune.scoring import weight_scores
+            from layerprune.scoring.dispatch import weight_scores
 
             return weight_scores(self.modules[name].weight.detach(), kind=kind, axis=axis, backend=self.backend)
         self.finalize()

@@ -27,7 +27,7 @@ from torch import nn
 from torch_pruning.pruner import function
 
 from layerprune.errors import InvalidInputError
-from layerprune.scoring import ActivationStats, flap_channel_scores, wanda_channel_scores, weight_scores
+from layerprune.scoring.dispatch import ActivationStats, flap_channel_scores, wanda_channel_scores, weight_scores
 
 _OUT = (function.prune_conv_out_channels, function.prune_linear_out_channels)
 _IN = (function.prune_conv_in_channels, function.prune_linear_in_channels)

@@ -2,14 +2,21 @@
 //!
 //! A layer `l` keeps `g_l` KV groups (one KV head plus its `r = Hq/Hkv` query heads: q, k, v
 //! rows and o_proj columns go together) and `f_l` MLP channels (gate/up rows, down columns).
-//! Exact parameter counts (`d` = hidden, `hd` = head_dim, `b` = bias flag):
+//! Exact parameter counts (`d` = hidden, `hd` = head_dim, `b_*` = 0/1 flags):
 //!
 //! ```text
-//! attn(g) = d*hd*(2*r*g + 2*g) + b_attn*(hd*(r*g + 2*g) + d)     (o_proj bias d is never pruned)
-//! mlp(f)  = 3*d*f              + b_mlp*(2*f + d)                  (down_proj bias d is never pruned)
+//! group   = d*hd*(2*r + 2) + b_qkv*hd*(r + 2)        (q rows r*hd, k and v rows hd each, o_proj
+//!                                                     columns r*hd, plus their q/k/v biases)
+//! attn(g) = g*group + b_o*d + b_qknorm*2*hd           (o_proj bias d and the q_norm/k_norm
+//!                                                     weights, hd each and shared across
+//!                                                     heads, are never pruned)
+//! mlp(f)  = 3*d*f   + b_mlp*(2*f + d)                 (down_proj bias d is never pruned)
 //! layer   = attn(g) + mlp(f) + norm_params
 //! total   = extra_params + sum_l layer_l
 //! ```
+//!
+//! Families: Llama `b_qkv = b_o = 0` (or both 1 with `attention_bias`), Qwen2 `b_qkv = 1,
+//! b_o = 0`, Qwen3 `b_qknorm = 1`.
 //!
 //! The budget asks to remove `T = round(ratio * total)` parameters; solvers land in the window
 //! `[T, T + granule]` where `granule` is the smallest prunable step (one KV group or one
@@ -47,7 +54,13 @@ pub struct LayerShape {
     pub num_kv_heads: u64,
     pub head_dim: u64,
     pub intermediate: u64,
-    pub attn_bias: bool,
+    /// q_proj, k_proj and v_proj have biases (pruned with their rows).
+    pub qkv_bias: bool,
+    /// o_proj has a bias (`hidden` params, never pruned).
+    pub o_bias: bool,
+    /// The layer has q_norm and k_norm weights of `head_dim` each (shared across heads:
+    /// `2 * head_dim` params, never pruned).
+    pub qk_norm: bool,
     pub mlp_bias: bool,
     /// Norm parameters of the layer (never pruned), e.g. `2 * hidden` for two RMSNorms.
     pub norm_params: u64,
@@ -61,7 +74,7 @@ impl LayerShape {
     pub fn group_cost(&self) -> u64 {
         let r = self.group_ratio();
         let w = self.hidden * self.head_dim * (2 * r + 2);
-        w + if self.attn_bias {
+        w + if self.qkv_bias {
             self.head_dim * (r + 2)
         } else {
             0
@@ -72,7 +85,9 @@ impl LayerShape {
         3 * self.hidden + if self.mlp_bias { 2 } else { 0 }
     }
     pub fn attn_params(&self, g: u64) -> u64 {
-        g * self.group_cost() + if self.attn_bias { self.hidden } else { 0 }
+        g * self.group_cost()
+            + if self.o_bias { self.hidden } else { 0 }
+            + if self.qk_norm { 2 * self.head_dim } else { 0 }
     }
     pub fn mlp_params(&self, f: u64) -> u64 {
         f * self.channel_cost() + if self.mlp_bias { self.hidden } else { 0 }

@@ -208,7 +208,9 @@ fn case_strategy(max_layers: usize, max_i: u64) -> impl Strategy<Value = Case> {
                         num_kv_heads: h,
                         head_dim: hd,
                         intermediate: i,
-                        attn_bias: false,
+                        qkv_bias: false,
+                        o_bias: false,
+                        qk_norm: false,
                         mlp_bias: false,
                         norm_params: 2 * d
                     };
@@ -340,7 +342,7 @@ proptest! {
         seed in prop::collection::vec(0.01f64..10.0, 64),
     ) {
         let i = 4 * nsteps;
-        let shapes = vec![LayerShape { hidden: d, num_q_heads: h, num_kv_heads: h, head_dim: 3, intermediate: i, attn_bias: false, mlp_bias: false, norm_params: 0 }; nl];
+        let shapes = vec![LayerShape { hidden: d, num_q_heads: h, num_kv_heads: h, head_dim: 3, intermediate: i, qkv_bias: false, o_bias: false, qk_norm: false, mlp_bias: false, norm_params: 0 }; nl];
         let attn: Vec<Vec<f64>> = (0..nl).map(|l| curve(&seed[l * 4 % 60..l * 4 % 60 + h as usize], true)).collect();
         let mlp: Vec<Vec<f64>> = (0..nl).map(|l| curve(&seed[(l * 5 + 3) % 50..(l * 5 + 3) % 50 + nsteps as usize], true)).collect();
         let mut spec = Spec::bare(ratio, shapes);
@@ -420,7 +422,9 @@ fn smollm2(ratio: f64) -> (Vec<LayerShape>, u64) {
         num_kv_heads: 3,
         head_dim: 64,
         intermediate: 1536,
-        attn_bias: false,
+        qkv_bias: false,
+        o_bias: false,
+        qk_norm: false,
         mlp_bias: false,
         norm_params: 2 * 576,
     };
@@ -580,7 +584,9 @@ fn profile_dp_8b() {
         num_kv_heads: 8,
         head_dim: 128,
         intermediate: 14336,
-        attn_bias: false,
+        qkv_bias: false,
+        o_bias: false,
+        qk_norm: false,
         mlp_bias: false,
         norm_params: 8192,
     };
@@ -612,5 +618,251 @@ fn profile_dp_8b() {
         let t = std::time::Instant::now();
         let r = allocate(&spec, Solver::Dp).unwrap();
         eprintln!("dp {:?} obj {}", t.elapsed(), r.objective);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact parameter formula across model families (Llama, Llama + attention_bias, Qwen2, Qwen3)
+// ---------------------------------------------------------------------------------------------
+
+/// The tensors of a decoder layer keeping `g` KV groups and `f` MLP channels, written out one by
+/// one as HF modules hold them (`[out, in]` weights, `[out]` biases), independent of
+/// `LayerShape`'s formula. `norm_params` stands for the layer's own norms (e.g.
+/// input_layernorm and post_attention_layernorm, `[hidden]` each).
+fn layer_tensors(s: &LayerShape, g: u64, f: u64) -> Vec<(&'static str, Vec<u64>)> {
+    let (d, hd) = (s.hidden, s.head_dim);
+    let q_heads = g * (s.num_q_heads / s.num_kv_heads);
+    let mut t: Vec<(&'static str, Vec<u64>)> = vec![
+        ("q_proj.weight", vec![q_heads * hd, d]),
+        ("k_proj.weight", vec![g * hd, d]),
+        ("v_proj.weight", vec![g * hd, d]),
+        ("o_proj.weight", vec![d, q_heads * hd]),
+        ("gate_proj.weight", vec![f, d]),
+        ("up_proj.weight", vec![f, d]),
+        ("down_proj.weight", vec![d, f]),
+        ("layer_norms", vec![s.norm_params]),
+    ];
+    if s.qkv_bias {
+        t.push(("q_proj.bias", vec![q_heads * hd]));
+        t.push(("k_proj.bias", vec![g * hd]));
+        t.push(("v_proj.bias", vec![g * hd]));
+    }
+    if s.o_bias {
+        t.push(("o_proj.bias", vec![d]));
+    }
+    if s.qk_norm {
+        // Qwen3: one RMSNorm weight of head_dim for all query heads, one for all key heads
+        t.push(("q_norm.weight", vec![hd]));
+        t.push(("k_norm.weight", vec![hd]));
+    }
+    if s.mlp_bias {
+        t.push(("gate_proj.bias", vec![f]));
+        t.push(("up_proj.bias", vec![f]));
+        t.push(("down_proj.bias", vec![d]));
+    }
+    t
+}
+
+/// Brute-force count: one per element of every tensor.
+fn count_elements(s: &LayerShape, g: u64, f: u64) -> u64 {
+    let mut n = 0u64;
+    for (_, dims) in layer_tensors(s, g, f) {
+        let mut elems = 1u64;
+        for &k in &dims {
+            elems *= k;
+        }
+        if dims.iter().all(|&k| k < 64) {
+            // small tensors: count one element at a time
+            let mut c = 0u64;
+            let mut idx = vec![0u64; dims.len()];
+            if dims.iter().all(|&k| k > 0) {
+                'outer: loop {
+                    c += 1;
+                    for a in (0..dims.len()).rev() {
+                        idx[a] += 1;
+                        if idx[a] < dims[a] {
+                            continue 'outer;
+                        }
+                        idx[a] = 0;
+                    }
+                    break;
+                }
+            }
+            assert_eq!(c, elems);
+        }
+        n += elems;
+    }
+    n
+}
+
+/// `[hidden, num_q_heads, num_kv_heads, head_dim, intermediate, norm_params]` of the shapes the
+/// formula is checked on: tiny ones, SmolLM2-135M, Llama-3-8B, Qwen2-0.5B/7B (GQA 7:1),
+/// Qwen3-0.6B (head_dim * heads != hidden).
+const FAMILY_SHAPES: [[u64; 6]; 8] = [
+    [1, 1, 1, 1, 1, 0],
+    [3, 4, 2, 2, 5, 6],
+    [5, 7, 1, 3, 4, 10],
+    [576, 9, 3, 64, 1536, 2 * 576],
+    [4096, 32, 8, 128, 14336, 2 * 4096],
+    [896, 14, 2, 64, 4864, 2 * 896],
+    [3584, 28, 4, 128, 18944, 2 * 3584],
+    [1024, 16, 8, 128, 3072, 2 * 1024],
+];
+
+fn shape_with(base: [u64; 6], flags: u32) -> LayerShape {
+    LayerShape {
+        hidden: base[0],
+        num_q_heads: base[1],
+        num_kv_heads: base[2],
+        head_dim: base[3],
+        intermediate: base[4],
+        qkv_bias: flags & 1 != 0,
+        o_bias: flags & 2 != 0,
+        mlp_bias: flags & 4 != 0,
+        qk_norm: flags & 8 != 0,
+        norm_params: base[5],
+    }
+}
+
+#[test]
+fn layer_params_match_element_count_for_all_flag_combinations() {
+    for base in FAMILY_SHAPES {
+        for flags in 0..16u32 {
+            let s = shape_with(base, flags);
+            let (h, i) = (s.num_kv_heads, s.intermediate);
+            let gs: Vec<u64> = [0, 1, h / 2, h.saturating_sub(1), h]
+                .into_iter()
+                .filter(|&g| g <= h)
+                .collect();
+            let fs: Vec<u64> = [0, 1, i / 3, i.saturating_sub(1), i]
+                .into_iter()
+                .filter(|&f| f <= i)
+                .collect();
+            for &g in &gs {
+                for &f in &fs {
+                    let want = count_elements(&s, g, f);
+                    assert_eq!(s.layer_params(g, f), want, "{s:?} g={g} f={f}");
+                    // what the solvers remove per step agrees with the count
+                    assert_eq!(
+                        s.full_params() - s.layer_params(g, f),
+                        (h - g) * s.group_cost() + (i - f) * s.channel_cost(),
+                        "{s:?} g={g} f={f}"
+                    );
+                }
+            }
+            assert_eq!(s.full_params(), count_elements(&s, h, i), "{s:?}");
+            // removing one KV group removes exactly its tensor slices
+            assert_eq!(
+                count_elements(&s, h, i) - count_elements(&s, h - 1, i),
+                s.group_cost(),
+                "{s:?}"
+            );
+        }
+    }
+}
+
+/// Whole-model totals from the configs: tied embeddings (vocab 151936) plus the final norm.
+#[test]
+fn qwen_family_totals() {
+    let qwen2 = LayerShape {
+        hidden: 896,
+        num_q_heads: 14,
+        num_kv_heads: 2,
+        head_dim: 64,
+        intermediate: 4864,
+        qkv_bias: true,
+        o_bias: false,
+        qk_norm: false,
+        mlp_bias: false,
+        norm_params: 2 * 896,
+    };
+    assert_eq!(qwen2.group_ratio(), 7);
+    // Qwen2-0.5B: 24 layers, 494,032,768 params
+    let total2 = 24 * qwen2.full_params() + 151936 * 896 + 896;
+    assert_eq!(
+        total2,
+        24 * count_elements(&qwen2, 2, 4864) + 151936 * 896 + 896
+    );
+    assert_eq!(total2, 494_032_768);
+    let qwen3 = LayerShape {
+        hidden: 1024,
+        num_q_heads: 16,
+        num_kv_heads: 8,
+        head_dim: 128,
+        intermediate: 3072,
+        qkv_bias: false,
+        o_bias: false,
+        qk_norm: true,
+        mlp_bias: false,
+        norm_params: 2 * 1024,
+    };
+    // Qwen3-0.6B: 28 layers, 596,049,920 params; q_norm/k_norm stay when every group goes
+    let total3 = 28 * qwen3.full_params() + 151936 * 1024 + 1024;
+    assert_eq!(total3, 596_049_920);
+    assert_eq!(qwen3.attn_params(0), 2 * 128);
+    assert_eq!(
+        qwen3.attn_params(8) - qwen3.attn_params(7),
+        qwen3.group_cost()
+    );
+}
+
+#[test]
+fn solvers_land_in_window_with_qkv_bias_and_qk_norm() {
+    let qwen2 = shape_with([896, 14, 2, 64, 4864, 2 * 896], 1); // qkv_bias only
+    let qwen3 = shape_with([1024, 16, 8, 128, 3072, 2 * 1024], 8); // qk_norm only
+    let llama_ab = shape_with([576, 9, 3, 64, 1536, 2 * 576], 3); // attention_bias: all four
+    let all = shape_with([64, 6, 2, 16, 96, 128], 15);
+    for (name, layers, extra) in [
+        ("qwen2", vec![qwen2; 24], 151936 * 896 + 896),
+        ("qwen3", vec![qwen3; 28], 151936 * 1024 + 1024),
+        (
+            "llama_attention_bias",
+            vec![llama_ab; 30],
+            49152 * 576 + 576,
+        ),
+        ("all_flags_mixed", vec![all, qwen2, qwen3, llama_ab], 1000),
+    ] {
+        let n = layers.len();
+        let imp: Vec<f64> = (0..n).map(|l| 1.0 + ((l * 7919) % 13) as f64).collect();
+        for ratio in [0.1, 0.25] {
+            let mut spec = Spec::with_importance(ratio, layers.clone(), &imp);
+            spec.extra_params = extra;
+            spec.mlp_step = 8;
+            let want_total = extra
+                + layers
+                    .iter()
+                    .map(|s| count_elements(s, s.num_kv_heads, s.intermediate))
+                    .sum::<u64>();
+            for solver in [Solver::Dp, Solver::Uniform] {
+                let a = allocate(&spec, solver).unwrap_or_else(|e| panic!("{name} {ratio}: {e}"));
+                check_solution(&spec, &a);
+                assert_eq!(a.params_before, want_total, "{name}");
+                let kept: u64 = a
+                    .layers
+                    .iter()
+                    .zip(&layers)
+                    .map(|(la, s)| count_elements(s, la.kv_groups_kept, la.mlp_kept))
+                    .sum::<u64>()
+                    + extra;
+                assert_eq!(a.params_after, kept, "{name} {}", a.solver);
+                let r = removed(&a);
+                assert_eq!(a.target_removed, (ratio * want_total as f64).round() as u64);
+                assert!(
+                    r >= a.target_removed && r <= a.target_removed + a.granule,
+                    "{name} {ratio} {}: removed {r}, window [{}, {}]",
+                    a.solver,
+                    a.target_removed,
+                    a.target_removed + a.granule
+                );
+                let min_step = layers
+                    .iter()
+                    .map(|s| s.group_cost().min(8 * s.channel_cost()))
+                    .min()
+                    .unwrap();
+                if !a.binding.iter().any(|b| b == "granularity") {
+                    assert_eq!(a.granule, min_step, "{name} {}", a.solver);
+                }
+            }
+        }
     }
 }

@@ -15,14 +15,16 @@ fn classify(e: AllocError) -> (Kind, String) {
     }
 }
 
-const SHAPE_COLUMNS: [&str; 8] = [
+const SHAPE_COLUMNS: [&str; 10] = [
     "hidden",
     "num_q_heads",
     "num_kv_heads",
     "head_dim",
     "intermediate",
-    "attn_bias",
+    "qkv_bias",
+    "o_bias",
     "mlp_bias",
+    "qk_norm",
     "norm_params",
 ];
 
@@ -74,8 +76,10 @@ fn objective<'a>(n: usize, c: &Option<Vec<&'a [f64]>>, imp: Option<&'a [f64]>) -
         .collect()
 }
 
-/// Solve an allocation problem. `shapes` is an (L, 8) int64 array with columns hidden,
-/// num_q_heads, num_kv_heads, head_dim, intermediate, attn_bias, mlp_bias, norm_params.
+/// Solve an allocation problem. `shapes` is an (L, 10) int64 array with columns hidden,
+/// num_q_heads, num_kv_heads, head_dim, intermediate, qkv_bias, o_bias, mlp_bias, qk_norm,
+/// norm_params (flags are 0/1: qkv_bias = q/k/v projections have biases, o_bias = o_proj has a
+/// bias, qk_norm = q_norm and k_norm weights of head_dim each, counted but never pruned).
 #[pyfunction]
 #[pyo3(signature = (
     shapes, ratio, solver = "dp", *, extra_params = 0, attn_importance = None, mlp_importance = None,
@@ -142,9 +146,11 @@ fn allocate<'py>(
             num_kv_heads: row[2] as u64,
             head_dim: row[3] as u64,
             intermediate: row[4] as u64,
-            attn_bias: row[5] != 0,
-            mlp_bias: row[6] != 0,
-            norm_params: row[7] as u64,
+            qkv_bias: row[5] != 0,
+            o_bias: row[6] != 0,
+            mlp_bias: row[7] != 0,
+            qk_norm: row[8] != 0,
+            norm_params: row[9] as u64,
         });
     }
     let nonneg = |name: &str, v: i64| -> PyResult<u64> {

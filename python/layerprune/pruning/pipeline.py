@@ -37,14 +37,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from layerprune.errors import InvalidInputError, ModelError
-from layerprune.group_scores import IMPORTANCE_KINDS, element_group_scores
-from layerprune.layer_importance import METHODS as LAYER_IMPORTANCE_METHODS
-from layerprune.layer_importance import LayerImportance, decoder_layers, layer_importance as compute_layer_importance
-from layerprune.layer_importance import mlp_grid_size, sensitivity_importance
+from layerprune.provenance import command_line, versions
+
+from layerprune.allocation import UNBALANCED_SOLVERS as SOLVERS
+from layerprune.allocation import AllocationSpec, allocate, spec_from_model_config
+from layerprune.arch import adapter_for, gqa, layer_shapes
+from layerprune.arch.budget import mlp_grid_size
+from layerprune.errors import InternalError, InvalidInputError, ModelError
+from layerprune.importance import METHODS as LAYER_IMPORTANCE_METHODS
+from layerprune.importance import LayerImportance, sensitivity_importance
+from layerprune.importance import layer_importance as compute_layer_importance
+from layerprune.models import count_parameters
+from layerprune.pruning.surgery import StructuredPruner
+from layerprune.scoring.groups import IMPORTANCE_KINDS, element_group_scores
+from layerprune.scoring.selection import select_keep
 
 MODES = ("unbalanced", "uniform")
-SOLVERS = ("seed", "greedy", "lagrange", "dp")
 
 
 @dataclass
@@ -191,8 +199,6 @@ def _nonneg(values: np.ndarray) -> np.ndarray:
 
 def build_allocation_spec(model_config: Any, config: PruneConfig, importance: LayerImportance | None, num_layers: int):
     """The allocation problem for ``config`` on a dense model described by ``model_config``."""
-    from layerprune import allocation
-
     ranges = layer_ranges(config, num_layers)
     constraints: dict[str, Any] = {
         "mlp_step": config.mlp_step,
@@ -213,35 +219,37 @@ def build_allocation_spec(model_config: Any, config: PruneConfig, importance: La
             constraints["mlp_curves"] = [np.asarray(c, dtype=np.float64) for c in importance.mlp_curves]
         constraints["attn_importance"] = _nonneg(importance.attn)
         constraints["mlp_importance"] = _nonneg(importance.mlp)
-    return allocation.spec_from_model_config(model_config, float(config.ratio), **constraints)
+    return spec_from_model_config(model_config, float(config.ratio), **constraints)
 
 
-def _spec_for_model(model: torch.nn.Module, config: PruneConfig, importance: LayerImportance | None, total: int):
-    """``build_allocation_spec`` with ``extra_params`` (embeddings, lm_head, final norm) taken from the
-    real model, so the budget is a fraction of exactly ``count_parameters(model)["total"]``."""
-    spec = build_allocation_spec(model.config, config, importance, len(decoder_layers(model)))
-    spec.extra_params = int(total - spec.params_layers)
-    if spec.extra_params < 0:
-        raise ModelError("model: its decoder layers do not match its config (already pruned? prune the dense model)")
+def spec_for_model(model: torch.nn.Module, config: PruneConfig, importance: LayerImportance | None) -> AllocationSpec:
+    """``build_allocation_spec`` for a loaded dense model, its parameter count checked against the model's.
+
+    The adapter's formula must give exactly the model's decoder-layer parameters and its total; a
+    difference is an internal error (a family term the formula misses), never a silently other budget.
+    """
+    spec = build_allocation_spec(model.config, config, importance, len(adapter_for(model).decoder_layers(model)))
+    counts = count_parameters(model)
+    if spec.params_layers != counts["decoder_layers"] or spec.params_total != counts["total"]:
+        raise InternalError(
+            f"budget formula of {adapter_for(model).name}: decoder layers {spec.params_layers:,} / total "
+            f"{spec.params_total:,} parameters, the model has {counts['decoder_layers']:,} / {counts['total']:,}"
+        )
     return spec
 
 
-def check_feasible(model_config: Any, config: PruneConfig, total_params: int | None = None) -> None:
+def check_feasible(model_config: Any, config: PruneConfig) -> None:
     """Solve the allocation once with a flat importance (cheap: no data, no weights) so an
     impossible budget fails before any scoring. Raises InfeasibleError naming the binding constraint."""
-    from layerprune.allocation import allocate
-
-    num_layers = int(getattr(model_config, "num_hidden_layers"))
+    num_layers = adapter_for(model_config, "config").num_layers(model_config)
     flat = LayerImportance(
         method="flat", attn=np.ones(num_layers), mlp=np.ones(num_layers), combined=np.ones(num_layers)
     )
-    spec = build_allocation_spec(model_config, config, flat, num_layers)
-    if total_params is not None:
-        spec.extra_params = max(0, int(total_params - spec.params_layers))
-    allocate(spec, solver=_solver_for(config))
+    allocate(build_allocation_spec(model_config, config, flat, num_layers), solver=solver_for(config))
 
 
-def _solver_for(config: PruneConfig) -> str:
+def solver_for(config: PruneConfig) -> str:
+    """The allocation solver a config runs: ``uniform`` in uniform mode, else ``config.solver``."""
     return "uniform" if config.mode == "uniform" else config.solver
 
 
@@ -306,12 +314,9 @@ def prune(
     ``layer_importance`` reuses an earlier computation (e.g. across methods of ``compare``);
     ``calib_ids`` ([n, seq_len] token ids) replaces the calibration batch drawn from ``config.dataset``.
     """
-    from layerprune.allocation import allocate
-    from layerprune.models import count_parameters
-    from layerprune.pruning import LlamaStructuredPruner, layer_shapes, select_keep
-
     validate_config(config)
-    layers = decoder_layers(model)
+    adapter_for(model, "prune: model")  # an unsupported family is refused before any work
+    layers = adapter_for(model).decoder_layers(model)
     num_layers = len(layers)
     shapes = layer_shapes(model)
     validate_against_model(config, num_layers, min(s["num_kv_heads"] for s in shapes))
@@ -333,7 +338,7 @@ def prune(
 
     work = copy.deepcopy(model).eval()
     params_before = count_parameters(work)
-    check_feasible(model.config, config, params_before["total"])
+    check_feasible(model.config, config)
 
     # Dense element scores: needed by the sensitivity curves and by the first pruning step.
     t0 = time.perf_counter()
@@ -361,8 +366,8 @@ def prune(
     timings["layer_importance"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    spec = _spec_for_model(work, config, li, params_before["total"])
-    alloc = allocate(spec, solver=_solver_for(config))
+    spec = spec_for_model(work, config, li)
+    alloc = allocate(spec, solver=solver_for(config))
     timings["allocation"] = time.perf_counter() - t0
 
     full_kv = [s["num_kv_heads"] for s in shapes]
@@ -385,7 +390,7 @@ def prune(
             kv_scores, ch_scores = element_group_scores(work, calib_ids, importance=config.importance, progress=progress)
             rescoring += time.perf_counter() - r0
         keep = select_keep(kv_scores, ch_scores, want_kv, want_mlp)
-        LlamaStructuredPruner(work, example).prune(keep)
+        StructuredPruner(work, example).prune(keep)
         kept_kv = [[prev[i] for i in k.kv_heads] for prev, k in zip(kept_kv, keep)]
         kept_mlp = [[prev[i] for i in k.mlp_channels] for prev, k in zip(kept_mlp, keep)]
     timings["pruning"] = time.perf_counter() - t0 - rescoring
@@ -396,15 +401,19 @@ def prune(
     if [s["num_kv_heads"] for s in new_shapes] != final_kv or [s["intermediate"] for s in new_shapes] != final_mlp:
         raise ModelError("pruned shapes do not match the allocation (internal inconsistency)")
     params_after = count_parameters(work)
+    if params_after["total"] != alloc.params_after:
+        raise InternalError(
+            f"pruned model has {params_after['total']:,} parameters, the allocation planned {alloc.params_after:,}"
+        )
     timings["total"] = time.perf_counter() - total_start
-    report = build_report(config, params_before, params_after, shapes, alloc, li, kept_kv, kept_mlp, calib_ids, timings)
+    report = build_report(config, params_before, params_after, shapes, alloc, li, kept_kv, kept_mlp, calib_ids, timings,
+                          family=adapter_for(model).name)
     return PruneResult(model=work, allocation=alloc, layer_importance=li, report=report)
 
 
-def build_report(config, params_before, params_after, shapes, alloc, li, kept_kv, kept_mlp, calib_ids, timings):
+def build_report(config, params_before, params_after, shapes, alloc, li, kept_kv, kept_mlp, calib_ids, timings,
+                 family=None):
     """The JSON-ready record of one pruning run (report.json in the output folder)."""
-    from layerprune.report import command_line, versions
-
     before, after = params_before["total"], params_after["total"]
     layers_before, layers_after = params_before["decoder_layers"], params_after["decoder_layers"]
     per_layer = []
@@ -415,7 +424,7 @@ def build_report(config, params_before, params_after, shapes, alloc, li, kept_kv
             "layer": l,
             "kv_heads_before": s["num_kv_heads"],
             "kv_heads_kept": kept_kv[l],
-            "q_heads_kept": [r * j + t for j in kept_kv[l] for t in range(r)],
+            "q_heads_kept": gqa.query_heads(kept_kv[l], r),
             "mlp_before": s["intermediate"],
             "mlp_kept": len(kept_mlp[l]),
             "mlp_channels_kept": kept_mlp[l],
@@ -437,6 +446,7 @@ def build_report(config, params_before, params_after, shapes, alloc, li, kept_kv
         "params_after": params_after,
         "actual_ratio": 1.0 - after / before,
         "actual_ratio_layers": 1.0 - layers_after / layers_before,
+        "family": family,
         "calibration": {"samples": int(calib_ids.shape[0]), "seq_len": int(calib_ids.shape[1]),
                         "dataset": config.dataset},
         "layers": per_layer,

@@ -1,33 +1,32 @@
-"""A Llama whose decoder layers have their own widths (query heads, KV heads, MLP width), as left by layerprune.
+"""Causal LMs whose decoder layers have their own widths (query heads, KV heads, MLP width), as left by layerprune.
 
 This file is copied next to the weights of every model layerprune saves, so that
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works without layerprune installed.
-It must import only torch and transformers.
+It imports only torch and transformers, and names no model family: `Layerprune<P>Config` and
+`Layerprune<P>ForCausalLM` are made on first access from transformers' `<P>Config` and `<P>ForCausalLM`
+(for example P = Qwen2), with model_type "layerprune_" + the base model_type.
 
 config.json keeps the dense model's global widths and adds, per layer l:
   layer_num_attention_heads[l], layer_num_key_value_heads[l], layer_intermediate_sizes[l]
-Each layer is built dense by transformers' Llama code, then its q/k/v/o and gate/up/down projections are
-replaced by Linear layers of that layer's widths. head_dim and the hidden size are those of the dense model;
-a layer's GQA ratio is its query heads // its KV heads.
+Each layer is built dense by the family's transformers code, then its q/k/v/o and gate/up/down projections
+are replaced by Linear layers of that layer's widths (biases where the dense layer had them). head_dim, the
+hidden size and every other module (norms, per-head q/k norms, rotary embedding, sliding window) are those
+of the dense model; a layer's GQA ratio is its query heads // its KV heads.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import transformers
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 LAYER_WIDTH_KEYS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes")
+_PREFIX = "Layerprune"
+_MADE: dict[str, type] = {}
 
 
-class LayerpruneLlamaConfig(LlamaConfig):
-    """LlamaConfig plus per-layer widths (the lists named in LAYER_WIDTH_KEYS)."""
-
-    model_type = "layerprune_llama"
-
-
-def layer_widths(config: LlamaConfig) -> list[tuple[int, int, int]]:
+def layer_widths(config: Any) -> list[tuple[int, int, int]]:
     """(query heads, KV heads, MLP width) per layer; layers without a listed width keep the global one."""
     n_layers = config.num_hidden_layers
     defaults = (config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads,
@@ -35,9 +34,7 @@ def layer_widths(config: LlamaConfig) -> list[tuple[int, int, int]]:
     columns = []
     for key, default in zip(LAYER_WIDTH_KEYS, defaults):
         values = getattr(config, key, None)
-        if values is None:
-            values = [default] * n_layers
-        values = list(values)
+        values = [default] * n_layers if values is None else list(values)
         if len(values) != n_layers:
             raise ValueError(f"config.{key}: has {len(values)} entries, num_hidden_layers is {n_layers}")
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
@@ -57,8 +54,8 @@ def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Line
                      device=old.weight.device, dtype=old.weight.dtype)
 
 
-def resize_decoder_layers(model: Any, config: LlamaConfig) -> None:
-    """Give each decoder layer of a freshly built (dense) Llama its own widths; weights are re-created, not kept."""
+def resize_decoder_layers(model: Any, config: Any) -> None:
+    """Give each decoder layer of a freshly built (dense) model its own widths; weights are re-created, not kept."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     hidden = config.hidden_size
     for layer, (q_heads, kv_heads, intermediate) in zip(model.layers, layer_widths(config)):
@@ -80,15 +77,47 @@ def resize_decoder_layers(model: Any, config: LlamaConfig) -> None:
             mlp.intermediate_size = intermediate
 
 
-class LayerpruneLlamaForCausalLM(LlamaForCausalLM):
-    """LlamaForCausalLM with per-layer widths read from LayerpruneLlamaConfig."""
+def _make(family_prefix: str) -> tuple[type, type]:
+    base_config = getattr(transformers, f"{family_prefix}Config")
+    base_model = getattr(transformers, f"{family_prefix}ForCausalLM")
+    config_class = type(f"{_PREFIX}{family_prefix}Config", (base_config,), {
+        "model_type": base_config.model_type,
+        "__module__": __name__,
+        "__doc__": f"{family_prefix}Config plus per-layer widths (the lists named in LAYER_WIDTH_KEYS).",
+    })
 
-    config_class = LayerpruneLlamaConfig
-
-    def __init__(self, config: LayerpruneLlamaConfig) -> None:
-        super().__init__(config)
+    def __init__(self: Any, config: Any) -> None:
+        base_model.__init__(self, config)
         resize_decoder_layers(self.model, config)
         self.post_init()
 
+    model_class = type(f"{_PREFIX}{family_prefix}ForCausalLM", (base_model,), {
+        "config_class": config_class,
+        "__init__": __init__,
+        "__module__": __name__,
+        "__doc__": f"{family_prefix}ForCausalLM with per-layer widths read from its config.",
+    })
+    _MADE[config_class.__name__] = config_class
+    _MADE[model_class.__name__] = model_class
+    return config_class, model_class
 
-__all__ = ["LayerpruneLlamaConfig", "LayerpruneLlamaForCausalLM", "layer_widths", "resize_decoder_layers"]
+
+def pruned_classes(family_prefix: str) -> tuple[type, type]:
+    """(config class, causal-LM class) of a pruned model of the transformers family ``family_prefix``."""
+    config_name = f"{_PREFIX}{family_prefix}Config"
+    if config_name not in _MADE:
+        _make(family_prefix)
+    return _MADE[config_name], _MADE[f"{_PREFIX}{family_prefix}ForCausalLM"]
+
+
+def __getattr__(name: str) -> Any:
+    for suffix in ("ForCausalLM", "Config"):
+        if name.startswith(_PREFIX) and name.endswith(suffix) and len(name) > len(_PREFIX) + len(suffix):
+            family_prefix = name[len(_PREFIX):-len(suffix)]
+            if hasattr(transformers, f"{family_prefix}Config") and hasattr(transformers, f"{family_prefix}ForCausalLM"):
+                config_class, model_class = pruned_classes(family_prefix)
+                return config_class if suffix == "Config" else model_class
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["LAYER_WIDTH_KEYS", "layer_widths", "pruned_classes", "resize_decoder_layers"]

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 import os
-import platform
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from layerprune.atomic import write_json_atomic, write_text_atomic
+from layerprune.provenance import command_line, versions
 
 SCHEMA = "layerprune.compare/1"
 DENSE = "dense"
@@ -25,26 +24,6 @@ BEST_METHOD = "unbalanced"
 # the quality bar users check: `unbalanced` at least this much lower PPL than the better uniform method
 QUALITY_BAR_REL = 0.10
 REQUIRED_RUN_KEYS = ("method", "target_ratio", "actual_ratio", "params", "ppl", "tokens")
-
-
-# atomic writes live in layerprune.atomic; re-exported here for callers of this module
-
-
-def versions() -> dict[str, str]:
-    """Versions of the pieces that decide the numbers (python, torch, transformers, torch-pruning, layerprune)."""
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "torch-pruning", "numpy", "layerprune"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
-
-
-def command_line() -> list[str]:
-    return [Path(sys.argv[0]).name if sys.argv else "", *sys.argv[1:]]
 
 
 # --------------------------------------------------------------------------- verdicts

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from layerprune.atomic import write_json_atomic
-from layerprune.cli_args import add_model_argument, add_runtime_arguments
+from layerprune.cli.args import add_model_argument, add_runtime_arguments
 from layerprune.errors import InvalidInputError
 
 
@@ -75,7 +75,7 @@ def format_parameters(params: dict[str, int]) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from layerprune import data, evaluate, models
+    from layerprune import data, evaluation, models
 
     _validate(args)
     started = time.perf_counter()
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens is not None:
         tokens = tokens[: args.max_tokens]
     eval_started = time.perf_counter()
-    result = evaluate.perplexity(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size, progress=progress)
+    result = evaluation.perplexity(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size, progress=progress)
     eval_seconds = time.perf_counter() - eval_started
 
     heads = sorted(set(info["heads"]))

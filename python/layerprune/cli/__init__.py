@@ -1,6 +1,8 @@
-"""The `layerprune` command line. Each subcommand lives in `layerprune/cli_<name>.py` with
-`add_parser(subparsers)` and `run(args) -> int`; this module only dispatches and maps errors
-to one line on stderr and a non-zero exit."""
+"""The `layerprune` command line.
+
+Each subcommand lives in `layerprune/cli/<name>.py` with `add_parser(subparsers)` and `run(args) -> int`;
+this module only dispatches and maps errors to one line on stderr and a non-zero exit.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +14,18 @@ SUBCOMMANDS = ("eval", "allocate", "prune", "compare")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layerprune", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="layerprune",
+        description="Structured pruning of Llama-family language models (Llama, Mistral, Qwen2, Qwen3): "
+        "uniform or unbalanced, under an exact parameter budget.",
+        epilog="example: layerprune prune --model smollm2-135m --ratio 0.2 --out pruned/",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         try:
-            module = importlib.import_module(f"layerprune.cli_{name}")
+            module = importlib.import_module(f"layerprune.cli.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"layerprune.cli_{name}":
+            if exc.name != f"layerprune.cli.{name}":
                 raise
             continue
         module.add_parser(sub)
@@ -41,5 +48,4 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["SUBCOMMANDS", "build_parser", "main"]

@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from layerprune.cli_args import add_model_argument, add_runtime_arguments, apply_threads
+from layerprune.cli.args import add_model_argument, add_runtime_arguments, apply_threads
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from layerprune.cli_args import add_model_argument, add_runtime_arguments, apply_threads
+from layerprune.cli.args import add_model_argument, add_runtime_arguments, apply_threads
 from layerprune.errors import InvalidInputError
 
 
@@ -20,9 +20,9 @@ def _protected(text: str) -> tuple[int, ...]:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from layerprune.group_scores import IMPORTANCE_KINDS
-    from layerprune.layer_importance import METHODS
-    from layerprune.pipeline import MODES, SOLVERS
+    from layerprune.scoring.groups import IMPORTANCE_KINDS
+    from layerprune.importance import METHODS
+    from layerprune.pruning.pipeline import MODES, SOLVERS
 
     p = subparsers.add_parser(
         "prune",
@@ -69,7 +69,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from layerprune.pipeline import PruneConfig
+    from layerprune.pruning.pipeline import PruneConfig
 
     return PruneConfig(
         ratio=args.ratio, mode=args.mode, solver=args.solver, layer_importance=args.layer_importance,
@@ -119,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
 
     from layerprune.data import calibration_split
     from layerprune.models import check_supported, load_config
-    from layerprune import pipeline
-    from layerprune.pipeline import check_feasible, summary_table, validate_against_model, validate_config
-    from layerprune.pruned_io import save_pruned
+    from layerprune.pruning import pipeline
+    from layerprune.pruning.pipeline import check_feasible, summary_table, validate_against_model, validate_config
+    from layerprune.export import save_pruned
 
     progress = not args.no_progress
     start = time.perf_counter()

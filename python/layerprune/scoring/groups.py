@@ -24,7 +24,7 @@ Element scores (``importance``):
   sum_j |W_ij| * ||X_j|| and a COLUMN c of o_proj/down scores ||X_c|| * sum_i |W_ic|
   (:func:`layerprune.scoring.wanda_channel_scores`). One forward pass, no gradients.
 
-Biases are not scored (Llama has none). The model is never modified: requires_grad flags are
+Biases (Qwen2's q/k/v) are not scored; they are removed with their rows. The model is never modified: requires_grad flags are
 restored and every gradient is dropped.
 """
 
@@ -37,13 +37,12 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from layerprune.arch import adapter_for, gqa
 from layerprune.errors import InvalidInputError, NumericalError
 
 IMPORTANCE_KINDS = ("taylor", "vectorize", "taylor2", "taylor-mix", "l1", "l2", "activation")
 GRADIENT_KINDS = ("taylor", "vectorize", "taylor2", "taylor-mix")
 PER_SAMPLE_KINDS = ("taylor2", "taylor-mix")
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def fold_attention_scores(
@@ -56,17 +55,15 @@ def fold_attention_scores(
     head_dim: int,
 ) -> torch.Tensor:
     """KV-group scores [Hkv] from per-row (q/k/v) and per-column (o) scores (GQA fold above)."""
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise InvalidInputError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    r = num_heads // num_kv_heads
+    r = gqa.group_ratio(num_heads, num_kv_heads)
     for name, t, n in (("q_rows", q_rows, num_heads), ("k_rows", k_rows, num_kv_heads),
                        ("v_rows", v_rows, num_kv_heads), ("o_cols", o_cols, num_heads)):
         if t.numel() != n * head_dim:
             raise InvalidInputError(f"{name}: expected {n * head_dim} scores ({n} heads x {head_dim}), got {t.numel()}")
     q_head = q_rows.float().reshape(num_heads, head_dim).sum(1)
     o_head = o_cols.float().reshape(num_heads, head_dim).sum(1)
-    # query head h belongs to KV group h // r: a [Hkv, r] view sums heads r*j .. r*j+r-1.
-    per_group_q = (q_head + o_head).reshape(num_kv_heads, r).sum(1)
+    group_of = torch.tensor(gqa.kv_group_of_query_head(num_heads, r), device=q_head.device)
+    per_group_q = torch.zeros(num_kv_heads, device=q_head.device).index_add_(0, group_of, q_head + o_head)
     k_head = k_rows.float().reshape(num_kv_heads, head_dim).sum(1)
     v_head = v_rows.float().reshape(num_kv_heads, head_dim).sum(1)
     return per_group_q + k_head + v_head
@@ -79,12 +76,6 @@ def fold_mlp_scores(gate_rows: torch.Tensor, up_rows: torch.Tensor, down_cols: t
             f"MLP scores disagree in length: gate {gate_rows.numel()}, up {up_rows.numel()}, down {down_cols.numel()}"
         )
     return gate_rows.float() + up_rows.float() + down_cols.float()
-
-
-def _head_layout(layer: torch.nn.Module, config) -> tuple[int, int, int]:
-    attn = layer.self_attn
-    head_dim = int(getattr(attn, "head_dim", 0) or config.hidden_size // config.num_attention_heads)
-    return attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim, head_dim
 
 
 def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -100,11 +91,8 @@ def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
 def _grad_only_on_decoder_linears(model: torch.nn.Module) -> Iterator[None]:
     """Gradients only for the decoder Linear weights; every flag and .grad restored afterwards."""
     saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    inside = set()
-    for layer in model.model.layers:
-        for sub, names in ((layer.self_attn, _ATTN), (layer.mlp, _MLP)):
-            for n in names:
-                inside.add(id(getattr(sub, n).weight))
+    adapter = adapter_for(model)
+    inside = {id(lin.weight) for layer in adapter.decoder_layers(model) for lin in adapter.projections(layer).values()}
     try:
         for p in model.parameters():
             p.requires_grad_(id(p) in inside)
@@ -120,8 +108,9 @@ def _first_non_finite_module(model: torch.nn.Module, ids: torch.Tensor) -> str:
     """Name of the first decoder sub-module whose output is NaN/inf on ``ids`` (a diagnostic pass)."""
     found: list[str] = []
     handles = []
+    inside = {id(m) for layer in adapter_for(model).decoder_layers(model) for m in layer.modules()}
     for name, module in model.named_modules():
-        if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear):
+        if id(module) in inside and isinstance(module, torch.nn.Linear):
 
             def hook(mod, args, out, name=name):
                 if not found and isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
@@ -149,7 +138,7 @@ def _lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _gradient_scores(model, calib_ids, importance, progress):
-    from layerprune.scoring import GradientScorer
+    from layerprune.scoring.hooks import GradientScorer
 
     per_sample = importance in PER_SAMPLE_KINDS
     with _grad_only_on_decoder_linears(model), GradientScorer(
@@ -180,22 +169,22 @@ def _gradient_scores(model, calib_ids, importance, progress):
 
 
 def _activation_scores(model, calib_ids, progress):
-    from layerprune.scoring import ActivationStats, wanda_channel_scores
+    from layerprune.scoring.dispatch import ActivationStats, wanda_channel_scores
 
     stats: dict[str, ActivationStats] = {}
     modules: dict[str, torch.nn.Linear] = {}
     handles = []
-    for l, layer in enumerate(model.model.layers):
-        for sub, names in (("self_attn", _ATTN), ("mlp", _MLP)):
-            for n in names:
-                key = f"model.layers.{l}.{sub}.{n}"
-                modules[key] = getattr(getattr(layer, sub), n)
-                stats[key] = ActivationStats()
+    adapter = adapter_for(model)
+    for l, layer in enumerate(adapter.decoder_layers(model)):
+        for sub_name, linear in adapter.projections(layer).items():
+            key = f"{adapter.layer_prefix(l)}.{sub_name}"
+            modules[key] = linear
+            stats[key] = ActivationStats()
 
-                def hook(module, args, key=key):
-                    stats[key].update(args[0])
+            def hook(module, args, key=key):
+                stats[key].update(args[0])
 
-                handles.append(modules[key].register_forward_pre_hook(hook))
+            handles.append(linear.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             loss = _lm_loss(model, calib_ids)
@@ -214,7 +203,7 @@ def _activation_scores(model, calib_ids, progress):
 
 
 def _magnitude_scores(model, importance, progress):
-    from layerprune.scoring import weight_scores
+    from layerprune.scoring.dispatch import weight_scores
 
     modules = dict(model.named_modules())
 
@@ -230,9 +219,12 @@ def _magnitude_scores(model, importance, progress):
 def _fold_all(model, rows, cols, importance, progress):
     kv_scores: list[torch.Tensor] = []
     channel_scores: list[torch.Tensor] = []
-    for l, layer in enumerate(tqdm(model.model.layers, desc=f"{importance} group scores", disable=not progress, leave=False)):
-        heads, kv_heads, head_dim = _head_layout(layer, model.config)
-        p = f"model.layers.{l}"
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
+    for l, layer in enumerate(tqdm(layers, desc=f"{importance} group scores", disable=not progress, leave=False)):
+        geometry = adapter.geometry(model, layer)
+        heads, kv_heads, head_dim = geometry.num_q_heads, geometry.num_kv_heads, geometry.head_dim
+        p = adapter.layer_prefix(l)
         attn = {n: _check_finite(rows(f"{p}.self_attn.{n}"), f"{p}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj")}
         o_cols = _check_finite(cols(f"{p}.self_attn.o_proj"), f"{p}.self_attn.o_proj")
         kv = fold_attention_scores(attn["q_proj"], attn["k_proj"], attn["v_proj"], o_cols, heads, kv_heads, head_dim)
@@ -253,11 +245,9 @@ def element_group_scores(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(kv_group_scores[l]: float32 [Hkv_l], channel_scores[l]: float32 [I_l]) for every decoder
     layer, read from the model's current (possibly already pruned) shapes. Higher = keep."""
-    from layerprune.layer_importance import decoder_layers
-
     if importance not in IMPORTANCE_KINDS:
         raise InvalidInputError(f"importance: expected one of {', '.join(IMPORTANCE_KINDS)}, got {importance!r}")
-    decoder_layers(model)
+    adapter_for(model).decoder_layers(model)
     if importance in ("l1", "l2"):
         return _magnitude_scores(model, importance, progress)
     if calib_ids is None or not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.shape[1] < 2:

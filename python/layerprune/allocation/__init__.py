@@ -1,0 +1,30 @@
+"""Allocation: per-layer KV groups and MLP channels under an exact parameter budget (Rust solvers).
+
+:mod:`~layerprune.allocation.solve` defines the problem and calls the solvers; :mod:`~layerprune.allocation.specs`
+builds problems from a model's config or a JSON file.
+"""
+
+from layerprune.allocation.solve import (
+    SOLVERS,
+    UNBALANCED_SOLVERS,
+    AllocationResult,
+    AllocationSpec,
+    LayerAllocation,
+    LayerShape,
+    allocate,
+)
+from layerprune.allocation.specs import load_spec, spec_from_json, spec_from_model_config, spec_to_json
+
+__all__ = [
+    "SOLVERS",
+    "UNBALANCED_SOLVERS",
+    "AllocationResult",
+    "AllocationSpec",
+    "LayerAllocation",
+    "LayerShape",
+    "allocate",
+    "load_spec",
+    "spec_from_json",
+    "spec_from_model_config",
+    "spec_to_json",
+]

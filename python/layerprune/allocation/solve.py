@@ -1,0 +1,244 @@
+"""Per-layer pruning allocation under an exact parameter budget.
+
+A layer keeps ``g`` KV groups (one KV head and its ``r = Hq/Hkv`` query heads: q, k, v rows and
+o_proj columns together) and ``f`` MLP channels (gate/up rows, down column). Parameters kept::
+
+    attn(g) = d*hd*(2*r*g + 2*g) + qkv_bias*hd*(r*g + 2*g) + o_bias*d + qk_norm*2*hd
+    mlp(f)  = 3*d*f + mlp_bias*(2*f + d)
+    layer   = attn(g) + mlp(f) + norm_params ;  total = extra_params + sum(layer)
+
+(:mod:`layerprune.arch.budget`; the o_proj / down_proj biases and per-head q/k norms are never pruned).
+
+The budget removes ``T = round(ratio * total)`` parameters (a fraction of ALL parameters,
+embeddings included). Solvers land in ``[T, T + granule]``, ``granule`` being the smallest
+prunable step (one KV group or one ``mlp_step`` of channels); if the choices cannot reach that
+window it widens to the largest step and ``"granularity"`` appears in ``binding``. A budget the
+constraints cannot meet raises :class:`~layerprune.errors.InfeasibleError`.
+
+Objective (minimised, additive over layers):
+
+* curves: ``attn_curves[l][g]`` = estimated loss increase when layer ``l`` keeps ``g`` KV groups
+  (length ``Hkv + 1``, normally ``curve[Hkv] = 0``); ``mlp_curves[l][j]`` = loss increase when it
+  keeps ``min(j * mlp_step, I)`` channels (length ``ceil(I / mlp_step) + 1``);
+* importance only: the convex surrogate ``loss_l(k) = importance_l * (1 - k)^2`` with ``k`` the
+  kept fraction of the component (so greedy, lagrange and dp all apply).
+
+Solvers (all in Rust, ``layerprune._core.allocate``; the GIL is released while solving):
+``uniform`` (one rate, exact budget; or ``layer_rate`` with LLM-Pruner floor semantics), ``seed``
+(the reference importance-to-rate mapping), ``greedy`` (marginal loss per parameter over unit
+steps), ``lagrange`` (bisection on the multiplier, then greedy landing), ``dp`` (exact
+multiple-choice knapsack).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from layerprune import _core
+from layerprune.arch.budget import LayerShape
+from layerprune.errors import InvalidInputError
+
+SOLVERS = ("uniform", "seed", "greedy", "lagrange", "dp")
+# The solvers of unbalanced pruning (every one but `uniform`).
+UNBALANCED_SOLVERS = tuple(s for s in SOLVERS if s != "uniform")
+
+
+@dataclass
+class AllocationSpec:
+    """An allocation problem. Rates are fractions REMOVED. ``min_rate``/``max_rate`` apply to
+    attention and MLP unless ``min_attn_rate`` etc. are given. Layer ranges are half-open
+    ``[start, end)``; layers outside a range keep that component whole (every solver).
+    ``tie``: a layer's kept MLP fraction stays within half a KV group of its kept KV-group
+    fraction, ``|f/I - g/Hkv| <= 1/(2*Hkv)``. ``layer_rate`` switches ``uniform`` to LLM-Pruner
+    semantics. ``log_transform``, ``alpha``, ``min_effective_rate``: ``seed`` options."""
+
+    ratio: float
+    layers: list[LayerShape]
+    extra_params: int = 0
+    importance: npt.NDArray[np.float64] | None = None
+    attn_importance: npt.NDArray[np.float64] | None = None
+    mlp_importance: npt.NDArray[np.float64] | None = None
+    attn_curves: list[npt.NDArray[np.float64]] | None = None
+    mlp_curves: list[npt.NDArray[np.float64]] | None = None
+    mlp_step: int = 1
+    min_kv_groups: int = 1
+    min_mlp: int | None = None
+    protected: tuple[int, ...] = ()
+    min_rate: float = 0.0
+    max_rate: float = 1.0
+    min_attn_rate: float | None = None
+    max_attn_rate: float | None = None
+    min_mlp_rate: float | None = None
+    max_mlp_rate: float | None = None
+    tie: bool = False
+    attn_layer_start: int | None = None
+    attn_layer_end: int | None = None
+    mlp_layer_start: int | None = None
+    mlp_layer_end: int | None = None
+    min_effective_rate: float = 0.0
+    layer_rate: float | None = None
+    log_transform: bool = False
+    alpha: float = 1.0
+
+    @property
+    def params_layers(self) -> int:
+        """Parameters of all decoder layers (unpruned)."""
+        return sum(s.params() for s in self.layers)
+
+    @property
+    def params_total(self) -> int:
+        """All model parameters: decoder layers plus ``extra_params``."""
+        return self.params_layers + self.extra_params
+
+
+@dataclass(frozen=True)
+class LayerAllocation:
+    """What one layer keeps; rates are fractions removed."""
+
+    kv_groups_kept: int
+    q_heads_kept: int
+    mlp_kept: int
+    attn_rate: float
+    mlp_rate: float
+    params_kept: int
+
+
+@dataclass(frozen=True)
+class AllocationResult:
+    """A solver's answer. ``actual_ratio``: removed fraction of all parameters;
+    ``actual_ratio_layers``: removed fraction of decoder-layer parameters. ``target_removed``
+    and ``granule`` give the budget window ``[target_removed, target_removed + granule]``."""
+
+    layers: list[LayerAllocation]
+    params_before: int
+    params_after: int
+    actual_ratio: float
+    actual_ratio_layers: float
+    objective: float
+    solver: str
+    solve_seconds: float
+    binding: list[str]
+    target_removed: int = 0
+    granule: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def params_removed(self) -> int:
+        return self.params_before - self.params_after
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layers": [
+                {
+                    "kv_groups_kept": la.kv_groups_kept,
+                    "q_heads_kept": la.q_heads_kept,
+                    "mlp_kept": la.mlp_kept,
+                    "attn_rate": la.attn_rate,
+                    "mlp_rate": la.mlp_rate,
+                    "params_kept": la.params_kept,
+                }
+                for la in self.layers
+            ],
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "actual_ratio": self.actual_ratio,
+            "actual_ratio_layers": self.actual_ratio_layers,
+            "objective": self.objective,
+            "solver": self.solver,
+            "solve_seconds": self.solve_seconds,
+            "binding": list(self.binding),
+            "target_removed": self.target_removed,
+            "granule": self.granule,
+            "notes": list(self.notes),
+        }
+
+
+def f64_array(name: str, a: Any) -> npt.NDArray[np.float64]:
+    try:
+        arr = np.ascontiguousarray(a, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{name}: not an array of numbers ({exc})") from None
+    if arr.ndim != 1:
+        raise InvalidInputError(f"{name}: expected a 1-D array, got shape {arr.shape}")
+    return arr
+
+
+def _shapes_array(layers: list[LayerShape]) -> npt.NDArray[np.int64]:
+    if not layers:
+        raise InvalidInputError("layers: at least one layer is required")
+    rows = []
+    for i, s in enumerate(layers):
+        if not isinstance(s, LayerShape):
+            raise InvalidInputError(f"layers[{i}]: expected a LayerShape, got {type(s).__name__}")
+        rows.append(s.row())
+    return np.asarray(rows, dtype=np.int64)
+
+
+def allocate(spec: AllocationSpec, solver: str = "dp") -> AllocationResult:
+    """Solve ``spec`` with ``solver`` (one of :data:`SOLVERS`). Raises InvalidInputError for bad
+    fields (the message names the field) and InfeasibleError for a budget the constraints
+    cannot meet."""
+    if solver not in SOLVERS:
+        raise InvalidInputError(f"solver: unknown solver {solver!r} (expected one of {', '.join(SOLVERS)})")
+    if spec.importance is not None and (spec.attn_importance is not None or spec.mlp_importance is not None):
+        raise InvalidInputError("importance: give either importance or attn_importance/mlp_importance, not both")
+    attn_imp = spec.attn_importance if spec.attn_importance is not None else spec.importance
+    mlp_imp = spec.mlp_importance if spec.mlp_importance is not None else spec.importance
+
+    def pick(specific: float | None, shared: float) -> float:
+        return float(shared if specific is None else specific)
+
+    out = _core.allocate(
+        _shapes_array(list(spec.layers)),
+        float(spec.ratio),
+        solver,
+        extra_params=int(spec.extra_params),
+        attn_importance=None if attn_imp is None else f64_array("attn_importance", attn_imp),
+        mlp_importance=None if mlp_imp is None else f64_array("mlp_importance", mlp_imp),
+        attn_curves=None if spec.attn_curves is None else [f64_array(f"attn_curves[{i}]", c) for i, c in enumerate(spec.attn_curves)],
+        mlp_curves=None if spec.mlp_curves is None else [f64_array(f"mlp_curves[{i}]", c) for i, c in enumerate(spec.mlp_curves)],
+        mlp_step=int(spec.mlp_step),
+        min_kv_groups=int(spec.min_kv_groups),
+        min_mlp=None if spec.min_mlp is None else int(spec.min_mlp),
+        protected=[int(p) for p in spec.protected],
+        min_attn_rate=pick(spec.min_attn_rate, spec.min_rate),
+        max_attn_rate=pick(spec.max_attn_rate, spec.max_rate),
+        min_mlp_rate=pick(spec.min_mlp_rate, spec.min_rate),
+        max_mlp_rate=pick(spec.max_mlp_rate, spec.max_rate),
+        tie=bool(spec.tie),
+        attn_layer_start=spec.attn_layer_start,
+        attn_layer_end=spec.attn_layer_end,
+        mlp_layer_start=spec.mlp_layer_start,
+        mlp_layer_end=spec.mlp_layer_end,
+        min_effective_rate=float(spec.min_effective_rate),
+        layer_rate=None if spec.layer_rate is None else float(spec.layer_rate),
+        log_transform=bool(spec.log_transform),
+        alpha=float(spec.alpha),
+    )
+    layers = [
+        LayerAllocation(int(g), int(q), int(f), float(ar), float(mr), int(pk))
+        for g, q, f, ar, mr, pk in zip(
+            out["kv_groups_kept"], out["q_heads_kept"], out["mlp_kept"], out["attn_rate"], out["mlp_rate"], out["params_kept"]
+        )
+    ]
+    return AllocationResult(
+        layers=layers,
+        params_before=int(out["params_before"]),
+        params_after=int(out["params_after"]),
+        actual_ratio=float(out["actual_ratio"]),
+        actual_ratio_layers=float(out["actual_ratio_layers"]),
+        objective=float(out["objective"]),
+        solver=str(out["solver"]),
+        solve_seconds=float(out["solve_seconds"]),
+        binding=list(out["binding"]),
+        target_removed=int(out["target_removed"]),
+        granule=int(out["granule"]),
+        notes=list(out["notes"]),
+    )
+
+
+__all__ = ["SOLVERS", "UNBALANCED_SOLVERS", "AllocationResult", "AllocationSpec", "LayerAllocation", "LayerShape", "allocate"]

@@ -1,0 +1,214 @@
+"""What the pipeline knows about a model family, in one object: the adapter.
+
+Every family layerprune prunes has the Llama layout: ``model.model.layers[l]`` with ``input_layernorm``,
+``self_attn.{q,k,v,o}_proj``, ``post_attention_layernorm`` and ``mlp.{gate,up,down}_proj``, a final
+``model.model.norm`` and ``lm_head``. Families differ in which projections carry biases, in per-head q/k
+norms, in settings their config must keep (rope scaling, sliding window) and in the class they are
+saved as. A family file (``arch/<family>.py``) defines one :class:`FamilyAdapter` named ``ADAPTER``;
+nothing outside ``arch/`` names a family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from layerprune.arch.budget import LayerShape
+from layerprune.errors import ModelError
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# Keyword arguments a decoder layer receives from its model that the attention needs again.
+LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
+
+
+def config_value(config: Any, key: str, default: Any = None) -> Any:
+    """``config.key`` for a transformers config or a ``config.json`` dict; None counts as missing."""
+    value = config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
+    return default if value is None else value
+
+
+def head_dim(config: Any) -> int:
+    """Head size: ``config.head_dim`` when set, else ``hidden_size // num_attention_heads``."""
+    explicit = config_value(config, "head_dim")
+    if explicit:
+        return int(explicit)
+    return int(config_value(config, "hidden_size")) // int(config_value(config, "num_attention_heads"))
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """One decoder layer's widths, read from its weights (so it holds after pruning)."""
+
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+
+    @property
+    def ratio(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """One model family.
+
+    ``architectures`` / ``model_type``: how a config names the family. ``transformers_prefix``: the
+    transformers class prefix (``Qwen2`` for ``Qwen2Config`` / ``Qwen2ForCausalLM``); the pruned model is
+    saved as ``Layerprune<prefix>ForCausalLM`` with model_type ``layerprune_<model_type>``.
+    ``kept_settings``: config keys a saved pruned model must carry unchanged (checked by the tests).
+    ``qkv_bias`` / ``o_bias``: None reads ``attention_bias`` from the config; a bool is fixed by the
+    family. ``qk_norm``: per-head ``q_norm``/``k_norm`` of shape ``[head_dim]`` in every attention.
+    """
+
+    name: str
+    architectures: tuple[str, ...]
+    model_type: str
+    transformers_prefix: str
+    kept_settings: tuple[str, ...] = ("rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps",
+                                      "tie_word_embeddings", "max_position_embeddings")
+    qkv_bias: bool | None = None
+    o_bias: bool | None = None
+    qk_norm: bool = False
+    description: str = ""
+
+    # ---- names -------------------------------------------------------------------------------------
+
+    @property
+    def pruned_model_type(self) -> str:
+        return f"layerprune_{self.model_type}"
+
+    @property
+    def pruned_architecture(self) -> str:
+        return f"Layerprune{self.transformers_prefix}ForCausalLM"
+
+    @property
+    def pruned_config_class(self) -> str:
+        return f"Layerprune{self.transformers_prefix}Config"
+
+    # ---- config ------------------------------------------------------------------------------------
+
+    def biases(self, config: Any) -> tuple[bool, bool, bool]:
+        """(q/k/v biases, o_proj bias, MLP biases) of a model of this family."""
+        attention = bool(config_value(config, "attention_bias", False))
+        qkv = attention if self.qkv_bias is None else self.qkv_bias
+        o = attention if self.o_bias is None else self.o_bias
+        return qkv, o, bool(config_value(config, "mlp_bias", False))
+
+    def layer_shape(self, config: Any) -> LayerShape:
+        """The dense layer's budget shape from its config (two RMSNorms of ``hidden`` each)."""
+        try:
+            hidden = int(config_value(config, "hidden_size"))
+            heads = int(config_value(config, "num_attention_heads"))
+            kv = int(config_value(config, "num_key_value_heads", heads))
+            inter = int(config_value(config, "intermediate_size"))
+            hd = head_dim(config)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"config: missing or non-integer {self.name} field ({exc})") from None
+        qkv, o, mlp = self.biases(config)
+        return LayerShape(hidden, heads, kv, hd, inter, qkv_bias=qkv, o_bias=o, mlp_bias=mlp,
+                          qk_norm=self.qk_norm, norm_params=2 * hidden)
+
+    def num_layers(self, config: Any) -> int:
+        return int(config_value(config, "num_hidden_layers"))
+
+    def extra_params(self, config: Any) -> int:
+        """Parameters outside the decoder layers: embeddings, ``lm_head`` unless tied, the final norm."""
+        hidden = int(config_value(config, "hidden_size"))
+        vocab = int(config_value(config, "vocab_size"))
+        tied = bool(config_value(config, "tie_word_embeddings", False))
+        return vocab * hidden * (1 if tied else 2) + hidden
+
+    # ---- modules -----------------------------------------------------------------------------------
+
+    def inner_model(self, model: Any) -> Any:
+        """The decoder stack (``model.model``; a bare decoder model is its own)."""
+        inner = getattr(model, "model", model)
+        if getattr(inner, "layers", None) is None:
+            raise ModelError(f"model: {type(model).__name__} has no model.layers (not a {self.name} causal LM)")
+        return inner
+
+    def decoder_layers(self, model: Any) -> list[Any]:
+        """The decoder layers, each checked for the modules the pipeline uses."""
+        layers = list(self.inner_model(model).layers)
+        for i, layer in enumerate(layers):
+            self._check_layer(layer, i)
+        return layers
+
+    def _check_layer(self, layer: Any, index: int) -> None:
+        from torch import nn
+
+        for sub in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
+            if not hasattr(layer, sub):
+                raise ModelError(f"model.layers[{index}] ({type(layer).__name__}) has no `{sub}`: not a {self.name} layer")
+        for block, names in ((layer.self_attn, ATTENTION_PROJECTIONS), (layer.mlp, MLP_PROJECTIONS)):
+            for n in names:
+                if not isinstance(getattr(block, n, None), nn.Linear):
+                    raise ModelError(f"model.layers[{index}]: expected a Linear `{n}` (not a {self.name} layer)")
+
+    def final_norm(self, model: Any) -> Any:
+        return self.inner_model(model).norm
+
+    def lm_head(self, model: Any) -> Any:
+        head = getattr(model, "lm_head", None)
+        if head is None:
+            raise ModelError(f"model: {type(model).__name__} has no lm_head (not a causal LM)")
+        return head
+
+    def projections(self, layer: Any) -> dict[str, Any]:
+        """``{"self_attn.q_proj": Linear, ..., "mlp.down_proj": Linear}`` of one layer."""
+        out = {f"self_attn.{n}": getattr(layer.self_attn, n) for n in ATTENTION_PROJECTIONS}
+        out.update({f"mlp.{n}": getattr(layer.mlp, n) for n in MLP_PROJECTIONS})
+        return out
+
+    def layer_prefix(self, index: int) -> str:
+        """Qualified module name of decoder layer ``index`` inside the causal LM."""
+        return f"model.layers.{index}"
+
+    def unpruned_attention_parameters(self) -> tuple[str, ...]:
+        """Attention submodules that own parameters but are never sliced (shared across heads)."""
+        return ("q_norm", "k_norm") if self.qk_norm else ()
+
+    def geometry(self, model: Any, layer: Any) -> LayerGeometry:
+        """Widths of one layer from its weights; ``head_dim`` from the config."""
+        hd = head_dim(model.config)
+        attn = layer.self_attn
+        return LayerGeometry(attn.q_proj.out_features // hd, attn.k_proj.out_features // hd, hd,
+                             layer.mlp.gate_proj.out_features)
+
+    def set_widths(self, layer: Any, geometry: LayerGeometry) -> None:
+        """Per-module attributes some transformers releases reshape with; newer ones infer from weights."""
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.num_key_value_groups = geometry.ratio
+        if hasattr(attn, "num_heads"):
+            attn.num_heads = geometry.num_q_heads
+        if hasattr(attn, "num_key_value_heads"):
+            attn.num_key_value_heads = geometry.num_kv_heads
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = geometry.intermediate
+
+    # ---- the decoder block, written out (layer importance) -------------------------------------------
+
+    def attention_block(self, layer: Any, hidden: Any, kwargs: Mapping[str, Any]) -> Any:
+        """``Attn(input_layernorm(x))`` without the residual, with the kwargs the model passed the layer."""
+        out = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **{k: kwargs.get(k) for k in LAYER_KWARGS})
+        return out[0] if isinstance(out, tuple) else out
+
+    def mlp_block(self, layer: Any, hidden: Any) -> Any:
+        """``MLP(post_attention_layernorm(h))`` without the residual."""
+        return layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def layer_forward(self, layer: Any, hidden: Any, kwargs: Mapping[str, Any], *, skip_attn: bool = False,
+                      skip_mlp: bool = False) -> Any:
+        """Pre-norm residual block: ``h = x + Attn(LN1 x)``; ``y = h + MLP(LN2 h)``; either branch skippable."""
+        if not skip_attn:
+            hidden = hidden + self.attention_block(layer, hidden, kwargs)
+        if not skip_mlp:
+            hidden = hidden + self.mlp_block(layer, hidden)
+        return hidden
+
+
+__all__ = ["ATTENTION_PROJECTIONS", "LAYER_KWARGS", "MLP_PROJECTIONS", "FamilyAdapter", "LayerGeometry",
+           "config_value", "head_dim"]

@@ -1,0 +1,63 @@
+"""The exact parameter count of one decoder layer, as a function of what it keeps.
+
+A layer keeping ``g`` KV groups (``r = Hq/Hkv`` query heads each) and ``f`` MLP channels holds::
+
+    attn(g) = d*hd*(2*r*g + 2*g) + qkv_bias*hd*(r*g + 2*g) + o_bias*d + qk_norm*2*hd
+    mlp(f)  = 3*d*f + mlp_bias*(2*f + d)
+    layer   = attn(g) + mlp(f) + norm_params
+
+``d`` is the hidden size and ``hd`` the head size. The o_proj and down_proj biases (``d`` each) and the
+per-head q/k norms (Qwen3: ``hd`` each, shared by all heads) are never pruned but are counted. This is
+the formula the Rust solvers use (``rust/src/alloc/mod.rs``); the shape rows handed to them are
+:meth:`LayerShape.row`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Shape of one decoder layer. ``norm_params``: its layer norms (never pruned)."""
+
+    hidden: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    norm_params: int = 0
+
+    def params(self, kv_groups: int | None = None, mlp: int | None = None) -> int:
+        """Parameters of the layer keeping ``kv_groups`` KV groups and ``mlp`` channels (default: all)."""
+        g = self.num_kv_heads if kv_groups is None else kv_groups
+        f = self.intermediate if mlp is None else mlp
+        r = self.num_q_heads // self.num_kv_heads
+        d, hd = self.hidden, self.head_dim
+        attn = d * hd * (2 * r * g + 2 * g)
+        attn += (hd * (r * g + 2 * g) if self.qkv_bias else 0) + (d if self.o_bias else 0)
+        attn += 2 * hd if self.qk_norm else 0
+        mlp_p = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
+        return attn + mlp_p + self.norm_params
+
+    def row(self) -> list[int]:
+        """The int64 row of the Rust solvers' ``shapes`` array (column order of ``SHAPE_COLUMNS``)."""
+        return [int(getattr(self, name)) for name in SHAPE_COLUMNS]
+
+
+SHAPE_COLUMNS = (
+    "hidden", "num_q_heads", "num_kv_heads", "head_dim", "intermediate",
+    "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "norm_params",
+)  # fmt: skip
+
+
+def mlp_grid_size(intermediate: int, mlp_step: int) -> int:
+    """Points of the budget's MLP grid: index j keeps ``min(j * mlp_step, I)`` channels, j = 0 .. ceil(I / mlp_step)."""
+    return -(-intermediate // mlp_step) + 1
+
+
+__all__ = ["SHAPE_COLUMNS", "LayerShape", "mlp_grid_size"]

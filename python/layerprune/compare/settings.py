@@ -1,0 +1,141 @@
+"""What a comparison runs: its methods, its settings and the pruning config of each method."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from layerprune.errors import InvalidInputError
+from layerprune.pruning.pipeline import PruneConfig
+
+METHODS = ("dense", "uniform-range", "uniform", "unbalanced-seed", "unbalanced")
+PRUNED_METHODS = METHODS[1:]
+# LLM-Pruner's llama3.py: block_*_layer_start=3, block_*_layer_end=31 for 32 layers -> [3, L-1)
+REFERENCE_RANGE_START = 3
+REFERENCE_RANGE_END_FROM_LAST = 1
+SEED_MIN_EFFECTIVE_RATE = 0.15
+DEFAULT_MAX_TOKENS = 32768
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "In 1969, the first person to walk on the Moon was",
+    "The three primary colors are",
+    "Robert Boulter is an English film, television and theatre actor. He",
+)
+METHOD_NOTES = {
+    "dense": "the unpruned model.",
+    "uniform-range": (
+        "LLM-Pruner llama3.py block-wise setting: one rate for layers [3, L-1) (first three and last layer kept), "
+        "floor(rate * n) KV groups / channels removed per layer; rate chosen by bisection on the parameter count "
+        "so the model lands closest to the target ratio (achieved ratio reported)."
+    ),
+    "uniform": "one rate for every layer, matched to the exact parameter budget (within one granule).",
+    "unbalanced-seed": (
+        "reference mapping: layer importance by removal, inverse mapping to per-layer rates, "
+        f"minimum effective rate {SEED_MIN_EFFECTIVE_RATE}, floors; the ratio requested from the mapping is chosen "
+        "by bisection on the parameter count so the model lands closest to the target (achieved ratio reported)."
+    ),
+    "unbalanced": "per-layer sensitivity curves + exact DP allocation at the same parameter budget as `uniform`.",
+}
+LAYER_IMPORTANCE_FOR = {"unbalanced-seed": "removal", "unbalanced": "sensitivity"}
+
+
+@dataclasses.dataclass
+class CompareSettings:
+    """Everything that decides the numbers of a comparison (the runs' cache key is derived from it)."""
+
+    ratios: tuple[float, ...]
+    methods: tuple[str, ...] = METHODS
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
+    seq_len: int = 128
+    dataset: str = "wikitext2"
+    data_dir: str | None = None
+    seed: int = 0
+    calib_samples: int = 10
+    calib_seq_len: int = 64
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    max_new_tokens: int = 16
+    throughput_repeats: int = 3
+    save_models: bool = True
+    importance: str = "taylor"
+    mlp_step: int = 1
+
+
+def parse_ratios(text: str | Sequence[float]) -> tuple[float, ...]:
+    """'0.2,0.25' -> (0.2, 0.25): finite, in (0, 1), no duplicates; sorted ascending."""
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.split(",")]
+        if not text.strip() or any(not p for p in parts):
+            raise InvalidInputError(f"--ratios: expected a comma-separated list like 0.2,0.25; got '{text}'")
+        values = []
+        for part in parts:
+            try:
+                values.append(float(part))
+            except ValueError:
+                raise InvalidInputError(f"--ratios: '{part}' is not a number (in '{text}')") from None
+    else:
+        values = [float(v) for v in text]
+    if not values:
+        raise InvalidInputError("--ratios: at least one ratio is needed")
+    for value in values:
+        if not math.isfinite(value) or not 0.0 < value < 1.0:
+            raise InvalidInputError(f"--ratio: each ratio must be strictly between 0 and 1; got {value:g}")
+    rounded = [round(v, 6) for v in values]
+    if len(set(rounded)) != len(rounded):
+        raise InvalidInputError(f"--ratios: duplicate ratio in {', '.join(f'{v:g}' for v in values)}")
+    return tuple(sorted(rounded))
+
+
+def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
+    names = [m.strip() for m in text.split(",")] if isinstance(text, str) else list(text)
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise InvalidInputError(f"--methods: unknown method '{', '.join(unknown) or text}'; choose from {', '.join(METHODS)}")
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"--methods: duplicate method in '{','.join(names)}'")
+    ordered = tuple(m for m in METHODS if m in names)
+    return ordered if "dense" in ordered else ("dense", *ordered)  # Δ vs dense needs the dense run
+
+
+def validate_settings(settings: CompareSettings) -> CompareSettings:
+    ratios = parse_ratios(settings.ratios)
+    methods = parse_methods(settings.methods)
+    if settings.seq_len < 2:
+        raise InvalidInputError(f"--seq-len must be at least 2; got {settings.seq_len}")
+    if settings.max_tokens is not None and settings.max_tokens < settings.seq_len:
+        raise InvalidInputError(f"--max-tokens {settings.max_tokens} is smaller than one window of --seq-len {settings.seq_len}")
+    if settings.calib_samples < 1:
+        raise InvalidInputError(f"--calib-samples must be positive; got {settings.calib_samples}")
+    if settings.calib_seq_len < 2:
+        raise InvalidInputError(f"--calib-seq-len must be at least 2; got {settings.calib_seq_len}")
+    if settings.max_new_tokens < 1:
+        raise InvalidInputError(f"--max-new-tokens must be positive; got {settings.max_new_tokens}")
+    return dataclasses.replace(settings, ratios=ratios, methods=methods)
+
+
+def reference_range(num_layers: int) -> tuple[int, int]:
+    """LLM-Pruner's block-wise range [3, L-1); for models too shallow for it, [1, L-1), else all layers."""
+    start, end = REFERENCE_RANGE_START, num_layers - REFERENCE_RANGE_END_FROM_LAST
+    if end - start >= 1:
+        return start, end
+    if num_layers >= 3:
+        return 1, num_layers - 1
+    return 0, num_layers
+
+
+def prune_config(method: str, ratio: float, settings: CompareSettings, num_layers: int) -> Any:
+    common: dict[str, Any] = dict(importance=settings.importance, calib_samples=settings.calib_samples,
+                  calib_seq_len=settings.calib_seq_len, mlp_step=settings.mlp_step, seed=settings.seed,
+                  dataset=settings.dataset, data_dir=settings.data_dir)
+    if method == "uniform-range":
+        start, end = reference_range(num_layers)
+        return PruneConfig(ratio=ratio, mode="uniform", match_params=False, layer_start=start, layer_end=end, **common)
+    if method == "uniform":
+        return PruneConfig(ratio=ratio, mode="uniform", match_params=True, **common)
+    if method == "unbalanced-seed":
+        return PruneConfig(ratio=ratio, mode="unbalanced", solver="seed", layer_importance="removal",
+                           min_effective_rate=SEED_MIN_EFFECTIVE_RATE, **common)
+    if method == "unbalanced":
+        return PruneConfig(ratio=ratio, mode="unbalanced", solver="dp", layer_importance="sensitivity", **common)
+    raise InvalidInputError(f"method: unknown '{method}'")

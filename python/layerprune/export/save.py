@@ -1,0 +1,168 @@
+"""Save pruned models whose layers have different widths, of any supported family.
+
+A saved folder holds model.safetensors, config.json (the family's pruned model_type, e.g.
+"layerprune_qwen2", its per-layer widths, an auto_map to the copied modeling_layerprune.py, a `layerprune`
+marker, and every other setting of the dense config: rope scaling, sliding window, biases, norms),
+generation_config.json, the tokenizer files (if a tokenizer is given) and report.json (if a report is
+given). It loads with `layerprune.load_pruned(folder)` or, without layerprune installed, with
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from layerprune.arch import PRUNED_MARKER_KEY, FamilyAdapter, adapter_for, check_consistency, layer_shapes
+from layerprune.arch import modeling_layerprune as modeling
+from layerprune.atomic import json_safe
+from layerprune.errors import InvalidInputError, ModelError
+from layerprune.models import FORMAT_VERSION
+
+__all__ = ["MODELING_FILE", "save_pruned"]
+
+MODELING_FILE = "modeling_layerprune.py"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _version() -> str:
+    from layerprune import __version__
+
+    return __version__
+
+
+def _tied(model: nn.Module) -> bool:
+    """Whether lm_head shares its weight tensor with the input embedding."""
+    lm_head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if lm_head is None or embed is None:
+        return False
+    a, b = lm_head.weight, embed.weight
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype)
+
+
+def _check_layout(model: Any, adapter: FamilyAdapter) -> None:
+    """Every projection's bias presence matches the family's bias flags for this config."""
+    qkv, o, mlp_bias = adapter.biases(model.config)
+    flags = {"q_proj": qkv, "k_proj": qkv, "v_proj": qkv, "o_proj": o, "gate_proj": mlp_bias, "up_proj": mlp_bias,
+             "down_proj": mlp_bias}
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        for name, lin in adapter.projections(layer).items():
+            short = name.rsplit(".", 1)[-1]
+            if (lin.bias is not None) != flags[short]:
+                raise ModelError(f"model.layers[{i}]: {name} bias presence disagrees with the {adapter.name} config")
+
+
+def _pruned_config(model: Any, adapter: FamilyAdapter, tie: bool) -> dict[str, Any]:
+    shapes = layer_shapes(model)
+    config = model.config.to_dict()
+    head_dim = shapes[0]["head_dim"] if shapes else config.get("head_dim")
+    dtype = next(model.parameters()).dtype
+    module = MODELING_FILE.removesuffix(".py")
+    config.update(
+        {
+            "model_type": adapter.model_type,
+            "architectures": [adapter.pruned_architecture],
+            "auto_map": {"AutoModelForCausalLM": f"{module}.{adapter.pruned_architecture}"},
+            "head_dim": head_dim,
+            "layer_num_attention_heads": [s["num_q_heads"] for s in shapes],
+            "layer_num_key_value_heads": [s["num_kv_heads"] for s in shapes],
+            "layer_intermediate_sizes": [s["intermediate"] for s in shapes],
+            "tie_word_embeddings": tie,
+            "dtype": str(dtype).removeprefix("torch."),
+            PRUNED_MARKER_KEY: {"version": _version(), "format": FORMAT_VERSION, "family": adapter.name},
+        }
+    )
+    config.pop("torch_dtype", None)
+    config.pop("_name_or_path", None)
+    return config
+
+
+def _weights(model: nn.Module, tie: bool) -> dict[str, torch.Tensor]:
+    """State dict on CPU; with tied embeddings the shared tensor is stored once (as the embedding)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if tie and name == "lm_head.weight":
+            continue
+        state[name] = tensor.detach().to("cpu").contiguous().clone()
+    return state
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"out_dir: {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InvalidInputError(f"out_dir: {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename tmp to out; an existing out is first renamed aside, then deleted once tmp is in place."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    aside.rmdir()
+    os.replace(out, aside)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def save_pruned(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | os.PathLike[str],
+    report: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a pruned (or dense) model to out_dir and return its path; the model is not modified.
+
+    Everything is written to a temporary folder next to out_dir and renamed at the end, so a failure leaves
+    no partial folder. A non-empty out_dir is refused unless overwrite is true.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir).expanduser().absolute()
+    _prepare_out_dir(out, overwrite)
+    adapter = adapter_for(model, "model")
+    check_consistency(model)
+    _check_layout(model, adapter)
+    tie = _tied(model)  # decided from the tensors, not the config flag, so the reload matches the model
+    config = _pruned_config(model, adapter, tie)
+    report_text = None
+    if report is not None:
+        if not isinstance(report, dict):
+            raise InvalidInputError(f"report: expected a dict, got {type(report).__name__}")
+        try:
+            report_text = json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
+        except InvalidInputError as err:
+            raise InvalidInputError(f"report: {err}") from None
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(_weights(model, tie), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.to_json_file(str(tmp / "generation_config.json"))
+        shutil.copyfile(modeling.__file__, tmp / MODELING_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if report_text is not None:
+            (tmp / "report.json").write_text(report_text)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

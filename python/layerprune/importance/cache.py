@@ -1,0 +1,153 @@
+"""One cached forward pass: the hidden state entering every decoder layer, and the loss from any layer on.
+
+Every layer-importance method reuses it: evaluating a change to layer ``l`` runs only layer ``l`` and
+layers ``l+1 .. L-1`` plus the final norm and ``lm_head`` on the cached input of layer ``l``. Each layer
+is called again with the exact keyword arguments (causal or sliding-window mask, position embeddings)
+that its model passed it, captured by a forward pre-hook.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from layerprune.arch import LAYER_KWARGS, adapter_for
+from layerprune.errors import InvalidInputError, ModelError, NumericalError
+
+METRICS = ("loss", "ppl")
+
+
+@dataclass
+class LayerInputs:
+    """Hidden states entering every decoder layer (``hidden[L]`` enters the final norm)."""
+
+    hidden: list[torch.Tensor]
+    layer_kwargs: list[dict[str, Any]]
+    labels: torch.Tensor
+    base_loss: float
+
+
+def check_ids(calib_ids: torch.Tensor) -> torch.Tensor:
+    if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.dtype not in (torch.long, torch.int):
+        raise InvalidInputError("calib_ids: expected a 2-D integer tensor [n_samples, seq_len]")
+    if calib_ids.shape[1] < 2 or calib_ids.shape[0] < 1:
+        raise InvalidInputError(f"calib_ids: need at least 1 sample of >= 2 tokens, got shape {tuple(calib_ids.shape)}")
+    return calib_ids.long()
+
+
+def head_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 4) -> float:
+    """Mean next-token cross-entropy from the hidden state entering the final norm.
+
+    ``loss = mean_{b,t<T-1} CE(lm_head(norm(h))[b,t], labels[b,t+1])`` (what HF's ``labels=input_ids``
+    computes), evaluated ``chunk`` samples at a time to bound the logits' memory.
+    """
+    adapter = adapter_for(model)
+    norm, lm_head = adapter.final_norm(model), adapter.lm_head(model)
+    total, count = 0.0, 0
+    for s in range(0, hidden.shape[0], chunk):
+        logits = lm_head(norm(hidden[s : s + chunk, :-1])).float()
+        target = labels[s : s + chunk, 1:]
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+        count += target.numel()
+    return total / count
+
+
+def layer_call(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def capture_layer_inputs(model: torch.nn.Module, calib_ids: torch.Tensor, progress: bool = True) -> LayerInputs:
+    """One forward pass that records the hidden state entering each decoder layer and the final
+    norm, and the keyword arguments (mask, position embeddings) each layer was called with."""
+    calib_ids = check_ids(calib_ids)
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
+    num = len(layers)
+    hidden: list[torch.Tensor | None] = [None] * (num + 1)
+    kwargs_seen: list[dict[str, Any]] = [{} for _ in range(num)]
+    handles = []
+
+    def make_hook(index: int):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            hidden[index] = x.detach()
+            kwargs_seen[index] = {k: v for k, v in kwargs.items() if k in LAYER_KWARGS}
+
+        return hook
+
+    def final_hook(module, args):
+        hidden[num] = args[0].detach()
+
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+        handles.append(adapter.final_norm(model).register_forward_pre_hook(final_hook))
+        with torch.no_grad():
+            adapter.inner_model(model)(input_ids=calib_ids.to(model_device(model)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(h is None for h in hidden):
+        raise ModelError("model: the forward pass did not go through every decoder layer")
+    labels = calib_ids.to(model_device(model))
+    with torch.no_grad():
+        base = head_loss(model, hidden[num], labels)  # type: ignore[arg-type]
+    if not math.isfinite(base):
+        raise NumericalError(f"calibration loss of the dense model is {base} (overflow in {_dtype(model)}?)")
+    return LayerInputs(hidden=hidden, layer_kwargs=kwargs_seen, labels=labels, base_loss=base)  # type: ignore[arg-type]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def loss_from_layer(model: torch.nn.Module, cache: LayerInputs, start: int, hidden: torch.Tensor) -> float:
+    """Calibration loss when ``hidden`` enters layer ``start`` (runs layers start..L-1 + head)."""
+    layers = adapter_for(model).decoder_layers(model)
+    with torch.no_grad():
+        for i in range(start, len(layers)):
+            hidden = layer_call(layers[i], hidden, cache.layer_kwargs[i])
+        loss = head_loss(model, hidden, cache.labels)
+    if not math.isfinite(loss):
+        raise NumericalError(f"calibration loss became {loss} after perturbing layer {start - 1}")
+    return loss
+
+
+def subset_cache(model: torch.nn.Module, cache: LayerInputs, n_samples: int) -> LayerInputs:
+    """The first ``n_samples`` calibration sequences of a cache (per-sample tensors sliced on dim 0)."""
+    n_all = cache.labels.shape[0]
+    if n_samples >= n_all:
+        return cache
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n_all:
+            return v[:n_samples]
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        return v
+
+    hidden = [h[:n_samples] for h in cache.hidden]
+    kwargs = [{k: cut(v) for k, v in kw.items()} for kw in cache.layer_kwargs]
+    labels = cache.labels[:n_samples]
+    sub = LayerInputs(hidden=hidden, layer_kwargs=kwargs, labels=labels, base_loss=0.0)
+    with torch.no_grad():
+        sub.base_loss = head_loss(model, hidden[-1], labels)
+    return sub
+
+
+def increase(loss: float, base: float, metric: str) -> float:
+    if metric == "ppl":
+        return math.exp(min(loss, 700.0)) - math.exp(base)
+    return loss - base
+
+
+__all__ = ["METRICS", "LayerInputs", "capture_layer_inputs", "check_ids", "head_loss", "increase", "layer_call",
+           "loss_from_layer", "model_device", "subset_cache"]

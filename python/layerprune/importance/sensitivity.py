@@ -1,0 +1,197 @@
+"""Per-layer cost curves: the calibration-loss increase when ONLY layer ``l`` is pruned.
+
+The attention curve gives the increase when layer ``l`` keeps ``g`` KV groups, the MLP curve when it
+keeps ``c`` channels; the kept groups / channels are the best ones by the element scores
+(:func:`layerprune.scoring.selection.select_keep`), exactly what the pruner will keep. Pruning is
+simulated without copying the model: the removed query heads' ``o_proj`` input columns and the removed
+channels' ``down_proj`` input columns are zeroed by a forward pre-hook, which is exactly equivalent to
+deleting them. See :func:`sensitivity_importance` for the sampled points and the interpolation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from layerprune.arch import adapter_for, gqa
+from layerprune.arch.budget import mlp_grid_size
+from layerprune.errors import InvalidInputError
+from layerprune.importance.cache import METRICS, LayerInputs, capture_layer_inputs, increase, loss_from_layer, subset_cache
+from layerprune.importance.result import LayerImportance
+from layerprune.scoring.selection import select_keep
+
+# Kept fractions sampled for the curves (the endpoints "all kept" (= 0 increase) and "none kept"
+# (= sub-block removal) are added where they are needed).
+DEFAULT_FRACTIONS = (0.25, 0.5, 0.75)
+
+
+@contextlib.contextmanager
+def _masked_inputs(linear: torch.nn.Module, keep_columns: torch.Tensor) -> Iterator[None]:
+    """Zero the input features of ``linear`` outside ``keep_columns`` (a forward pre-hook).
+
+    Zeroing the inputs of ``o_proj`` (a removed query head's output) or ``down_proj`` (a removed
+    channel) is exactly equivalent to deleting those columns: the weights are never touched.
+    """
+    mask = torch.zeros(linear.in_features, dtype=linear.weight.dtype, device=linear.weight.device)
+    mask[keep_columns] = 1.0
+
+    def hook(module, args):
+        return (args[0] * mask,) + tuple(args[1:])
+
+    handle = linear.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def head_columns(kv_groups: Sequence[int], num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """o_proj input columns of the query heads served by ``kv_groups`` (the GQA index map, :mod:`layerprune.arch.gqa`)."""
+    ratio = gqa.group_ratio(num_heads, num_kv_heads)
+    return torch.tensor(gqa.q_rows(sorted(kv_groups), ratio, head_dim), dtype=torch.long)
+
+
+def _interp_curve(points: dict[int, float], grid: np.ndarray) -> np.ndarray:
+    """Piecewise-linear interpolation through the sampled (kept -> increase) points, then made
+    monotone non-increasing in ``kept`` (keeping more never costs more: ``c[k] = max_{k'>=k} c[k']``)
+    and clipped at 0 (calibration noise can make light pruning look beneficial)."""
+    xs = np.array(sorted(points), dtype=np.float64)
+    ys = np.array([points[int(x)] for x in xs], dtype=np.float64)
+    curve = np.interp(grid.astype(np.float64), xs, ys)
+    curve = np.maximum.accumulate(curve[::-1])[::-1]
+    return np.maximum(curve, 0.0)
+
+
+def _sample_points(total: int, fractions: Sequence[float], include_zero: bool, step: int = 1) -> list[int]:
+    pts = {int(math.floor(total * f / step + 0.5)) * step for f in fractions}  # nearest, halves up
+    pts = {p for p in pts if 0 < p < total}
+    if include_zero:
+        pts.add(0)
+    return sorted(pts)
+
+
+def sensitivity_importance(
+    model: torch.nn.Module,
+    calib_ids: torch.Tensor,
+    kv_group_scores: Sequence[torch.Tensor],
+    channel_scores: Sequence[torch.Tensor],
+    *,
+    mlp_step: int = 1,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    all_kv_points_up_to: int = 4,
+    min_kv_groups: int = 1,
+    include_mlp_zero: bool = True,
+    curve_samples: int | None = None,
+    metric: str = "loss",
+    progress: bool = True,
+    cache: LayerInputs | None = None,
+) -> LayerImportance:
+    """Per-layer cost curves from a few pruned evaluations of one layer at a time.
+
+    ``curve_samples``: measure the curves on the first n calibration sequences only (default: all).
+
+    Sampled points (loss increase when only layer ``l`` is pruned, everything else dense):
+
+    * attention: every ``g`` in ``[g0, Hkv-1]`` when ``Hkv <= all_kv_points_up_to`` (SmolLM2:
+      Hkv = 3 -> g = 1, 2), otherwise ``g = round(Hkv * f)`` for ``f`` in ``fractions``; plus
+      ``g = 0`` (attention removed) only when ``min_kv_groups == 0`` (``g0``). ``g = Hkv`` is 0.
+    * MLP: ``round(I * f / mlp_step) * mlp_step`` kept channels for ``f`` in ``fractions`` and 0 kept
+      (MLP removed) when ``include_mlp_zero``; ``I`` kept is 0.
+
+    Curves are linear interpolations of these points onto the allocation grid (attention
+    g = 0..Hkv, MLP kept = 0, mlp_step, ..., I), made monotone and >= 0 (:func:`_interp_curve`);
+    when ``g = 0`` is not sampled, ``curve[0]`` repeats ``curve[1]`` (allowed for no plan with
+    ``min_kv_groups >= 1``). Not made convex: the ``dp`` solver takes any curve.
+
+    ``attn[l]``/``mlp[l]`` summarise the curves as the increase at the middle sampled fraction;
+    ``combined`` is their sum.  Cost: per layer (#attn points + #MLP points) partial evaluations,
+    each running layers l..L-1 + head on the cached input of layer l.
+    """
+    if metric not in METRICS:
+        raise InvalidInputError(f"metric: expected one of {METRICS}, got {metric!r}")
+    if mlp_step < 1:
+        raise InvalidInputError(f"mlp_step: must be >= 1, got {mlp_step}")
+    start = time.perf_counter()
+    cache = cache or capture_layer_inputs(model, calib_ids, progress)
+    if curve_samples is not None:
+        if curve_samples < 1:
+            raise InvalidInputError(f"curve_samples: must be >= 1, got {curve_samples}")
+        cache = subset_cache(model, cache, curve_samples)
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
+    num = len(layers)
+    if len(kv_group_scores) != num or len(channel_scores) != num:
+        raise InvalidInputError(
+            f"kv_group_scores/channel_scores: need one tensor per layer ({num}), got {len(kv_group_scores)}/{len(channel_scores)}"
+        )
+    attn_curves: list[np.ndarray] = []
+    mlp_curves: list[np.ndarray] = []
+    attn_samples: list[dict[int, float]] = []
+    mlp_samples: list[dict[int, float]] = []
+    evaluations = 0
+    with torch.no_grad():
+        for l in tqdm(range(num), desc="sensitivity curves", disable=not progress, leave=False):
+            layer, x, kw = layers[l], cache.hidden[l], cache.layer_kwargs[l]
+            geometry = adapter.geometry(model, layer)
+            num_heads, num_kv, head_dim, inter = (geometry.num_q_heads, geometry.num_kv_heads, geometry.head_dim,
+                                                  geometry.intermediate)
+            if num_kv <= all_kv_points_up_to:
+                g_points = list(range(max(min_kv_groups, 1), num_kv))
+                if min_kv_groups == 0:
+                    g_points = [0] + g_points
+            else:
+                g_points = _sample_points(num_kv, fractions, include_zero=min_kv_groups == 0)
+            c_points = _sample_points(inter, fractions, include_zero=include_mlp_zero, step=mlp_step)
+            g_values: dict[int, float] = {num_kv: 0.0}
+            c_values: dict[int, float] = {inter: 0.0}
+            # select_keep picks the top-scored groups / channels exactly as the pruner will.
+            for g in g_points:
+                kept_groups = select_keep([kv_group_scores[l]], [channel_scores[l]], [g], [inter])[0].kv_heads if g else ()
+                cols = head_columns(kept_groups, num_heads, num_kv, head_dim).to(x.device)
+                with _masked_inputs(layer.self_attn.o_proj, cols):
+                    y = adapter.layer_forward(layer, x, kw)
+                g_values[g] = increase(loss_from_layer(model, cache, l + 1, y), cache.base_loss, metric)
+                evaluations += 1
+            for c in c_points:
+                kept_channels = select_keep([kv_group_scores[l]], [channel_scores[l]], [num_kv], [c])[0].mlp_channels if c else ()
+                cols = torch.tensor(list(kept_channels), dtype=torch.long, device=x.device)
+                with _masked_inputs(layer.mlp.down_proj, cols):
+                    y = adapter.layer_forward(layer, x, kw)
+                c_values[c] = increase(loss_from_layer(model, cache, l + 1, y), cache.base_loss, metric)
+                evaluations += 1
+            attn_grid = np.arange(num_kv + 1)
+            attn_curves.append(_interp_curve(g_values, attn_grid))
+            mlp_grid = np.arange(mlp_grid_size(inter, mlp_step)) * mlp_step
+            mlp_curves.append(_interp_curve(c_values, np.minimum(mlp_grid, inter)))
+            attn_samples.append(g_values)
+            mlp_samples.append(c_values)
+    attn = np.array([float(c[c.size // 2]) for c in attn_curves])
+    mlp = np.array([float(c[c.size // 2]) for c in mlp_curves])
+    return LayerImportance(
+        method="sensitivity",
+        attn=attn,
+        mlp=mlp,
+        combined=attn + mlp,
+        attn_curves=attn_curves,
+        mlp_curves=mlp_curves,
+        mlp_step=mlp_step,
+        metric=metric,
+        base_loss=cache.base_loss,
+        seconds=time.perf_counter() - start,
+        details={
+            "calib_tokens": int(cache.labels.numel()),
+            "evaluations": evaluations,
+            "attn_samples": [{str(k): v for k, v in sorted(s.items())} for s in attn_samples],
+            "mlp_samples": [{str(k): v for k, v in sorted(s.items())} for s in mlp_samples],
+            "interpolation": "linear between sampled points, monotone non-increasing in kept, clipped at 0",
+        },
+    )
+
+
+__all__ = ["DEFAULT_FRACTIONS", "head_columns", "sensitivity_importance"]

@@ -1,0 +1,110 @@
+"""Tiny random checkpoints of every supported family, built with each family's real config class.
+
+Each case carries the setting peers lost on save (rope scaling, sliding window, biases, q/k norms)
+so the family tests can check that it survives pruning, saving and reloading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+VOCAB = 320
+SAMPLE_TEXT = " = Robert Boulter is an English film , television and theatre actor ."
+
+
+@dataclass(frozen=True)
+class FamilyCase:
+    name: str
+    config_class: str
+    model_class: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # config keys whose value must survive saving, with the value set here
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+_COMMON = dict(vocab_size=VOCAB, num_hidden_layers=3, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+CASES = (
+    FamilyCase("llama3-gqa", "LlamaConfig", "LlamaForCausalLM",
+               dict(hidden_size=48, intermediate_size=80, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                    tie_word_embeddings=True)),
+    FamilyCase("llama2-mha", "LlamaConfig", "LlamaForCausalLM",
+               dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
+                    tie_word_embeddings=False)),
+    FamilyCase("llama31-rope", "LlamaConfig", "LlamaForCausalLM",
+               dict(hidden_size=48, intermediate_size=64, num_attention_heads=6, num_key_value_heads=3, head_dim=8,
+                    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 16}),
+               settings={"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 16}}),
+    FamilyCase("mistral-window", "MistralConfig", "MistralForCausalLM",
+               dict(hidden_size=48, intermediate_size=72, num_attention_heads=8, num_key_value_heads=4, head_dim=6,
+                    sliding_window=4),
+               settings={"sliding_window": 4}),
+    FamilyCase("qwen2-bias", "Qwen2Config", "Qwen2ForCausalLM",
+               dict(hidden_size=56, intermediate_size=64, num_attention_heads=14, num_key_value_heads=2,
+                    tie_word_embeddings=True),
+               settings={"tie_word_embeddings": True}),
+    FamilyCase("qwen3-qknorm", "Qwen3Config", "Qwen3ForCausalLM",
+               dict(hidden_size=40, intermediate_size=60, num_attention_heads=8, num_key_value_heads=2, head_dim=8),
+               settings={"head_dim": 8}),
+)
+CASE_IDS = [c.name for c in CASES]
+
+
+def make_model(case: FamilyCase, seed: int = 0) -> torch.nn.Module:
+    """A float32 random model of the case's family in eval mode, with weights spread so heads differ."""
+    import transformers
+
+    config = getattr(transformers, case.config_class)(**_COMMON, **case.kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, case.model_class)(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.0 + torch.rand_like(p))
+            if p.dim() == 1 and p.shape[0] != config.hidden_size:  # biases and per-head norms: non-trivial
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@lru_cache(maxsize=1)
+def _trained_bpe() -> Any:
+    """A byte-level BPE of ``VOCAB`` tokens trained on the first 50 kB of WikiText-2 valid (every family's
+    tokenizer class reads it the same way, so folder reloads can be compared token by token)."""
+    from conftest import _data_dir
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    data = _data_dir()
+    if data is None:
+        raise RuntimeError("WikiText-2 raw data not found (see conftest.wikitext_dir)")
+    text = (data / "valid.txt").read_text(encoding="utf-8")[:50_000]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator([text], trainer)
+    return backend.to_str()
+
+
+def make_tokenizer():
+    """A fresh fast tokenizer over the tiny vocabulary (see ``_trained_bpe``)."""
+    import transformers
+    from tokenizers import Tokenizer
+
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_trained_bpe()))
+
+
+def token_ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits

@@ -1,0 +1,260 @@
+"""Every supported family end to end on tiny random checkpoints of its real config class.
+
+Per family: pruned logits equal the dense model's with the same heads and channels masked, the budget is
+exact, both reloads (layerprune's and plain transformers' remote code, in a process where layerprune cannot
+be imported) give the pruned model's logits, the saved config keeps the family's settings, and the tokenizer
+loads without a remote-code prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import site
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from families import CASE_IDS, CASES, SAMPLE_TEXT, FamilyCase, logits, make_model, make_tokenizer, token_ids
+
+from layerprune.allocation import spec_from_model_config
+from layerprune.arch import adapter_for, layer_shapes
+from layerprune.errors import ModelError
+from layerprune.export import save_pruned
+from layerprune.models import count_parameters, load_model, load_pruned
+from layerprune.pruning import PruneConfig, masked_dense_forward, prune, prune_model
+from layerprune.scoring.selection import LayerKeep
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ATOL = 2e-5
+
+
+def _keep(model) -> list[LayerKeep]:
+    """A different, non-prefix choice in every layer (last KV group kept, every other channel from an offset)."""
+    keep = []
+    for i, s in enumerate(layer_shapes(model)):
+        groups = tuple(sorted({s["num_kv_heads"] - 1, *range(0, s["num_kv_heads"] - 1, 2 + i)}))
+        channels = tuple(range(i, s["intermediate"], 2 + i))
+        keep.append(LayerKeep(kv_heads=groups, mlp_channels=channels))
+    return keep
+
+
+def _dense_folder_tokens(dense, tokenizer, folder: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    dense.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)(SAMPLE_TEXT).input_ids
+
+
+@pytest.fixture(scope="module", params=CASES, ids=CASE_IDS)
+def case(request) -> FamilyCase:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def pruned_pair(case):
+    dense = make_model(case)
+    keep = _keep(dense)
+    return dense, keep, prune_model(dense, keep)
+
+
+def test_pruned_logits_equal_masked_dense(pruned_pair):
+    dense, keep, pruned = pruned_pair
+    ids = token_ids()
+    torch.testing.assert_close(logits(pruned, ids), masked_dense_forward(dense, ids, keep), atol=ATOL, rtol=0)
+    shapes = layer_shapes(pruned)
+    ratio = layer_shapes(dense)[0]["num_q_heads"] // layer_shapes(dense)[0]["num_kv_heads"]
+    assert [s["num_kv_heads"] for s in shapes] == [len(k.kv_heads) for k in keep]
+    assert [s["num_q_heads"] for s in shapes] == [ratio * len(k.kv_heads) for k in keep]
+
+
+def test_budget_formula_is_the_models_count(case):
+    dense = make_model(case)
+    spec = spec_from_model_config(dense.config, 0.2)
+    counts = count_parameters(dense)
+    assert spec.params_layers == counts["decoder_layers"] and spec.params_total == counts["total"]
+    # and it stays exact after pruning: the formula at the kept widths is the pruned model's count
+    pruned = prune_model(dense, _keep(dense))
+    kept = sum(shape.params(len(k.kv_heads), len(k.mlp_channels)) for shape, k in zip(spec.layers, _keep(dense)))
+    assert kept + spec.extra_params == count_parameters(pruned)["total"]
+
+
+def test_prune_lands_on_the_allocation_exactly(case):
+    dense = make_model(case)
+    calib = token_ids(batch=4, length=16, seed=3)
+    result = prune(dense, None, PruneConfig(ratio=0.2, layer_importance="removal", calib_samples=4), calib_ids=calib,
+                   progress=False)
+    after = count_parameters(result.model)["total"]
+    assert after == result.allocation.params_after
+    assert result.report["family"] == adapter_for(dense).name
+    window = result.allocation.target_removed, result.allocation.target_removed + result.allocation.granule
+    assert window[0] <= count_parameters(dense)["total"] - after <= window[1]
+
+
+def test_save_keeps_family_settings_and_reloads(tmp_path, case, pruned_pair):
+    dense, keep, pruned = pruned_pair
+    tokenizer = make_tokenizer()
+    folder = save_pruned(pruned, tokenizer, tmp_path / case.name)
+    saved = json.loads((folder / "config.json").read_text())
+    adapter = adapter_for(dense)
+    original = dense.config.to_dict()
+    for key in adapter.kept_settings:
+        assert saved.get(key) == original.get(key), key
+    for key, value in case.settings.items():
+        assert saved[key] == value, key
+    assert saved["layer_num_key_value_heads"] == [len(k.kv_heads) for k in keep]
+    loaded, loaded_tokenizer = load_pruned(folder)
+    ids = token_ids(seed=7)
+    torch.testing.assert_close(logits(loaded, ids), logits(pruned, ids), atol=1e-6, rtol=0)
+    for (name, a), (_, b) in zip(loaded.named_parameters(), pruned.named_parameters()):
+        assert torch.equal(a, b), name
+    # the folder tokenizes exactly as the dense checkpoint's own folder does (transformers picks the class
+    # from the family's model_type, so that is the reference, not the in-memory tokenizer)
+    tokens = loaded_tokenizer(SAMPLE_TEXT).input_ids
+    assert tokens == _dense_folder_tokens(dense, tokenizer, tmp_path / "dense") == tokenizer(SAMPLE_TEXT).input_ids
+    # layerprune eval / compare read the same folder through load_model
+    again, _ = load_model(folder)
+    torch.testing.assert_close(logits(again, ids), logits(pruned, ids), atol=1e-6, rtol=0)
+
+
+def test_sliding_window_is_in_force_after_reload(tmp_path):
+    """The Mistral case's window (4) is shorter than the test sequence: dropping it changes the logits."""
+    case = next(c for c in CASES if "sliding_window" in c.settings)
+    dense = make_model(case)
+    pruned = prune_model(dense, _keep(dense))
+    loaded, _ = load_pruned(save_pruned(pruned, None, tmp_path / "m"))
+    ids = token_ids(length=16)
+    assert loaded.config.sliding_window == case.settings["sliding_window"]
+    torch.testing.assert_close(logits(loaded, ids), logits(pruned, ids), atol=1e-6, rtol=0)
+    pruned.config.sliding_window = None
+    assert not torch.allclose(logits(pruned, ids), logits(loaded, ids), atol=1e-4)
+
+
+_STANDALONE = textwrap.dedent(
+    """
+    import importlib.abc, json, os, sys
+    site_dirs, jobs_path, sample = sys.argv[1].split(os.pathsep), sys.argv[2], sys.argv[3]
+
+    class BlockLayerprune(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "layerprune" or name.startswith("layerprune."):
+                raise ImportError("layerprune is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, BlockLayerprune())
+    sys.path.extend(site_dirs)  # no .pth processing: the editable layerprune install is not on the path
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for folder, ids_path, out_path in json.load(open(jobs_path)):
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)  # stdin is closed: a prompt would fail here
+        ids = torch.load(ids_path)
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=False).logits
+        torch.save({"logits": out, "class": type(model).__name__, "tokens": tokenizer(sample).input_ids,
+                    "modules": sorted(m for m in sys.modules if m.startswith("layerprune"))}, out_path)
+    """
+)
+
+
+def test_plain_transformers_reload_every_family(tmp_path):
+    """One isolated process loads every family's folder with trust_remote_code and AutoTokenizer."""
+    jobs, expected = [], {}
+    for case in CASES:
+        dense = make_model(case)
+        pruned = prune_model(dense, _keep(dense))
+        folder = save_pruned(pruned, make_tokenizer(), tmp_path / case.name)
+        ids = token_ids(seed=11)
+        torch.save(ids, tmp_path / f"{case.name}.ids.pt")
+        jobs.append([str(folder), str(tmp_path / f"{case.name}.ids.pt"), str(tmp_path / f"{case.name}.out.pt")])
+        tokens = _dense_folder_tokens(dense, make_tokenizer(), tmp_path / f"{case.name}-dense")
+        expected[case.name] = (logits(pruned, ids), adapter_for(dense).pruned_architecture, tokens)
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    site_dirs = [d for d in site.getsitepackages() if Path(d).is_dir()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update({"HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _STANDALONE, os.pathsep.join(site_dirs), str(tmp_path / "jobs.json"),
+         SAMPLE_TEXT],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+    for case in CASES:
+        out = torch.load(tmp_path / f"{case.name}.out.pt")
+        want_logits, want_class, want_tokens = expected[case.name]
+        assert out["modules"] == [] and out["class"] == want_class, case.name
+        assert out["tokens"] == want_tokens, case.name
+        torch.testing.assert_close(out["logits"], want_logits, atol=1e-6, rtol=0, msg=case.name)
+
+
+def _unsupported_model():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    return Phi3ForCausalLM(config).eval()
+
+
+def test_unsupported_family_is_refused_by_every_entry_point(tmp_path):
+    """Phi-3 (fused qkv_proj): one error line naming the supported architectures, before any work."""
+    from layerprune.importance import layer_importance
+    from layerprune.scoring.groups import element_group_scores
+
+    model = _unsupported_model()
+    ids = token_ids(batch=2, length=8)
+    message = ("(?i)phi3.*, which layerprune does not support; supported architectures: "
+               "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM$")
+    calls = {
+        "prune": lambda: prune(model, None, PruneConfig(ratio=0.2), calib_ids=ids, progress=False),
+        "layer_importance": lambda: layer_importance(model, ids, "removal", progress=False),
+        "element_group_scores": lambda: element_group_scores(model, ids, "l1", progress=False),
+        "spec_from_model_config": lambda: spec_from_model_config(model.config, 0.2),
+        "save_pruned": lambda: save_pruned(model, None, tmp_path / "out"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ModelError, match=message) as info:
+            call()
+        assert "\n" not in str(info.value), name
+    assert not (tmp_path / "out").exists()
+    model.save_pretrained(tmp_path / "phi3")
+    with pytest.raises(ModelError, match=message):
+        load_model(tmp_path / "phi3", require_tokenizer=False)
+
+
+@pytest.mark.slow
+def test_cli_prune_eval_compare_every_family(tmp_path, wikitext_dir, capsys):
+    """`layerprune prune`, then `eval` on its output, on a saved checkpoint of each family; `compare` on two."""
+    from layerprune.cli import main
+
+    data = ["--data-dir", str(wikitext_dir)]
+    small = ["--calib-samples", "2", "--calib-seq-len", "16", "--no-progress", "--threads", "1"]
+    for case in CASES:
+        dense_dir, out = tmp_path / case.name / "dense", tmp_path / case.name / "pruned"
+        dense = make_model(case)
+        dense.save_pretrained(dense_dir)
+        make_tokenizer().save_pretrained(dense_dir)
+        assert main(["prune", "--model", str(dense_dir), "--ratio", "0.2", "--out", str(out),
+                     "--layer-importance", "sensitivity", *data, *small]) == 0, case.name
+        report = json.loads((out / "report.json").read_text())
+        assert report["family"] == adapter_for(dense).name
+        assert report["params_after"]["total"] == report["allocation"]["params_after"]
+        assert 0.19 < report["actual_ratio"] < 0.3
+        result = tmp_path / case.name / "eval.json"
+        assert main(["eval", "--model", str(out), *data, "--max-tokens", "512", "--seq-len", "32", "--no-progress",
+                     "--json", str(result)]) == 0, case.name
+        evaluated = json.loads(result.read_text())
+        assert evaluated["params"]["total"] == report["params_after"]["total"]
+        assert evaluated["ppl"] > 1.0
+        if case.name in ("qwen2-bias", "qwen3-qknorm"):
+            cmp_out = tmp_path / case.name / "compare"
+            assert main(["compare", "--model", str(dense_dir), "--ratios", "0.2", "--out", str(cmp_out), *data,
+                         "--max-tokens", "512", "--seq-len", "32", "--no-generate", *small]) == 0, case.name
+            runs = json.loads((cmp_out / "report.json").read_text())["runs"]
+            assert {r["method"] for r in runs} == {"dense", "uniform-range", "uniform", "unbalanced-seed", "unbalanced"}
+    capsys.readouterr()
