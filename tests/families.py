@@ -101,6 +101,28 @@ def make_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_trained_bpe()))
 
 
+# Start of a script run as `python -I -S -c SCRIPT SITE_DIRS ...`: layerprune cannot be imported in it, and
+# the site-packages in SITE_DIRS (os.pathsep-separated, no .pth processing) give torch and transformers.
+BLOCK_LAYERPRUNE = """
+import importlib.abc, os, sys
+
+class BlockLayerprune(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "layerprune" or name.startswith("layerprune."):
+            raise ImportError("layerprune is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, BlockLayerprune())
+sys.path.extend(sys.argv[1].split(os.pathsep))
+try:
+    import layerprune  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("layerprune is importable: the test is not isolated")
+"""
+
+
 def token_ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 

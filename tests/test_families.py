@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from families import CASE_IDS, CASES, SAMPLE_TEXT, FamilyCase, logits, make_model, make_tokenizer, token_ids
+from families import BLOCK_LAYERPRUNE, CASE_IDS, CASES, SAMPLE_TEXT, FamilyCase, logits, make_model, make_tokenizer, token_ids
 
 from layerprune.allocation import spec_from_model_config
 from layerprune.arch import adapter_for, layer_shapes
@@ -134,22 +134,14 @@ def test_sliding_window_is_in_force_after_reload(tmp_path):
     assert not torch.allclose(logits(pruned, ids), logits(loaded, ids), atol=1e-4)
 
 
-_STANDALONE = textwrap.dedent(
+_STANDALONE = BLOCK_LAYERPRUNE + textwrap.dedent(
     """
-    import importlib.abc, json, os, sys
-    site_dirs, jobs_path, sample = sys.argv[1].split(os.pathsep), sys.argv[2], sys.argv[3]
+    import json
 
-    class BlockLayerprune(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "layerprune" or name.startswith("layerprune."):
-                raise ImportError("layerprune is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, BlockLayerprune())
-    sys.path.extend(site_dirs)  # no .pth processing: the editable layerprune install is not on the path
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    jobs_path, sample = sys.argv[2], sys.argv[3]
     for folder, ids_path, out_path in json.load(open(jobs_path)):
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)  # stdin is closed: a prompt would fail here

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_llama
+from families import BLOCK_LAYERPRUNE
 from safetensors import safe_open
 
 import layerprune.export.save as pruned_io
@@ -115,25 +116,9 @@ def test_load_pruned_dtype(tmp_path):
     assert loaded.generate(_ids()[:1], max_new_tokens=3, do_sample=False).shape == (1, 13)
 
 
-_STANDALONE = textwrap.dedent(
+_STANDALONE = BLOCK_LAYERPRUNE + textwrap.dedent(
     """
-    import importlib.abc, sys
-    site_dirs, folder, ids_path, out_path = sys.argv[1].split(os.pathsep), sys.argv[2], sys.argv[3], sys.argv[4]
-
-    class BlockLayerprune(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "layerprune" or name.startswith("layerprune."):
-                raise ImportError("layerprune is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, BlockLayerprune())
-    sys.path.extend(site_dirs)  # no .pth processing: the editable layerprune install is not on the path
-    try:
-        import layerprune  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("layerprune is importable: the test is not isolated")
+    folder, ids_path, out_path = sys.argv[2], sys.argv[3], sys.argv[4]
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -156,7 +141,7 @@ def test_auto_model_loads_without_layerprune(tmp_path):
     ids = _ids()
     torch.save(ids, tmp_path / "ids.pt")
     site_dirs = [d for d in site.getsitepackages() if Path(d).is_dir()]
-    script = "import os\n" + _STANDALONE
+    script = _STANDALONE
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update({"HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     result = subprocess.run(
