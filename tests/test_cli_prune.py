@@ -164,3 +164,31 @@ def test_same_command_twice_gives_identical_weights(tiny_dir, wikitext_dir, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((o / "report.json").read_text()) for o in outs)
     assert ra["layers"] == rb["layers"]
+
+
+@pytest.mark.parametrize("error", [ValueError("boom in the pipeline"), OSError("bad file descriptor"),
+                                   "InternalError"], ids=["ValueError", "OSError", "InternalError"])
+def test_a_bug_shows_its_traceback(tiny_dir, wikitext_dir, tmp_path, capsys, monkeypatch, error):
+    """An internal failure is not dressed up as bad input: traceback, a request to report it, exit 70."""
+    import layerprune.pruning.pipeline as pipeline
+    from layerprune.errors import InternalError
+
+    raised = InternalError("shapes disagree") if error == "InternalError" else error
+
+    def broken(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(pipeline, "prune", broken)
+    out = tmp_path / "out"
+    assert main(_args(tiny_dir, out, wikitext_dir)) == 70
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+    assert "bug in layerprune" in err.splitlines()[-1]
+    assert not out.exists()
+
+
+def test_a_missing_file_is_one_line(tiny_dir, wikitext_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = tmp_path / "no-such-calibration.txt"
+    _expect_error(_args(tiny_dir, out, wikitext_dir, "--calib-dataset", str(missing)), out, capsys,
+                  "no-such-calibration.txt")

@@ -323,3 +323,73 @@ def test_methods_list_always_has_dense():
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_code_or_library_change_invalidates_the_store_and_fresh_recomputes(tmp_path, wikitext_dir, monkeypatch):
+    from layerprune.compare import store
+
+    model = make_tiny_llama(layers=4, seed=3)
+    settings = _settings(wikitext_dir, ratios=(0.25,), methods=("dense", "uniform", "unbalanced"), prompts=(),
+                         save_models=False)
+    compare_mod.compare(model, CharTokenizer(), settings, tmp_path, progress=False)
+    counting = _count_calls(monkeypatch)
+    compare_mod.compare(model, CharTokenizer(), settings, tmp_path, progress=False)
+    assert counting == {"prune": 0, "importance": 0, "measure": 0}
+    # another layerprune source tree: nothing is reused
+    monkeypatch.setattr(store, "source_digest", lambda: "0123456789abcdef")
+    counting = _count_calls(monkeypatch)
+    compare_mod.compare(model, CharTokenizer(), settings, tmp_path, progress=False)
+    assert counting == {"prune": 2, "importance": 1, "measure": 3}
+    # another transformers version: nothing is reused either
+    real_versions = store.versions
+    monkeypatch.setattr(store, "versions", lambda: {**real_versions(), "transformers": "0.0.1"})
+    counting = _count_calls(monkeypatch)
+    compare_mod.compare(model, CharTokenizer(), settings, tmp_path, progress=False)
+    assert counting == {"prune": 2, "importance": 1, "measure": 3}
+    # --fresh recomputes although everything matches
+    counting = _count_calls(monkeypatch)
+    compare_mod.compare(model, CharTokenizer(), dict_replace(settings, fresh=True), tmp_path, progress=False)
+    assert counting == {"prune": 2, "importance": 1, "measure": 3}
+
+
+def test_report_names_both_texts_and_a_user_file_is_not_calibrated_on(tmp_path, wikitext_dir):
+    """--dataset FILE.txt evaluates the file; calibration still comes from WikiText-2 valid, and the report says so."""
+    text = tmp_path / "mine.txt"
+    text.write_text((wikitext_dir / "test.txt").read_text()[:20_000])
+    model = make_tiny_llama(layers=3, seed=4)
+    settings = _settings(wikitext_dir, ratios=(0.25,), methods=("dense", "uniform"), prompts=(), save_models=False,
+                         dataset=str(text))
+    rep = compare_mod.compare(model, CharTokenizer(), settings, tmp_path / "out", progress=False)
+    texts = rep["settings"]["texts"]
+    assert texts["evaluation"]["file"] == str(text.resolve()) and texts["evaluation"]["split"] is None
+    assert texts["calibration"]["file"] == str((wikitext_dir / "valid.txt").resolve())
+    assert texts["calibration"]["split"] == "valid"
+    run = next(r for r in rep["runs"] if r["method"] == "uniform")
+    pruned_report = json.loads((tmp_path / "out" / "runs" / "0.25" / "uniform.json").read_text())
+    assert pruned_report["config"]["calib_dataset"] == "wikitext2" and run["tokens"] == 640
+
+
+@pytest.mark.parametrize("case", ["same-file", "copy-of-evaluated", "test-split-by-path"])
+def test_calibrating_on_the_evaluated_text_is_refused(tmp_path, wikitext_dir, capsys, monkeypatch, case):
+    from layerprune import cli, models
+
+    def never(*a, **k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(models, "load_model", never)
+    text = tmp_path / "mine.txt"
+    text.write_text((wikitext_dir / "test.txt").read_text()[:5_000])
+    copy = tmp_path / "copy.txt"
+    copy.write_text(text.read_text())
+    test_copy = tmp_path / "test-copy.txt"
+    test_copy.write_text((wikitext_dir / "test.txt").read_text())
+    argv = {
+        "same-file": ["--dataset", str(text), "--calib-dataset", str(text)],
+        "copy-of-evaluated": ["--dataset", str(text), "--calib-dataset", str(copy)],
+        "test-split-by-path": ["--calib-dataset", str(test_copy)],
+    }[case]
+    code = cli.main(["compare", "--model", "smollm2-135m", "--ratio", "0.2", "--out", str(tmp_path / "o"),
+                     "--data-dir", str(wikitext_dir), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is the evaluated text" in err[0], err
+    assert not (tmp_path / "o").exists()

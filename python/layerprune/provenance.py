@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 
@@ -25,4 +27,15 @@ def command_line() -> list[str]:
     return [Path(sys.argv[0]).name if sys.argv else "", *sys.argv[1:]]
 
 
-__all__ = ["command_line", "versions"]
+@lru_cache(maxsize=1)
+def source_digest() -> str:
+    """sha256 (16 hex digits) of layerprune's own code: every .py file of the package and the compiled core."""
+    package = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(p for p in package.rglob("*") if p.suffix in (".py", ".so", ".pyd") and "__pycache__" not in p.parts):
+        h.update(str(path.relative_to(package)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+__all__ = ["command_line", "source_digest", "versions"]

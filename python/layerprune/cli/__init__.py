@@ -32,8 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Failures of the user's input or environment, not of layerprune: one line, exit 2.
+USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE
+REPORT_BUG = "this is a bug in layerprune: please report it with the traceback above"
+
+
 def main(argv: list[str] | None = None) -> int:
-    from layerprune.errors import LayerpruneError
+    """Run one subcommand. Bad input (layerprune's own errors, a missing or unreadable file, a full disk) is one
+    error line and exit 2; anything else, InternalError included, is a bug: its traceback and exit 70."""
+    import errno
+    import traceback
+
+    from layerprune.errors import InternalError, LayerpruneError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -42,10 +54,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("layerprune: interrupted", file=sys.stderr)
         return 130
-    except (LayerpruneError, ValueError, FileNotFoundError, OSError) as exc:
-        name = type(exc).__name__
-        print(f"layerprune {args.command}: error: {exc} ({name})", file=sys.stderr)
-        return 2
+    except InternalError:
+        traceback.print_exc()
+        print(f"layerprune {args.command}: {REPORT_BUG}", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+    except (LayerpruneError, *USER_OS_ERRORS) as exc:
+        print(f"layerprune {args.command}: error: {exc} ({type(exc).__name__})", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            print(f"layerprune {args.command}: error: {exc} ({type(exc).__name__})", file=sys.stderr)
+            return EXIT_USER_ERROR
+        traceback.print_exc()
+        print(f"layerprune {args.command}: {REPORT_BUG}", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+    except Exception:
+        traceback.print_exc()
+        print(f"layerprune {args.command}: {REPORT_BUG}", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
 
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]

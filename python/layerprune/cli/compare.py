@@ -29,7 +29,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help=f"evaluate the first N test tokens (default: {DEFAULT_MAX_TOKENS}; 0 = the whole split)")
     p.add_argument("--seq-len", type=int, default=128, help="evaluation window in tokens (default: 128)")
-    p.add_argument("--dataset", default="wikitext2", help="'wikitext2' or a path to a .txt file (default: wikitext2)")
+    p.add_argument("--dataset", default="wikitext2",
+                   help="evaluated text: 'wikitext2' (its test split) or a path to a .txt file (default: wikitext2)")
+    p.add_argument("--calib-dataset", default="wikitext2",
+                   help="calibration text: 'wikitext2' (its train, else valid split) or a .txt file; never the "
+                   "evaluated text (default: wikitext2)")
+    p.add_argument("--fresh", action="store_true", help="recompute every run and layer importance stored in --out")
     p.add_argument("--data-dir", default=None, help="folder with WikiText-2 raw test.txt / valid.txt")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default: 0)")
     p.add_argument("--calib-samples", type=int, default=10, help="calibration windows (default: 10)")
@@ -65,6 +70,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         max_tokens=None if not args.max_tokens else args.max_tokens,
         seq_len=args.seq_len,
         dataset=args.dataset,
+        calib_dataset=args.calib_dataset,
         data_dir=args.data_dir,
         seed=args.seed,
         calib_samples=args.calib_samples,
@@ -72,6 +78,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         prompts=() if args.no_generate else CompareSettings.prompts,
         max_new_tokens=args.max_new_tokens,
         save_models=not args.no_save_models,
+        fresh=args.fresh,
     )
     if settings.seed < 0:
         raise InvalidInputError(f"--seed must be non-negative; got {settings.seed}")
@@ -85,7 +92,13 @@ def run(args: argparse.Namespace) -> int:
     from layerprune.compare import compare
     from layerprune.report import main_table
 
+    from layerprune.data import calibration_source, check_disjoint, is_text_file_dataset, text_source
+
     settings = settings_from_args(args)
+    # before any model is loaded: both texts exist, and calibration never reads the evaluated text
+    evaluated = text_source(settings.dataset, None if is_text_file_dataset(settings.dataset) else "test",
+                            settings.data_dir)
+    check_disjoint(calibration_source(settings.calib_dataset, settings.data_dir), evaluated)
     apply_threads(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = models.load_model(args.model, dtype=getattr(torch, args.dtype), device=device)

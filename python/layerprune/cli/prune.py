@@ -61,7 +61,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--min-kv-groups", type=int, default=1, help="KV groups every layer keeps at least (default: 1)")
     p.add_argument("--tie", action="store_true", help="one rate for attention and MLP in each layer")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
-    p.add_argument("--dataset", default="wikitext2", help="calibration data: 'wikitext2' or a .txt file")
+    p.add_argument("--calib-dataset", "--dataset", dest="calib_dataset", default="wikitext2",
+                   help="calibration text: 'wikitext2' (its train, else valid split; never test) or a .txt file")
     p.add_argument("--data-dir", default=None, help="folder with WikiText-2 raw valid.txt (calibration; never test.txt)")
     add_runtime_arguments(p, device=False)
     p.set_defaults(run=run)
@@ -79,7 +80,7 @@ def config_from_args(args: argparse.Namespace):
         layer_end=args.layer_end, attn_layer_start=args.attn_layer_start, attn_layer_end=args.attn_layer_end,
         mlp_layer_start=args.mlp_layer_start, mlp_layer_end=args.mlp_layer_end,
         min_effective_rate=args.min_effective_rate, protected=tuple(args.protected), mlp_step=args.mlp_step,
-        min_kv_groups=args.min_kv_groups, tie=args.tie, seed=args.seed, dataset=args.dataset, data_dir=args.data_dir,
+        min_kv_groups=args.min_kv_groups, tie=args.tie, seed=args.seed, calib_dataset=args.calib_dataset, data_dir=args.data_dir,
         curve_samples=args.curve_samples,
     )
 
@@ -117,7 +118,7 @@ def _load_quietly(name: str, dtype, progress: bool):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from layerprune.data import calibration_split
+    from layerprune.data import calibration_source
     from layerprune.models import check_supported, load_config
     from layerprune.pruning import pipeline
     from layerprune.pruning.pipeline import check_feasible, summary_table, validate_against_model, validate_config
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     validate_config(config)
     apply_threads(args)
     _check_out(args.out, args.overwrite)
-    calibration_split(config.data_dir, config.dataset)
+    calibration_source(config.calib_dataset, config.data_dir)  # the calibration text exists and is readable
     model_config = load_config(args.model)
     check_supported(model_config, f"model '{args.model}'")
     layers = getattr(model_config, "num_hidden_layers", None)

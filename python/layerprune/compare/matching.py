@@ -17,14 +17,12 @@ from layerprune.arch import adapter_for, decoder_layers
 from layerprune.compare.settings import CompareSettings, prune_config
 from layerprune.errors import InfeasibleError, InvalidInputError
 from layerprune.models import count_parameters
-from layerprune.pruning.pipeline import build_allocation_spec, solver_for
+from layerprune.pruning.pipeline import solver_for, spec_for_model
 
 def allocated_params(model: torch.nn.Module, config: Any, importance: Any = None) -> int:
     """Total parameters after the allocation `config` asks for (no data, no pruning); `importance`
     is the layer importance the solver needs (the seed mapping), None for the uniform solvers."""
-    num_layers = len(decoder_layers(model))
-    spec = build_allocation_spec(model.config, config, importance, num_layers)
-    return int(allocate(spec, solver=solver_for(config)).params_after)
+    return int(allocate(spec_for_model(model, config, importance), solver=solver_for(config)).params_after)
 
 
 def closest_rate(params_after: Callable[[float], int | None], total: int, ratio: float,

@@ -47,15 +47,20 @@ from layerprune.compare.settings import (
     validate_settings,
 )
 from layerprune.compare.store import RunStore, fingerprint, model_dir, ratio_key
-from layerprune.data import calibration_batch, calibration_split, eval_tokens
+from layerprune.data import (
+    calibration_batch,
+    calibration_source,
+    check_disjoint,
+    eval_tokens,
+    is_text_file_dataset,
+    text_source,
+)
 from layerprune.evaluation import generate_greedy, perplexity, throughput
 from layerprune.export import save_pruned
-from layerprune.importance import layer_importance, sensitivity_importance
 from layerprune.models import count_parameters, model_info
 from layerprune.provenance import command_line, versions
 from layerprune.pruning import pipeline
 from layerprune.report import plots
-from layerprune.scoring.groups import element_group_scores
 
 def layer_table(model: torch.nn.Module) -> list[dict[str, Any]]:
     """Per-layer widths read from the model itself (KV groups, query heads, MLP channels)."""
@@ -134,18 +139,14 @@ def measure_model(
 
 def compute_layer_importance(model: torch.nn.Module, calib_ids: torch.Tensor, method: str, settings: CompareSettings,
                              progress: bool) -> Any:
-    """The layer importance `prune` would compute for this method, on a copy of the dense model:
-    ``removal`` via `layer_importance.layer_importance`; ``sensitivity`` from the dense element scores
-    (same importance kind, mlp_step and min_kv_groups as the pruning configs below)."""
+    """The layer importance ``method`` that `prune` computes for the run that uses it, through the same code
+    path (:func:`layerprune.pruning.pipeline.measure_layer_importance`), on a copy of the dense model."""
+    run_method = next(m for m, li in LAYER_IMPORTANCE_FOR.items() if li == method)
+    config = prune_config(run_method, 0.5, settings, len(decoder_layers(model)))
     pipeline.seed_everything(settings.seed)
     work = copy.deepcopy(model).eval()
     start = time.perf_counter()
-    if method == "sensitivity":
-        kv_scores, ch_scores = element_group_scores(work, calib_ids, importance=settings.importance, progress=progress)
-        li = sensitivity_importance(work, calib_ids, kv_scores, ch_scores, mlp_step=settings.mlp_step,
-                                    min_kv_groups=1, progress=progress)
-    else:
-        li = layer_importance(work, calib_ids, method, progress=progress)
+    li = pipeline.measure_layer_importance(work, calib_ids, config, progress=progress)
     li.seconds = time.perf_counter() - start  # includes the element scores the curves need
     return li
 
@@ -172,8 +173,10 @@ def compare(
 ) -> dict[str, Any]:
     """Run (or reuse) every method at every ratio, then write report.json, report.md and the plots.
 
-    ``eval_ids`` (1-D test tokens) and ``calib_ids`` ([n, seq_len] calibration tokens) default to
-    WikiText-2 test / calibration split through `layerprune.data`. Returns the report object.
+    ``eval_ids`` (1-D test tokens) and ``calib_ids`` ([n, seq_len] calibration tokens) default to the
+    evaluated text (``settings.dataset``: WikiText-2 test, or a .txt file) and the calibration text
+    (``settings.calib_dataset``); a run that would calibrate on the text it evaluates is refused.
+    Returns the report object.
     """
     settings = validate_settings(settings)
     log = log or (lambda message: None)
@@ -181,17 +184,23 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     num_layers = len(decoder_layers(model))
+    eval_source: dict[str, Any] | str = "token ids given to compare()"
+    calib_source: dict[str, Any] | str = "token ids given to compare()"
+    if eval_ids is None:
+        eval_source = text_source(settings.dataset, None if is_text_file_dataset(settings.dataset) else "test",
+                                  settings.data_dir)
+    if calib_ids is None:
+        calib_source = calibration_source(settings.calib_dataset, settings.data_dir)
+    if isinstance(eval_source, dict) and isinstance(calib_source, dict):
+        check_disjoint(calib_source, eval_source)
     if eval_ids is None:
         eval_ids = eval_tokens(tokenizer, settings.dataset, settings.data_dir, "test", settings.max_tokens)
     elif settings.max_tokens is not None:
         eval_ids = eval_ids[: settings.max_tokens]
     if calib_ids is None:
         calib_ids = calibration_batch(tokenizer, settings.calib_samples, settings.calib_seq_len, settings.seed,
-                                      settings.dataset, settings.data_dir)
-        calib_split = calibration_split(settings.data_dir, settings.dataset)
-    else:
-        calib_split = "given"
-    store = RunStore(out, fingerprint(model, model_name, eval_ids, calib_ids, settings), log)
+                                      settings.calib_dataset, settings.data_dir)
+    store = RunStore(out, fingerprint(model, model_name, eval_ids, calib_ids, settings), log, fresh=settings.fresh)
 
     runs: list[dict[str, Any]] = []
     dense = store.load_run("dense", None, None)
@@ -245,7 +254,9 @@ def compare(
             li_method = LAYER_IMPORTANCE_FOR.get(method)
             li = importance_for(li_method) if li_method else None
             t0 = time.perf_counter()
-            result = pipeline.prune(model, tokenizer, config, layer_importance=li, calib_ids=calib_ids, progress=progress)
+            result = pipeline.prune(model, tokenizer, config, layer_importance=li, calib_ids=calib_ids,
+                                    calib_source=calib_source if isinstance(calib_source, dict) else None,
+                                    progress=progress)
             prune_seconds = time.perf_counter() - t0
             timings = result.report.get("timings", {})
             save_to = model_dir(out, method, ratio) if settings.save_models else None
@@ -282,7 +293,8 @@ def compare(
             log(_pct_line(run))
             del result
 
-    report = build_report(runs, settings, model, model_name, importances, calib_split, command)
+    report = build_report(runs, settings, model, model_name, importances, {"calibration": calib_source,
+                          "evaluation": eval_source}, command)
     report["plots"] = write_plots(out, runs, importances)
     report_mod.write_report(out, report)
     return report
@@ -305,10 +317,11 @@ def param_match(runs: Sequence[Mapping[str, Any]], model_granule: int) -> list[d
 
 
 def build_report(runs: list[dict[str, Any]], settings: CompareSettings, model: torch.nn.Module, model_name: str,
-                 importances: Mapping[str, Any], calib_split: str, command: Sequence[str] | None) -> dict[str, Any]:
+                 importances: Mapping[str, Any], texts: Mapping[str, Any], command: Sequence[str] | None) -> dict[str, Any]:
+    """``texts``: exactly which text calibrated (``calibration``) and which was evaluated (``evaluation``)."""
     settings_json = dataclasses.asdict(settings)
     settings_json.update(ratios=list(settings.ratios), methods=list(settings.methods), prompts=list(settings.prompts),
-                         calib_split=calib_split, device=runs[0].get("device"),
+                         texts=dict(texts), device=runs[0].get("device"),
                          reference_range=list(reference_range(len(decoder_layers(model)))))
     return {
         "schema": report_mod.SCHEMA,

@@ -49,7 +49,8 @@ class CompareSettings:
     methods: tuple[str, ...] = METHODS
     max_tokens: int | None = DEFAULT_MAX_TOKENS
     seq_len: int = 128
-    dataset: str = "wikitext2"
+    dataset: str = "wikitext2"  # evaluated text: wikitext2's test split, or a .txt file
+    calib_dataset: str = "wikitext2"  # calibration text: wikitext2's train (else valid) split, or a .txt file
     data_dir: str | None = None
     seed: int = 0
     calib_samples: int = 10
@@ -60,6 +61,7 @@ class CompareSettings:
     save_models: bool = True
     importance: str = "taylor"
     mlp_step: int = 1
+    fresh: bool = False  # recompute every run and layer importance instead of reusing stored ones
 
 
 def parse_ratios(text: str | Sequence[float]) -> tuple[float, ...]:
@@ -127,7 +129,7 @@ def reference_range(num_layers: int) -> tuple[int, int]:
 def prune_config(method: str, ratio: float, settings: CompareSettings, num_layers: int) -> Any:
     common: dict[str, Any] = dict(importance=settings.importance, calib_samples=settings.calib_samples,
                   calib_seq_len=settings.calib_seq_len, mlp_step=settings.mlp_step, seed=settings.seed,
-                  dataset=settings.dataset, data_dir=settings.data_dir)
+                  calib_dataset=settings.calib_dataset, data_dir=settings.data_dir)
     if method == "uniform-range":
         start, end = reference_range(num_layers)
         return PruneConfig(ratio=ratio, mode="uniform", match_params=False, layer_start=start, layer_end=end, **common)

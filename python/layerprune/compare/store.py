@@ -17,6 +17,7 @@ from layerprune.atomic import write_json_atomic
 from layerprune.compare.settings import CompareSettings
 from layerprune.importance import LayerImportance
 from layerprune.models import count_parameters, model_info
+from layerprune.provenance import source_digest, versions
 
 def ratio_key(ratio: float) -> str:
     return f"{ratio:.6g}"
@@ -76,18 +77,22 @@ def fingerprint(model: torch.nn.Module, model_name: str, eval_ids: torch.Tensor,
         "mlp_step": settings.mlp_step,
         "prompts": list(settings.prompts),
         "max_new_tokens": settings.max_new_tokens,
+        # results survive only the code and libraries that made them
+        "versions": versions(),
+        "source": source_digest(),
     }
 
 
-IMPORTANCE_FINGERPRINT_KEYS = ("model", "model_shape", "model_params", "weights_probe", "dtype", "calib_tokens", "seed", "importance",
-                               "mlp_step")
+IMPORTANCE_FINGERPRINT_KEYS = ("model", "model_shape", "model_params", "weights_probe", "dtype", "calib_tokens", "seed",
+                               "importance", "mlp_step", "versions", "source")
 
 
 class RunStore:
     """Finished runs and layer importance under DIR, written temp + rename, reused on a match."""
 
-    def __init__(self, out_dir: Path, fingerprint: Mapping[str, Any], log: Callable[[str], None]):
+    def __init__(self, out_dir: Path, fingerprint: Mapping[str, Any], log: Callable[[str], None], fresh: bool = False):
         self.out_dir = out_dir
+        self.fresh = fresh  # reuse nothing: every run and layer importance is recomputed (and stored again)
         self.key = _digest(fingerprint)
         # layer importance depends on the model and the calibration batch only, not on the test tokens
         self.importance_key = _digest({k: fingerprint[k] for k in IMPORTANCE_FINGERPRINT_KEYS})
@@ -95,7 +100,7 @@ class RunStore:
 
     def load_run(self, method: str, ratio: float | None, config_json: Mapping[str, Any] | None) -> dict[str, Any] | None:
         path = run_path(self.out_dir, method, ratio)
-        data = _load_json(path)
+        data = None if self.fresh else _load_json(path)
         if data is None:
             return None
         if data.get("fingerprint") != self.key or data.get("config") != (None if config_json is None else dict(config_json)):
@@ -111,7 +116,7 @@ class RunStore:
         return self.out_dir / "layer_importance" / f"{method}.json"
 
     def load_importance(self, method: str) -> Any | None:
-        data = _load_json(self.importance_path(method))
+        data = None if self.fresh else _load_json(self.importance_path(method))
         if data is None or data.get("fingerprint") != self.importance_key:
             return None
         return LayerImportance.from_json(data["layer_importance"])

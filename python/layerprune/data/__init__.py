@@ -6,7 +6,9 @@ from layerprune.data.wikitext import (
     SPLIT_FILES,
     WIKITEXT2,
     calibration_batch,
+    calibration_source,
     calibration_split,
+    check_disjoint,
     eval_tokens,
     is_text_file_dataset,
     load_rows,
@@ -15,6 +17,7 @@ from layerprune.data.wikitext import (
     read_rows,
     resolve_data_dir,
     rows_from_lines,
+    text_source,
     tokenize_text,
 )
 
@@ -24,7 +27,9 @@ __all__ = [
     "SPLIT_FILES",
     "WIKITEXT2",
     "calibration_batch",
+    "calibration_source",
     "calibration_split",
+    "check_disjoint",
     "eval_tokens",
     "is_text_file_dataset",
     "load_rows",
@@ -33,5 +38,6 @@ __all__ = [
     "read_rows",
     "resolve_data_dir",
     "rows_from_lines",
+    "text_source",
     "tokenize_text",
 ]

@@ -13,6 +13,7 @@ else from the validation split, never from test.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -94,7 +95,7 @@ def load_rows(dataset: str, split: str, data_dir: str | os.PathLike[str] | None 
     if is_text_file_dataset(dataset):
         path = Path(dataset).expanduser()
         if not path.is_file():
-            raise DataError(f"--dataset {path} does not exist")
+            raise DataError(f"dataset {path} does not exist")
         return read_rows(path)
     if dataset.lower() != WIKITEXT2:
         raise DataError(f"unknown --dataset '{dataset}': use 'wikitext2' or a path to a .txt file")
@@ -108,10 +109,10 @@ def load_rows(dataset: str, split: str, data_dir: str | os.PathLike[str] | None 
     return read_rows(path)
 
 
-def calibration_split(data_dir: str | os.PathLike[str] | None = None, dataset: str = WIKITEXT2) -> str:
-    """'train' when the train split is available, else 'valid'. Never 'test'."""
+def calibration_split(data_dir: str | os.PathLike[str] | None = None, dataset: str = WIKITEXT2) -> str | None:
+    """'train' when the train split is available, else 'valid'; never 'test'. None for a text file (read whole)."""
     if is_text_file_dataset(dataset):
-        return "train"  # a user's own file; the split name is ignored
+        return None
     folder = resolve_data_dir(data_dir)
     if folder is None:
         return "train"  # the datasets library always has it
@@ -180,7 +181,7 @@ def calibration_batch(
         raise InvalidInputError(f"calibration seq_len must be at least 2; got {seq_len}")
     split = calibration_split(data_dir, dataset)
     assert split != "test", "calibration must never read the test split"
-    rows = load_rows(dataset, split, data_dir)
+    rows = load_rows(dataset, split or "", data_dir)
     rng = random.Random(seed)
     order = list(range(len(rows)))
     rng.shuffle(order)
@@ -195,21 +196,56 @@ def calibration_batch(
         windows.append(ids[start : start + seq_len])
         if len(windows) == n_samples:
             return torch.stack(windows)
+    where = f"the {dataset} {split} split" if split else str(dataset)
     raise DataError(
-        f"only {len(windows)} rows of the {dataset} {split} split have at least {seq_len} tokens; "
+        f"only {len(windows)} rows of {where} have at least {seq_len} tokens; "
         f"{n_samples} calibration samples were requested (lower the sample count or the sequence length)"
     )
+
+
+def text_source(dataset: str, split: str | None, data_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Exactly which text a dataset and split name: its file (or the `datasets` split), and the sha256 of its rows.
+
+    ``{"dataset", "split", "file", "sha256", "rows"}``; ``split`` is None for a text file (read whole).
+    """
+    dataset = os.fspath(dataset)
+    if is_text_file_dataset(dataset):
+        split, file = None, str(Path(dataset).expanduser().resolve())
+    else:
+        split = normalize_split(split or "")
+        folder = resolve_data_dir(data_dir)
+        file = str((folder / SPLIT_FILES[split]).resolve()) if folder is not None else f"datasets:wikitext-2-raw-v1/{HF_SPLITS[split]}"
+    rows = load_rows(dataset, split or "", data_dir)
+    digest = hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()
+    return {"dataset": dataset, "split": split, "file": file, "sha256": digest, "rows": len(rows)}
+
+
+def calibration_source(dataset: str = WIKITEXT2, data_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """:func:`text_source` of the calibration text of `dataset` (train, else valid; a text file whole)."""
+    return text_source(dataset, calibration_split(data_dir, dataset), data_dir)
+
+
+def check_disjoint(calibration: dict[str, Any], evaluation: dict[str, Any]) -> None:
+    """Refuse to calibrate on the text that is evaluated (the same file, or the same rows under another name)."""
+    if calibration["file"] == evaluation["file"] or calibration["sha256"] == evaluation["sha256"]:
+        raise DataError(
+            f"calibration text {calibration['file']} is the evaluated text {evaluation['file']}: pass a different "
+            "--calib-dataset (the default, wikitext2, calibrates on its train or valid split)"
+        )
 
 
 __all__ = [
     "DATA_DIR_ENV",
     "WIKITEXT2",
     "calibration_batch",
+    "calibration_source",
     "calibration_split",
+    "check_disjoint",
     "eval_tokens",
     "load_rows",
     "load_text",
     "read_rows",
     "resolve_data_dir",
     "rows_from_lines",
+    "text_source",
 ]

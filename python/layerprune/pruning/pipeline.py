@@ -81,7 +81,7 @@ class PruneConfig:
     min_kv_groups: int = 1
     tie: bool = False
     seed: int = 0
-    dataset: str = "wikitext2"
+    calib_dataset: str = "wikitext2"  # calibration text: 'wikitext2' (its train, else valid split) or a .txt file
     data_dir: str | None = None
     curve_samples: int | None = None  # sensitivity: measure curves on the first n calibration sequences
 
@@ -286,18 +286,41 @@ def _check_dense(model: torch.nn.Module, shapes: Sequence[dict[str, int]]) -> No
             )
 
 
+def measure_layer_importance(
+    model: torch.nn.Module,
+    calib_ids: torch.Tensor,
+    config: PruneConfig,
+    element_scores: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
+    progress: bool = True,
+) -> LayerImportance:
+    """The layer importance ``config`` asks for, on ``model`` (only read) and ``calib_ids``: the one code path
+    of ``prune`` and ``compare``. ``sensitivity`` needs the dense element scores (computed when not given)."""
+    if config.layer_importance == "sensitivity":
+        if element_scores is None:
+            element_scores = element_group_scores(model, calib_ids, importance=config.importance, progress=progress)
+        return sensitivity_importance(
+            model, calib_ids, element_scores[0], element_scores[1], mlp_step=config.mlp_step,
+            min_kv_groups=config.min_kv_groups, curve_samples=config.curve_samples, progress=progress,
+        )
+    options = {"metric": config.removal_metric} if config.layer_importance == "removal" else {}
+    return compute_layer_importance(model, calib_ids, config.layer_importance, progress=progress, **options)
+
+
 def _step_targets(full: Sequence[int], final: Sequence[int], step: int, steps: int) -> list[int]:
     """Kept counts at ``step`` of ``steps`` on the linear schedule from ``full`` to ``final``."""
     return [int(f - math.floor((f - t) * step / steps + 0.5)) for f, t in zip(full, final)]
 
 
-def _calibration(tokenizer: Any, config: PruneConfig) -> torch.Tensor:
-    from layerprune.data import calibration_batch
+def calibration_ids(tokenizer: Any, config: PruneConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The calibration batch ``config`` asks for, and exactly which text it came from."""
+    from layerprune.data import calibration_batch, calibration_source
 
-    return calibration_batch(
+    source = calibration_source(config.calib_dataset, config.data_dir)
+    ids = calibration_batch(
         tokenizer, n_samples=config.calib_samples, seq_len=config.calib_seq_len, seed=config.seed,
-        dataset=config.dataset, data_dir=config.data_dir,
+        dataset=config.calib_dataset, data_dir=config.data_dir,
     )
+    return ids, source
 
 
 def prune(
@@ -307,12 +330,14 @@ def prune(
     *,
     layer_importance: LayerImportance | None = None,
     calib_ids: torch.Tensor | None = None,
+    calib_source: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> PruneResult:
     """Prune a deep copy of ``model`` as ``config`` says; returns it with the allocation and a report.
 
     ``layer_importance`` reuses an earlier computation (e.g. across methods of ``compare``);
-    ``calib_ids`` ([n, seq_len] token ids) replaces the calibration batch drawn from ``config.dataset``.
+    ``calib_ids`` ([n, seq_len] token ids) replaces the calibration batch drawn from ``config.calib_dataset``;
+    ``calib_source`` then says where they came from (the report records it).
     """
     validate_config(config)
     adapter_for(model, "prune: model")  # an unsupported family is refused before any work
@@ -327,7 +352,7 @@ def prune(
 
     t0 = time.perf_counter()
     if calib_ids is None:
-        calib_ids = _calibration(tokenizer, config)
+        calib_ids, calib_source = calibration_ids(tokenizer, config)
     if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.shape[1] < 2:
         raise InvalidInputError("calib_ids: expected a [n_samples, seq_len >= 2] tensor of token ids")
     vocab = int(getattr(model.config, "vocab_size", 0) or 0)
@@ -355,14 +380,8 @@ def prune(
                 )
             _check_importance(layer_importance, config, shapes)
             li = layer_importance
-        elif config.layer_importance == "sensitivity":
-            li = sensitivity_importance(
-                work, calib_ids, dense_scores[0], dense_scores[1], mlp_step=config.mlp_step,
-                min_kv_groups=config.min_kv_groups, curve_samples=config.curve_samples, progress=progress,
-            )
         else:
-            options = {"metric": config.removal_metric} if config.layer_importance == "removal" else {}
-            li = compute_layer_importance(work, calib_ids, config.layer_importance, progress=progress, **options)
+            li = measure_layer_importance(work, calib_ids, config, dense_scores, progress=progress)
     timings["layer_importance"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -407,12 +426,12 @@ def prune(
         )
     timings["total"] = time.perf_counter() - total_start
     report = build_report(config, params_before, params_after, shapes, alloc, li, kept_kv, kept_mlp, calib_ids, timings,
-                          family=adapter_for(model).name)
+                          family=adapter_for(model).name, calib_source=calib_source)
     return PruneResult(model=work, allocation=alloc, layer_importance=li, report=report)
 
 
 def build_report(config, params_before, params_after, shapes, alloc, li, kept_kv, kept_mlp, calib_ids, timings,
-                 family=None):
+                 family=None, calib_source=None):
     """The JSON-ready record of one pruning run (report.json in the output folder)."""
     before, after = params_before["total"], params_after["total"]
     layers_before, layers_after = params_before["decoder_layers"], params_after["decoder_layers"]
@@ -448,7 +467,7 @@ def build_report(config, params_before, params_after, shapes, alloc, li, kept_kv
         "actual_ratio_layers": 1.0 - layers_after / layers_before,
         "family": family,
         "calibration": {"samples": int(calib_ids.shape[0]), "seq_len": int(calib_ids.shape[1]),
-                        "dataset": config.dataset},
+                        "source": calib_source if calib_source is not None else "token ids given to prune()"},
         "layers": per_layer,
         "allocation": alloc_json,
         "layer_importance": li.to_json() if li is not None else None,
