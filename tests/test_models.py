@@ -283,3 +283,33 @@ def test_folder_written_by_pruning_loads(tmp_path, tiny_llama, smollm2_tokenizer
     assert perplexity(model, tokens, seq_len=16, progress=False)["ppl"] == pytest.approx(
         perplexity(pruned, tokens, seq_len=16, progress=False)["ppl"], rel=1e-6
     )
+
+
+@pytest.mark.parametrize("damage", ["truncated", "marker-missing", "file-missing"])
+def test_damaged_cache_is_not_trusted(fake_gguf, damage):
+    """The completion marker (written last) records every file's size: a damaged cache is converted again."""
+    target = models.ensure_embedded_model(progress=False)
+    weights = target / "model.safetensors"
+    if damage == "truncated":
+        with open(weights, "r+b") as handle:
+            handle.truncate(weights.stat().st_size // 2)
+    elif damage == "marker-missing":
+        (target / "layerprune_source.json").unlink()
+    else:
+        (target / "config.json").unlink()
+    models.ensure_embedded_model(progress=False)
+    assert len(fake_gguf.calls) == 2
+    model, _ = models.load_model("smollm2-135m")
+    reference = fake_gguf.model.state_dict()
+    assert all(torch.equal(t, reference[n]) for n, t in model.state_dict().items())
+    assert [p.name for p in target.parent.iterdir()] == ["smollm2-135m"]
+
+
+def test_converted_cache_has_plain_modes(fake_gguf):
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    target = models.ensure_embedded_model(progress=False)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert {p.stat().st_mode & 0o777 for p in target.iterdir()} == {0o666 & ~mask}

@@ -229,3 +229,68 @@ def test_report_must_be_json(tmp_path):
     with pytest.raises(InvalidInputError, match="report: value of type object"):
         save_pruned(_pruned_model(), None, tmp_path / "m", report={"bad": object()})
     assert list(tmp_path.iterdir()) == []
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_folder_respects_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        from layerprune import atomic
+
+        atomic._umask.cache_clear()
+        out = save_pruned(_pruned_model(), _tokenizer(), tmp_path / "m", report={"a": 1})
+    finally:
+        os.umask(old)
+        atomic._umask.cache_clear()
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
+
+
+def test_overwrite_swaps_in_one_step_and_fsyncs(tmp_path, monkeypatch):
+    from layerprune import atomic
+
+    out = save_pruned(_pruned_model(), None, tmp_path / "m")
+    (out / "old-marker").write_text("old")
+    swaps, synced = [], []
+    real_exchange, real_fsync = atomic._exchange, os.fsync
+
+    def exchange(a, b):
+        assert b.exists() and (b / "old-marker").exists()  # the old folder is in place until the swap
+        swaps.append((a, b))
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(atomic, "_exchange", exchange)
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    save_pruned(_pruned_model(), None, out, overwrite=True)
+    assert len(swaps) == 1 and not (out / "old-marker").exists()
+    assert len(synced) >= len(list(out.iterdir())) + 2  # every file, the folder, its parent
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_crash_between_two_renames_is_repaired(tmp_path):
+    """Without an atomic swap a crash can leave only `.m.old-PID-*`: the next save puts it back, then replaces it."""
+    out = save_pruned(_pruned_model(), None, tmp_path / "m")
+    aside = tmp_path / f".m.old-{_dead_pid()}-abc"
+    os.replace(out, aside)  # the state a kill -9 between the two renames leaves
+    (tmp_path / f".m.tmp-{_dead_pid()}-xyz").mkdir()  # and a dead writer's temporary folder
+    with pytest.raises(InvalidInputError, match="--overwrite"):
+        save_pruned(_pruned_model(), None, out)  # the old folder is back, so it is not silently replaced
+    assert (out / "model.safetensors").is_file()
+    save_pruned(_pruned_model(), None, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_fallback_without_atomic_swap(tmp_path, monkeypatch):
+    from layerprune import atomic
+
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    out = save_pruned(_pruned_model(), None, tmp_path / "m")
+    (out / "old-marker").write_text("old")
+    save_pruned(_pruned_model(), None, out, overwrite=True)
+    assert not (out / "old-marker").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,14 @@ from torch import nn
 
 from layerprune.arch import PRUNED_MARKER_KEY, FamilyAdapter, adapter_for, check_consistency, layer_shapes
 from layerprune.arch import modeling_layerprune as modeling
-from layerprune.atomic import json_safe
+from layerprune.atomic import (
+    file_mode,
+    json_safe,
+    remove_stale_siblings,
+    replace_dir,
+    restore_interrupted,
+    temp_sibling_dir,
+)
 from layerprune.errors import InvalidInputError, ModelError
 from layerprune.models import FORMAT_VERSION
 
@@ -102,22 +108,6 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
         raise InvalidInputError(f"out_dir: {out} exists and is not empty; pass --overwrite to replace it")
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an existing out is first renamed aside, then deleted once tmp is in place."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    aside.rmdir()
-    os.replace(out, aside)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(aside, out)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def save_pruned(
     model: nn.Module,
     tokenizer: Any,
@@ -127,12 +117,16 @@ def save_pruned(
 ) -> Path:
     """Write a pruned (or dense) model to out_dir and return its path; the model is not modified.
 
-    Everything is written to a temporary folder next to out_dir and renamed at the end, so a failure leaves
-    no partial folder. A non-empty out_dir is refused unless overwrite is true.
+    Everything is written to a temporary folder next to out_dir, fsync'd and renamed (or swapped) into place at
+    the end (:func:`layerprune.atomic.replace_dir`), so a failure leaves no partial folder and an overwritten
+    folder is at every moment the old one or the new one. A non-empty out_dir is refused unless overwrite is
+    true. Files and folders get the modes of a plain save (the umask is respected).
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir).expanduser().absolute()
+    restore_interrupted(out)  # a crash between two renames left the old folder aside: put it back first
+    remove_stale_siblings(out)
     _prepare_out_dir(out, overwrite)
     adapter = adapter_for(model, "model")
     check_consistency(model)
@@ -148,8 +142,7 @@ def save_pruned(
         except InvalidInputError as err:
             raise InvalidInputError(f"report: {err}") from None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_sibling_dir(out)
     try:
         save_file(_weights(model, tie), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -161,7 +154,10 @@ def save_pruned(
             tokenizer.save_pretrained(str(tmp))
         if report_text is not None:
             (tmp / "report.json").write_text(report_text)
-        _move_into_place(tmp, out)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                os.chmod(path, file_mode())
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

