@@ -15,7 +15,13 @@ RUST_SRC := $(shell find rust -name '*.rs') Cargo.toml
 PY_SETUP := $(VENV)/.deps-stamp
 EXT_STAMP := $(VENV)/.ext-stamp
 
-.PHONY: demo test setup build rust-test py-test bench clean
+# The oldest transformers pyproject.toml allows; `make floor-test` runs the model tests on it.
+FLOOR_TRANSFORMERS := 5.0.0
+FLOOR_DIR := $(VENV)/floor/transformers-$(FLOOR_TRANSFORMERS)
+FLOOR_TESTS := tests/test_families.py tests/test_pruned_io.py tests/test_pipeline.py tests/test_pruning.py \
+	tests/test_layer_importance.py tests/test_group_scores.py tests/test_dependency_floor.py
+
+.PHONY: demo test setup build rust-test py-test floor-test bench clean
 
 setup: $(EXT_STAMP)
 
@@ -43,7 +49,16 @@ rust-test:
 py-test: setup
 	LAYERPRUNE_TEST_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q
 
-test: setup rust-test py-test
+$(FLOOR_DIR)/.stamp: $(PY_SETUP)
+	@# transformers and its own dependencies only, in a folder put first on PYTHONPATH (torch comes from .venv)
+	$(PIP) install --quiet --upgrade --target $(FLOOR_DIR) "transformers==$(FLOOR_TRANSFORMERS)"
+	touch $@
+
+floor-test: setup $(FLOOR_DIR)/.stamp
+	PYTHONPATH=$(FLOOR_DIR) LAYERPRUNE_EXPECT_TRANSFORMERS=$(FLOOR_TRANSFORMERS) LAYERPRUNE_TEST_DATA_DIR=$(DATA_DIR) \
+		$(PY) -m pytest -q -m "not slow" -p no:cacheprovider $(FLOOR_TESTS)
+
+test: setup rust-test py-test floor-test
 
 bench: setup
 	$(PY) benches/bench_solvers.py

@@ -174,10 +174,27 @@ def test_uniform_range_lands_closest_to_target(finished):
         assert [l["kv_groups_kept"] for l in run["layers"][:3]] == [2, 2, 2]  # first three layers and last kept
         assert run["layers"][5]["mlp_kept"] == 96
         target = (1 - run["target_ratio"]) * dense
-        # no rate on a fine grid does better than the chosen one
-        best = min(abs(matching.allocated_params(model, compare_mod.prune_config("uniform-range", r, settings, 6))
-                       - target) for r in np.linspace(0.001, 0.999, 200))
+        # counted independently of the allocation code: the pruned model is what the floors give at its rate ...
+        assert run["params"] == _range_params(model, run["range_rate"], 3, 5)
+        # ... and no rate on a fine grid lands closer to the target
+        best = min(abs(_range_params(model, r, 3, 5) - target) for r in np.linspace(0.001, 0.999, 200))
         assert abs(run["params"] - target) <= best
+
+
+def _range_params(model, rate, start, end):
+    """Parameters left by LLM-Pruner's floors at `rate` on layers [start, end), counted from the modules'
+    tensors (not the allocation's formula): floor(rate * n) KV groups and channels go, one of each stays."""
+    total = sum(p.numel() for p in model.parameters())
+    head_dim = model.config.head_dim
+    for layer in model.model.layers[start:end]:
+        attn, mlp = layer.self_attn, layer.mlp
+        groups = attn.k_proj.out_features // head_dim
+        per_group = sum(m.weight.numel() for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)) // groups
+        channels = mlp.gate_proj.out_features
+        per_channel = sum(m.weight.numel() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)) // channels
+        total -= min(math.floor(rate * groups), groups - 1) * per_group
+        total -= min(math.floor(rate * channels), channels - 1) * per_channel
+    return total
 
 
 def test_unbalanced_seed_is_matched_in_parameter_count(finished):
@@ -193,6 +210,9 @@ def test_unbalanced_seed_is_matched_in_parameter_count(finished):
             continue
         target = (1 - run["target_ratio"]) * dense
         assert run["config"]["ratio"] != run["target_ratio"]  # the request differs from the target
+        # the search's count is the real pruned model's count at the chosen request
+        chosen = compare_mod.prune_config("unbalanced-seed", run["config"]["ratio"], settings, 6)
+        assert matching.allocated_params(model, chosen, removal) == run["params"]
         grid = []
         for r in np.linspace(0.001, 0.999, 200):
             try:

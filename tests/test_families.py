@@ -167,7 +167,9 @@ def test_plain_transformers_reload_every_family(tmp_path):
         tokens = _dense_folder_tokens(dense, make_tokenizer(), tmp_path / f"{case.name}-dense")
         expected[case.name] = (logits(pruned, ids), adapter_for(dense).pruned_architecture, tokens)
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    site_dirs = [d for d in site.getsitepackages() if Path(d).is_dir()]
+    # PYTHONPATH first: `make floor-test` shadows transformers with its declared floor there
+    site_dirs = [d for d in (*os.environ.get("PYTHONPATH", "").split(os.pathsep), *site.getsitepackages())
+                 if d and Path(d).is_dir()]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update({"HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     result = subprocess.run(
@@ -185,22 +187,25 @@ def test_plain_transformers_reload_every_family(tmp_path):
         torch.testing.assert_close(out["logits"], want_logits, atol=1e-6, rtol=0, msg=case.name)
 
 
-def _unsupported_model():
-    from transformers import Phi3Config, Phi3ForCausalLM
+def _unsupported_model(family: str):
+    import transformers
 
-    config = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
-    return Phi3ForCausalLM(config).eval()
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0)
+    return getattr(transformers, f"{family}ForCausalLM")(config).eval()
 
 
-def test_unsupported_family_is_refused_by_every_entry_point(tmp_path):
-    """Phi-3 (fused qkv_proj): one error line naming the supported architectures, before any work."""
+@pytest.mark.parametrize("family", ["Phi3", "Gemma"])
+def test_unsupported_family_is_refused_by_every_entry_point(tmp_path, family):
+    """Phi-3 (fused qkv_proj) and Gemma (the Llama attribute names, other maths: a (1 + w) norm, scaled
+    embeddings): one error line naming the supported architectures, before any work."""
     from layerprune.importance import layer_importance
     from layerprune.scoring.groups import element_group_scores
 
-    model = _unsupported_model()
+    model = _unsupported_model(family)
     ids = token_ids(batch=2, length=8)
-    message = ("(?i)phi3.*, which layerprune does not support; supported architectures: "
+    message = (f"(?i){family}.*, which layerprune does not support; supported architectures: "
                "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM$")
     calls = {
         "prune": lambda: prune(model, None, PruneConfig(ratio=0.2), calib_ids=ids, progress=False),
@@ -214,9 +219,9 @@ def test_unsupported_family_is_refused_by_every_entry_point(tmp_path):
             call()
         assert "\n" not in str(info.value), name
     assert not (tmp_path / "out").exists()
-    model.save_pretrained(tmp_path / "phi3")
+    model.save_pretrained(tmp_path / family)
     with pytest.raises(ModelError, match=message):
-        load_model(tmp_path / "phi3", require_tokenizer=False)
+        load_model(tmp_path / family, require_tokenizer=False)
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ from layerprune.arch import adapters
 
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "layerprune"
 # The pipeline's stages in data-flow order; a stage may import itself and the stages before it.
-STAGES = ("arch", "data", "models", "scoring", "importance", "allocation", "pruning", "export", "evaluation",
-          "report", "compare", "cli")
+STAGES = ("arch", "data", "models", "scoring", "importance", "allocation", "pruning", "torch_pruning", "export",
+          "evaluation", "report", "compare", "cli")
 # Shared by every stage; they import nothing of the stages.
 UTILITIES = ("errors", "atomic", "provenance", "_core", "kernels")
 # Entry points that may reach every stage (lazily).

@@ -140,7 +140,9 @@ def test_auto_model_loads_without_layerprune(tmp_path):
     folder = save_pruned(model, None, tmp_path / "pruned")
     ids = _ids()
     torch.save(ids, tmp_path / "ids.pt")
-    site_dirs = [d for d in site.getsitepackages() if Path(d).is_dir()]
+    # PYTHONPATH first: `make floor-test` shadows transformers with its declared floor there
+    site_dirs = [d for d in (*os.environ.get("PYTHONPATH", "").split(os.pathsep), *site.getsitepackages())
+                 if d and Path(d).is_dir()]
     script = _STANDALONE
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update({"HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})

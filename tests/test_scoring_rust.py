@@ -26,12 +26,29 @@ def test_rust_matches_reference(dtype, shape):
                 assert_scores_close(got, w, g, h, kind=kind, axis=axis, group_size=gs, ctx=f"{kind} axis={axis} gs={gs}")
 
 
-def test_auto_uses_rust_on_contiguous_cpu_and_reads_in_place():
+def test_auto_uses_rust_on_contiguous_cpu_and_reads_in_place(monkeypatch):
+    from layerprune.scoring import dispatch
+
+    core = dispatch._rust_core()
+    seen = []
+
+    class Spy:
+        """The compiled core, recording the arrays `auto` hands it."""
+
+        def weight_scores(self, *arrays, **kwargs):
+            seen.append(arrays)
+            return core.weight_scores(*arrays, **kwargs)
+
+    monkeypatch.setattr(dispatch, "_rust_core", lambda: Spy())
     w, g, _ = make_inputs(16, 12, torch.bfloat16)
     got = weight_scores(w, g, kind="taylor", axis=1, group_size=4)
     assert_scores_close(got, w, g, None, kind="taylor", axis=1, group_size=4)
-    view = w.view(torch.int16).numpy().view(np.uint16)
-    assert np.shares_memory(view, w.view(torch.int16).numpy())  # zero-copy bits
+    assert len(seen) == 1, "auto did not pick the rust backend for contiguous CPU tensors"
+    weight_view = seen[0][0]
+    assert np.shares_memory(weight_view, w.view(torch.int16).numpy())  # the core read w in place, no copy
+    # and a non-contiguous input falls back to torch without touching the core
+    weight_scores(w.t(), g.t(), kind="taylor", axis=1)
+    assert len(seen) == 1
 
 
 def test_rust_mixed_dtypes_are_widened():

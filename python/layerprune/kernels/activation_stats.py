@@ -1,7 +1,8 @@
 """Triton kernel: per-channel sum and sum of squares of a tokens × channels activation, one pass.
 
-Each program owns BLOCK_C channels and one span of tokens; float32 partials are atomically
-added into the two outputs. `layerprune.scoring.ActivationStats` adds batches in float64.
+Each program owns BLOCK_C channels and one span of tokens and writes float32 partials to its own
+slot of a `[splits, channels]` buffer; the splits are summed afterwards in a fixed order (no atomics:
+the same result on every run). `layerprune.scoring.ActivationStats` adds batches in float64.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ if HAS_TRITON:
             x = x.to(tl.float32)
             acc += x
             acc_sq += x * x
-        tl.atomic_add(sum_ptr + cols, tl.sum(acc, axis=0), mask=col_mask)
-        tl.atomic_add(sumsq_ptr + cols, tl.sum(acc_sq, axis=0), mask=col_mask)
+        split = tl.program_id(1)
+        tl.store(sum_ptr + split * C + cols, tl.sum(acc, axis=0), mask=col_mask)
+        tl.store(sumsq_ptr + split * C + cols, tl.sum(acc_sq, axis=0), mask=col_mask)
 
 
 def channel_sums_triton(x: torch.Tensor, programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,5 +59,9 @@ def channel_sums_triton(x: torch.Tensor, programs: int | None = None) -> tuple[t
     red_blocks = triton.cdiv(n, block_n)
     splits = max(1, min(red_blocks, target // lines))
     span = triton.cdiv(red_blocks, splits) * block_n
-    _channel_sums_kernel[(lines, triton.cdiv(n, span))](x, s, q, n, c, x.stride(0), span, BLOCK_N=block_n, BLOCK_C=block_c)
-    return s, q
+    splits = triton.cdiv(n, span)
+    partial_s = torch.empty(splits, c, dtype=torch.float32, device=x.device)
+    partial_q = torch.empty_like(partial_s)
+    _channel_sums_kernel[(lines, splits)](x, partial_s, partial_q, n, c, x.stride(0), span, BLOCK_N=block_n,
+                                          BLOCK_C=block_c)
+    return partial_s.sum(0), partial_q.sum(0)

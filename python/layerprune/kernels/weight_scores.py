@@ -2,9 +2,11 @@
 
 One pass over W (and G, H when the kind reads them), float32 accumulation. Each program owns a
 block of output lines (rows for axis=0, columns for axis=1) and one span of the reduced
-dimension; partial line sums are atomically added into `out[line // group_size]`, so the group
-sum is fused and the grid can split long reductions across SMs. For `vectorize` the absolute
-value is taken after the full group sum (one tiny elementwise op on the output).
+dimension, and writes its partial line sums to its own slot of a `[splits, lines]` buffer, so
+the grid can split long reductions across SMs. The splits and then the groups of `group_size`
+lines are summed afterwards in a fixed order: no atomics, so the result is the same on every run
+(`--seed` promises the same kept heads twice). For `vectorize` the absolute value is taken after
+the full group sum (one tiny elementwise op on the output).
 Formulas: see `layerprune.scoring.reference`.
 """
 
@@ -58,8 +60,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _weight_scores_kernel(
-        w_ptr, g_ptr, h_ptr, out_ptr,
-        R, C, stride_w, stride_g, stride_h, group_size, span,
+        w_ptr, g_ptr, h_ptr, partial_ptr,
+        R, C, stride_w, stride_g, stride_h, span,
         KIND: tl.constexpr, USES_G: tl.constexpr, USES_H: tl.constexpr, AXIS: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
@@ -77,7 +79,7 @@ if HAS_TRITON:
                 acc += _load_tile(w_ptr, g_ptr, h_ptr, rows, cols, mask, stride_w, stride_g, stride_h,
                                   KIND, USES_G, USES_H)
             part = tl.sum(acc, axis=1)
-            tl.atomic_add(out_ptr + rows // group_size, part, mask=row_mask)
+            tl.store(partial_ptr + pid_split * R + rows, part, mask=row_mask)
         else:
             cols = pid_line * BLOCK_C + tl.arange(0, BLOCK_C)
             col_mask = cols < C
@@ -89,7 +91,7 @@ if HAS_TRITON:
                 acc += _load_tile(w_ptr, g_ptr, h_ptr, rows, cols, mask, stride_w, stride_g, stride_h,
                                   KIND, USES_G, USES_H)
             part = tl.sum(acc, axis=0)
-            tl.atomic_add(out_ptr + cols // group_size, part, mask=col_mask)
+            tl.store(partial_ptr + pid_split * C + cols, part, mask=col_mask)
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ def weight_scores_triton(
 
     `config` overrides the tile and warps (default `DEFAULT_CONFIGS[axis]`); `programs` overrides
     the target grid size (default `config.programs_per_sm` × SMs on CUDA, 1 in the interpreter);
-    tests use it to exercise split reductions and atomics on CPU."""
+    tests use it to exercise split reductions on CPU."""
     if not HAS_TRITON:  # pragma: no cover - guarded by the dispatcher
         raise RuntimeError("triton is not installed")
     w, g, h = _row_major(weight.detach()), _row_major(None if grad is None else grad.detach()), _row_major(
@@ -166,12 +168,14 @@ def weight_scores_triton(
     splits = max(1, min(red_blocks, target // lines))
     span = triton.cdiv(red_blocks, splits) * block_red
     splits = triton.cdiv(reduced, span)
+    partial = torch.empty(splits, n_out, dtype=torch.float32, device=w.device)
     _weight_scores_kernel[(lines, splits)](
-        w, g_arg, h_arg, out,
-        rows, cols, w.stride(0), g_arg.stride(0), h_arg.stride(0), group_size, span,
+        w, g_arg, h_arg, partial,
+        rows, cols, w.stride(0), g_arg.stride(0), h_arg.stride(0), span,
         KIND=KIND_IDS[kind], USES_G=uses_g, USES_H=uses_h, AXIS=axis,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=cfg.num_warps,
     )
+    out = partial.sum(0).view(-1, group_size).sum(1)
     if kind == "vectorize":
         out.abs_()
     return out

@@ -314,21 +314,34 @@ fn tasks_for(n: usize, rows: usize, cols: usize) -> usize {
     (threads * 4).min(n).max(1)
 }
 
-/// `map` over `blocks` (≥ 1) row blocks, partial results summed by `reduce`: on this thread
-/// when there is one block, else in parallel.
+/// Elements per row block of a column reduction.
+const COLUMN_BLOCK_ELEMENTS: usize = 1 << 18;
+/// At most this many row blocks (partial column vectors) per column reduction.
+const MAX_COLUMN_BLOCKS: usize = 64;
+
+/// Row blocks of a column reduction over `rows × cols`, fixed by the shape alone: never by the
+/// thread count, so the partial sums and the order they are added in are the same on any pool.
+fn column_blocks(rows: usize, cols: usize) -> usize {
+    (rows.saturating_mul(cols) / COLUMN_BLOCK_ELEMENTS).clamp(1, rows.clamp(1, MAX_COLUMN_BLOCKS))
+}
+
+/// `map` over `blocks` (≥ 1) row blocks (in parallel when `parallel`), then the partial results
+/// folded by `reduce` in block order: the same result whatever the number of threads.
 fn map_reduce<R: Send>(
     blocks: usize,
+    parallel: bool,
     map: impl Fn(usize) -> R + Sync + Send,
-    reduce: impl Fn(R, R) -> R + Sync + Send,
+    reduce: impl Fn(R, R) -> R,
 ) -> R {
-    if blocks <= 1 {
-        return map(0);
-    }
-    (0..blocks)
-        .into_par_iter()
-        .map(map)
-        .reduce_with(reduce)
-        .expect("at least two blocks")
+    let parts: Vec<R> = if parallel && blocks > 1 {
+        (0..blocks).into_par_iter().map(map).collect()
+    } else {
+        (0..blocks).map(map).collect()
+    };
+    parts
+        .into_iter()
+        .reduce(reduce)
+        .expect("at least one block")
 }
 
 /// Row sums of rows `first_row..first_row + out.len()` into `out`: one `per_row` task.
@@ -460,7 +473,8 @@ pub(crate) fn per_row<T: Element, O: ElementScore>(
 }
 
 /// One value per column: `out[c] = Σ_r O::eval(w[r,c], g[r,c], h[r,c])`.
-/// Row blocks are reduced in parallel into partial column vectors, then summed. bfloat16 with an
+/// Row blocks (fixed by the shape, [`column_blocks`]) are reduced in parallel into partial column
+/// vectors, then summed in block order, so the result does not depend on the thread count. bfloat16 with an
 /// even number of columns and 4-byte aligned storage is read as `u32` words into accumulators
 /// split by column parity (`[even columns | odd columns]`), interleaved once at the end.
 pub(crate) fn per_col<T: Element, O: ElementScore>(
@@ -477,10 +491,10 @@ pub(crate) fn per_col<T: Element, O: ElementScore>(
         && [w, g, h]
             .iter()
             .all(|t| T::bf16_bits(t).and_then(as_words).is_some());
-    let blocks = tasks_for(rows, rows, cols).min(rayon::current_num_threads().max(1) * 2);
-    let rows_per_block = rows.div_ceil(blocks);
+    let rows_per_block = rows.div_ceil(column_blocks(rows, cols));
     let acc = map_reduce(
         rows.div_ceil(rows_per_block),
+        tasks_for(rows, rows, cols) > 1,
         |b| {
             let block = b * rows_per_block..((b + 1) * rows_per_block).min(rows);
             #[cfg(target_arch = "x86_64")]
@@ -511,10 +525,10 @@ pub(crate) fn column_sum_sumsq<T: Element>(
     if rows == 0 || cols == 0 {
         return (vec![0.0; cols], vec![0.0; cols]);
     }
-    let blocks = tasks_for(rows, rows, cols).min(rayon::current_num_threads().max(1) * 2);
-    let rows_per_block = rows.div_ceil(blocks);
+    let rows_per_block = rows.div_ceil(column_blocks(rows, cols));
     map_reduce(
         rows.div_ceil(rows_per_block),
+        tasks_for(rows, rows, cols) > 1,
         |b| {
             let mut buf = if T::as_f32(&[]).is_some() {
                 Vec::new()

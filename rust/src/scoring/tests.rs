@@ -334,3 +334,45 @@ proptest! {
         }
     }
 }
+
+/// Column sums (and the channel statistics) are bit-identical on pools of 1, 2, 3 and 8 threads
+/// and on the calling thread: the row blocks and their summation order depend on the shape only.
+#[test]
+fn column_reductions_do_not_depend_on_the_thread_count() {
+    let (rows, cols) = (1031, 4099); // above SERIAL_BELOW: the pool path
+    let w = values(rows * cols, 21);
+    let g = values(rows * cols, 22);
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| {
+                let scores = weight_scores(
+                    &w,
+                    Some(&g),
+                    None,
+                    rows,
+                    cols,
+                    ScoreKind::Taylor,
+                    Axis::Cols,
+                    1,
+                )
+                .unwrap();
+                let (s, q) = channel_sums(&w, rows, cols).unwrap();
+                (scores, s, q)
+            })
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let (a, s1, q1) = run(1);
+    for threads in [2, 3, 8] {
+        let (b, s2, q2) = run(threads);
+        assert_eq!(bits(&a), bits(&b), "column scores, {threads} threads");
+        assert_eq!(bits(&s1), bits(&s2), "channel sums, {threads} threads");
+        assert_eq!(
+            bits(&q1),
+            bits(&q2),
+            "channel sums of squares, {threads} threads"
+        );
+    }
+}
