@@ -10,7 +10,7 @@ from layerprune.arch import adapters
 
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "layerprune"
 # The pipeline's stages in data-flow order; a stage may import itself and the stages before it.
-STAGES = ("arch", "data", "models", "scoring", "importance", "allocation", "pruning", "torch_pruning", "export",
+STAGES = ("arch", "data", "models", "scoring", "refit", "importance", "allocation", "pruning", "torch_pruning", "export",
           "evaluation", "report", "compare", "cli")
 # Shared by every stage; they import nothing of the stages.
 UTILITIES = ("errors", "atomic", "provenance", "_core", "kernels")

@@ -9,6 +9,7 @@ pruned model is saved as :mod:`layerprune.arch.modeling_layerprune`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from functools import lru_cache
@@ -18,6 +19,7 @@ from layerprune.arch.base import (
     ATTENTION_PROJECTIONS,
     LAYER_KWARGS,
     MLP_PROJECTIONS,
+    OUTPUT_BIAS_KEY,
     FamilyAdapter,
     LayerGeometry,
     config_value,
@@ -112,6 +114,25 @@ def layer_shapes(model: Any) -> list[dict[str, int]]:
              "intermediate": g.intermediate} for g in layer_geometries(model)]
 
 
+def per_token_costs(model: Any, seq_len: int, dtype_bytes: int | None = None) -> dict[str, int]:
+    """KV-cache bytes and FLOPs per token of a model, dense or pruned, from its layers' widths (read from the
+    weights) and the formulas of :mod:`layerprune.arch.budget`: ``kv_cache_bytes`` at ``dtype_bytes`` per cached
+    element (default: the parameters' element size) and ``flops`` of one token of a forward over ``seq_len``
+    positions, ``lm_head`` included."""
+    adapter = adapter_for(model)
+    shape = adapter.layer_shape(model.config)
+    if dtype_bytes is None:
+        dtype_bytes = next(model.parameters()).element_size()
+    kv = flops = 0
+    for g in layer_geometries(model):
+        layer = dataclasses.replace(shape, num_q_heads=max(g.num_q_heads, 1), num_kv_heads=max(g.num_kv_heads, 1),
+                                    intermediate=g.intermediate)
+        kv += layer.kv_cache_bytes(g.num_kv_heads, dtype_bytes)
+        flops += layer.flops(g.num_kv_heads, g.intermediate, seq_len)
+    return {"kv_cache_bytes": kv, "flops": flops + adapter.extra_flops(model.config), "seq_len": int(seq_len),
+            "dtype_bytes": int(dtype_bytes)}
+
+
 def check_consistency(model: Any) -> None:
     """Raise InternalError if any layer's shapes disagree.
 
@@ -164,6 +185,7 @@ __all__ = [
     "ATTENTION_PROJECTIONS",
     "LAYER_KWARGS",
     "MLP_PROJECTIONS",
+    "OUTPUT_BIAS_KEY",
     "PRUNED_MARKER_KEY",
     "SHAPE_COLUMNS",
     "FamilyAdapter",
@@ -180,5 +202,6 @@ __all__ = [
     "is_pruned_config",
     "layer_geometries",
     "layer_shapes",
+    "per_token_costs",
     "supported_architectures",
 ]

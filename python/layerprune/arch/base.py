@@ -14,13 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from layerprune.arch.budget import LayerShape
+from layerprune.arch.budget import LayerShape, lm_head_flops
+from layerprune.arch.modeling_layerprune import OUTPUT_BIAS_KEY  # o_proj / down_proj carry a bias
 from layerprune.errors import ModelError
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # Keyword arguments a decoder layer receives from its model that the attention needs again.
 LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
+
 
 
 def config_value(config: Any, key: str, default: Any = None) -> Any:
@@ -97,8 +99,16 @@ class FamilyAdapter:
         o = attention if self.o_bias is None else self.o_bias
         return qkv, o, bool(config_value(config, "mlp_bias", False))
 
-    def layer_shape(self, config: Any) -> LayerShape:
-        """The dense layer's budget shape from its config (two RMSNorms of ``hidden`` each)."""
+    def projection_biases(self, config: Any) -> dict[str, bool]:
+        """Whether each projection has a bias; ``OUTPUT_BIAS_KEY`` adds one to o_proj and down_proj."""
+        qkv, o, mlp = self.biases(config)
+        output = bool(config_value(config, OUTPUT_BIAS_KEY, False))
+        return {"q_proj": qkv, "k_proj": qkv, "v_proj": qkv, "o_proj": o or output,
+                "gate_proj": mlp, "up_proj": mlp, "down_proj": mlp or output}
+
+    def layer_shape(self, config: Any, output_bias: bool = False) -> LayerShape:
+        """The layer's budget shape from its config (two RMSNorms of ``hidden`` each). ``output_bias``:
+        o_proj and down_proj will carry a bias (bias compensation), counted though never pruned."""
         try:
             hidden = int(config_value(config, "hidden_size"))
             heads = int(config_value(config, "num_attention_heads"))
@@ -108,8 +118,10 @@ class FamilyAdapter:
         except (TypeError, ValueError) as exc:
             raise ModelError(f"config: missing or non-integer {self.name} field ({exc})") from None
         qkv, o, mlp = self.biases(config)
-        return LayerShape(hidden, heads, kv, hd, inter, qkv_bias=qkv, o_bias=o, mlp_bias=mlp,
-                          qk_norm=self.qk_norm, norm_params=2 * hidden)
+        output_bias = output_bias or bool(config_value(config, OUTPUT_BIAS_KEY, False))
+        down_bias_only = output_bias and not mlp  # a down_proj bias alone: a constant d parameters
+        return LayerShape(hidden, heads, kv, hd, inter, qkv_bias=qkv, o_bias=o or output_bias, mlp_bias=mlp,
+                          qk_norm=self.qk_norm, norm_params=2 * hidden + (hidden if down_bias_only else 0))
 
     def num_layers(self, config: Any) -> int:
         return int(config_value(config, "num_hidden_layers"))
@@ -120,6 +132,10 @@ class FamilyAdapter:
         vocab = int(config_value(config, "vocab_size"))
         tied = bool(config_value(config, "tie_word_embeddings", False))
         return vocab * hidden * (1 if tied else 2) + hidden
+
+    def extra_flops(self, config: Any) -> int:
+        """FLOPs per token outside the decoder layers: ``lm_head`` (:func:`~layerprune.arch.budget.lm_head_flops`)."""
+        return lm_head_flops(int(config_value(config, "hidden_size")), int(config_value(config, "vocab_size")))
 
     # ---- modules -----------------------------------------------------------------------------------
 
@@ -210,5 +226,5 @@ class FamilyAdapter:
         return hidden
 
 
-__all__ = ["ATTENTION_PROJECTIONS", "LAYER_KWARGS", "MLP_PROJECTIONS", "FamilyAdapter", "LayerGeometry",
+__all__ = ["ATTENTION_PROJECTIONS", "LAYER_KWARGS", "MLP_PROJECTIONS", "OUTPUT_BIAS_KEY", "FamilyAdapter", "LayerGeometry",
            "config_value", "head_dim"]

@@ -8,6 +8,8 @@ It imports only torch and transformers, and names no model family: `Layerprune<P
 
 config.json keeps the dense model's global widths and adds, per layer l:
   layer_num_attention_heads[l], layer_num_key_value_heads[l], layer_intermediate_sizes[l]
+and, when the kept weights were refit with bias compensation, layerprune_output_bias: true (o_proj and
+down_proj then carry a bias).
 Each layer is built dense by the family's transformers code, then its q/k/v/o and gate/up/down projections
 are replaced by Linear layers of that layer's widths (biases where the dense layer had them). head_dim, the
 hidden size and every other module (norms, per-head q/k norms, rotary embedding, sliding window) are those
@@ -22,6 +24,8 @@ import transformers
 from torch import nn
 
 LAYER_WIDTH_KEYS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes")
+# Config key of a pruned model whose o_proj and down_proj carry a bias (FLAP-style bias compensation).
+OUTPUT_BIAS_KEY = "layerprune_output_bias"
 _PREFIX = "Layerprune"
 _MADE: dict[str, type] = {}
 
@@ -47,23 +51,25 @@ def layer_widths(config: Any) -> list[tuple[int, int, int]]:
     return widths
 
 
-def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    if old.in_features == in_features and old.out_features == out_features:
+def _linear_like(old: nn.Linear, in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
+    """``old`` if it has these sizes (and a bias when asked for one), else a new Linear like it."""
+    bias = bias or old.bias is not None
+    if old.in_features == in_features and old.out_features == out_features and (old.bias is not None) == bias:
         return old
-    return nn.Linear(in_features, out_features, bias=old.bias is not None,
-                     device=old.weight.device, dtype=old.weight.dtype)
+    return nn.Linear(in_features, out_features, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
 
 
 def resize_decoder_layers(model: Any, config: Any) -> None:
     """Give each decoder layer of a freshly built (dense) model its own widths; weights are re-created, not kept."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     hidden = config.hidden_size
+    output_bias = bool(getattr(config, OUTPUT_BIAS_KEY, False))  # bias compensation on o_proj and down_proj
     for layer, (q_heads, kv_heads, intermediate) in zip(model.layers, layer_widths(config)):
         attn, mlp = layer.self_attn, layer.mlp
         attn.q_proj = _linear_like(attn.q_proj, hidden, q_heads * head_dim)
         attn.k_proj = _linear_like(attn.k_proj, hidden, kv_heads * head_dim)
         attn.v_proj = _linear_like(attn.v_proj, hidden, kv_heads * head_dim)
-        attn.o_proj = _linear_like(attn.o_proj, q_heads * head_dim, hidden)
+        attn.o_proj = _linear_like(attn.o_proj, q_heads * head_dim, hidden, bias=output_bias)
         attn.num_key_value_groups = q_heads // kv_heads
         # Older transformers reshape with these per-module attributes; newer ones infer heads from the weights.
         if hasattr(attn, "num_heads"):
@@ -72,7 +78,7 @@ def resize_decoder_layers(model: Any, config: Any) -> None:
             attn.num_key_value_heads = kv_heads
         mlp.gate_proj = _linear_like(mlp.gate_proj, hidden, intermediate)
         mlp.up_proj = _linear_like(mlp.up_proj, hidden, intermediate)
-        mlp.down_proj = _linear_like(mlp.down_proj, intermediate, hidden)
+        mlp.down_proj = _linear_like(mlp.down_proj, intermediate, hidden, bias=output_bias)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = intermediate
 
@@ -120,4 +126,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["LAYER_WIDTH_KEYS", "layer_widths", "pruned_classes", "resize_decoder_layers"]
+__all__ = ["LAYER_WIDTH_KEYS", "OUTPUT_BIAS_KEY", "layer_widths", "pruned_classes", "resize_decoder_layers"]

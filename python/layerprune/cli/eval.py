@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from layerprune.atomic import write_json_atomic
-from layerprune.cli.args import add_model_argument, add_runtime_arguments
+from layerprune.cli.args import add_model_argument, add_runtime_arguments, apply_threads
 from layerprune.errors import InvalidInputError
 
 
@@ -34,7 +34,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the results as JSON ('-' = stdout)")
-    add_runtime_arguments(p, threads=False)
+    add_runtime_arguments(p)
     p.set_defaults(run=run)
     return p
 
@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from layerprune import data, evaluation, models
 
     _validate(args)
+    apply_threads(args)
     started = time.perf_counter()
     out: TextIO = sys.stderr if args.json_out == "-" else sys.stdout
     progress = not args.no_progress

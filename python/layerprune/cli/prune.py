@@ -23,6 +23,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from layerprune.scoring.groups import IMPORTANCE_KINDS
     from layerprune.importance import METHODS
     from layerprune.pruning.pipeline import MODES, SOLVERS
+    from layerprune.pruning.refit import REFIT_MODES
+    from layerprune.refit import DEFAULT_DAMPING
 
     p = subparsers.add_parser(
         "prune",
@@ -61,6 +63,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--min-kv-groups", type=int, default=1, help="KV groups every layer keeps at least (default: 1)")
     p.add_argument("--tie", action="store_true", help="one rate for attention and MLP in each layer")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
+    p.add_argument("--refit", choices=REFIT_MODES, default="none",
+                   help="refit the kept o_proj / down_proj columns by least squares on calibration activations "
+                   "(lstsq), with a compensation bias (lstsq-bias), or the bias alone (bias, FLAP)")
+    p.add_argument("--refit-damping", type=float, default=DEFAULT_DAMPING,
+                   help=f"refit damping, a fraction of the Gram matrix's mean diagonal (default: {DEFAULT_DAMPING})")
+    p.add_argument("--no-error-correction", action="store_true",
+                   help="refit every layer on the dense model's inputs instead of the refit layers' outputs")
+    p.add_argument("--refit-samples", type=int, default=32, help="calibration windows of the refit (default: 32)")
+    p.add_argument("--refit-seq-len", type=int, default=256, help="tokens per refit window (default: 256)")
     p.add_argument("--calib-dataset", "--dataset", dest="calib_dataset", default="wikitext2",
                    help="calibration text: 'wikitext2' (its train, else valid split; never test) or a .txt file")
     p.add_argument("--data-dir", default=None, help="folder with WikiText-2 raw valid.txt (calibration; never test.txt)")
@@ -81,7 +92,9 @@ def config_from_args(args: argparse.Namespace):
         mlp_layer_start=args.mlp_layer_start, mlp_layer_end=args.mlp_layer_end,
         min_effective_rate=args.min_effective_rate, protected=tuple(args.protected), mlp_step=args.mlp_step,
         min_kv_groups=args.min_kv_groups, tie=args.tie, seed=args.seed, calib_dataset=args.calib_dataset, data_dir=args.data_dir,
-        curve_samples=args.curve_samples,
+        curve_samples=args.curve_samples, refit=args.refit, refit_damping=args.refit_damping,
+        refit_error_correction=not args.no_error_correction, refit_samples=args.refit_samples,
+        refit_seq_len=args.refit_seq_len,
     )
 
 

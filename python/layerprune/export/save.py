@@ -56,13 +56,10 @@ def _tied(model: nn.Module) -> bool:
 
 def _check_layout(model: Any, adapter: FamilyAdapter) -> None:
     """Every projection's bias presence matches the family's bias flags for this config."""
-    qkv, o, mlp_bias = adapter.biases(model.config)
-    flags = {"q_proj": qkv, "k_proj": qkv, "v_proj": qkv, "o_proj": o, "gate_proj": mlp_bias, "up_proj": mlp_bias,
-             "down_proj": mlp_bias}
+    flags = adapter.projection_biases(model.config)
     for i, layer in enumerate(adapter.decoder_layers(model)):
         for name, lin in adapter.projections(layer).items():
-            short = name.rsplit(".", 1)[-1]
-            if (lin.bias is not None) != flags[short]:
+            if (lin.bias is not None) != flags[name.rsplit(".", 1)[-1]]:
                 raise ModelError(f"model.layers[{i}]: {name} bias presence disagrees with the {adapter.name} config")
 
 

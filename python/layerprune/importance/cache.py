@@ -121,21 +121,23 @@ def loss_from_layer(model: torch.nn.Module, cache: LayerInputs, start: int, hidd
     return loss
 
 
+def batch_slice(value: Any, start: int, end: int, batch: int) -> Any:
+    """Samples ``start:end`` of a layer argument: tensors (and tuples of them) whose first dimension is the
+    calibration batch ``batch`` are sliced; broadcast ones (position embeddings of batch 1, masks) are not."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch and batch > 1:
+        return value[start:end]
+    if isinstance(value, tuple):
+        return tuple(batch_slice(v, start, end, batch) for v in value)
+    return value
+
+
 def subset_cache(model: torch.nn.Module, cache: LayerInputs, n_samples: int) -> LayerInputs:
     """The first ``n_samples`` calibration sequences of a cache (per-sample tensors sliced on dim 0)."""
     n_all = cache.labels.shape[0]
     if n_samples >= n_all:
         return cache
-
-    def cut(v: Any) -> Any:
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n_all:
-            return v[:n_samples]
-        if isinstance(v, tuple):
-            return tuple(cut(x) for x in v)
-        return v
-
     hidden = [h[:n_samples] for h in cache.hidden]
-    kwargs = [{k: cut(v) for k, v in kw.items()} for kw in cache.layer_kwargs]
+    kwargs = [{k: batch_slice(v, 0, n_samples, n_all) for k, v in kw.items()} for kw in cache.layer_kwargs]
     labels = cache.labels[:n_samples]
     sub = LayerInputs(hidden=hidden, layer_kwargs=kwargs, labels=labels, base_loss=0.0)
     with torch.no_grad():
@@ -149,5 +151,5 @@ def increase(loss: float, base: float, metric: str) -> float:
     return loss - base
 
 
-__all__ = ["METRICS", "LayerInputs", "capture_layer_inputs", "check_ids", "head_loss", "increase", "layer_call",
+__all__ = ["METRICS", "LayerInputs", "batch_slice", "capture_layer_inputs", "check_ids", "head_loss", "increase", "layer_call",
            "loss_from_layer", "model_device", "subset_cache"]

@@ -24,6 +24,7 @@ from layerprune.arch.budget import mlp_grid_size
 from layerprune.errors import InvalidInputError
 from layerprune.importance.cache import METRICS, LayerInputs, capture_layer_inputs, increase, loss_from_layer, subset_cache
 from layerprune.importance.result import LayerImportance
+from layerprune.refit import DEFAULT_DAMPING, InputGram, compensation_bias, refit_output_projection
 from layerprune.scoring.selection import select_keep
 
 # Kept fractions sampled for the curves (the endpoints "all kept" (= 0 increase) and "none kept"
@@ -49,6 +50,40 @@ def _masked_inputs(linear: torch.nn.Module, keep_columns: torch.Tensor) -> Itera
         yield
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def _refit_inputs(linear: torch.nn.Module, stats: InputGram, keep_columns: torch.Tensor, mode: str,
+                  damping: float) -> Iterator[None]:
+    """``linear`` as the pruner leaves it after the refit: its kept columns refit (``mode``), the others zero.
+    The weights are put back on exit."""
+    if keep_columns.numel() == 0:
+        with _masked_inputs(linear, keep_columns):
+            yield
+        return
+    weight, bias = linear.weight, linear.bias
+    kept = keep_columns.tolist()
+    if mode == "bias":
+        new_w, new_b = weight[:, keep_columns], compensation_bias(weight, stats, kept, bias)
+    else:
+        new_w, new_b = refit_output_projection(weight, stats, kept, damping=damping, bias=bias,
+                                               affine=mode == "lstsq-bias")
+    full = torch.zeros_like(weight)
+    full[:, keep_columns] = new_w
+    saved_weight, saved_bias = weight.data, None if bias is None else bias.data
+    linear.weight.data = full
+    if new_b is not None and bias is None:
+        linear.bias = torch.nn.Parameter(new_b, requires_grad=False)
+    elif new_b is not None:
+        linear.bias.data = new_b
+    try:
+        yield
+    finally:
+        linear.weight.data = saved_weight
+        if bias is None:
+            linear.bias = None
+        else:
+            linear.bias.data = saved_bias
 
 
 def head_columns(kv_groups: Sequence[int], num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
@@ -91,8 +126,15 @@ def sensitivity_importance(
     metric: str = "loss",
     progress: bool = True,
     cache: LayerInputs | None = None,
+    refit_grams: Sequence[dict[str, InputGram]] | None = None,
+    refit: str = "lstsq",
+    refit_damping: float = DEFAULT_DAMPING,
 ) -> LayerImportance:
     """Per-layer cost curves from a few pruned evaluations of one layer at a time.
+
+    ``refit_grams`` (per layer, :func:`layerprune.refit.output_projection_grams` of a separate refit batch):
+    each sampled point is measured with the layer's kept o_proj / down_proj columns refit (``refit`` mode),
+    as the pruner will leave them, so the allocation sees what a layer costs after the refit.
 
     ``curve_samples``: measure the curves on the first n calibration sequences only (default: all).
 
@@ -130,6 +172,14 @@ def sensitivity_importance(
         raise InvalidInputError(
             f"kv_group_scores/channel_scores: need one tensor per layer ({num}), got {len(kv_group_scores)}/{len(channel_scores)}"
         )
+    if refit_grams is not None and len(refit_grams) != num:
+        raise InvalidInputError(f"refit_grams: need one entry per layer ({num}), got {len(refit_grams)}")
+
+    def _remove(linear: torch.nn.Module, name: str, cols: torch.Tensor):
+        if refit_grams is None:
+            return _masked_inputs(linear, cols)
+        return _refit_inputs(linear, refit_grams[l][name], cols, refit, refit_damping)
+
     attn_curves: list[np.ndarray] = []
     mlp_curves: list[np.ndarray] = []
     attn_samples: list[dict[int, float]] = []
@@ -154,14 +204,14 @@ def sensitivity_importance(
             for g in g_points:
                 kept_groups = select_keep([kv_group_scores[l]], [channel_scores[l]], [g], [inter])[0].kv_heads if g else ()
                 cols = head_columns(kept_groups, num_heads, num_kv, head_dim).to(x.device)
-                with _masked_inputs(layer.self_attn.o_proj, cols):
+                with _remove(layer.self_attn.o_proj, "o_proj", cols):
                     y = adapter.layer_forward(layer, x, kw)
                 g_values[g] = increase(loss_from_layer(model, cache, l + 1, y), cache.base_loss, metric)
                 evaluations += 1
             for c in c_points:
                 kept_channels = select_keep([kv_group_scores[l]], [channel_scores[l]], [num_kv], [c])[0].mlp_channels if c else ()
                 cols = torch.tensor(list(kept_channels), dtype=torch.long, device=x.device)
-                with _masked_inputs(layer.mlp.down_proj, cols):
+                with _remove(layer.mlp.down_proj, "down_proj", cols):
                     y = adapter.layer_forward(layer, x, kw)
                 c_values[c] = increase(loss_from_layer(model, cache, l + 1, y), cache.base_loss, metric)
                 evaluations += 1
@@ -190,6 +240,8 @@ def sensitivity_importance(
             "attn_samples": [{str(k): v for k, v in sorted(s.items())} for s in attn_samples],
             "mlp_samples": [{str(k): v for k, v in sorted(s.items())} for s in mlp_samples],
             "interpolation": "linear between sampled points, monotone non-increasing in kept, clipped at 0",
+            "refit": None if refit_grams is None else {"mode": refit, "damping": refit_damping,
+                                                       "tokens": int(refit_grams[0]["o_proj"].count) if refit_grams else 0},
         },
     )
 

@@ -41,14 +41,16 @@ from layerprune.provenance import command_line, versions
 
 from layerprune.allocation import UNBALANCED_SOLVERS as SOLVERS
 from layerprune.allocation import AllocationSpec, allocate, spec_from_model_config
-from layerprune.arch import adapter_for, gqa, layer_shapes
+from layerprune.arch import OUTPUT_BIAS_KEY, adapter_for, gqa, layer_shapes, per_token_costs
 from layerprune.arch.budget import mlp_grid_size
 from layerprune.errors import InternalError, InvalidInputError, ModelError
 from layerprune.importance import METHODS as LAYER_IMPORTANCE_METHODS
 from layerprune.importance import LayerImportance, sensitivity_importance
 from layerprune.importance import layer_importance as compute_layer_importance
 from layerprune.models import count_parameters
+from layerprune.pruning.refit import BIAS_MODES, REFIT_MODES, refit_kept_weights
 from layerprune.pruning.surgery import StructuredPruner
+from layerprune.refit import DEFAULT_DAMPING, output_projection_grams
 from layerprune.scoring.groups import IMPORTANCE_KINDS, element_group_scores
 from layerprune.scoring.selection import select_keep
 
@@ -84,6 +86,14 @@ class PruneConfig:
     calib_dataset: str = "wikitext2"  # calibration text: 'wikitext2' (its train, else valid split) or a .txt file
     data_dir: str | None = None
     curve_samples: int | None = None  # sensitivity: measure curves on the first n calibration sequences
+    refit: str = "none"  # refit the kept o_proj / down_proj columns: none, lstsq, lstsq-bias, bias
+    refit_damping: float = DEFAULT_DAMPING  # λ = refit_damping · mean diagonal of the Gram matrix
+    refit_error_correction: bool = True  # layer l is refit on the outputs of the refit layers 0..l-1
+    refit_samples: int = 32  # calibration windows of the refit (its own batch: the refit wants more text)
+    refit_seq_len: int = 256
+    kv_cache_ratio: float | None = None  # also remove at least this fraction of the KV-cache bytes per token
+    flops_ratio: float | None = None  # also remove at least this fraction of the FLOPs per token ...
+    flops_seq_len: int = 2048  # ... of a forward over this many positions
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -132,6 +142,15 @@ def validate_config(config: PruneConfig) -> None:
         v = getattr(config, name)
         if not _is_int(v) or v < low:
             raise InvalidInputError(f"{name}: must be an integer >= {low}, got {v!r}")
+    if config.refit not in REFIT_MODES:
+        raise InvalidInputError(f"refit: expected one of {', '.join(REFIT_MODES)}, got {config.refit!r}")
+    d = config.refit_damping
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+        raise InvalidInputError(f"refit_damping: must be in [0, 1), got {d!r}")
+    for name, low in (("refit_samples", 1), ("refit_seq_len", 2)):
+        v = getattr(config, name)
+        if not _is_int(v) or v < low:
+            raise InvalidInputError(f"{name}: must be an integer >= {low}, got {v!r}")
     if config.curve_samples is not None and (not _is_int(config.curve_samples) or config.curve_samples < 1):
         raise InvalidInputError(f"curve_samples: must be an integer >= 1, got {config.curve_samples!r}")
     if not _is_int(config.seed) or config.seed < 0:
@@ -145,6 +164,20 @@ def validate_config(config: PruneConfig) -> None:
             raise InvalidInputError(f"{name}: must be a non-negative layer index, got {v!r}")
     if any(not _is_int(p) or p < 0 for p in config.protected):
         raise InvalidInputError(f"protected: layer indices must be non-negative integers, got {list(config.protected)}")
+    for name in ("kv_cache_ratio", "flops_ratio"):
+        v = getattr(config, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or not 0.0 < v < 1.0):
+            raise InvalidInputError(f"{name}: must be a fraction strictly between 0 and 1, got {v!r}")
+    if not _is_int(config.flops_seq_len) or config.flops_seq_len < 1:
+        raise InvalidInputError(f"flops_seq_len: must be an integer >= 1, got {config.flops_seq_len!r}")
+    bounded = [n for n in ("kv_cache_ratio", "flops_ratio") if getattr(config, n) is not None]
+    if bounded and config.mode == "uniform" and not config.match_params:
+        raise InvalidInputError(f"{bounded[0]}: uniform mode needs match_params with it (LLM-Pruner's per-layer rate "
+                                "takes no KV-cache or FLOPs budget)")
+    if bounded and config.mode == "unbalanced" and config.solver == "seed":
+        raise InvalidInputError(f"{bounded[0]}: the seed mapping takes no KV-cache or FLOPs budget "
+                                "(use solver greedy, lagrange or dp)")
 
 
 def layer_ranges(config: PruneConfig, num_layers: int) -> dict[str, tuple[int, int]]:
@@ -210,6 +243,9 @@ def build_allocation_spec(model_config: Any, config: PruneConfig, importance: La
         "mlp_layer_start": ranges["mlp"][0],
         "mlp_layer_end": ranges["mlp"][1],
         "min_effective_rate": config.min_effective_rate,
+        "kv_cache_ratio": config.kv_cache_ratio,
+        "flops_ratio": config.flops_ratio,
+        "flops_seq_len": config.flops_seq_len,
     }
     if config.mode == "uniform" and not config.match_params:
         constraints["layer_rate"] = float(config.ratio)
@@ -219,17 +255,32 @@ def build_allocation_spec(model_config: Any, config: PruneConfig, importance: La
             constraints["mlp_curves"] = [np.asarray(c, dtype=np.float64) for c in importance.mlp_curves]
         constraints["attn_importance"] = _nonneg(importance.attn)
         constraints["mlp_importance"] = _nonneg(importance.mlp)
-    return spec_from_model_config(model_config, float(config.ratio), **constraints)
+    spec = spec_from_model_config(model_config, float(config.ratio), **constraints)
+    if config.refit in BIAS_MODES:
+        # The compensation biases are part of the pruned model: budgeted, and the ratio re-expressed so the
+        # pruned model still has (1 - ratio) of the DENSE model's parameters, like every other method.
+        dense_total = spec.params_total
+        spec.layers = [adapter_for(model_config, "config").layer_shape(model_config, output_bias=True)] * len(spec.layers)
+        added = spec.params_total - dense_total
+        spec.ratio = (float(config.ratio) * dense_total + added) / spec.params_total
+    return spec
 
 
 def spec_for_model(model: torch.nn.Module, config: PruneConfig, importance: LayerImportance | None) -> AllocationSpec:
     """``build_allocation_spec`` for a loaded dense model, its parameter count checked against the model's.
 
-    The adapter's formula must give exactly the model's decoder-layer parameters and its total; a
-    difference is an internal error (a family term the formula misses), never a silently other budget.
+    The adapter's formula must give exactly the model's decoder-layer parameters and its total (plus the
+    compensation biases a bias refit adds); a difference is an internal error (a family term the formula
+    misses), never a silently other budget.
     """
-    spec = build_allocation_spec(model.config, config, importance, len(adapter_for(model).decoder_layers(model)))
-    counts = count_parameters(model)
+    adapter = adapter_for(model)
+    spec = build_allocation_spec(model.config, config, importance, len(adapter.decoder_layers(model)))
+    spec.kv_cache_dtype_bytes = next(model.parameters()).element_size()  # the cache holds the model's dtype
+    counts = dict(count_parameters(model))
+    if config.refit in BIAS_MODES:
+        added = sum(adapter.layer_shape(model.config, output_bias=True).params()
+                    - adapter.layer_shape(model.config).params() for _ in spec.layers)
+        counts = {**counts, "decoder_layers": counts["decoder_layers"] + added, "total": counts["total"] + added}
     if spec.params_layers != counts["decoder_layers"] or spec.params_total != counts["total"]:
         raise InternalError(
             f"budget formula of {adapter_for(model).name}: decoder layers {spec.params_layers:,} / total "
@@ -286,21 +337,37 @@ def _check_dense(model: torch.nn.Module, shapes: Sequence[dict[str, int]]) -> No
             )
 
 
+def refit_batch(tokenizer: Any, config: PruneConfig) -> torch.Tensor:
+    """The refit's calibration windows: from the calibration text, with their own size and seed."""
+    from layerprune.data import calibration_batch
+
+    return calibration_batch(tokenizer, n_samples=config.refit_samples, seq_len=config.refit_seq_len,
+                             seed=config.seed + 1, dataset=config.calib_dataset, data_dir=config.data_dir)
+
+
 def measure_layer_importance(
     model: torch.nn.Module,
     calib_ids: torch.Tensor,
     config: PruneConfig,
     element_scores: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
     progress: bool = True,
+    refit_ids: torch.Tensor | None = None,
 ) -> LayerImportance:
     """The layer importance ``config`` asks for, on ``model`` (only read) and ``calib_ids``: the one code path
-    of ``prune`` and ``compare``. ``sensitivity`` needs the dense element scores (computed when not given)."""
+    of ``prune`` and ``compare``. ``sensitivity`` needs the dense element scores (computed when not given);
+    with a refit it measures each point after the refit, its statistics taken from ``refit_ids``."""
     if config.layer_importance == "sensitivity":
         if element_scores is None:
             element_scores = element_group_scores(model, calib_ids, importance=config.importance, progress=progress)
+        grams = None
+        if config.refit != "none":
+            if refit_ids is None:
+                raise InvalidInputError("refit_ids: sensitivity curves after a refit need the refit's calibration batch")
+            grams = output_projection_grams(model, refit_ids.long().to(calib_ids.device), progress=progress)
         return sensitivity_importance(
             model, calib_ids, element_scores[0], element_scores[1], mlp_step=config.mlp_step,
             min_kv_groups=config.min_kv_groups, curve_samples=config.curve_samples, progress=progress,
+            refit_grams=grams, refit=config.refit, refit_damping=config.refit_damping,
         )
     options = {"metric": config.removal_metric} if config.layer_importance == "removal" else {}
     return compute_layer_importance(model, calib_ids, config.layer_importance, progress=progress, **options)
@@ -331,13 +398,15 @@ def prune(
     layer_importance: LayerImportance | None = None,
     calib_ids: torch.Tensor | None = None,
     calib_source: dict[str, Any] | None = None,
+    refit_ids: torch.Tensor | None = None,
     progress: bool = True,
 ) -> PruneResult:
     """Prune a deep copy of ``model`` as ``config`` says; returns it with the allocation and a report.
 
     ``layer_importance`` reuses an earlier computation (e.g. across methods of ``compare``);
     ``calib_ids`` ([n, seq_len] token ids) replaces the calibration batch drawn from ``config.calib_dataset``;
-    ``calib_source`` then says where they came from (the report records it).
+    ``calib_source`` then says where they came from (the report records it). ``refit_ids`` replaces the
+    refit's own calibration batch (``config.refit_samples`` windows of ``config.refit_seq_len`` tokens).
     """
     validate_config(config)
     adapter_for(model, "prune: model")  # an unsupported family is refused before any work
@@ -381,7 +450,9 @@ def prune(
             _check_importance(layer_importance, config, shapes)
             li = layer_importance
         else:
-            li = measure_layer_importance(work, calib_ids, config, dense_scores, progress=progress)
+            if config.refit != "none" and refit_ids is None:
+                refit_ids = refit_batch(tokenizer, config)
+            li = measure_layer_importance(work, calib_ids, config, dense_scores, progress=progress, refit_ids=refit_ids)
     timings["layer_importance"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -398,6 +469,7 @@ def prune(
     example = calib_ids[:1, : min(16, calib_ids.shape[1])]
     t0 = time.perf_counter()
     rescoring = 0.0
+    refit_report: dict[str, Any] | None = None
     steps = config.iterative_steps
     for step in tqdm(range(1, steps + 1), desc="pruning steps", disable=not progress or steps == 1, leave=False):
         want_kv = _step_targets(full_kv, final_kv, step, steps)
@@ -409,13 +481,24 @@ def prune(
             kv_scores, ch_scores = element_group_scores(work, calib_ids, importance=config.importance, progress=progress)
             rescoring += time.perf_counter() - r0
         keep = select_keep(kv_scores, ch_scores, want_kv, want_mlp)
+        if step == steps and config.refit != "none":
+            r0 = time.perf_counter()
+            if refit_ids is None:
+                refit_ids = refit_batch(tokenizer, config)
+            refit_report = refit_kept_weights(
+                work, keep, refit_ids.long().to(calib_ids.device), mode=config.refit, damping=config.refit_damping,
+                error_correction=config.refit_error_correction, progress=progress)
+            timings["refit"] = time.perf_counter() - r0
+            rescoring += timings["refit"]  # kept apart from the surgery's time
         StructuredPruner(work, example).prune(keep)
         kept_kv = [[prev[i] for i in k.kv_heads] for prev, k in zip(kept_kv, keep)]
         kept_mlp = [[prev[i] for i in k.mlp_channels] for prev, k in zip(kept_mlp, keep)]
     timings["pruning"] = time.perf_counter() - t0 - rescoring
     if steps > 1:
-        timings["element_scores"] += rescoring
+        timings["element_scores"] += rescoring - timings.get("refit", 0.0)
 
+    if config.refit in BIAS_MODES:
+        setattr(work.config, OUTPUT_BIAS_KEY, True)
     new_shapes = layer_shapes(work)
     if [s["num_kv_heads"] for s in new_shapes] != final_kv or [s["intermediate"] for s in new_shapes] != final_mlp:
         raise ModelError("pruned shapes do not match the allocation (internal inconsistency)")
@@ -424,9 +507,18 @@ def prune(
         raise InternalError(
             f"pruned model has {params_after['total']:,} parameters, the allocation planned {alloc.params_after:,}"
         )
+    costs_before = per_token_costs(model, config.flops_seq_len)
+    costs_after = per_token_costs(work, config.flops_seq_len)
+    if (costs_after["kv_cache_bytes"], costs_after["flops"]) != (alloc.kv_cache_bytes_after, alloc.flops_after):
+        raise InternalError(
+            f"pruned model has {costs_after['kv_cache_bytes']:,} KV-cache bytes and {costs_after['flops']:,} FLOPs per "
+            f"token, the allocation planned {alloc.kv_cache_bytes_after:,} and {alloc.flops_after:,}"
+        )
     timings["total"] = time.perf_counter() - total_start
     report = build_report(config, params_before, params_after, shapes, alloc, li, kept_kv, kept_mlp, calib_ids, timings,
                           family=adapter_for(model).name, calib_source=calib_source)
+    report["refit"] = refit_report
+    report.update(per_token_report(config, costs_before, costs_after))
     return PruneResult(model=work, allocation=alloc, layer_importance=li, report=report)
 
 
@@ -475,11 +567,29 @@ def build_report(config, params_before, params_after, shapes, alloc, li, kept_kv
     }
 
 
+def per_token_report(config: PruneConfig, before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
+    """The KV-cache and FLOPs figures of a run (:func:`layerprune.arch.per_token_costs` of the dense and the
+    pruned model): per token before and after, the removed fractions, and the bounds asked for."""
+    def removed(key: str) -> float:
+        return 1.0 - after[key] / before[key] if before[key] else 0.0
+
+    return {
+        "kv_cache_bytes_per_token": {"before": before["kv_cache_bytes"], "after": after["kv_cache_bytes"],
+                                     "dtype_bytes": before["dtype_bytes"]},
+        "flops_per_token": {"before": before["flops"], "after": after["flops"], "seq_len": before["seq_len"]},
+        "actual_kv_cache_ratio": removed("kv_cache_bytes"),
+        "actual_flops_ratio": removed("flops"),
+        "target_kv_cache_ratio": config.kv_cache_ratio,
+        "target_flops_ratio": config.flops_ratio,
+    }
+
+
 def method_name(config: PruneConfig) -> str:
-    """A short label: uniform-range, uniform-match, unbalanced-<importance>-<solver>."""
+    """A short label: uniform-range, uniform-match, unbalanced-<importance>-<solver>, then +<refit> if any."""
+    refit = "" if config.refit == "none" else f"+{config.refit}"
     if config.mode == "uniform":
-        return "uniform-match" if config.match_params else "uniform-range"
-    return f"unbalanced-{config.layer_importance}-{config.solver}"
+        return ("uniform-match" if config.match_params else "uniform-range") + refit
+    return f"unbalanced-{config.layer_importance}-{config.solver}{refit}"
 
 
 def summary_table(report: dict[str, Any], extra: Sequence[tuple[str, str]] = ()) -> str:
@@ -493,6 +603,12 @@ def summary_table(report: dict[str, Any], extra: Sequence[tuple[str, str]] = ())
         ("actual ratio (all params)", f"{report['actual_ratio']:.4f}"),
         ("actual ratio (decoder layers)", f"{report['actual_ratio_layers']:.4f}"),
     ]
+    for key, label, target in (("actual_kv_cache_ratio", "actual KV-cache ratio", "target_kv_cache_ratio"),
+                               ("actual_flops_ratio", "actual FLOPs ratio", "target_flops_ratio")):
+        if key in report:
+            wanted = report.get(target)
+            seq = f" at {report['flops_per_token']['seq_len']} positions" if key == "actual_flops_ratio" else ""
+            rows.append((label + seq, f"{report[key]:.4f}" + (f" (at least {wanted:.4f})" if wanted is not None else "")))
     rows += [(f"time: {k}", f"{v:.1f} s") for k, v in report["timings"].items()]
     rows += list(extra)
     width = max(len(k) for k, _ in rows)

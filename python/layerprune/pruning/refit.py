@@ -1,0 +1,144 @@
+"""Refit the kept weights of a model about to be pruned, layer by layer, from calibration activations.
+
+For decoder layer ``l`` with its kept KV groups and MLP channels chosen, the kept input columns of ``o_proj``
+(the kept query heads) and of ``down_proj`` (the kept channels) are refit by least squares to the dense
+projection's outputs (:func:`layerprune.refit.refit_output_projection`), and the removed columns are zeroed,
+which computes exactly what the pruned layer will. Modes:
+
+* ``lstsq``: the OBS / least-squares refit (SlimGPT, Týr);
+* ``lstsq-bias``: the same on centred inputs, with a bias on o_proj and down_proj absorbing the mean;
+* ``bias``: FLAP's bias compensation only, ``b = W[:, R] · mean(X[:, R])``, kept weights unchanged.
+
+With ``error_correction`` (SparseGPT, SlimGPT) the calibration inputs of layer ``l`` come from the already
+refit layers ``0 .. l-1``, so each layer also corrects what the earlier ones lost; without it every layer
+sees the dense model's inputs. Calibration runs in micro-batches; Gram matrices accumulate in float64.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from layerprune.arch import adapter_for, gqa
+from layerprune.errors import InvalidInputError
+from layerprune.importance.cache import batch_slice, capture_layer_inputs
+from layerprune.refit import DEFAULT_DAMPING, InputGram, compensation_bias, refit_output_projection
+from layerprune.scoring.selection import LayerKeep
+
+REFIT_MODES = ("none", "lstsq", "lstsq-bias", "bias")
+BIAS_MODES = ("lstsq-bias", "bias")
+
+
+def _collect(linear: nn.Linear, stats: InputGram):
+    def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        stats.update(args[0])
+
+    return linear.register_forward_pre_hook(hook)
+
+
+def _apply(linear: nn.Linear, stats: InputGram, kept: Sequence[int], mode: str, damping: float) -> None:
+    """Refit ``linear``'s kept input columns in place and zero the others (its output bias added if needed)."""
+    weight = linear.weight
+    index = torch.as_tensor(list(kept), dtype=torch.long, device=weight.device)
+    with torch.no_grad():
+        if mode == "bias":
+            new_w, new_b = weight[:, index].clone(), compensation_bias(weight, stats, kept, linear.bias)
+        else:
+            new_w, new_b = refit_output_projection(weight, stats, kept, damping=damping, bias=linear.bias,
+                                                   affine=mode == "lstsq-bias")
+        weight.zero_()
+        weight[:, index] = new_w
+        if new_b is not None:
+            if linear.bias is None:
+                linear.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+                                           requires_grad=weight.requires_grad)
+            linear.bias.copy_(new_b)
+
+
+def refit_kept_weights(
+    model: nn.Module,
+    keep: Sequence[LayerKeep],
+    calib_ids: torch.Tensor,
+    *,
+    mode: str = "lstsq",
+    damping: float = DEFAULT_DAMPING,
+    error_correction: bool = True,
+    micro_batch: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Refit ``model`` (about to be pruned to ``keep``) in place; returns per-layer output errors before/after.
+
+    ``keep`` indexes the model's current heads and channels, as the surgery does. The removed columns of
+    o_proj / down_proj are zeroed here, so the refit model already computes the pruned model's function;
+    the surgery then removes them. Errors are ``mean ‖y_dense − y_refit‖²`` of each projection on its
+    calibration inputs, with and without the refit, so the report shows what it bought.
+    """
+    if mode not in REFIT_MODES or mode == "none":
+        raise InvalidInputError(f"refit: expected one of {', '.join(REFIT_MODES[1:])}, got {mode!r}")
+    if not 0.0 <= damping < 1.0:
+        raise InvalidInputError(f"refit damping: must be in [0, 1), got {damping!r}")
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
+    if len(keep) != len(layers):
+        raise InvalidInputError(f"keep: has {len(keep)} entries, the model has {len(layers)} decoder layers")
+    start = time.perf_counter()
+    cache = capture_layer_inputs(model, calib_ids, progress)
+    n = calib_ids.shape[0]
+    chunks = [(s, min(s + micro_batch, n)) for s in range(0, n, micro_batch)]
+    hidden = cache.hidden[0]
+    errors: list[dict[str, float]] = []
+    with torch.no_grad():
+        for l, (layer, entry) in enumerate(tqdm(list(zip(layers, keep)), desc=f"refit ({mode})",
+                                                disable=not progress, leave=False)):
+            x = hidden if error_correction else cache.hidden[l]
+            geometry = adapter.geometry(model, layer)
+            attn_kept = gqa.q_rows(entry.kv_heads, geometry.ratio, geometry.head_dim)
+            layer_errors: dict[str, float] = {}
+
+            def run(block, inputs, target: nn.Linear, kept: Sequence[int], name: str) -> torch.Tensor:
+                """Collect target's input Gram over the chunks, refit it, and return the block's refit output."""
+                stats = InputGram.empty(target.in_features)
+                dense_w = target.weight.detach().clone()
+                handle = _collect(target, stats)
+                try:
+                    for s, e in chunks:
+                        block(inputs[s:e], {k: batch_slice(v, s, e, n) for k, v in cache.layer_kwargs[l].items()})
+                finally:
+                    handle.remove()
+                dense_b = None if target.bias is None else target.bias.detach().clone()
+                masked = torch.zeros_like(dense_w)
+                masked[:, kept] = dense_w[:, kept]
+                layer_errors[f"{name}_masked"] = _output_error(dense_w, dense_b, masked, dense_b, stats)
+                _apply(target, stats, kept, mode, damping)
+                layer_errors[f"{name}_refit"] = _output_error(dense_w, dense_b, target.weight, target.bias, stats)
+                return torch.cat([block(inputs[s:e], {k: batch_slice(v, s, e, n)
+                                                      for k, v in cache.layer_kwargs[l].items()})
+                                  for s, e in chunks])
+
+            mid = x + run(lambda h, kw: adapter.attention_block(layer, h, kw), x, layer.self_attn.o_proj,
+                          attn_kept, "o_proj")
+            hidden = mid + run(lambda h, kw: adapter.mlp_block(layer, h), mid, layer.mlp.down_proj,
+                               list(entry.mlp_channels), "down_proj")
+            errors.append(layer_errors)
+    return {"mode": mode, "damping": damping, "error_correction": error_correction,
+            "calib_tokens": int(calib_ids.numel()), "seconds": time.perf_counter() - start, "layers": errors}
+
+
+def _output_error(dense_w: torch.Tensor, dense_b: torch.Tensor | None, new_w: torch.Tensor,
+                  new_b: torch.Tensor | None, stats: InputGram) -> float:
+    """``mean ‖(W x + b) − (W' x + b')‖²`` over the collected inputs, from their Gram ``H/n`` and mean ``μ``:
+    ``tr(D H/n Dᵀ) + 2 δᵀ D μ + ‖δ‖²`` with ``D = W − W'``, ``δ = b − b'`` (a missing bias is zero)."""
+    d = (dense_w - new_w).to(torch.float64)
+    value = torch.einsum("ij,jk,ik->", d, stats.gram / max(stats.count, 1), d)
+    zero = torch.zeros(d.shape[0], dtype=torch.float64, device=d.device)
+    delta = (zero if dense_b is None else dense_b.to(torch.float64)) - (zero if new_b is None else new_b.to(torch.float64))
+    value = value + 2 * delta @ (d @ stats.mean) + delta @ delta
+    return float(value)
+
+
+__all__ = ["BIAS_MODES", "REFIT_MODES", "refit_kept_weights"]

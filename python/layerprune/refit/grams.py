@@ -1,0 +1,48 @@
+"""Gram matrices of every decoder layer's output-projection inputs, from one forward pass of the dense model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from layerprune.arch import adapter_for
+from layerprune.refit.lstsq import InputGram
+
+
+def output_projection_grams(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: int = 8,
+                            progress: bool = True) -> list[dict[str, InputGram]]:
+    """Per layer ``{"o_proj": InputGram, "down_proj": InputGram}`` of the dense model on ``ids`` ``[n, T]``.
+
+    ``o_proj``'s input is the attention output (heads as blocks of ``head_dim`` columns), ``down_proj``'s the
+    gated intermediate. One forward pass in micro-batches; the model is only read.
+    """
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
+    grams = [{"o_proj": InputGram.empty(layer.self_attn.o_proj.in_features),
+              "down_proj": InputGram.empty(layer.mlp.down_proj.in_features)} for layer in layers]
+    handles: list[Any] = []
+
+    def collect(stats: InputGram):
+        def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            stats.update(args[0])
+
+        return hook
+
+    try:
+        for layer, stats in zip(layers, grams):
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(collect(stats["o_proj"])))
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(collect(stats["down_proj"])))
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for start in tqdm(range(0, ids.shape[0], micro_batch), desc="refit statistics", disable=not progress,
+                              leave=False):
+                adapter.inner_model(model)(input_ids=ids[start:start + micro_batch].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams
+
+
+__all__ = ["output_projection_grams"]

@@ -1,0 +1,139 @@
+"""Refit of an output projection's kept input columns by least squares (the OBS update of SlimGPT / Týr).
+
+A projection ``y = W x`` (``W``: ``[out, in]``) loses its input columns ``R`` (removed heads or MLP channels)
+and keeps ``S``. Over the calibration inputs ``X`` (``[n, in]``, Gram matrix ``H = XᵀX``) the kept weights
+that best reproduce the dense outputs minimise ``‖X Wᵀ − X_S W_Sᵀ‖²``:
+
+    W_S' = W H[:, S] (H[S, S] + λ I)⁻¹        λ = damping · mean(diag H[S, S])
+
+With a bias (``affine=True``) the same problem is solved on centred inputs, ``C = H/n − μμᵀ``, and the bias
+absorbs the mean: ``W_S' = W C[:, S] (C[S, S] + λ I)⁻¹``, ``b' = b + W μ − W_S' μ_S``. FLAP's bias compensation
+alone (``W_S`` unchanged) is ``b' = b + W[:, R] μ_R`` (:func:`compensation_bias`).
+
+The damping keeps ``H[S, S]`` invertible when calibration is short (SparseGPT's 1% of the mean diagonal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from layerprune.errors import InvalidInputError, NumericalError
+
+DEFAULT_DAMPING = 0.01
+
+
+@dataclass
+class InputGram:
+    """Running ``H = Σ xᵀx``, ``Σ x`` and the row count of a projection's inputs, in float64."""
+
+    gram: torch.Tensor
+    total: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def empty(cls, features: int, device: torch.device | str = "cpu") -> "InputGram":
+        return cls(torch.zeros(features, features, dtype=torch.float64, device=device),
+                   torch.zeros(features, dtype=torch.float64, device=device))
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add the rows of ``x`` (``[..., features]``): one matmul per micro-batch in float32 (float64 inputs
+        in float64), summed in float64."""
+        rows = x.detach().reshape(-1, x.shape[-1])
+        rows = rows.to(torch.float64) if rows.dtype == torch.float64 else rows.float()
+        self.gram += (rows.T @ rows).to(torch.float64)
+        self.total += rows.sum(0, dtype=torch.float64)
+        self.count += rows.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+    def covariance(self) -> torch.Tensor:
+        """``H/n − μμᵀ`` (the second moment of the centred inputs)."""
+        mean = self.mean
+        return self.gram / max(self.count, 1) - torch.outer(mean, mean)
+
+
+def _kept_index(kept: Sequence[int] | torch.Tensor, features: int) -> torch.Tensor:
+    index = torch.as_tensor(list(kept) if not isinstance(kept, torch.Tensor) else kept, dtype=torch.long)
+    if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= features:
+        raise InvalidInputError(f"kept: column indices must be in 0..{features - 1} and not empty")
+    return index
+
+
+def _solve_damped(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+    """``rhs (a + λI)⁻¹`` for symmetric ``a`` (Cholesky; the damping grows tenfold until it factors)."""
+    diag = torch.diagonal(a)
+    scale = float(diag.mean()) if diag.numel() else 0.0
+    scale = scale if scale > 0 else 1.0
+    lam = damping * scale
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(a + lam * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs.T, factor).T
+        lam = max(lam * 10.0, 1e-8 * scale)
+    raise NumericalError("refit: the calibration Gram matrix is not positive definite even with damping")
+
+
+def refit_output_projection(
+    weight: torch.Tensor,
+    stats: InputGram,
+    kept: Sequence[int] | torch.Tensor,
+    *,
+    damping: float = DEFAULT_DAMPING,
+    bias: torch.Tensor | None = None,
+    affine: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """New weights for the kept columns (``[out, |S|]``, weight's dtype) and, with ``affine``, the new bias.
+
+    ``weight`` is the dense ``[out, in]`` matrix; ``stats`` the Gram of its dense inputs. Without ``affine``
+    the returned bias is ``bias`` unchanged.
+    """
+    if weight.dim() != 2 or stats.gram.shape != (weight.shape[1], weight.shape[1]):
+        raise InvalidInputError(f"refit: weight {tuple(weight.shape)} does not match the Gram {tuple(stats.gram.shape)}")
+    if stats.count < 1:
+        raise InvalidInputError("refit: no calibration rows were collected")
+    s = _kept_index(kept, weight.shape[1]).to(stats.gram.device)
+    w = weight.detach().to(stats.gram.device, torch.float64)
+    second = stats.covariance() if affine else stats.gram / stats.count
+    new_w = _solve_damped(second[s][:, s], w @ second[:, s], damping)
+    if not affine:
+        return new_w.to(weight.dtype).to(weight.device), bias
+    mean = stats.mean
+    base = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if bias is None else bias.detach().to(w)
+    new_b = base + w @ mean - new_w @ mean[s]
+    return new_w.to(weight.dtype).to(weight.device), new_b.to(weight.dtype).to(weight.device)
+
+
+def compensation_bias(
+    weight: torch.Tensor, stats: InputGram, kept: Sequence[int] | torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """FLAP's bias compensation: ``b' = b + W[:, R] μ_R`` for the removed columns ``R`` (kept weights unchanged)."""
+    s = _kept_index(kept, weight.shape[1])
+    removed = torch.ones(weight.shape[1], dtype=torch.bool)
+    removed[s] = False
+    w = weight.detach().to(torch.float64).cpu()
+    out = w[:, removed] @ stats.mean.cpu()[removed]
+    if bias is not None:
+        out = out + bias.detach().to(torch.float64).cpu()
+    return out.to(weight.dtype).to(weight.device)
+
+
+def reconstruction_error(weight: torch.Tensor, stats: InputGram, kept: Sequence[int] | torch.Tensor,
+                         damping: float = DEFAULT_DAMPING) -> float:
+    """``‖X Wᵀ − X_S W_S'ᵀ‖² / n`` after the refit: ``tr(W (H − H[:, S] H[S, S]⁻¹ H[S, :]) Wᵀ) / n``."""
+    s = _kept_index(kept, weight.shape[1]).to(stats.gram.device)
+    w = weight.detach().to(stats.gram.device, torch.float64)
+    h = stats.gram / stats.count
+    new_w = _solve_damped(h[s][:, s], w @ h[:, s], damping)
+    full = torch.einsum("ij,jk,ik->", w, h, w)
+    kept_part = torch.einsum("ij,jk,ik->", new_w, h[s][:, s], new_w)
+    cross = torch.einsum("ij,jk,ik->", w, h[:, s], new_w)
+    return float(full - 2 * cross + kept_part)
+
+
+__all__ = ["DEFAULT_DAMPING", "InputGram", "compensation_bias", "reconstruction_error", "refit_output_projection"]
