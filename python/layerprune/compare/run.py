@@ -41,6 +41,7 @@ from layerprune.compare.matching import granule_params, range_rate_for_ratio, se
 from layerprune.compare.settings import (
     LAYER_IMPORTANCE_FOR,
     METHOD_NOTES,
+    REFIT_METHODS,
     CompareSettings,
     prune_config,
     reference_range,
@@ -137,16 +138,17 @@ def measure_model(
     }
 
 
-def compute_layer_importance(model: torch.nn.Module, calib_ids: torch.Tensor, method: str, settings: CompareSettings,
-                             progress: bool) -> Any:
-    """The layer importance ``method`` that `prune` computes for the run that uses it, through the same code
-    path (:func:`layerprune.pruning.pipeline.measure_layer_importance`), on a copy of the dense model."""
-    run_method = next(m for m, li in LAYER_IMPORTANCE_FOR.items() if li == method)
+def compute_layer_importance(model: torch.nn.Module, calib_ids: torch.Tensor, key: str, settings: CompareSettings,
+                             progress: bool, refit_ids: torch.Tensor | None = None) -> Any:
+    """The layer importance ``key`` (of :data:`LAYER_IMPORTANCE_FOR`) that `prune` computes for the run that
+    uses it, through the same code path (:func:`layerprune.pruning.pipeline.measure_layer_importance`), on a
+    copy of the dense model."""
+    run_method = next(m for m, li in LAYER_IMPORTANCE_FOR.items() if li == key)
     config = prune_config(run_method, 0.5, settings, len(decoder_layers(model)))
     pipeline.seed_everything(settings.seed)
     work = copy.deepcopy(model).eval()
     start = time.perf_counter()
-    li = pipeline.measure_layer_importance(work, calib_ids, config, progress=progress)
+    li = pipeline.measure_layer_importance(work, calib_ids, config, progress=progress, refit_ids=refit_ids)
     li.seconds = time.perf_counter() - start  # includes the element scores the curves need
     return li
 
@@ -200,7 +202,12 @@ def compare(
     if calib_ids is None:
         calib_ids = calibration_batch(tokenizer, settings.calib_samples, settings.calib_seq_len, settings.seed,
                                       settings.calib_dataset, settings.data_dir)
-    store = RunStore(out, fingerprint(model, model_name, eval_ids, calib_ids, settings), log, fresh=settings.fresh)
+    refit_ids = None
+    if any(m in REFIT_METHODS for m in settings.methods):  # the refit's own, larger batch (drawn once)
+        refit_ids = calibration_batch(tokenizer, settings.refit_samples, settings.refit_seq_len, settings.seed + 1,
+                                      settings.calib_dataset, settings.data_dir)
+    store = RunStore(out, fingerprint(model, model_name, eval_ids, calib_ids, settings, refit_ids), log,
+                     fresh=settings.fresh)
 
     runs: list[dict[str, Any]] = []
     dense = store.load_run("dense", None, None)
@@ -217,21 +224,22 @@ def compare(
 
     importances: dict[str, Any] = {}
 
-    def importance_for(method: str) -> Any:
-        if method not in importances:
-            li = store.load_importance(method)
+    def importance_for(key: str) -> Any:
+        if key not in importances:
+            li = store.load_importance(key)
             if li is None:
-                log(f"computing layer importance: {method}")
-                li = compute_layer_importance(model, calib_ids, method, settings, progress)
-                store.save_importance(li)
-            importances[method] = li
-        return importances[method]
+                log(f"computing layer importance: {key}")
+                li = compute_layer_importance(model, calib_ids, key, settings, progress, refit_ids)
+                store.save_importance(key, li)
+            importances[key] = li
+        return importances[key]
 
     for method in settings.methods:  # reload cached importance for the report even when every run is reused
-        if method in LAYER_IMPORTANCE_FOR and store.importance_path(LAYER_IMPORTANCE_FOR[method]).is_file():
-            li = store.load_importance(LAYER_IMPORTANCE_FOR[method])
+        key = LAYER_IMPORTANCE_FOR.get(method)
+        if key is not None and store.importance_path(key).is_file():
+            li = store.load_importance(key)
             if li is not None:
-                importances[li.method] = li
+                importances[key] = li
 
     for ratio in settings.ratios:
         for method in settings.methods:
@@ -256,7 +264,7 @@ def compare(
             t0 = time.perf_counter()
             result = pipeline.prune(model, tokenizer, config, layer_importance=li, calib_ids=calib_ids,
                                     calib_source=calib_source if isinstance(calib_source, dict) else None,
-                                    progress=progress)
+                                    refit_ids=refit_ids if config.refit != "none" else None, progress=progress)
             prune_seconds = time.perf_counter() - t0
             timings = result.report.get("timings", {})
             save_to = model_dir(out, method, ratio) if settings.save_models else None

@@ -10,7 +10,7 @@ from typing import Any
 from layerprune.errors import InvalidInputError
 from layerprune.pruning.pipeline import PruneConfig
 
-METHODS = ("dense", "uniform-range", "uniform", "unbalanced-seed", "unbalanced")
+METHODS = ("dense", "uniform-range", "uniform", "uniform-refit", "unbalanced-seed", "unbalanced", "unbalanced-refit")
 PRUNED_METHODS = METHODS[1:]
 # LLM-Pruner's llama3.py: block_*_layer_start=3, block_*_layer_end=31 for 32 layers -> [3, L-1)
 REFERENCE_RANGE_START = 3
@@ -37,8 +37,14 @@ METHOD_NOTES = {
         "by bisection on the parameter count so the model lands closest to the target (achieved ratio reported)."
     ),
     "unbalanced": "per-layer sensitivity curves + exact DP allocation at the same parameter budget as `uniform`.",
+    "uniform-refit": "`uniform`, then the kept o_proj / down_proj columns refit by least squares on calibration "
+                     "activations, layer by layer with error correction.",
+    "unbalanced-refit": "sensitivity curves measured after the refit + exact DP allocation, then the refit "
+                        "(same budget as `uniform`).",
 }
-LAYER_IMPORTANCE_FOR = {"unbalanced-seed": "removal", "unbalanced": "sensitivity"}
+# The layer importance each method reads (cached once per key, shared by every ratio).
+LAYER_IMPORTANCE_FOR = {"unbalanced-seed": "removal", "unbalanced": "sensitivity", "unbalanced-refit": "sensitivity-refit"}
+REFIT_METHODS = ("uniform-refit", "unbalanced-refit")
 
 
 @dataclasses.dataclass
@@ -62,6 +68,9 @@ class CompareSettings:
     importance: str = "taylor"
     mlp_step: int = 1
     fresh: bool = False  # recompute every run and layer importance instead of reusing stored ones
+    refit: str = "lstsq"  # the refit of the *-refit methods
+    refit_samples: int = 32  # their own calibration windows (more text than the curves need)
+    refit_seq_len: int = 256
 
 
 def parse_ratios(text: str | Sequence[float]) -> tuple[float, ...]:
@@ -140,4 +149,10 @@ def prune_config(method: str, ratio: float, settings: CompareSettings, num_layer
                            min_effective_rate=SEED_MIN_EFFECTIVE_RATE, **common)
     if method == "unbalanced":
         return PruneConfig(ratio=ratio, mode="unbalanced", solver="dp", layer_importance="sensitivity", **common)
+    refit = dict(refit=settings.refit, refit_samples=settings.refit_samples, refit_seq_len=settings.refit_seq_len)
+    if method == "uniform-refit":
+        return PruneConfig(ratio=ratio, mode="uniform", match_params=True, **refit, **common)
+    if method == "unbalanced-refit":
+        return PruneConfig(ratio=ratio, mode="unbalanced", solver="dp", layer_importance="sensitivity", **refit,
+                           **common)
     raise InvalidInputError(f"method: unknown '{method}'")

@@ -58,7 +58,7 @@ def weights_probe(model: torch.nn.Module, per_tensor: int = 256) -> str:
 
 
 def fingerprint(model: torch.nn.Module, model_name: str, eval_ids: torch.Tensor, calib_ids: torch.Tensor,
-                 settings: CompareSettings) -> dict[str, Any]:
+                 settings: CompareSettings, refit_ids: torch.Tensor | None = None) -> dict[str, Any]:
     """What a stored run must share with the current invocation to be reused."""
     info = model_info(model)
     info.pop("architecture", None)
@@ -72,6 +72,7 @@ def fingerprint(model: torch.nn.Module, model_name: str, eval_ids: torch.Tensor,
         "eval_tokens_count": int(eval_ids.numel()),
         "seq_len": settings.seq_len,
         "calib_tokens": tokens_digest(calib_ids),
+        "refit_tokens": None if refit_ids is None else tokens_digest(refit_ids),
         "seed": settings.seed,
         "importance": settings.importance,
         "mlp_step": settings.mlp_step,
@@ -83,7 +84,8 @@ def fingerprint(model: torch.nn.Module, model_name: str, eval_ids: torch.Tensor,
     }
 
 
-IMPORTANCE_FINGERPRINT_KEYS = ("model", "model_shape", "model_params", "weights_probe", "dtype", "calib_tokens", "seed",
+IMPORTANCE_FINGERPRINT_KEYS = ("model", "model_shape", "model_params", "weights_probe", "dtype", "calib_tokens",
+                               "refit_tokens", "seed",
                                "importance", "mlp_step", "versions", "source")
 
 
@@ -121,6 +123,6 @@ class RunStore:
             return None
         return LayerImportance.from_json(data["layer_importance"])
 
-    def save_importance(self, li: Any) -> None:
-        write_json_atomic(self.importance_path(li.method),
+    def save_importance(self, key: str, li: Any) -> None:
+        write_json_atomic(self.importance_path(key),
                                      {"fingerprint": self.importance_key, "layer_importance": li.to_json(full_curves=True)})

@@ -18,7 +18,7 @@ from layerprune.provenance import command_line, versions
 
 SCHEMA = "layerprune.compare/1"
 DENSE = "dense"
-UNIFORM_METHODS = ("uniform", "uniform-range")
+UNIFORM_METHODS = ("uniform", "uniform-range", "uniform-refit")
 SEED_METHOD = "unbalanced-seed"
 BEST_METHOD = "unbalanced"
 # the quality bar users check: `unbalanced` at least this much lower PPL than the better uniform method
