@@ -10,7 +10,8 @@ from typing import Any
 from layerprune.errors import InvalidInputError
 from layerprune.pruning.pipeline import PruneConfig
 
-METHODS = ("dense", "uniform-range", "uniform", "uniform-refit", "unbalanced-seed", "unbalanced", "unbalanced-refit")
+METHODS = ("dense", "uniform-range", "uniform", "uniform-refit", "flap", "unbalanced-seed", "unbalanced",
+           "unbalanced-refit")
 PRUNED_METHODS = METHODS[1:]
 # LLM-Pruner's llama3.py: block_*_layer_start=3, block_*_layer_end=31 for 32 layers -> [3, L-1)
 REFERENCE_RANGE_START = 3
@@ -41,10 +42,13 @@ METHOD_NOTES = {
                      "activations, layer by layer with error correction.",
     "unbalanced-refit": "sensitivity curves measured after the refit + exact DP allocation, then the refit "
                         "(same budget as `uniform`).",
+    "flap": "FLAP (An et al. 2024), reimplemented: fluctuation metric Var(X)·‖W[:, j]‖², standardised per layer "
+            "and module, one global threshold counting each group and channel by its parameters, bias "
+            "compensation; statistics from the refit batch; same budget as `uniform`.",
 }
 # The layer importance each method reads (cached once per key, shared by every ratio).
 LAYER_IMPORTANCE_FOR = {"unbalanced-seed": "removal", "unbalanced": "sensitivity", "unbalanced-refit": "sensitivity-refit"}
-REFIT_METHODS = ("uniform-refit", "unbalanced-refit")
+REFIT_METHODS = ("uniform-refit", "flap", "unbalanced-refit")  # they read the refit batch
 
 
 @dataclasses.dataclass
@@ -152,6 +156,9 @@ def prune_config(method: str, ratio: float, settings: CompareSettings, num_layer
     refit = dict(refit=settings.refit, refit_samples=settings.refit_samples, refit_seq_len=settings.refit_seq_len)
     if method == "uniform-refit":
         return PruneConfig(ratio=ratio, mode="uniform", match_params=True, **refit, **common)
+    if method == "flap":
+        return PruneConfig(ratio=ratio, mode="flap", refit="bias", refit_error_correction=False,
+                           refit_samples=settings.refit_samples, refit_seq_len=settings.refit_seq_len, **common)
     if method == "unbalanced-refit":
         return PruneConfig(ratio=ratio, mode="unbalanced", solver="dp", layer_importance="sensitivity", **refit,
                            **common)

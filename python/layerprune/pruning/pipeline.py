@@ -48,13 +48,14 @@ from layerprune.importance import METHODS as LAYER_IMPORTANCE_METHODS
 from layerprune.importance import LayerImportance, sensitivity_importance
 from layerprune.importance import layer_importance as compute_layer_importance
 from layerprune.models import count_parameters
+from layerprune.pruning.flap import flap_allocation, fluctuation_scores
 from layerprune.pruning.refit import BIAS_MODES, REFIT_MODES, refit_kept_weights
 from layerprune.pruning.surgery import StructuredPruner
 from layerprune.refit import DEFAULT_DAMPING, output_projection_grams
 from layerprune.scoring.groups import IMPORTANCE_KINDS, element_group_scores
 from layerprune.scoring.selection import select_keep
 
-MODES = ("unbalanced", "uniform")
+MODES = ("unbalanced", "uniform", "flap")
 
 
 @dataclass
@@ -142,6 +143,8 @@ def validate_config(config: PruneConfig) -> None:
         v = getattr(config, name)
         if not _is_int(v) or v < low:
             raise InvalidInputError(f"{name}: must be an integer >= {low}, got {v!r}")
+    if config.mode == "flap" and config.iterative_steps != 1:
+        raise InvalidInputError("iterative_steps: FLAP prunes in one step (its scores and threshold are global)")
     if config.refit not in REFIT_MODES:
         raise InvalidInputError(f"refit: expected one of {', '.join(REFIT_MODES)}, got {config.refit!r}")
     d = config.refit_damping
@@ -300,7 +303,10 @@ def check_feasible(model_config: Any, config: PruneConfig) -> None:
 
 
 def solver_for(config: PruneConfig) -> str:
-    """The allocation solver a config runs: ``uniform`` in uniform mode, else ``config.solver``."""
+    """The allocation solver a config runs: ``uniform`` in uniform mode, else ``config.solver`` (FLAP's own
+    threshold is checked for feasibility with ``greedy``, which can reach every budget it can)."""
+    if config.mode == "flap":
+        return "greedy"
     return "uniform" if config.mode == "uniform" else config.solver
 
 
@@ -434,9 +440,15 @@ def prune(
     params_before = count_parameters(work)
     check_feasible(model.config, config)
 
-    # Dense element scores: needed by the sensitivity curves and by the first pruning step.
+    # Dense element scores: needed by the sensitivity curves and by the first pruning step. FLAP scores by
+    # its fluctuation metric on the refit batch (its statistics need more text than the curves).
     t0 = time.perf_counter()
-    dense_scores = element_group_scores(work, calib_ids, importance=config.importance, progress=progress)
+    if config.mode == "flap":
+        if refit_ids is None:
+            refit_ids = refit_batch(tokenizer, config)
+        dense_scores = fluctuation_scores(work, refit_ids.long().to(calib_ids.device), progress=progress)
+    else:
+        dense_scores = element_group_scores(work, calib_ids, importance=config.importance, progress=progress)
     timings["element_scores"] = time.perf_counter() - t0
 
     li = None
@@ -457,7 +469,10 @@ def prune(
 
     t0 = time.perf_counter()
     spec = spec_for_model(work, config, li)
-    alloc = allocate(spec, solver=solver_for(config))
+    if config.mode == "flap":
+        alloc = flap_allocation(spec, dense_scores[0], dense_scores[1], config.min_kv_groups)
+    else:
+        alloc = allocate(spec, solver=solver_for(config))
     timings["allocation"] = time.perf_counter() - t0
 
     full_kv = [s["num_kv_heads"] for s in shapes]
@@ -474,7 +489,7 @@ def prune(
     for step in tqdm(range(1, steps + 1), desc="pruning steps", disable=not progress or steps == 1, leave=False):
         want_kv = _step_targets(full_kv, final_kv, step, steps)
         want_mlp = _step_targets(full_mlp, final_mlp, step, steps)
-        if step == 1:
+        if step == 1 or config.mode == "flap":
             kv_scores, ch_scores = dense_scores
         else:
             r0 = time.perf_counter()
@@ -587,6 +602,8 @@ def per_token_report(config: PruneConfig, before: dict[str, int], after: dict[st
 def method_name(config: PruneConfig) -> str:
     """A short label: uniform-range, uniform-match, unbalanced-<importance>-<solver>, then +<refit> if any."""
     refit = "" if config.refit == "none" else f"+{config.refit}"
+    if config.mode == "flap":
+        return "flap" + refit
     if config.mode == "uniform":
         return ("uniform-match" if config.match_params else "uniform-range") + refit
     return f"unbalanced-{config.layer_importance}-{config.solver}{refit}"

@@ -1,0 +1,135 @@
+"""FLAP (An et al., AAAI 2024, "Fluctuation-based Adaptive Structured Pruning"), reimplemented from the paper.
+
+1. **Fluctuation metric.** An input column ``j`` of an output projection scores ``Var(X_j) · ‖W[:, j]‖²``:
+   how much the output moves when that input is replaced by its mean. A KV group scores the sum over the
+   ``r · head_dim`` o_proj columns of its query heads; an MLP channel its down_proj column.
+2. **Standardisation.** Scores are standardised per layer and per module (attention / MLP),
+   ``z = (s − mean) / std``, so that one threshold applies to every layer.
+3. **Global threshold.** All KV groups and channels of all layers are sorted by ``z``; the lowest are
+   removed, each counted by its parameter share, until the parameter budget is met (every layer keeps at
+   least ``min_kv_groups`` groups and one channel). The per-layer widths follow.
+4. **Bias compensation** of the removed columns' mean contribution (:mod:`layerprune.pruning.refit`, ``bias``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from layerprune.allocation import AllocationResult, AllocationSpec, LayerAllocation
+from layerprune.arch import adapter_for, gqa
+from layerprune.errors import InfeasibleError
+from layerprune.scoring import ActivationStats, weight_scores
+
+
+@dataclass
+class FlapPlan:
+    """FLAP's scores (per layer: KV groups, channels), the widths its threshold leaves, and the allocation."""
+
+    kv_scores: list[torch.Tensor]
+    channel_scores: list[torch.Tensor]
+    allocation: AllocationResult
+
+
+def fluctuation_scores(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: int = 8,
+                       progress: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer the fluctuation of every KV group (o_proj columns of its query heads) and MLP channel."""
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
+    stats = [(ActivationStats(), ActivationStats()) for _ in layers]
+    handles = []
+    for layer, (o_stats, d_stats) in zip(layers, stats):
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, s=o_stats: s.update(a[0])))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, s=d_stats: s.update(a[0])))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, ids.shape[0], micro_batch), desc="fluctuation", disable=not progress,
+                              leave=False):
+                adapter.inner_model(model)(input_ids=ids[start:start + micro_batch].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    kv_scores, channel_scores = [], []
+    for layer, (o_stats, d_stats) in zip(layers, stats):
+        geometry = adapter.geometry(model, layer)
+        o_proj, down = layer.self_attn.o_proj.weight.detach(), layer.mlp.down_proj.weight.detach()
+        per_column = weight_scores(o_proj, kind="l2", axis=1) * o_stats.var.to(o_proj.device)
+        per_head = per_column.view(geometry.num_q_heads, geometry.head_dim).sum(1)
+        group_of = torch.tensor(gqa.kv_group_of_query_head(geometry.num_q_heads, geometry.ratio))
+        kv = torch.zeros(geometry.num_kv_heads).index_add_(0, group_of, per_head.float().cpu())
+        channels = (weight_scores(down, kind="l2", axis=1) * d_stats.var.to(down.device)).float().cpu()
+        kv_scores.append(kv)
+        channel_scores.append(channels)
+    return kv_scores, channel_scores
+
+
+def _standardise(scores: torch.Tensor) -> torch.Tensor:
+    s = scores.double()
+    std = float(s.std(unbiased=False)) if s.numel() > 1 else 0.0
+    return (s - s.mean()) / (std if std > 0 else 1.0)
+
+
+def flap_allocation(spec: AllocationSpec, kv_scores: list[torch.Tensor], channel_scores: list[torch.Tensor],
+                    min_kv_groups: int = 1) -> AllocationResult:
+    """The widths FLAP's global threshold leaves under ``spec``'s budget (``T = ⌊ratio · total + ½⌋`` removed)."""
+    start = time.perf_counter()
+    total = spec.params_total
+    target = math.floor(spec.ratio * total + 0.5)
+    candidates: list[tuple[float, int, str]] = []  # (z, layer, "kv" | "mlp")
+    for l, (kv, ch) in enumerate(zip(kv_scores, channel_scores)):
+        candidates += [(float(z), l, "kv") for z in _standardise(kv)]
+        candidates += [(float(z), l, "mlp") for z in _standardise(ch)]
+    candidates.sort(key=lambda c: c[0])
+    kept_kv = [s.num_kv_heads for s in spec.layers]
+    kept_mlp = [s.intermediate for s in spec.layers]
+    removed = 0
+    for _z, l, kind in candidates:  # within a layer and kind the z order is the score order
+        if removed >= target:
+            break
+        shape = spec.layers[l]
+        if kind == "kv" and kept_kv[l] > min_kv_groups:
+            removed += shape.params(kept_kv[l], kept_mlp[l]) - shape.params(kept_kv[l] - 1, kept_mlp[l])
+            kept_kv[l] -= 1
+        elif kind == "mlp" and kept_mlp[l] > 1:
+            removed += shape.params(kept_kv[l], kept_mlp[l]) - shape.params(kept_kv[l], kept_mlp[l] - 1)
+            kept_mlp[l] -= 1
+    if removed < target:
+        raise InfeasibleError(f"flap: removing every prunable group and channel reaches {removed:,} of the "
+                              f"{target:,} parameters asked for (min_kv_groups)")
+    layers = [LayerAllocation(g, g * (s.num_q_heads // s.num_kv_heads), f, 1.0 - g / s.num_kv_heads,
+                              1.0 - f / s.intermediate, s.params(g, f))
+              for s, g, f in zip(spec.layers, kept_kv, kept_mlp)]
+    after = spec.extra_params + sum(la.params_kept for la in layers)
+    steps = [s.params() - s.params(s.num_kv_heads - 1) for s in spec.layers] + [3 * s.hidden for s in spec.layers]
+    kv_before = spec.kv_cache_bytes_total
+    kv_after = sum(s.kv_cache_bytes(g, dtype_bytes=spec.kv_cache_dtype_bytes) for s, g in zip(spec.layers, kept_kv))
+    flops_before = spec.flops_total
+    flops_after = spec.extra_flops + sum(s.flops(g, f, seq_len=spec.flops_seq_len)
+                                         for s, g, f in zip(spec.layers, kept_kv, kept_mlp))
+    return AllocationResult(
+        kv_cache_bytes_before=kv_before, kv_cache_bytes_after=kv_after,
+        actual_kv_cache_ratio=1.0 - kv_after / kv_before if kv_before else 0.0,
+        flops_before=flops_before, flops_after=flops_after,
+        actual_flops_ratio=1.0 - flops_after / flops_before if flops_before else 0.0, flops_seq_len=spec.flops_seq_len,
+        layers=layers, params_before=total, params_after=after, actual_ratio=1.0 - after / total,
+        actual_ratio_layers=1.0 - (after - spec.extra_params) / spec.params_layers, objective=float("nan"),
+        solver="flap", solve_seconds=time.perf_counter() - start, binding=[], target_removed=target,
+        granule=max(steps), notes=["FLAP global threshold on standardised fluctuation scores; lands in "
+                                   "[target, target + the largest single step]"],
+    )
+
+
+def flap_plan(model: torch.nn.Module, ids: torch.Tensor, spec: AllocationSpec, *, min_kv_groups: int = 1,
+              progress: bool = True) -> FlapPlan:
+    """Scores on ``ids`` (the calibration text), then the widths of FLAP's threshold under ``spec``."""
+    kv, ch = fluctuation_scores(model, ids, progress=progress)
+    return FlapPlan(kv, ch, flap_allocation(spec, kv, ch, min_kv_groups))
+
+
+__all__ = ["FlapPlan", "flap_allocation", "flap_plan", "fluctuation_scores"]
