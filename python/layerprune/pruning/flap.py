@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from layerprune import distributed
 from layerprune.allocation import AllocationResult, AllocationSpec, LayerAllocation
 from layerprune.arch import adapter_for, gqa
 from layerprune.errors import InfeasibleError
@@ -55,6 +56,7 @@ def fluctuation_scores(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch
     finally:
         for handle in handles:
             handle.remove()
+    ActivationStats.all_reduce([s for pair in stats for s in pair])  # data-parallel: every rank's samples
     kv_scores, channel_scores = [], []
     for layer, (o_stats, d_stats) in zip(layers, stats):
         geometry = adapter.geometry(model, layer)

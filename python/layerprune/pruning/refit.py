@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from layerprune import distributed
 from layerprune.arch import adapter_for, gqa
 from layerprune.errors import InvalidInputError
 from layerprune.importance.cache import batch_slice, capture_layer_inputs
@@ -34,9 +35,11 @@ REFIT_MODES = ("none", "lstsq", "lstsq-bias", "bias")
 BIAS_MODES = ("lstsq-bias", "bias")
 
 
-def _collect(linear: nn.Linear, stats: InputGram):
+def _collect(linear: nn.Linear, stats: InputGram, seen: list[torch.Tensor] | None = None):
     def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
         stats.update(args[0])
+        if seen is not None:
+            seen.append(args[0].detach())
 
     return linear.register_forward_pre_hook(hook)
 
@@ -88,45 +91,70 @@ def refit_kept_weights(
         raise InvalidInputError(f"keep: has {len(keep)} entries, the model has {len(layers)} decoder layers")
     start = time.perf_counter()
     cache = capture_layer_inputs(model, calib_ids, progress)
-    n = calib_ids.shape[0]
-    chunks = [(s, min(s + micro_batch, n)) for s in range(0, n, micro_batch)]
     hidden = cache.hidden[0]
     errors: list[dict[str, float]] = []
     with torch.no_grad():
         for l, (layer, entry) in enumerate(tqdm(list(zip(layers, keep)), desc=f"refit ({mode})",
                                                 disable=not progress, leave=False)):
             x = hidden if error_correction else cache.hidden[l]
-            geometry = adapter.geometry(model, layer)
-            attn_kept = gqa.q_rows(entry.kv_heads, geometry.ratio, geometry.head_dim)
-            layer_errors: dict[str, float] = {}
-
-            def run(block, inputs, target: nn.Linear, kept: Sequence[int], name: str) -> torch.Tensor:
-                """Collect target's input Gram over the chunks, refit it, and return the block's refit output."""
-                stats = InputGram.empty(target.in_features)
-                dense_w = target.weight.detach().clone()
-                handle = _collect(target, stats)
-                try:
-                    for s, e in chunks:
-                        block(inputs[s:e], {k: batch_slice(v, s, e, n) for k, v in cache.layer_kwargs[l].items()})
-                finally:
-                    handle.remove()
-                dense_b = None if target.bias is None else target.bias.detach().clone()
-                masked = torch.zeros_like(dense_w)
-                masked[:, kept] = dense_w[:, kept]
-                layer_errors[f"{name}_masked"] = _output_error(dense_w, dense_b, masked, dense_b, stats)
-                _apply(target, stats, kept, mode, damping)
-                layer_errors[f"{name}_refit"] = _output_error(dense_w, dense_b, target.weight, target.bias, stats)
-                return torch.cat([block(inputs[s:e], {k: batch_slice(v, s, e, n)
-                                                      for k, v in cache.layer_kwargs[l].items()})
-                                  for s, e in chunks])
-
-            mid = x + run(lambda h, kw: adapter.attention_block(layer, h, kw), x, layer.self_attn.o_proj,
-                          attn_kept, "o_proj")
-            hidden = mid + run(lambda h, kw: adapter.mlp_block(layer, h), mid, layer.mlp.down_proj,
-                               list(entry.mlp_channels), "down_proj")
+            hidden, layer_errors = refit_layer(model, layer, entry, x, cache.layer_kwargs[l], mode=mode,
+                                               damping=damping, micro_batch=micro_batch)
             errors.append(layer_errors)
     return {"mode": mode, "damping": damping, "error_correction": error_correction,
-            "calib_tokens": int(calib_ids.numel()), "seconds": time.perf_counter() - start, "layers": errors}
+            "calib_tokens": distributed.global_count(calib_ids.numel()), "seconds": time.perf_counter() - start, "layers": errors}
+
+
+def refit_layer(
+    model: nn.Module,
+    layer: nn.Module,
+    entry: LayerKeep,
+    x: torch.Tensor,
+    layer_kwargs: dict[str, Any],
+    *,
+    mode: str = "lstsq",
+    damping: float = DEFAULT_DAMPING,
+    micro_batch: int = 8,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Refit one decoder layer in place (about to be pruned to ``entry``) on its calibration inputs ``x``
+    ``[n, T, d]``, called with ``layer_kwargs`` (the whole batch's; sliced per micro-batch).
+
+    o_proj is refit on the attention inputs of ``x``, then down_proj on the MLP inputs of the refit
+    attention's output. Returns the refit layer's output on ``x`` and the two projections' output errors
+    (masked and refit, see :func:`refit_kept_weights`).
+    """
+    adapter = adapter_for(model)
+    n = x.shape[0]
+    chunks = [(s, min(s + micro_batch, n)) for s in range(0, n, micro_batch)]
+    geometry = adapter.geometry(model, layer)
+    attn_kept = gqa.q_rows(entry.kv_heads, geometry.ratio, geometry.head_dim)
+    layer_errors: dict[str, float] = {}
+
+    def run(block, inputs, target: nn.Linear, kept: Sequence[int], name: str) -> torch.Tensor:
+        """Collect target's input Gram over the chunks, refit it, and return the block's refit output."""
+        stats = InputGram.empty(target.in_features, device=target.weight.device)
+        dense_w = target.weight.detach().clone()
+        seen: list[torch.Tensor] = []  # target's inputs: its refit output is computed from them, no second pass
+        handle = _collect(target, stats, seen)
+        try:
+            for s, e in chunks:
+                block(inputs[s:e], {k: batch_slice(v, s, e, n) for k, v in layer_kwargs.items()})
+        finally:
+            handle.remove()
+        InputGram.all_reduce([stats])  # data-parallel: every rank's calibration rows
+        dense_b = None if target.bias is None else target.bias.detach().clone()
+        masked = torch.zeros_like(dense_w)
+        masked[:, kept] = dense_w[:, kept]
+        layer_errors[f"{name}_masked"] = _output_error(dense_w, dense_b, masked, dense_b, stats)
+        _apply(target, stats, kept, mode, damping)
+        layer_errors[f"{name}_refit"] = _output_error(dense_w, dense_b, target.weight, target.bias, stats)
+        return torch.cat([target(x_in) for x_in in seen])
+
+    with torch.no_grad():
+        mid = x + run(lambda h, kw: adapter.attention_block(layer, h, kw), x, layer.self_attn.o_proj,
+                      attn_kept, "o_proj")
+        out = mid + run(lambda h, kw: adapter.mlp_block(layer, h), mid, layer.mlp.down_proj,
+                        list(entry.mlp_channels), "down_proj")
+    return out, layer_errors
 
 
 def _output_error(dense_w: torch.Tensor, dense_b: torch.Tensor | None, new_w: torch.Tensor,
@@ -141,4 +169,4 @@ def _output_error(dense_w: torch.Tensor, dense_b: torch.Tensor | None, new_w: to
     return float(value)
 
 
-__all__ = ["BIAS_MODES", "REFIT_MODES", "refit_kept_weights"]
+__all__ = ["BIAS_MODES", "REFIT_MODES", "refit_kept_weights", "refit_layer"]
