@@ -11,6 +11,8 @@ DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 DEMO_OUT ?= runs/demo
 DEMO_TOKENS ?= 4096
 DEMO_THREADS ?= 1
+# The runs the demo shows (compare's default is every method; see README "Comparing methods").
+DEMO_METHODS ?= dense,uniform,uniform-refit,flap,unbalanced
 RUST_SRC := $(shell find rust -name '*.rs') Cargo.toml
 PY_SETUP := $(VENV)/.deps-stamp
 EXT_STAMP := $(VENV)/.ext-stamp
@@ -34,14 +36,14 @@ $(PY_SETUP): pyproject.toml
 	touch $@
 
 $(EXT_STAMP): $(PY_SETUP) $(RUST_SRC) pyproject.toml
-	VIRTUAL_ENV=$(VENV) PATH=$(VENV)/bin:$$PATH $(VENV)/bin/maturin develop --release --extras test --quiet
+	VIRTUAL_ENV=$(VENV) PATH=$(VENV)/bin:$$PATH $(VENV)/bin/maturin develop --release --extras test,bench --quiet
 	touch $@
 
 build: $(EXT_STAMP)
 
 demo: setup
 	$(VENV)/bin/layerprune compare --model smollm2-135m --ratio 0.25 --max-tokens $(DEMO_TOKENS) $(DATA_FLAG) \
-		--threads $(DEMO_THREADS) --out $(DEMO_OUT)
+		--methods $(DEMO_METHODS) --threads $(DEMO_THREADS) --out $(DEMO_OUT)
 
 rust-test:
 	cargo test --release --quiet

@@ -129,7 +129,7 @@ def test_report_md_table_and_verdict(finished):
     out, rep, _, _ = finished
     md = (out / "report.md").read_text()
     assert md.index("## Results") < md.index("## Verdict")
-    assert "| method | target ratio | actual ratio (all / decoder) | params | PPL | Δ PPL vs dense | size MB | tok/s |" in md
+    assert "| method | target ratio | actual ratio (all / decoder) | KV-cache / FLOPs ratio | params | PPL | Δ PPL vs dense | size MB | tok/s |" in md
     for v in rep["verdicts"]:
         winner = min((r for r in rep["runs"] if r["method"] != "dense" and r["target_ratio"] == v["target_ratio"]),
                      key=lambda r: r["ppl"])
@@ -239,8 +239,8 @@ def test_range_rate_search_on_step_function():
 
 def test_reuse_skips_finished_runs_and_resumes_after_crash(tmp_path, wikitext_dir, monkeypatch):
     model = make_tiny_llama(layers=6, seed=2)
-    settings = _settings(wikitext_dir, ratios=(0.25,), methods=("dense", "uniform", "unbalanced-seed", "unbalanced"),
-                         prompts=(), save_models=False)
+    settings = _settings(wikitext_dir, ratios=(0.25,), methods=("dense", "uniform", "unbalanced-seed",
+                                                                  "unbalanced-norefit"), prompts=(), save_models=False)
 
     # crash (Ctrl-C) while pruning the third method: the runs finished before it are on disk
     real_prune = pipeline.prune
@@ -265,7 +265,7 @@ def test_reuse_skips_finished_runs_and_resumes_after_crash(tmp_path, wikitext_di
     monkeypatch.setattr(pipeline, "prune", real_prune)
     counting = _count_calls(monkeypatch)
     rep1 = compare_mod.compare(model, CharTokenizer(), settings, tmp_path, progress=False)
-    assert counting["prune"] == 1  # only `unbalanced` was left
+    assert counting["prune"] == 1  # only `unbalanced-norefit` was left
     assert counting["measure"] == 1  # dense not re-evaluated
     assert counting["importance"] == 0  # both were cached before the crash
 

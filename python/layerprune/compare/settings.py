@@ -10,8 +10,8 @@ from typing import Any
 from layerprune.errors import InvalidInputError
 from layerprune.pruning.pipeline import PruneConfig
 
-METHODS = ("dense", "uniform-range", "uniform", "uniform-refit", "flap", "unbalanced-seed", "unbalanced",
-           "unbalanced-refit")
+METHODS = ("dense", "uniform-range", "uniform", "uniform-refit", "flap", "unbalanced-seed", "unbalanced-norefit",
+           "unbalanced")
 PRUNED_METHODS = METHODS[1:]
 # LLM-Pruner's llama3.py: block_*_layer_start=3, block_*_layer_end=31 for 32 layers -> [3, L-1)
 REFERENCE_RANGE_START = 3
@@ -37,18 +37,19 @@ METHOD_NOTES = {
         f"minimum effective rate {SEED_MIN_EFFECTIVE_RATE}, floors; the ratio requested from the mapping is chosen "
         "by bisection on the parameter count so the model lands closest to the target (achieved ratio reported)."
     ),
-    "unbalanced": "per-layer sensitivity curves + exact DP allocation at the same parameter budget as `uniform`.",
+    "unbalanced-norefit": "per-layer sensitivity curves (masking, no refit) + exact DP allocation at the same "
+                          "parameter budget as `uniform`; the kept weights are not changed.",
     "uniform-refit": "`uniform`, then the kept o_proj / down_proj columns refit by least squares on calibration "
                      "activations, layer by layer with error correction.",
-    "unbalanced-refit": "sensitivity curves measured after the refit + exact DP allocation, then the refit "
-                        "(same budget as `uniform`).",
+    "unbalanced": "the project's best method: per-layer sensitivity curves measured after the refit + exact DP "
+                  "allocation, then the kept weights refit layer by layer (same budget as `uniform`).",
     "flap": "FLAP (An et al. 2024), reimplemented: fluctuation metric Var(X)·‖W[:, j]‖², standardised per layer "
             "and module, one global threshold counting each group and channel by its parameters, bias "
             "compensation; statistics from the refit batch; same budget as `uniform`.",
 }
 # The layer importance each method reads (cached once per key, shared by every ratio).
-LAYER_IMPORTANCE_FOR = {"unbalanced-seed": "removal", "unbalanced": "sensitivity", "unbalanced-refit": "sensitivity-refit"}
-REFIT_METHODS = ("uniform-refit", "flap", "unbalanced-refit")  # they read the refit batch
+LAYER_IMPORTANCE_FOR = {"unbalanced-seed": "removal", "unbalanced-norefit": "sensitivity", "unbalanced": "sensitivity-refit"}
+REFIT_METHODS = ("uniform-refit", "flap", "unbalanced")  # they read the refit batch
 
 
 @dataclasses.dataclass
@@ -75,6 +76,9 @@ class CompareSettings:
     refit: str = "lstsq"  # the refit of the *-refit methods
     refit_samples: int = 32  # their own calibration windows (more text than the curves need)
     refit_seq_len: int = 256
+    kv_cache_ratio: float | None = None  # methods on an exact budget also remove at least this of the KV cache
+    flops_ratio: float | None = None  # ... and of the FLOPs per token
+    flops_seq_len: int = 2048  # positions of the FLOPs count (every run reports its FLOPs at this length)
 
 
 def parse_ratios(text: str | Sequence[float]) -> tuple[float, ...]:
@@ -126,6 +130,11 @@ def validate_settings(settings: CompareSettings) -> CompareSettings:
         raise InvalidInputError(f"--calib-seq-len must be at least 2; got {settings.calib_seq_len}")
     if settings.max_new_tokens < 1:
         raise InvalidInputError(f"--max-new-tokens must be positive; got {settings.max_new_tokens}")
+    for flag, value in (("--kv-cache-ratio", settings.kv_cache_ratio), ("--flops-ratio", settings.flops_ratio)):
+        if value is not None and not (math.isfinite(value) and 0.0 < value < 1.0):
+            raise InvalidInputError(f"{flag} must be strictly between 0 and 1; got {value:g}")
+    if settings.flops_seq_len < 1:
+        raise InvalidInputError(f"--flops-seq-len must be positive; got {settings.flops_seq_len}")
     return dataclasses.replace(settings, ratios=ratios, methods=methods)
 
 
@@ -139,10 +148,27 @@ def reference_range(num_layers: int) -> tuple[int, int]:
     return 0, num_layers
 
 
+def takes_bounds(config: PruneConfig) -> bool:
+    """Whether a method meets --kv-cache-ratio / --flops-ratio: those on an exact parameter budget (uniform with
+    match_params; unbalanced with greedy, lagrange or dp). The others (LLM-Pruner's range, the seed mapping, FLAP's
+    threshold) are parameter-matched references: they run as they are, and the report shows the ratios they reach."""
+    if config.mode == "uniform":
+        return bool(config.match_params)
+    return config.mode == "unbalanced" and config.solver in ("greedy", "lagrange", "dp")
+
+
 def prune_config(method: str, ratio: float, settings: CompareSettings, num_layers: int) -> Any:
+    """The pruning config of ``method`` at ``ratio``, with the KV-cache / FLOPs bounds when it takes them."""
+    config = _method_config(method, ratio, settings, num_layers)
+    if takes_bounds(config):
+        config = dataclasses.replace(config, kv_cache_ratio=settings.kv_cache_ratio, flops_ratio=settings.flops_ratio)
+    return config
+
+
+def _method_config(method: str, ratio: float, settings: CompareSettings, num_layers: int) -> Any:
     common: dict[str, Any] = dict(importance=settings.importance, calib_samples=settings.calib_samples,
                   calib_seq_len=settings.calib_seq_len, mlp_step=settings.mlp_step, seed=settings.seed,
-                  calib_dataset=settings.calib_dataset, data_dir=settings.data_dir)
+                  calib_dataset=settings.calib_dataset, data_dir=settings.data_dir, flops_seq_len=settings.flops_seq_len)
     if method == "uniform-range":
         start, end = reference_range(num_layers)
         return PruneConfig(ratio=ratio, mode="uniform", match_params=False, layer_start=start, layer_end=end, **common)
@@ -151,7 +177,7 @@ def prune_config(method: str, ratio: float, settings: CompareSettings, num_layer
     if method == "unbalanced-seed":
         return PruneConfig(ratio=ratio, mode="unbalanced", solver="seed", layer_importance="removal",
                            min_effective_rate=SEED_MIN_EFFECTIVE_RATE, **common)
-    if method == "unbalanced":
+    if method == "unbalanced-norefit":
         return PruneConfig(ratio=ratio, mode="unbalanced", solver="dp", layer_importance="sensitivity", **common)
     refit = dict(refit=settings.refit, refit_samples=settings.refit_samples, refit_seq_len=settings.refit_seq_len)
     if method == "uniform-refit":
@@ -159,7 +185,7 @@ def prune_config(method: str, ratio: float, settings: CompareSettings, num_layer
     if method == "flap":
         return PruneConfig(ratio=ratio, mode="flap", refit="bias", refit_error_correction=False,
                            refit_samples=settings.refit_samples, refit_seq_len=settings.refit_seq_len, **common)
-    if method == "unbalanced-refit":
+    if method == "unbalanced":
         return PruneConfig(ratio=ratio, mode="unbalanced", solver="dp", layer_importance="sensitivity", **refit,
                            **common)
     raise InvalidInputError(f"method: unknown '{method}'")
