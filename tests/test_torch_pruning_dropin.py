@@ -264,6 +264,7 @@ def _counts(model):
 
 def test_iterative_steps_follow_torch_pruning_counts_and_land_on_the_plan():
     model = _gqa_model()
+    assert model.config.use_cache  # as loaded: Torch-Pruning's own trace trips on the cache (LLM-Pruner #93)
     ids = _ids()
     rates = {l.self_attn.k_proj: rate for l, rate in zip(model.model.layers, (0.3, 0.55, 0.8))}
     rates.update({l.mlp.gate_proj: rate for l, rate in zip(model.model.layers, (0.1, 0.37, 0.66))})
@@ -468,6 +469,15 @@ def test_every_unhonoured_argument_is_one_error_line_naming_it():
     assert "hidden size" in _error(model, root_instances=[attn.o_proj])
     assert "must share one rate" in _error(model, pruning_ratio_dict={attn.q_proj: 0.5, attn.k_proj: 0.25})
     assert "all 4 KV groups" in _error(model, pruning_ratio_dict={layer: 0.999})
+    assert "is not a projection" in _error(model, root_instances=[attn])
+    assert _error(model, ch_sparsity_dict={attn.o_proj: 0.5}, pruning_ratio=None).startswith("ch_sparsity_dict")
+
+
+def test_taylor_importance_without_gradients_says_so():
+    model = _gqa_model()
+    with pytest.raises(InvalidInputError, match=r"needs gradients .* run loss.backward\(\) before step\(\)"):
+        tp.pruner.MetaPruner(model, None, importance=tp.importance.GroupTaylorImportance(),
+                             **llm_pruner_kwargs(model)).step()
 
 
 def test_channel_groups_equal_to_the_gqa_ratio_are_accepted():

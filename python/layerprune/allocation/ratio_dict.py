@@ -28,14 +28,14 @@ from layerprune.arch import adapter_for, layer_geometries
 from layerprune.arch.budget import LayerShape
 from layerprune.errors import InternalError, InvalidInputError
 
-if TYPE_CHECKING:  # torch is imported by the functions that need it, so the allocation stage stays light
+if TYPE_CHECKING:  # torch is imported inside the one function that needs it at run time
     from torch import nn
 
 ATTENTION = "attention"
 MLP = "mlp"
 # Projections whose output channels a structure removes; the others lose input columns.
-_OUT_PROJECTIONS = {ATTENTION: ("q_proj", "k_proj", "v_proj"), MLP: ("gate_proj", "up_proj")}
-_IN_PROJECTIONS = {ATTENTION: ("o_proj",), MLP: ("down_proj",)}
+OUT_PROJECTIONS = {ATTENTION: ("q_proj", "k_proj", "v_proj"), MLP: ("gate_proj", "up_proj")}
+IN_PROJECTIONS = {ATTENTION: ("o_proj",), MLP: ("down_proj",)}
 # The root of each structure in the dictionaries written here (LLM-Pruner's root_instances).
 ROOT_PROJECTION = {ATTENTION: "k_proj", MLP: "gate_proj"}
 
@@ -69,7 +69,7 @@ def projection_sites(model: nn.Module) -> dict[int, ProjectionSite]:
     for index, layer in enumerate(adapter.decoder_layers(model)):
         for kind, block in ((ATTENTION, layer.self_attn), (MLP, layer.mlp)):
             prefix = f"{adapter.layer_prefix(index)}.{'self_attn' if kind == ATTENTION else 'mlp'}"
-            for out, names in ((True, _OUT_PROJECTIONS[kind]), (False, _IN_PROJECTIONS[kind])):
+            for out, names in ((True, OUT_PROJECTIONS[kind]), (False, IN_PROJECTIONS[kind])):
                 for projection in names:
                     sites[id(getattr(block, projection))] = ProjectionSite(
                         Structure(index, kind), f"{prefix}.{projection}", projection, out)
@@ -149,7 +149,7 @@ def structure_rates(
 
 
 def rows_to_remove(current: int, initial: int, rate: float) -> int:
-    """Rows a root of ``current`` (originally ``initial``) rows loses at rate ``rate``: ``current - int(initial * (1 - rate))``."""
+    """Rows a root of ``current`` (originally ``initial``) rows loses at ``rate``: ``current - int(initial * (1 - rate))``."""
     return current - int(initial * (1 - rate))
 
 
@@ -198,8 +198,8 @@ def to_pruning_ratio_dict(model: nn.Module, allocation: AllocationResult) -> dic
 
 def _layer_shape(adapter: Any, config: Any, geometry: Any) -> LayerShape:
     dense = adapter.layer_shape(config)
-    return LayerShape(dense.hidden, geometry.num_q_heads, geometry.num_kv_heads, geometry.head_dim, geometry.intermediate,
-                      qkv_bias=dense.qkv_bias, o_bias=dense.o_bias, mlp_bias=dense.mlp_bias, qk_norm=dense.qk_norm,
+    return LayerShape(dense.hidden, geometry.num_q_heads, geometry.num_kv_heads, geometry.head_dim,
+                      geometry.intermediate, qkv_bias=dense.qkv_bias, o_bias=dense.o_bias, mlp_bias=dense.mlp_bias, qk_norm=dense.qk_norm,
                       norm_params=dense.norm_params)
 
 
@@ -254,7 +254,9 @@ def from_pruning_ratio_dict(
 
 __all__ = [
     "ATTENTION",
+    "IN_PROJECTIONS",
     "MLP",
+    "OUT_PROJECTIONS",
     "ROOT_PROJECTION",
     "ProjectionSite",
     "Structure",

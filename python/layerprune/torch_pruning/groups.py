@@ -106,7 +106,8 @@ class GroupBuilder:
         root_node = self.node(members[0][0])
         group = StructureGroup(structure, on_prune)
         for (module, handler), idxs, roots in zip(members, index_sets, root_sets):
-            group.add_item(Dependency(OUT, handler, source=root_node, target=self.node(module)), list(idxs), list(roots))
+            dependency = Dependency(OUT, handler, source=root_node, target=self.node(module))
+            group.add_item(dependency, list(idxs), list(roots))
         return group
 
     def whole_units(self, structure: Structure, rows: Sequence[int], unit_rows: int) -> list[int]:
@@ -115,7 +116,8 @@ class GroupBuilder:
         if sorted(set(int(r) for r in rows)) != [u * unit_rows + d for u in units for d in range(unit_rows)]:
             what = "whole KV heads (head_dim rows of k_proj each)" if structure.kind == ATTENTION else \
                 f"whole blocks of {unit_rows} channels"
-            raise InvalidInputError(f"idxs: {structure.label(self.adapter)} prunes {what}; the rows given cover part of one")
+            raise InvalidInputError(
+                f"idxs: {structure.label(self.adapter)} prunes {what}; the rows given cover part of one")
         if not units:
             raise InternalError("whole_units: no rows")
         return units

@@ -22,7 +22,6 @@ the GQA ratio stays intact and the model reloads at any rate. The hidden size is
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -37,6 +36,7 @@ from torch_pruning.pruner.algorithms.scheduler import linear_scheduler
 from layerprune.allocation.ratio_dict import (
     ATTENTION,
     MLP,
+    OUT_PROJECTIONS,
     Structure,
     check_rate,
     module_names,
@@ -160,15 +160,18 @@ class MetaPruner:
         if not isinstance(global_pruning, bool) or not isinstance(isomorphic, bool):
             raise InvalidInputError("global_pruning / isomorphic: expected True or False")
         self.global_pruning, self.isomorphic = global_pruning, isomorphic
+        ratio_name = "ch_sparsity" if pruning_ratio is None and ch_sparsity is not None else "pruning_ratio"
         self.pruning_ratio = check_rate(_one_of("pruning_ratio", pruning_ratio, "ch_sparsity", ch_sparsity, 0.5),
-                                        "pruning_ratio")
+                                        ratio_name)
+        dict_name = "ch_sparsity_dict" if pruning_ratio_dict is None and ch_sparsity_dict is not None else \
+            "pruning_ratio_dict"
         ratio_dict = _one_of("pruning_ratio_dict", pruning_ratio_dict, "ch_sparsity_dict", ch_sparsity_dict, None)
         if ratio_dict is not None and not isinstance(ratio_dict, Mapping):
-            raise InvalidInputError("pruning_ratio_dict: expected a dict {module: rate}")
-        self.max_pruning_ratio = float(_one_of("max_pruning_ratio", max_pruning_ratio, "max_ch_sparsity",
-                                               max_ch_sparsity, 1.0))
-        if not 0 < self.max_pruning_ratio <= 1:
-            raise InvalidInputError(f"max_pruning_ratio: must be in (0, 1], got {self.max_pruning_ratio!r}")
+            raise InvalidInputError(f"{dict_name}: expected a dict {{module: rate}}")
+        max_ratio = _one_of("max_pruning_ratio", max_pruning_ratio, "max_ch_sparsity", max_ch_sparsity, 1.0)
+        if isinstance(max_ratio, bool) or not isinstance(max_ratio, numbers.Real) or not 0 < max_ratio <= 1:
+            raise InvalidInputError(f"max_pruning_ratio: must be a number in (0, 1], got {max_ratio!r}")
+        self.max_pruning_ratio = float(max_ratio)
         self.iterative_steps = _as_int(iterative_steps, "iterative_steps")
         self.scheduler = _one_of("iterative_pruning_ratio_scheduler", iterative_pruning_ratio_scheduler,
                                  "iterative_sparsity_scheduler", iterative_sparsity_scheduler, linear_scheduler)
@@ -186,7 +189,7 @@ class MetaPruner:
         self.ignored_layers = [m for m in model.modules() if id(m) in self._ignored]
         self.per_step_pruning_ratio = self._schedule(self.pruning_ratio)
         self._ratio_dict = dict(ratio_dict or {})
-        rates = structure_rates(model, self._ratio_dict, self.pruning_ratio)
+        rates = structure_rates(model, self._ratio_dict, self.pruning_ratio, dict_name)
         self._builder = GroupBuilder(model)
         consecutive = self._grouping(consecutive_groups, "consecutive_groups")
         channel = {**self._grouping(channel_groups, "channel_groups"),
@@ -316,10 +319,12 @@ class MetaPruner:
             return geometry.head_dim
         value = 1 if value is None else value
         if geometry.intermediate % value:
-            raise InvalidInputError(f"consecutive_groups: {label} has {geometry.intermediate} channels, not a multiple of {value}")
+            raise InvalidInputError(
+                f"consecutive_groups: {label} has {geometry.intermediate} channels, not a multiple of {value}")
         return value
 
-    def _roots(self, root_module_types: Sequence[type] | None, root_instances: Sequence[nn.Module] | None) -> list[Structure]:
+    def _roots(self, root_module_types: Sequence[type] | None,
+               root_instances: Sequence[nn.Module] | None) -> list[Structure]:
         """The structures to prune, in model order: each root's, once, minus ignored ones (as Torch-Pruning)."""
         types = tuple(root_module_types) if root_module_types is not None else ()
         if not all(isinstance(t, type) for t in types):
@@ -346,14 +351,13 @@ class MetaPruner:
                 continue
             block = self.adapter.decoder_layers(self.model)[site.structure.layer]
             block = block.self_attn if site.structure.kind == ATTENTION else block.mlp
-            out_modules = ("q_proj", "k_proj", "v_proj") if site.structure.kind == ATTENTION else ("gate_proj", "up_proj")
-            if any(id(getattr(block, p)) in self._ignored for p in out_modules):
+            if any(id(getattr(block, p)) in self._ignored for p in OUT_PROJECTIONS[site.structure.kind]):
                 continue
             structures.append(site.structure)
         return structures
 
     def _refuse_root(self, module: nn.Module, where: str) -> None:
-        """A root outside the structures is harmless only at rate 0; the rate is the last dictionary key containing it."""
+        """A root outside the structures is harmless only at rate 0 (its rate: the last dictionary key containing it)."""
         rate = self.pruning_ratio
         for key, value in self._ratio_dict.items():
             members = key if isinstance(key, tuple) else (key,)
@@ -362,6 +366,10 @@ class MetaPruner:
         if rate == 0:
             return
         name = self._names[id(module)]
+        contains_projections = any(id(sub) in self._projection_sites for sub in module.modules())
+        if id(module) not in self._projection_sites and contains_projections:
+            raise InvalidInputError(f"{where}: {name} is not a projection; roots are q/k/v_proj (KV groups) or "
+                                    "gate/up_proj (MLP channels)")
         raise InvalidInputError(
             f"{where}: {name} ({type(module).__name__}) would root a group of its output channels, the hidden size "
             "(or the vocabulary), which layerprune does not prune; pass root_module_types=None with "
@@ -448,7 +456,14 @@ class MetaPruner:
     def _unit_scores(self, site: _Site) -> torch.Tensor | None:
         group = self._builder.group(site.structure)
         rows = len(group[0].idxs)
-        scores = self.estimate_importance(group)
+        try:
+            scores = self.estimate_importance(group)
+        except AttributeError:
+            if any(dep.target.module.weight.grad is None for dep, _ in group):
+                raise InvalidInputError(f"importance: {type(self.importance).__name__} needs gradients and "
+                                        f"{site.structure.label(self.adapter)} has none: run loss.backward() "
+                                        "before step()") from None
+            raise
         if scores is None:
             return None
         label = site.structure.label(self.adapter)
@@ -519,8 +534,8 @@ class MetaPruner:
 
     def _prune_rows(self, structure: Structure, rows: list[int]) -> None:
         """Remove root ``rows`` of one structure (a yielded group's ``prune()``, or a replayed history entry)."""
-        unit_rows = self.adapter.geometry(self.model, self.adapter.decoder_layers(self.model)[structure.layer]).head_dim \
-            if structure.kind == ATTENTION else 1
+        layer = self.adapter.decoder_layers(self.model)[structure.layer]
+        unit_rows = self.adapter.geometry(self.model, layer).head_dim if structure.kind == ATTENTION else 1
         units = self._builder.whole_units(structure, rows, unit_rows)
         self._apply([(structure, units)])
 
