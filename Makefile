@@ -36,7 +36,8 @@ $(PY_SETUP): pyproject.toml
 	touch $@
 
 $(EXT_STAMP): $(PY_SETUP) $(RUST_SRC) pyproject.toml
-	VIRTUAL_ENV=$(VENV) PATH=$(VENV)/bin:$$PATH $(VENV)/bin/maturin develop --release --extras test,bench --quiet
+	@# llamacpp: llama-cpp-python, built from source once (cmake + C++ compiler; pip caches the wheel)
+	VIRTUAL_ENV=$(VENV) PATH=$(VENV)/bin:$$PATH $(VENV)/bin/maturin develop --release --extras test,bench,llamacpp --quiet
 	touch $@
 
 build: $(EXT_STAMP)

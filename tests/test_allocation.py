@@ -3,9 +3,11 @@ errors, JSON round trip and the `layerprune allocate` CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
+from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from layerprune.allocation import (
     spec_from_json,
     spec_from_model_config,
     spec_to_json,
+    target_count,
 )
 from layerprune.cli import main as cli_main
 from layerprune.errors import InfeasibleError, InvalidInputError
@@ -37,6 +40,16 @@ SMOLLM2_CONFIG = {
     "vocab_size": 49152,
     "tie_word_embeddings": True,
 }
+
+
+def half_away_from_zero(x: float) -> int:
+    """The budget's rounding rule, written independently of the package: the float's exact decimal value,
+    rounded half away from zero (Python's round() rounds half to even: 12.5 -> 12, the budget says 13)."""
+    return int(Decimal(x).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def target_of(ratio: float, total: int) -> int:
+    return half_away_from_zero(ratio * total)
 
 
 def allowed_mlp(i: int, step: int) -> list[int]:
@@ -103,7 +116,10 @@ def check_result(spec: AllocationSpec, res, budget: bool = True) -> None:
     assert res.objective == pytest.approx(objective, rel=1e-9, abs=1e-9)
     assert res.actual_ratio == pytest.approx((res.params_before - res.params_after) / res.params_before)
     assert res.actual_ratio_layers == pytest.approx((spec.params_layers - kept) / spec.params_layers)
-    assert res.target_removed == round(spec.ratio * spec.params_total)
+    if spec.ratio is None:
+        assert res.target_removed is None
+        return
+    assert res.target_removed == target_of(spec.ratio, spec.params_total)
     if budget:
         assert res.target_removed <= res.params_removed <= res.target_removed + res.granule, res.solver
 
@@ -223,8 +239,9 @@ def tiny_specs(draw):
         kw["mlp_curves"] = [np.array(draw(st.lists(st.floats(0, 5), min_size=nf + 1, max_size=nf + 1))) for _ in range(n)]
     else:
         kw["importance"] = np.array(draw(st.lists(st.floats(0, 5), min_size=n, max_size=n)))
+    # dyadic ratios of odd totals land exactly on a half, where the rounding rule decides
     return AllocationSpec(
-        ratio=draw(st.floats(0.0, 0.9)),
+        ratio=draw(st.one_of(st.floats(0.0, 0.9), st.sampled_from([0.125, 0.25, 0.375, 0.5, 0.625, 0.75]))),
         layers=[shape] * n,
         extra_params=draw(st.integers(0, 30)),
         mlp_step=step,
@@ -239,7 +256,7 @@ def tiny_specs(draw):
 @settings(max_examples=60, deadline=None)
 @given(tiny_specs())
 def test_solvers_against_brute_force(spec):
-    t = round(spec.ratio * spec.params_total)
+    t = target_of(spec.ratio, spec.params_total)
     try:
         dp = allocate(spec, "dp")
     except InfeasibleError:
@@ -373,3 +390,231 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ratio" in err[0] and "InvalidInputError" in err[0]
     assert cli_main(["allocate", "--spec", str(tmp_path / "missing.json")]) == 2
+
+
+# ---------------------------------------------------------------- budget rounding (issue 11, item 2)
+
+
+def twenty_five_params(ratio: float | None = 0.5, **kw) -> AllocationSpec:
+    """Three layers of 7 parameters (attention 4 with d = hd = r = 1, MLP 3) and 4 outside them: 25 in all."""
+    kw.setdefault("importance", np.array([1.0, 2.0, 3.0]))
+    return AllocationSpec(ratio=ratio, layers=[LayerShape(1, 1, 1, 1, 1)] * 3, extra_params=4, min_kv_groups=0,
+                          min_mlp=0, **kw)
+
+
+@pytest.mark.parametrize("solver", ["uniform", "greedy", "lagrange", "dp"])
+def test_budget_target_rounds_half_away_from_zero(solver):
+    spec = twenty_five_params(0.5)
+    assert spec.params_total == 25 and 0.5 * 25 == 12.5
+    res = allocate(spec, solver)
+    assert res.target_removed == 13  # half away from zero; half to even (Python's round) would say 12
+    assert round(12.5) == 12 and target_count(0.5, 25) == 13 == half_away_from_zero(12.5)
+    check_result(spec, res)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(7, 10**12), st.one_of(st.sampled_from([0.5, 0.25, 0.125, 0.375, 0.75, 0.0625]), st.floats(0.0, 0.99)))
+def test_target_count_is_the_rust_rule(total, ratio):
+    """Python's target_count, the independent rule above and the Rust solvers agree, halves included
+    (`layer_rate` reports the target without needing it to be reachable)."""
+    spec = AllocationSpec(ratio=ratio, layers=[LayerShape(1, 1, 1, 1, 1)], extra_params=total - 7, layer_rate=0.0)
+    assert allocate(spec, "uniform").target_removed == target_count(ratio, total) == half_away_from_zero(ratio * total)
+
+
+# ---------------------------------------------------------------- KV-cache and FLOPs bounds
+
+
+def layer_kv_flops(spec: AllocationSpec, l: int, g: int, f: int) -> tuple[int, int]:
+    """KV-cache bytes and FLOPs per token of layer l keeping g KV groups and f channels, from the tensors: K and V
+    rows of head_dim per kept KV head cached; 2 FLOPs per multiply-add of every projection weight, of Q.K^T and
+    of A.V over flops_seq_len positions."""
+    s = spec.layers[l]
+    q = g * (s.num_q_heads // s.num_kv_heads)
+    d, hd = s.hidden, s.head_dim
+    weights = {"q_proj": q * hd * d, "k_proj": g * hd * d, "v_proj": g * hd * d, "o_proj": d * q * hd,
+               "gate_proj": f * d, "up_proj": f * d, "down_proj": d * f}
+    return 2 * g * hd * spec.kv_cache_dtype_bytes, 2 * sum(weights.values()) + 2 * 2 * q * hd * spec.flops_seq_len
+
+
+def kv_flops_totals(spec: AllocationSpec, kept: list[tuple[int, int]] | None = None) -> tuple[int, int]:
+    kept = kept or [(s.num_kv_heads, s.intermediate) for s in spec.layers]
+    pairs = [layer_kv_flops(spec, l, g, f) for l, (g, f) in enumerate(kept)]
+    return sum(p[0] for p in pairs), spec.extra_flops + sum(p[1] for p in pairs)
+
+
+def brute_force_bounds(spec: AllocationSpec, window: tuple[int, int] | None) -> float | None:
+    """Least objective over every combination in the parameter window (None: no window) that removes at least
+    the KV-cache and FLOPs targets; None if none does."""
+    kv_total, fl_total = kv_flops_totals(spec)
+    kv_min = None if spec.kv_cache_ratio is None else target_of(spec.kv_cache_ratio, kv_total)
+    fl_min = None if spec.flops_ratio is None else target_of(spec.flops_ratio, fl_total)
+    per_layer = []
+    for l, s in enumerate(spec.layers):
+        full_kv, full_fl = layer_kv_flops(spec, l, s.num_kv_heads, s.intermediate)
+        opts = []
+        for g in range(s.num_kv_heads + 1):
+            for f in range(s.intermediate + 1):
+                if layer_ok(spec, l, g, f):
+                    kv, fl = layer_kv_flops(spec, l, g, f)
+                    opts.append((s.params() - s.params(g, f), full_kv - kv, full_fl - fl, layer_loss(spec, l, g, f)))
+        per_layer.append(opts)
+    best = None
+    for combo in itertools.product(*per_layer):
+        p, kv, fl = (sum(c[k] for c in combo) for k in range(3))
+        if window is not None and not window[0] <= p <= window[1]:
+            continue
+        if (kv_min is not None and kv < kv_min) or (fl_min is not None and fl < fl_min):
+            continue
+        loss = sum(c[3] for c in combo)
+        best = loss if best is None or loss < best else best
+    return best
+
+
+def check_bounds(spec: AllocationSpec, res) -> None:
+    """Reported KV-cache / FLOPs counts equal the independent ones, and every bound holds."""
+    kv_total, fl_total = kv_flops_totals(spec)
+    kv, fl = kv_flops_totals(spec, [(la.kv_groups_kept, la.mlp_kept) for la in res.layers])
+    assert (res.kv_cache_bytes_before, res.kv_cache_bytes_after, res.flops_before, res.flops_after) == (kv_total, kv, fl_total, fl)
+    assert res.actual_kv_cache_ratio == pytest.approx(1 - kv / kv_total)
+    assert res.actual_flops_ratio == pytest.approx(1 - fl / fl_total)
+    if spec.kv_cache_ratio is not None:
+        assert res.target_kv_cache_removed == target_of(spec.kv_cache_ratio, kv_total)
+        assert kv_total - kv >= res.target_kv_cache_removed, res.solver
+    if spec.flops_ratio is not None:
+        assert res.target_flops_removed == target_of(spec.flops_ratio, fl_total)
+        assert fl_total - fl >= res.target_flops_removed, res.solver
+
+
+@st.composite
+def bounded_specs(draw):
+    """tiny_specs with one, two or three budgets; `relative`: KV-cache / FLOPs ratios scaled from what the
+    parameter budget alone achieves, so that combinations are often feasible."""
+    spec = draw(tiny_specs())
+    ratio_on, kv_on, fl_on = draw(st.tuples(st.booleans(), st.booleans(), st.booleans()).filter(any))
+    spec.ratio = spec.ratio if ratio_on else None
+    spec.kv_cache_ratio = draw(st.floats(0.0, 0.6)) if kv_on else None
+    spec.flops_ratio = draw(st.floats(0.0, 0.6)) if fl_on else None
+    spec.flops_seq_len = draw(st.integers(1, 8))
+    spec.kv_cache_dtype_bytes = draw(st.sampled_from([1, 2, 4]))
+    spec.extra_flops = draw(st.integers(0, 40))
+    return spec, draw(st.booleans())
+
+
+@settings(max_examples=120, deadline=None)
+@given(bounded_specs())
+def test_dp_equals_brute_force_with_one_and_two_bounds(case):
+    from layerprune.allocation.references import build_knapsack
+
+    spec, relative = case
+    if relative and spec.ratio is not None:
+        alone = dataclasses.replace(spec, kv_cache_ratio=None, flops_ratio=None)
+        try:
+            base = allocate(alone, "dp")
+        except InfeasibleError:
+            base = None
+        if base is not None:
+            if spec.kv_cache_ratio is not None:
+                spec.kv_cache_ratio = min(0.99, base.actual_kv_cache_ratio * (0.6 + spec.kv_cache_ratio))
+            if spec.flops_ratio is not None:
+                spec.flops_ratio = min(0.99, base.actual_flops_ratio * (0.6 + spec.flops_ratio))
+    t = None if spec.ratio is None else target_of(spec.ratio, spec.params_total)
+    try:
+        dp = allocate(spec, "dp")
+    except InfeasibleError as err:
+        assert "\n" not in str(err)
+        wide = build_knapsack(spec).params_window_wide
+        assert brute_force_bounds(spec, wide) is None, str(err)
+        for solver in ("greedy", "lagrange"):
+            assert allocate_raises(spec, solver)
+        return
+    check_result(spec, dp)
+    check_bounds(spec, dp)
+    bf = brute_force_bounds(spec, None if t is None else (t, t + dp.granule))
+    assert bf is not None and dp.objective == pytest.approx(bf, rel=1e-9, abs=1e-9)
+    assert dp.proven_optimal and dp.lower_bound == dp.objective
+    lagrangian = allocate(dataclasses.replace(spec, dp_method="lagrangian"), "dp")
+    check_bounds(spec, lagrangian)
+    if lagrangian.granule == dp.granule:
+        assert lagrangian.objective >= dp.objective - 1e-9 and lagrangian.lower_bound <= dp.objective + 1e-9
+    for solver in ("greedy", "lagrange", "uniform"):
+        if spec.ratio is None and solver == "uniform":
+            with pytest.raises(InvalidInputError, match="ratio"):
+                allocate(spec, solver)
+            continue
+        try:
+            res = allocate(spec, solver)
+        except InfeasibleError:
+            continue  # a heuristic may miss a feasible combination; dp never does
+        check_result(spec, res)
+        check_bounds(spec, res)
+        if res.granule == dp.granule:
+            assert res.objective >= dp.objective - 1e-9 * (1 + abs(dp.objective))
+
+
+def test_infeasible_combination_is_one_line_naming_the_bounds():
+    spec = smollm2_spec(0.05, kv_cache_ratio=0.6)  # 54 of 90 KV groups: 15.9M parameters, far above 5% (6.7M)
+    with pytest.raises(InfeasibleError) as err:
+        allocate(spec, "dp")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "ratio 0.05 and kv_cache_ratio 0.6 cannot hold together" in msg and "at least 15.93M params" in msg
+    for solver in ("greedy", "lagrange", "uniform"):
+        with pytest.raises(InfeasibleError, match="kv_cache_ratio 0.6"):
+            allocate(spec, solver)
+    with pytest.raises(InfeasibleError, match=r"flops_ratio 0.9 needs .* FLOPs per token removed"):
+        allocate(smollm2_spec(None, flops_ratio=0.9), "dp")
+    with pytest.raises(InvalidInputError, match="seed"):
+        allocate(smollm2_spec(0.25, kv_cache_ratio=0.3), "seed")
+    with pytest.raises(InvalidInputError, match="no budget"):
+        allocate(smollm2_spec(None), "dp")
+
+
+def test_kv_bound_at_the_same_size_moves_pruning_into_attention():
+    plain = allocate(smollm2_spec(0.25), "dp")
+    spec = smollm2_spec(0.25, kv_cache_ratio=round(plain.actual_kv_cache_ratio + 0.2, 2), flops_ratio=0.3)
+    for solver in ("dp", "greedy", "lagrange", "uniform"):
+        res = allocate(spec, solver)
+        check_result(spec, res)
+        check_bounds(spec, res)
+        assert res.actual_kv_cache_ratio >= spec.kv_cache_ratio and res.actual_flops_ratio >= 0.3
+    dp = allocate(spec, "dp")
+    assert dp.proven_optimal and dp.objective >= plain.objective and {"kv_cache_ratio", "flops_ratio"} & set(dp.binding)
+    # the same parameter count, within one granule
+    assert abs(dp.params_removed - plain.params_removed) <= dp.granule
+
+
+def test_spec_json_round_trip_with_bounds_and_meta(tmp_path):
+    spec = smollm2_spec(None, kv_cache_ratio=0.4, flops_ratio=0.2, flops_seq_len=512, kv_cache_dtype_bytes=4)
+    data = spec_to_json(spec)
+    assert data["ratio"] is None and data["kv_cache_ratio"] == 0.4 and data["extra_flops"] == 2 * 49152 * 576
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({**data, "meta": {"best_known_objective": 1.0}}))
+    back = load_spec(path)
+    assert spec_to_json(back) == data
+    res = allocate(back, "dp")
+    assert res.target_removed is None and res.flops_seq_len == 512
+    check_bounds(back, res)
+    with pytest.raises(InvalidInputError, match="meta"):
+        spec_from_json({**data, "meta": [1]})
+
+
+def test_cli_allocate_reports_the_three_ratios(tmp_path, capsys):
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec_to_json(smollm2_spec(0.25, mlp_step=8, kv_cache_ratio=0.5))))
+    assert cli_main(["allocate", "--spec", str(spec_path)]) == 0
+    out = capsys.readouterr().out
+    assert "actual_kv_cache_ratio" in out and "actual_flops_ratio" in out and "proven optimal" in out
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
+    target = tmp_path / "bounded.json"
+    assert cli_main(["allocate", "--spec-from-model", str(model_dir), "--ratio", "0.2", "--kv-cache-ratio", "0.5",
+                     "--flops-ratio", "0.25", "--flops-seq-len", "1024", "--json", str(target)]) == 0
+    spec = load_spec(target)
+    assert (spec.ratio, spec.kv_cache_ratio, spec.flops_ratio, spec.flops_seq_len) == (0.2, 0.5, 0.25, 1024)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(spec_to_json(smollm2_spec(0.05, kv_cache_ratio=0.6))))
+    capsys.readouterr()
+    assert cli_main(["allocate", "--spec", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ratio 0.05 and kv_cache_ratio 0.6 cannot hold together" in err[0]

@@ -23,19 +23,31 @@ def test_bench_parses_its_arguments(script):
     assert "usage:" in out.stdout
 
 
-def test_bench_solvers_writes_its_rows(tmp_path):
-    target = tmp_path / "solvers.json"
+def test_bench_solvers_writes_its_rows_and_instances(tmp_path):
+    target, folder = tmp_path / "solvers.json", tmp_path / "instances"
     out = subprocess.run(
-        [sys.executable, str(BENCHES / "bench_solvers.py"), "--json", str(target), "--repeats", "1", "--numpy-repeats", "1"],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, str(BENCHES / "bench_solvers.py"), "--json", str(target), "--repeats", "1", "--time-limit", "20",
+         "--only", "convex-smollm2-135m.params,measured-smollm2-135m.kv", "--write-instances", str(folder)],
+        capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr
     rows = json.loads(target.read_text())
-    assert {r["solver"] for r in rows} >= {"uniform", "seed", "greedy", "lagrange", "dp", "numpy-dp"}
+    assert {r["instance"] for r in rows} == {"convex-smollm2-135m.params", "measured-smollm2-135m.kv"}
+    assert {r["solver"] for r in rows} >= {"uniform", "seed", "greedy", "lagrange", "dp", "dp-lagrangian"}
     for row in rows:
-        assert set(row) >= {"solver", "instance", "median_ms", "objective", "gap_to_dp", "actual_ratio"}
-        if row["solver"] in ("dp", "numpy-dp"):
-            assert abs(row["gap_to_dp"]) < 1e-6  # the NumPy DP is the same algorithm: same optimum
+        assert set(row) >= {"solver", "instance", "seconds", "objective", "gap", "proven_optimal", "status", "dp_speedup"}
+        if row["solver"] == "dp":
+            assert row["proven_optimal"] and abs(row["gap"]) < 1e-9  # dp is exact: nothing beats it
+        if row["solver"] in ("highs", "cpsat") and row["proven_optimal"]:
+            assert abs(row["gap"]) < 1e-6 and row["dp_speedup"] > 0
+    # every instance is a spec `layerprune allocate --spec` reads, with its best known objective
+    for path in folder.glob("*.json"):
+        meta = json.loads(path.read_text())["meta"]
+        done = subprocess.run([sys.executable, "-m", "layerprune", "allocate", "--spec", str(path), "--json", "-"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["objective"] == pytest.approx(meta["best_known_objective"], rel=1e-9)
+        assert "dp" in meta["proven_optimal_by"]
 
 
 def test_bench_scoring_writes_its_rows(tmp_path):

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "python" / "layerprune"
 STAGES = ("arch", "data", "models", "scoring", "refit", "importance", "allocation", "pruning", "torch_pruning", "export",
           "evaluation", "report", "compare", "cli")
 # Shared by every stage; they import nothing of the stages.
-UTILITIES = ("errors", "atomic", "provenance", "_core", "kernels")
+UTILITIES = ("errors", "atomic", "provenance", "_core", "kernels", "distributed")
 # Entry points that may reach every stage (lazily).
 ENTRY_POINTS = ("__init__", "__main__")
 

@@ -84,10 +84,10 @@ def test_markdown_has_table_verdict_layers_generations():
         "prompts": ["p1", "p2"],
     }
     md = report.render_markdown(rep)
-    header = "| method | target ratio | actual ratio (all / decoder) | params | PPL | Δ PPL vs dense | size MB | tok/s |"
+    header = "| method | target ratio | actual ratio (all / decoder) | KV-cache / FLOPs ratio | params | PPL | Δ PPL vs dense | size MB | tok/s |"
     assert header in md
     assert md.index("## Results") < md.index("## Verdict")
-    assert "| uniform | 0.200 | 0.2000 / 0.2600 | 800 | 25.000 | +150.0% | 0.0 | 1234 |" in md
+    assert "| uniform | 0.200 | 0.2000 / 0.2600 | - / - | 800 | 25.000 | +150.0% | 0.0 | 1234 |" in md
     assert "- **Ratio 0.2: `unbalanced` wins**" in md
     assert "| 1 | 2 / 96 | 1 / 60 | 2 / 70 | 2 / 70 | 2 / 80 |" in md  # per-layer KV / MLP at 0.2
     assert "removal combined" in md

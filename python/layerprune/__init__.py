@@ -43,6 +43,7 @@ _LAZY = {
     "prune_model": "layerprune.pruning",
     "load_pruned": "layerprune.models",
     "save_pruned": "layerprune.export",
+    "prune_checkpoint": "layerprune.export",
 }
 
 

@@ -9,9 +9,15 @@ __version__: str
 
 def allocate(
     shapes: npt.NDArray[np.int64],
-    ratio: float,
+    ratio: float | None,
     solver: str = "dp",
     *,
+    kv_cache_ratio: float | None = None,
+    flops_ratio: float | None = None,
+    flops_seq_len: int = 2048,
+    kv_cache_dtype_bytes: int = 2,
+    extra_flops: int = 0,
+    dp_method: str = "auto",
     extra_params: int = 0,
     attn_importance: npt.NDArray[np.float64] | None = None,
     mlp_importance: npt.NDArray[np.float64] | None = None,
@@ -38,8 +44,9 @@ def allocate(
     """Solve an allocation problem; `shapes` is (L, 10) int64: hidden, num_q_heads, num_kv_heads,
     head_dim, intermediate, qkv_bias, o_bias, mlp_bias, qk_norm, norm_params (flags 0/1:
     qkv_bias = q/k/v projections have biases, o_bias = o_proj has a bias, qk_norm = q_norm and
-    k_norm weights of head_dim each, counted but never pruned). Returns numpy arrays per layer
-    (kv_groups_kept, q_heads_kept, mlp_kept, params_kept, attn_rate, mlp_rate) and scalars."""
+    k_norm weights of head_dim each, counted but never pruned). Budgets: ``ratio`` (parameters),
+    ``kv_cache_ratio``, ``flops_ratio`` (lower bounds), any subset but not none. Returns numpy arrays
+    per layer (kv_groups_kept, q_heads_kept, mlp_kept, params_kept, attn_rate, mlp_rate) and scalars."""
     ...
 
 # --- scoring (issue 4): owned by rust/src/python/scoring.rs ---

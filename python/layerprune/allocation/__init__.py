@@ -6,6 +6,7 @@ builds problems from a model's config or a JSON file;
 """
 
 from layerprune.allocation.solve import (
+    DP_METHODS,
     SOLVERS,
     UNBALANCED_SOLVERS,
     AllocationResult,
@@ -13,11 +14,13 @@ from layerprune.allocation.solve import (
     LayerAllocation,
     LayerShape,
     allocate,
+    target_count,
 )
 from layerprune.allocation.ratio_dict import from_pruning_ratio_dict, to_pruning_ratio_dict
 from layerprune.allocation.specs import load_spec, spec_from_json, spec_from_model_config, spec_to_json
 
 __all__ = [
+    "DP_METHODS",
     "SOLVERS",
     "UNBALANCED_SOLVERS",
     "AllocationResult",

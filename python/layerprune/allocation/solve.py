@@ -10,10 +10,19 @@ o_proj columns together) and ``f`` MLP channels (gate/up rows, down column). Par
 (:mod:`layerprune.arch.budget`; the o_proj / down_proj biases and per-head q/k norms are never pruned).
 
 The budget removes ``T = round(ratio * total)`` parameters (a fraction of ALL parameters,
-embeddings included). Solvers land in ``[T, T + granule]``, ``granule`` being the smallest
-prunable step (one KV group or one ``mlp_step`` of channels); if the choices cannot reach that
-window it widens to the largest step and ``"granularity"`` appears in ``binding``. A budget the
-constraints cannot meet raises :class:`~layerprune.errors.InfeasibleError`.
+embeddings included), rounded half away from zero (:func:`target_count`: ratio 0.5 of 25
+parameters is 13, as Rust's ``f64::round``). Solvers land in ``[T, T + granule]``, ``granule`` being
+the smallest prunable step (one KV group or one ``mlp_step`` of channels); if the choices cannot
+reach that window it widens to the largest step and ``"granularity"`` appears in ``binding``.
+
+Two more budgets, alone, together or with ``ratio`` (which may then be None), are lower bounds:
+``kv_cache_ratio`` (at least ``target_count(kv_cache_ratio, KV-cache bytes per token)`` removed) and
+``flops_ratio`` (FLOPs per token of a forward over ``flops_seq_len`` positions); the formulas are
+in :mod:`layerprune.arch.budget`. ``dp`` stays exact with them (a second dimension, see
+``rust/src/alloc/bounds.rs``); ``greedy``/``lagrange`` meet them with penalty multipliers; ``uniform``
+keeps one KV level that meets them; ``seed`` and ``layer_rate`` refuse them. A budget the
+constraints cannot meet, or a combination no allocation meets, raises
+:class:`~layerprune.errors.InfeasibleError` naming the binding budgets.
 
 Objective (minimised, additive over layers):
 
@@ -32,6 +41,7 @@ multiple-choice knapsack).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +53,17 @@ from layerprune.arch.budget import LayerShape
 from layerprune.errors import InvalidInputError
 
 SOLVERS = ("uniform", "seed", "greedy", "lagrange", "dp")
+# How `dp` meets KV-cache / FLOPs bounds: the exact second dimension (falling back to the
+# Lagrangian relaxation when it is too large), or either one alone.
+DP_METHODS = ("auto", "second-dimension", "lagrangian")
+
+
+def target_count(ratio: float, total: int) -> int:
+    """A budget's target ``round(ratio * total)``, half away from zero (Rust's ``f64::round`` of the
+    float product): ratio 0.5 of 25 parameters is 13, not 12. The one rounding rule of every budget."""
+    x = float(ratio) * float(total)
+    whole = math.floor(x)
+    return int(whole) + (1 if x - whole >= 0.5 else 0)
 # The solvers of unbalanced pruning (every one but `uniform`).
 UNBALANCED_SOLVERS = tuple(s for s in SOLVERS if s != "uniform")
 
@@ -54,9 +75,13 @@ class AllocationSpec:
     ``[start, end)``; layers outside a range keep that component whole (every solver).
     ``tie``: a layer's kept MLP fraction stays within half a KV group of its kept KV-group
     fraction, ``|f/I - g/Hkv| <= 1/(2*Hkv)``. ``layer_rate`` switches ``uniform`` to LLM-Pruner
-    semantics. ``log_transform``, ``alpha``, ``min_effective_rate``: ``seed`` options."""
+    semantics. ``log_transform``, ``alpha``, ``min_effective_rate``: ``seed`` options.
+    Budgets: ``ratio`` (parameters, may be None when another budget is given), ``kv_cache_ratio``
+    and ``flops_ratio`` (lower bounds on the KV-cache bytes / FLOPs per token removed, at
+    ``kv_cache_dtype_bytes`` per element and ``flops_seq_len`` positions; ``extra_flops`` is the
+    ``lm_head``'s share). ``dp_method``: one of :data:`DP_METHODS`."""
 
-    ratio: float
+    ratio: float | None
     layers: list[LayerShape]
     extra_params: int = 0
     importance: npt.NDArray[np.float64] | None = None
@@ -83,6 +108,12 @@ class AllocationSpec:
     layer_rate: float | None = None
     log_transform: bool = False
     alpha: float = 1.0
+    kv_cache_ratio: float | None = None
+    flops_ratio: float | None = None
+    flops_seq_len: int = 2048
+    kv_cache_dtype_bytes: int = 2
+    extra_flops: int = 0
+    dp_method: str = "auto"
 
     @property
     def params_layers(self) -> int:
@@ -93,6 +124,16 @@ class AllocationSpec:
     def params_total(self) -> int:
         """All model parameters: decoder layers plus ``extra_params``."""
         return self.params_layers + self.extra_params
+
+    @property
+    def kv_cache_bytes_total(self) -> int:
+        """KV-cache bytes per token of the unpruned model."""
+        return sum(s.kv_cache_bytes(dtype_bytes=self.kv_cache_dtype_bytes) for s in self.layers)
+
+    @property
+    def flops_total(self) -> int:
+        """FLOPs per token of the unpruned model at ``flops_seq_len`` positions, ``extra_flops`` included."""
+        return self.extra_flops + sum(s.flops(seq_len=self.flops_seq_len) for s in self.layers)
 
 
 @dataclass(frozen=True)
@@ -111,7 +152,11 @@ class LayerAllocation:
 class AllocationResult:
     """A solver's answer. ``actual_ratio``: removed fraction of all parameters;
     ``actual_ratio_layers``: removed fraction of decoder-layer parameters. ``target_removed``
-    and ``granule`` give the budget window ``[target_removed, target_removed + granule]``."""
+    and ``granule`` give the budget window ``[target_removed, target_removed + granule]``
+    (``target_removed`` is None without a parameter budget). ``actual_kv_cache_ratio`` and
+    ``actual_flops_ratio``: removed fractions of the KV-cache bytes and FLOPs per token (always
+    reported). ``lower_bound``: a certified lower bound on the optimum (``dp``; NaN otherwise);
+    ``proven_optimal``: it equals ``objective``."""
 
     layers: list[LayerAllocation]
     params_before: int
@@ -122,9 +167,20 @@ class AllocationResult:
     solver: str
     solve_seconds: float
     binding: list[str]
-    target_removed: int = 0
+    target_removed: int | None = 0
     granule: int = 0
     notes: list[str] = field(default_factory=list)
+    kv_cache_bytes_before: int = 0
+    kv_cache_bytes_after: int = 0
+    actual_kv_cache_ratio: float = 0.0
+    flops_before: int = 0
+    flops_after: int = 0
+    actual_flops_ratio: float = 0.0
+    flops_seq_len: int = 0
+    target_kv_cache_removed: int | None = None
+    target_flops_removed: int | None = None
+    lower_bound: float = math.nan
+    proven_optimal: bool = False
 
     @property
     def params_removed(self) -> int:
@@ -154,6 +210,17 @@ class AllocationResult:
             "target_removed": self.target_removed,
             "granule": self.granule,
             "notes": list(self.notes),
+            "kv_cache_bytes_before": self.kv_cache_bytes_before,
+            "kv_cache_bytes_after": self.kv_cache_bytes_after,
+            "actual_kv_cache_ratio": self.actual_kv_cache_ratio,
+            "flops_before": self.flops_before,
+            "flops_after": self.flops_after,
+            "actual_flops_ratio": self.actual_flops_ratio,
+            "flops_seq_len": self.flops_seq_len,
+            "target_kv_cache_removed": self.target_kv_cache_removed,
+            "target_flops_removed": self.target_flops_removed,
+            "lower_bound": None if math.isnan(self.lower_bound) else self.lower_bound,
+            "proven_optimal": self.proven_optimal,
         }
 
 
@@ -184,6 +251,16 @@ def allocate(spec: AllocationSpec, solver: str = "dp") -> AllocationResult:
     cannot meet."""
     if solver not in SOLVERS:
         raise InvalidInputError(f"solver: unknown solver {solver!r} (expected one of {', '.join(SOLVERS)})")
+    if spec.dp_method not in DP_METHODS:
+        raise InvalidInputError(f"dp_method: unknown method {spec.dp_method!r} (expected one of {', '.join(DP_METHODS)})")
+
+    def budget(name: str, value: float | None) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise InvalidInputError(f"{name}: must be a number in [0, 1) or None, got {value!r}")
+        return float(value)
+
     if spec.importance is not None and (spec.attn_importance is not None or spec.mlp_importance is not None):
         raise InvalidInputError("importance: give either importance or attn_importance/mlp_importance, not both")
     attn_imp = spec.attn_importance if spec.attn_importance is not None else spec.importance
@@ -194,8 +271,14 @@ def allocate(spec: AllocationSpec, solver: str = "dp") -> AllocationResult:
 
     out = _core.allocate(
         _shapes_array(list(spec.layers)),
-        float(spec.ratio),
+        budget("ratio", spec.ratio),
         solver,
+        kv_cache_ratio=budget("kv_cache_ratio", spec.kv_cache_ratio),
+        flops_ratio=budget("flops_ratio", spec.flops_ratio),
+        flops_seq_len=int(spec.flops_seq_len),
+        kv_cache_dtype_bytes=int(spec.kv_cache_dtype_bytes),
+        extra_flops=int(spec.extra_flops),
+        dp_method=str(spec.dp_method),
         extra_params=int(spec.extra_params),
         attn_importance=None if attn_imp is None else f64_array("attn_importance", attn_imp),
         mlp_importance=None if mlp_imp is None else f64_array("mlp_importance", mlp_imp),
@@ -235,10 +318,24 @@ def allocate(spec: AllocationSpec, solver: str = "dp") -> AllocationResult:
         solver=str(out["solver"]),
         solve_seconds=float(out["solve_seconds"]),
         binding=list(out["binding"]),
-        target_removed=int(out["target_removed"]),
+        target_removed=None if out["target_removed"] is None else int(out["target_removed"]),
         granule=int(out["granule"]),
         notes=list(out["notes"]),
+        kv_cache_bytes_before=int(out["kv_cache_bytes_before"]),
+        kv_cache_bytes_after=int(out["kv_cache_bytes_after"]),
+        actual_kv_cache_ratio=float(out["actual_kv_cache_ratio"]),
+        flops_before=int(out["flops_before"]),
+        flops_after=int(out["flops_after"]),
+        actual_flops_ratio=float(out["actual_flops_ratio"]),
+        flops_seq_len=int(out["flops_seq_len"]),
+        target_kv_cache_removed=None if out["target_kv_cache_removed"] is None else int(out["target_kv_cache_removed"]),
+        target_flops_removed=None if out["target_flops_removed"] is None else int(out["target_flops_removed"]),
+        lower_bound=float(out["lower_bound"]),
+        proven_optimal=bool(out["proven_optimal"]),
     )
 
 
-__all__ = ["SOLVERS", "UNBALANCED_SOLVERS", "AllocationResult", "AllocationSpec", "LayerAllocation", "LayerShape", "allocate"]
+__all__ = [
+    "DP_METHODS", "SOLVERS", "UNBALANCED_SOLVERS", "AllocationResult", "AllocationSpec", "LayerAllocation", "LayerShape",
+    "allocate", "target_count",
+]  # fmt: skip

@@ -16,13 +16,14 @@ from layerprune.arch.budget import SHAPE_COLUMNS, LayerShape
 from layerprune.errors import InvalidInputError
 
 
-def spec_from_model_config(config: Any, ratio: float, **constraints: Any) -> AllocationSpec:
+def spec_from_model_config(config: Any, ratio: float | None, **constraints: Any) -> AllocationSpec:
     """An :class:`AllocationSpec` for a model of any supported family from its transformers config (or
     the ``config.json`` dict). Parameters are counted like ``model.parameters()``, by the family's
     adapter: token embeddings, ``lm_head`` unless ``tie_word_embeddings``, the final norm
     (``extra_params``), and per layer two norms (``norm_params = 2 * hidden``), q/k/v/o and gate/up/down
-    with the family's biases, and per-head q/k norms where the family has them.
-    ``constraints`` are further AllocationSpec fields (importance, mlp_step, protected, ...)."""
+    with the family's biases, and per-head q/k norms where the family has them; ``extra_flops`` is the
+    ``lm_head``'s ``2 * vocab * hidden``. ``constraints`` are further AllocationSpec fields (importance,
+    mlp_step, protected, kv_cache_ratio, ...)."""
     unknown = set(constraints) - set(AllocationSpec.__dataclass_fields__)
     if unknown:
         raise InvalidInputError(f"constraints: unknown field(s) {sorted(unknown)}")
@@ -31,9 +32,11 @@ def spec_from_model_config(config: Any, ratio: float, **constraints: Any) -> All
         layer = adapter.layer_shape(config)
         n_layers = adapter.num_layers(config)
         extra = adapter.extra_params(config)
+        constraints.setdefault("extra_flops", adapter.extra_flops(config))
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"config: missing or non-integer field ({exc})") from None
-    return AllocationSpec(ratio=float(ratio), layers=[layer] * n_layers, extra_params=extra, **constraints)
+    return AllocationSpec(ratio=None if ratio is None else float(ratio), layers=[layer] * n_layers, extra_params=extra,
+                          **constraints)
 
 
 _SHAPE_KEYS = ("hidden", "num_q_heads", "num_kv_heads", "head_dim", "intermediate")
@@ -41,20 +44,25 @@ _PER_LAYER_ARRAYS = (("importance", "importance"), ("attn_importance", "attn_imp
 _SCALAR_FIELDS = (
     "extra_params", "mlp_step", "min_kv_groups", "min_mlp", "min_rate", "max_rate", "min_attn_rate", "max_attn_rate",
     "min_mlp_rate", "max_mlp_rate", "tie", "attn_layer_start", "attn_layer_end", "mlp_layer_start", "mlp_layer_end",
-    "min_effective_rate", "layer_rate", "log_transform", "alpha",
+    "min_effective_rate", "layer_rate", "log_transform", "alpha", "kv_cache_ratio", "flops_ratio", "flops_seq_len",
+    "kv_cache_dtype_bytes", "extra_flops", "dp_method",
 )  # fmt: skip
 
 
 def spec_from_json(data: Mapping[str, Any]) -> AllocationSpec:
-    """Build a spec from its JSON form (see :func:`spec_to_json`)."""
+    """Build a spec from its JSON form (see :func:`spec_to_json`). ``ratio`` may be null when
+    ``kv_cache_ratio`` or ``flops_ratio`` is given; ``meta`` (an object: provenance, best known
+    objective, ...) is accepted and ignored."""
     if not isinstance(data, Mapping):
         raise InvalidInputError("spec: expected a JSON object")
-    known = {"ratio", "layers", "protected", "importance", "attn_importance", "mlp_importance", *_SCALAR_FIELDS}
+    known = {"ratio", "layers", "protected", "importance", "attn_importance", "mlp_importance", "meta", *_SCALAR_FIELDS}
     unknown = set(data) - known
     if unknown:
         raise InvalidInputError(f"spec: unknown field(s) {sorted(unknown)}")
-    if "ratio" not in data:
-        raise InvalidInputError("ratio: missing")
+    if "meta" in data and not isinstance(data["meta"], Mapping):
+        raise InvalidInputError("meta: expected a JSON object")
+    if "ratio" not in data and "kv_cache_ratio" not in data and "flops_ratio" not in data:
+        raise InvalidInputError("ratio: missing (give ratio, kv_cache_ratio or flops_ratio)")
     raw_layers = data.get("layers")
     if not isinstance(raw_layers, list) or not raw_layers:
         raise InvalidInputError("layers: expected a non-empty list of layer objects")
@@ -103,7 +111,8 @@ def spec_from_json(data: Mapping[str, Any]) -> AllocationSpec:
     if "protected" in data:
         kwargs["protected"] = tuple(int(p) for p in data["protected"])
     try:
-        return AllocationSpec(ratio=float(data["ratio"]), layers=layers, **kwargs)
+        ratio = data.get("ratio")
+        return AllocationSpec(ratio=None if ratio is None else float(ratio), layers=layers, **kwargs)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"spec: {exc}") from None
 

@@ -63,6 +63,12 @@ class FamilyAdapter:
     ``kept_settings``: config keys a saved pruned model must carry unchanged (checked by the tests).
     ``qkv_bias`` / ``o_bias``: None reads ``attention_bias`` from the config; a bool is fixed by the
     family. ``qk_norm``: per-head ``q_norm``/``k_norm`` of shape ``[head_dim]`` in every attention.
+
+    llama.cpp (GGUF export): ``gguf_architecture`` is the family's own llama.cpp architecture;
+    ``gguf_rope_adjacent_pairs`` says whether that architecture's RoPE rotates adjacent pairs of a head
+    (GGML "normal" RoPE, so Q/K rows are permuted from transformers' half-split order on export);
+    ``gguf_biases`` are the projections whose biases its loader reads; ``gguf_full_width_attention``: its
+    loader fixes q_proj / o_proj at hidden x hidden, so it cannot hold removed query heads.
     """
 
     name: str
@@ -75,6 +81,10 @@ class FamilyAdapter:
     o_bias: bool | None = None
     qk_norm: bool = False
     description: str = ""
+    gguf_architecture: str = "llama"
+    gguf_rope_adjacent_pairs: bool = True
+    gguf_biases: tuple[str, ...] = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+    gguf_full_width_attention: bool = False
 
     # ---- names -------------------------------------------------------------------------------------
 
@@ -166,6 +176,16 @@ class FamilyAdapter:
 
     def final_norm(self, model: Any) -> Any:
         return self.inner_model(model).norm
+
+    def embeddings(self, model: Any) -> Any:
+        return self.inner_model(model).embed_tokens
+
+    def rotary_embedding(self, model: Any) -> Any:
+        """The model's rotary embedding (``inv_freq``, ``attention_scaling``), shared by every layer."""
+        rotary = getattr(self.inner_model(model), "rotary_emb", None)
+        if rotary is None or getattr(rotary, "inv_freq", None) is None:
+            raise ModelError(f"model: {type(model).__name__} has no model.rotary_emb.inv_freq (not a {self.name} model)")
+        return rotary
 
     def lm_head(self, model: Any) -> Any:
         head = getattr(model, "lm_head", None)

@@ -12,4 +12,8 @@ ADAPTER = FamilyAdapter(
     qkv_bias=True,
     o_bias=False,
     description="Qwen2, Qwen2.5 (q/k/v biases)",
+    gguf_architecture="qwen2",
+    gguf_rope_adjacent_pairs=False,
+    gguf_biases=("q_proj", "k_proj", "v_proj"),
+    gguf_full_width_attention=True,
 )

@@ -15,4 +15,7 @@ ADAPTER = FamilyAdapter(
                                                  "max_window_layers", "layer_types"),
     qk_norm=True,
     description="Qwen3 (q/k norms)",
+    gguf_architecture="qwen3",
+    gguf_rope_adjacent_pairs=False,
+    gguf_biases=(),
 )

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("eval", "allocate", "prune", "compare")
+SUBCOMMANDS = ("eval", "allocate", "prune", "compare", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,39 +39,41 @@ EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE
 REPORT_BUG = "this is a bug in layerprune: please report it with the traceback above"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand. Bad input (layerprune's own errors, a missing or unreadable file, a full disk) is one
-    error line and exit 2; anything else, InternalError included, is a bug: its traceback and exit 70."""
+def failure(command: str, exc: BaseException, where: str = "") -> tuple[int, str]:
+    """The exit code and the one line a command that raised ``exc`` ends with (a bug's traceback is printed
+    first). ``where`` names the rank under torchrun ("rank 1 of 4")."""
     import errno
     import traceback
 
     from layerprune.errors import InternalError, LayerpruneError
 
+    at = f"{where}: " if where else ""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, f"layerprune: {at}interrupted"
+    user_error = isinstance(exc, (LayerpruneError, *USER_OS_ERRORS)) or (
+        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES))
+    if user_error and not isinstance(exc, InternalError):
+        return EXIT_USER_ERROR, f"layerprune {command}: error: {at}{exc} ({type(exc).__name__})"
+    traceback.print_exception(exc)
+    return EXIT_INTERNAL_ERROR, f"layerprune {command}: {at}{REPORT_BUG}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Bad input (layerprune's own errors, a missing or unreadable file, a full disk) is one
+    error line and exit 2; anything else, InternalError included, is a bug: its traceback and exit 70. Under
+    torchrun (WORLD_SIZE > 1) every rank ends with the line of the rank that failed (:mod:`layerprune.cli.torchrun`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from layerprune.cli import torchrun
+
+        if torchrun.wants_distributed(args):
+            return torchrun.run(args, failure)
         return int(args.run(args) or 0)
-    except KeyboardInterrupt:
-        print("layerprune: interrupted", file=sys.stderr)
-        return 130
-    except InternalError:
-        traceback.print_exc()
-        print(f"layerprune {args.command}: {REPORT_BUG}", file=sys.stderr)
-        return EXIT_INTERNAL_ERROR
-    except (LayerpruneError, *USER_OS_ERRORS) as exc:
-        print(f"layerprune {args.command}: error: {exc} ({type(exc).__name__})", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            print(f"layerprune {args.command}: error: {exc} ({type(exc).__name__})", file=sys.stderr)
-            return EXIT_USER_ERROR
-        traceback.print_exc()
-        print(f"layerprune {args.command}: {REPORT_BUG}", file=sys.stderr)
-        return EXIT_INTERNAL_ERROR
-    except Exception:
-        traceback.print_exc()
-        print(f"layerprune {args.command}: {REPORT_BUG}", file=sys.stderr)
-        return EXIT_INTERNAL_ERROR
+    except (KeyboardInterrupt, Exception) as exc:
+        code, line = failure(args.command, exc)
+        print(line, file=sys.stderr)
+        return code
 
 
-__all__ = ["SUBCOMMANDS", "build_parser", "main"]
+__all__ = ["SUBCOMMANDS", "build_parser", "failure", "main"]

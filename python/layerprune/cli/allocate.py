@@ -1,7 +1,7 @@
 """`layerprune allocate`: solve a per-layer pruning allocation, or write a spec for a model.
 
     layerprune allocate --spec SPEC.json [--solver dp] [--json OUT]
-    layerprune allocate --spec-from-model M --ratio R [--json OUT]
+    layerprune allocate --spec-from-model M --ratio R [--kv-cache-ratio K] [--flops-ratio F] [--json OUT]
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ def add_parser(subparsers: Any) -> None:
     src.add_argument("--spec-from-model", metavar="MODEL", help="write a spec for MODEL (HF folder with config.json, or smollm2-135m)")
     p.add_argument("--solver", default="dp", choices=SOLVERS, help="solver (default: dp)")
     p.add_argument("--ratio", type=float, help="fraction of ALL parameters to remove (with --spec-from-model)")
+    p.add_argument("--kv-cache-ratio", type=float, help="with --spec-from-model: also remove at least this fraction "
+                   "of the KV-cache bytes per token")
+    p.add_argument("--flops-ratio", type=float, help="with --spec-from-model: also remove at least this fraction of "
+                   "the FLOPs per token")
+    p.add_argument("--flops-seq-len", type=int, default=2048, help="positions of the FLOPs count (default: 2048)")
     p.add_argument("--json", metavar="OUT", help="write JSON to OUT ('-' = stdout)")
     p.set_defaults(run=run)
 
@@ -56,14 +61,28 @@ def format_table(result: AllocationResult) -> str:
         lines.append(
             f"{i:>5} {la.kv_groups_kept:>7} {la.q_heads_kept:>6} {la.mlp_kept:>8} {la.attn_rate:>9.4f} {la.mlp_rate:>8.4f} {la.params_kept:>12,}"
         )
+    window = ("no parameter budget" if result.target_removed is None
+              else f"target {result.target_removed:,} + granule {result.granule:,}")
     lines.append(
         f"solver {result.solver}: params {result.params_before:,} -> {result.params_after:,} "
-        f"(removed {result.params_removed:,}; target {result.target_removed:,} + granule {result.granule:,})"
+        f"(removed {result.params_removed:,}; {window})"
     )
     lines.append(
         f"actual_ratio {result.actual_ratio:.6f} (all params), actual_ratio_layers {result.actual_ratio_layers:.6f} (decoder layers), "
         f"objective {result.objective:.6g}, {result.solve_seconds * 1e3:.2f} ms"
     )
+    def bound(target: int | None) -> str:
+        return "" if target is None else f", at least {target:,} removed"
+
+    lines.append(
+        f"actual_kv_cache_ratio {result.actual_kv_cache_ratio:.6f} (KV-cache bytes per token {result.kv_cache_bytes_before:,} -> "
+        f"{result.kv_cache_bytes_after:,}{bound(result.target_kv_cache_removed)}), actual_flops_ratio "
+        f"{result.actual_flops_ratio:.6f} (FLOPs per token at {result.flops_seq_len} positions {result.flops_before:,} -> "
+        f"{result.flops_after:,}{bound(result.target_flops_removed)})"
+    )
+    if result.solver == "dp":
+        lines.append("proven optimal" if result.proven_optimal else
+                     f"not proven optimal: certified lower bound {result.lower_bound:.6g}")
     lines.append(f"binding: {', '.join(result.binding) or '-'}")
     lines.extend(f"note: {n}" for n in result.notes)
     return "\n".join(lines)
@@ -79,9 +98,10 @@ def _emit(data: dict[str, Any], out: str | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.spec_from_model:
-        if args.ratio is None:
-            raise InvalidInputError("--ratio: required with --spec-from-model")
-        spec = spec_from_model_config(_model_config(args.spec_from_model), args.ratio)
+        if args.ratio is None and args.kv_cache_ratio is None and args.flops_ratio is None:
+            raise InvalidInputError("--ratio: required with --spec-from-model (or --kv-cache-ratio / --flops-ratio)")
+        spec = spec_from_model_config(_model_config(args.spec_from_model), args.ratio, kv_cache_ratio=args.kv_cache_ratio,
+                                      flops_ratio=args.flops_ratio, flops_seq_len=args.flops_seq_len)
         data = spec_to_json(spec)
         _emit(data, args.json)
         if args.json != "-":
@@ -93,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
             if not args.json:
                 print("(pass --json OUT to write it; add importance or curves before solving with greedy/lagrange/dp/seed)")
         return 0
-    if args.ratio is not None:
-        raise InvalidInputError("--ratio: only with --spec-from-model (the spec file carries its ratio)")
+    for flag, value in (("--ratio", args.ratio), ("--kv-cache-ratio", args.kv_cache_ratio), ("--flops-ratio", args.flops_ratio)):
+        if value is not None:
+            raise InvalidInputError(f"{flag}: only with --spec-from-model (the spec file carries its budgets)")
     result = allocate(load_spec(args.spec), solver=args.solver)
     _emit(result.to_json(), args.json)
     if args.json != "-":

@@ -14,6 +14,16 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
 
 
+def add_budget_arguments(p: argparse.ArgumentParser) -> None:
+    """--kv-cache-ratio, --flops-ratio and --flops-seq-len: budgets beside --ratio (lower bounds)."""
+    p.add_argument("--kv-cache-ratio", type=float, default=None,
+                   help="also remove at least this fraction of the KV-cache bytes per token, in (0, 1)")
+    p.add_argument("--flops-ratio", type=float, default=None,
+                   help="also remove at least this fraction of the FLOPs per token, in (0, 1)")
+    p.add_argument("--flops-seq-len", type=int, default=2048,
+                   help="positions a token attends to in the FLOPs count (default: 2048)")
+
+
 def add_runtime_arguments(p: argparse.ArgumentParser, *, device: bool = True, threads: bool = True) -> None:
     """--dtype, --device, --threads and --no-progress."""
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default: float32)")
@@ -41,3 +51,26 @@ def apply_threads(args: argparse.Namespace) -> None:
 
     os.environ["RAYON_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """A byte count: ``123``, ``1.5GB`` (powers of 1000), ``24GiB`` or ``24G`` (powers of 1024)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 24GB, 512MiB or 1000000, got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def format_size(nbytes: int) -> str:
+    """``6.4 GB`` (powers of 1000, one decimal)."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"

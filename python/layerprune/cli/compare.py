@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from layerprune.cli.args import add_model_argument, add_runtime_arguments, apply_threads
+from layerprune.cli.args import add_budget_arguments, add_model_argument, add_runtime_arguments, apply_threads
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_model_argument(p)
     p.add_argument("--ratio", type=float, default=None, help="fraction of ALL parameters to remove, in (0, 1)")
     p.add_argument("--ratios", default=None, help="comma-separated target ratios, e.g. 0.2,0.25 (with or instead of --ratio)")
+    add_budget_arguments(p)
     p.add_argument("--out", required=True, help="output folder (created; finished runs in it are reused)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)} (default: all; dense is always run)")
@@ -79,6 +80,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         max_new_tokens=args.max_new_tokens,
         save_models=not args.no_save_models,
         fresh=args.fresh,
+        kv_cache_ratio=args.kv_cache_ratio,
+        flops_ratio=args.flops_ratio,
+        flops_seq_len=args.flops_seq_len,
     )
     if settings.seed < 0:
         raise InvalidInputError(f"--seed must be non-negative; got {settings.seed}")

@@ -14,6 +14,9 @@ from layerprune.cli.args import add_model_argument, add_runtime_arguments, apply
 from layerprune.errors import InvalidInputError
 
 
+RUNTIMES = ("auto", "transformers", "llama.cpp")
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval",
@@ -34,6 +37,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the results as JSON ('-' = stdout)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="what runs the model: transformers, or llama.cpp for a .gguf file (default auto: llama.cpp "
+                   "for .gguf when llama-cpp-python is installed, transformers otherwise)")
     add_runtime_arguments(p)
     p.set_defaults(run=run)
     return p
@@ -55,6 +61,20 @@ def _validate(args: argparse.Namespace) -> None:
             raise InvalidInputError(f"--json {args.json_out}: folder {parent} does not exist")
         if Path(args.json_out).is_dir():
             raise InvalidInputError(f"--json {args.json_out} is a folder; give a file name")
+
+
+def _runtime(args: argparse.Namespace) -> str:
+    """``llama.cpp`` or ``transformers``, from --runtime and --model (checked before any model is loaded)."""
+    from layerprune.evaluation.llamacpp import INSTALL_HINT, llama_cpp_available
+
+    is_gguf = str(args.model).endswith(".gguf") and Path(args.model).expanduser().is_file()
+    if args.runtime == "llama.cpp" and not is_gguf:
+        raise InvalidInputError(f"--runtime llama.cpp runs a .gguf file; --model {args.model} is not one")
+    if args.runtime == "llama.cpp" and not llama_cpp_available():
+        raise InvalidInputError(f"--runtime llama.cpp needs llama-cpp-python: {INSTALL_HINT}")
+    if args.runtime == "auto":
+        return "llama.cpp" if is_gguf and llama_cpp_available() else "transformers"
+    return args.runtime
 
 
 def format_parameters(params: dict[str, int]) -> str:
@@ -90,16 +110,32 @@ def run(args: argparse.Namespace) -> int:
     # Find the data before the (slow) model load: a missing dataset fails fast.
     rows = data.load_rows(args.dataset, args.split, args.data_dir)
     split = None if data.is_text_file_dataset(args.dataset) else data.normalize_split(args.split)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = models.load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
-    params = models.count_parameters(model)
-    info = models.model_info(model)
-    tokens = data.tokenize_text(tokenizer, "\n\n".join(rows))
-    if args.max_tokens is not None:
-        tokens = tokens[: args.max_tokens]
-    eval_started = time.perf_counter()
-    result = evaluation.perplexity(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size, progress=progress)
-    eval_seconds = time.perf_counter() - eval_started
+    runtime = _runtime(args)
+    if runtime == "llama.cpp":
+        from layerprune.evaluation.llamacpp import LlamaCppModel, gguf_perplexity, gguf_summary
+
+        device, args.dtype = "cpu", "gguf"
+        params, info = gguf_summary(args.model)
+        llm = LlamaCppModel(args.model, n_ctx=args.seq_len, threads=args.threads)
+        tokens = torch.tensor(llm.tokenize("\n\n".join(rows)), dtype=torch.long)
+        if args.max_tokens is not None:
+            tokens = tokens[: args.max_tokens]
+        eval_started = time.perf_counter()
+        result = gguf_perplexity(llm, tokens.numpy(), seq_len=args.seq_len, progress=progress)
+        eval_seconds = time.perf_counter() - eval_started
+        llm.close()
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer = models.load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+        params = models.count_parameters(model)
+        info = models.model_info(model)
+        tokens = data.tokenize_text(tokenizer, "\n\n".join(rows))
+        if args.max_tokens is not None:
+            tokens = tokens[: args.max_tokens]
+        eval_started = time.perf_counter()
+        result = evaluation.perplexity(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                                       progress=progress)
+        eval_seconds = time.perf_counter() - eval_started
 
     heads = sorted(set(info["heads"]))
     kv_heads = sorted(set(info["kv_heads"]))
@@ -111,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"model: {args.model} ({info['architecture']}, {info['layers']} layers, hidden {info['hidden']}, "
         f"{_span(heads)} heads / {_span(kv_heads)} KV heads of {info['head_dim']}, intermediate {_span(inter)}, "
-        f"{args.dtype} on {device})",
+        f"{args.dtype} on {device}" + (", llama.cpp)" if runtime == "llama.cpp" else ")"),
         file=out,
     )
     print(format_parameters(params), file=out)
@@ -134,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "dtype": args.dtype,
             "device": device,
+            "runtime": runtime,
             "ppl": result["ppl"],
             "nll": result["nll"],
             "tokens": result["tokens"],

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from layerprune.cli.args import add_model_argument, add_runtime_arguments, apply_threads
+from layerprune.cli.args import (
+    add_budget_arguments,
+    add_model_argument,
+    add_runtime_arguments,
+    apply_threads,
+    format_size,
+    parse_size,
+)
 from layerprune.errors import InvalidInputError
 
 
@@ -20,6 +28,7 @@ def _protected(text: str) -> tuple[int, ...]:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from layerprune.cli.torchrun import add_distributed_arguments
     from layerprune.scoring.groups import IMPORTANCE_KINDS
     from layerprune.importance import METHODS
     from layerprune.pruning.pipeline import MODES, SOLVERS
@@ -35,6 +44,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_model_argument(p)
     p.add_argument("--ratio", type=float, required=True, help="fraction of all parameters to remove, in (0, 1)")
+    add_budget_arguments(p)
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--mode", choices=MODES, default="unbalanced", help="uniform or unbalanced (default: unbalanced)")
@@ -76,8 +86,106 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="calibration text: 'wikitext2' (its train, else valid split; never test) or a .txt file")
     p.add_argument("--data-dir", default=None, help="folder with WikiText-2 raw valid.txt (calibration; never test.txt)")
     add_runtime_arguments(p, device=False)
+    add_sequential_arguments(p)
+    add_distributed_arguments(p)
     p.set_defaults(run=run)
     return p
+
+
+def add_sequential_arguments(p: argparse.ArgumentParser) -> None:
+    """--device, --sequential, --max-memory, --max-shard-size."""
+    g = p.add_argument_group("models larger than memory (layer by layer)")
+    g.add_argument("--device", default=None,
+                   help="where the model runs (default: cpu); with --sequential one decoder layer at a time is moved "
+                   "there, and the calibration hidden states stay there while they fit")
+    g.add_argument("--sequential", action="store_true",
+                   help="prune layer by layer: one decoder layer's weights in memory at a time, read from the "
+                   "checkpoint's safetensors, the calibration hidden states spilled to disk past a budget; "
+                   "forward-only importance (activation, l1, l2). Chosen by itself when the weights exceed --max-memory")
+    g.add_argument("--max-memory", type=parse_size, default=None,
+                   help="memory this run may use, e.g. 24GB (default: the memory available now); heavier weights "
+                   "switch to --sequential, which keeps its hidden states within what the layers leave of it")
+    g.add_argument("--max-shard-size", type=parse_size, default=None,
+                   help="--sequential: largest safetensors shard written (default: 50GB, as transformers)")
+
+
+def available_memory() -> int:
+    """Bytes the system could give this process now (MemAvailable; free pages where /proc is missing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _choose_sequential(args: argparse.Namespace, dtype: Any) -> tuple[bool, str | None]:
+    """(layer by layer?, why it was chosen when not asked for): the weights at ``dtype`` against --max-memory."""
+    from layerprune.models import resolve_model
+    from layerprune.models.checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint
+
+    if args.sequential:
+        return True, None
+    resolved = resolve_model(args.model)
+    if not isinstance(resolved, Path) or not any((resolved / f).is_file() for f in (INDEX_FILE, SINGLE_FILE)):
+        return False, None  # a GGUF file or a hub id: loaded whole, as before
+    limit = args.max_memory if args.max_memory is not None else available_memory()
+    with SafetensorsCheckpoint(resolved) as checkpoint:
+        weights = checkpoint.nbytes(dtype=dtype)
+    if weights <= limit:
+        return False, None
+    source = "--max-memory" if args.max_memory is not None else "the available memory"
+    dtype_name = str(dtype).removeprefix("torch.")
+    return True, f"the weights ({format_size(weights)} in {dtype_name}) exceed {source} ({format_size(limit)})"
+
+
+def _run_sequential(args: argparse.Namespace, config: Any, why: str | None, progress: bool, start: float) -> int:
+    """`prune --sequential`: the checkpoint pruned layer by layer into --out (layerprune.export.prune_checkpoint)."""
+    import torch
+
+    from layerprune import distributed
+    from layerprune.export.streamed import DEFAULT_MAX_SHARD_BYTES, prune_checkpoint
+    from layerprune.models import load_config, resolve_model
+    from layerprune.models.checkpoint import SafetensorsCheckpoint, empty_model, expected_tensors
+    from layerprune.pruning.pipeline import summary_table
+    from layerprune.pruning.sequential import check_sequential, layer_bytes
+
+    try:
+        check_sequential(config)
+        if distributed.active() is not None:
+            raise InvalidInputError("--sequential prunes in one process; run it without torchrun")
+    except InvalidInputError as err:
+        if why is None:
+            raise
+        raise InvalidInputError(f"{why}, so this run must go layer by layer (--sequential), where {err}") from None
+    dtype = getattr(torch, args.dtype)
+    resolved = resolve_model(args.model)
+    if not isinstance(resolved, Path) or not resolved.is_dir():
+        raise InvalidInputError(f"--sequential reads a local folder of safetensors, got --model {args.model}")
+    model_config = load_config(resolved)
+    with SafetensorsCheckpoint(resolved) as checkpoint:  # every shard there, whole, with every tensor
+        checkpoint.check_covers(expected_tensors(empty_model(model_config, dtype)))
+        largest, outside = layer_bytes(checkpoint, model_config, dtype)
+    if why is not None:
+        print(f"layerprune prune: {why}: pruning layer by layer (--sequential)", file=sys.stderr)
+    limit = args.max_memory if args.max_memory is not None else available_memory()
+    # the hidden states get half of what two layers and the larger of the embeddings / head leave
+    hidden_budget = max(0, limit - 2 * largest - outside) // 2
+    out, result = prune_checkpoint(
+        resolved, args.out, config, dtype=dtype, device=args.device or "cpu", hidden_budget_bytes=hidden_budget,
+        overwrite=args.overwrite, max_shard_bytes=args.max_shard_size or DEFAULT_MAX_SHARD_BYTES,
+        report_extra={"model": os.fspath(args.model)}, progress=progress)
+    report = result.report
+    seq = report["sequential"]
+    wall = time.perf_counter() - start
+    print(summary_table(report, extra=[
+        ("layer by layer", f"{seq['passes']} pass(es) over {format_size(seq['checkpoint_bytes'])}, largest layer "
+                           f"{format_size(seq['max_layer_bytes'])}, hidden states spilled "
+                           f"{format_size(seq['hidden_states']['spilled_bytes'])}"),
+        ("time: wall", f"{wall:.1f} s"), ("saved to", str(out))]))
+    return 0
 
 
 def config_from_args(args: argparse.Namespace):
@@ -94,7 +202,8 @@ def config_from_args(args: argparse.Namespace):
         min_kv_groups=args.min_kv_groups, tie=args.tie, seed=args.seed, calib_dataset=args.calib_dataset, data_dir=args.data_dir,
         curve_samples=args.curve_samples, refit=args.refit, refit_damping=args.refit_damping,
         refit_error_correction=not args.no_error_correction, refit_samples=args.refit_samples,
-        refit_seq_len=args.refit_seq_len,
+        refit_seq_len=args.refit_seq_len, kv_cache_ratio=args.kv_cache_ratio, flops_ratio=args.flops_ratio,
+        flops_seq_len=args.flops_seq_len, fsdp=args.fsdp,
     )
 
 
@@ -128,38 +237,60 @@ def _load_quietly(name: str, dtype, progress: bool):
             hf_logging.enable_progress_bar()
 
 
+def _check_shares(config) -> None:
+    """Under torchrun every rank needs at least one sample of each calibration batch it computes on."""
+    from layerprune import distributed
+
+    distributed.check_shareable(config.calib_samples, "calib_samples")
+    if config.refit != "none" or config.mode == "flap":
+        distributed.check_shareable(config.refit_samples, "refit_samples")
+    if config.curve_samples is not None and config.layer_importance == "sensitivity":
+        distributed.check_shareable(min(config.curve_samples, config.calib_samples), "curve_samples")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from layerprune import distributed
+    from layerprune.cli.torchrun import first_on_local_rank0
     from layerprune.data import calibration_source
     from layerprune.models import check_supported, load_config
     from layerprune.pruning import pipeline
     from layerprune.pruning.pipeline import check_feasible, summary_table, validate_against_model, validate_config
     from layerprune.export import save_pruned
 
-    progress = not args.no_progress
+    progress = not args.no_progress and distributed.is_rank0()  # under torchrun: rank 0's bars only
     start = time.perf_counter()
     # Everything that can be checked without the weights is checked first.
     config = config_from_args(args)
     validate_config(config)
     apply_threads(args)
-    _check_out(args.out, args.overwrite)
+    if distributed.is_rank0():  # rank 0 alone writes (under torchrun the others may not see its --out)
+        _check_out(args.out, args.overwrite)
+    _check_shares(config)
     calibration_source(config.calib_dataset, config.data_dir)  # the calibration text exists and is readable
-    model_config = load_config(args.model)
+    model_config = first_on_local_rank0(load_config, args.model)  # the embedded model is converted once per node
     check_supported(model_config, f"model '{args.model}'")
     layers = getattr(model_config, "num_hidden_layers", None)
     if not isinstance(layers, int) or layers < 1:
         raise InvalidInputError(f"model '{args.model}': its config has no num_hidden_layers")
     validate_against_model(config, layers, getattr(model_config, "num_key_value_heads", None))
     check_feasible(model_config, config)
+    sequential, why = _choose_sequential(args, getattr(torch, args.dtype))
+    if sequential:
+        return _run_sequential(args, config, why, progress, start)
 
     t0 = time.perf_counter()
     model, tokenizer = _load_quietly(args.model, getattr(torch, args.dtype), progress)
+    torch.nn.Module.to(model, args.device or distributed.model_device())  # NCCL: this rank's GPU
     load_seconds = time.perf_counter() - t0
-    result = pipeline.prune(model, tokenizer, config, progress=progress)
+    result = pipeline.prune(model, tokenizer, config, progress=progress, inplace=True)  # this copy is ours
     report = result.report
     report["model"] = os.fspath(args.model)
     report["timings"] = {"load": round(load_seconds, 3), **report["timings"]}
+    distributed.barrier("pruned")  # every rank has pruned to the same plan before rank 0 writes
+    if not distributed.is_rank0():
+        return 0
     t0 = time.perf_counter()
     out = save_pruned(result.model, tokenizer, args.out, report=report, overwrite=args.overwrite)
     save_seconds = time.perf_counter() - t0

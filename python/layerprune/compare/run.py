@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from layerprune import report as report_mod
-from layerprune.arch import decoder_layers
+from layerprune.arch import decoder_layers, per_token_costs
 from layerprune.compare.matching import granule_params, range_rate_for_ratio, seed_ratio_for_ratio
 from layerprune.compare.settings import (
     LAYER_IMPORTANCE_FOR,
@@ -123,10 +123,14 @@ def measure_model(
     size, folder = measure_size(model, tokenizer, save_to, save_report)
     seconds["save"] = time.perf_counter() - t0
     counts = count_parameters(model)
+    costs = per_token_costs(model, settings.flops_seq_len)
     return {
         "params": int(counts["total"]),
         "params_layers": int(counts["decoder_layers"]),
         "param_counts": counts,
+        "kv_cache_bytes_per_token": costs["kv_cache_bytes"],
+        "flops_per_token": costs["flops"],
+        "flops_seq_len": costs["seq_len"],
         **{k: ppl[k] for k in ("ppl", "nll", "tokens", "predicted_tokens", "windows", "seq_len")},
         "size_bytes": int(size),
         "model_dir": folder,
@@ -217,7 +221,7 @@ def compare(
         log("evaluating the dense model")
         dense = {"method": "dense", "target_ratio": 0.0, "config": None,
                  **measure_model(model, tokenizer, eval_ids, settings, save_to=None, progress=progress)}
-        dense.update(actual_ratio=0.0, actual_ratio_layers=0.0)
+        dense.update(actual_ratio=0.0, actual_ratio_layers=0.0, actual_kv_cache_ratio=0.0, actual_flops_ratio=0.0)
         store.save_run(dense)
         log(_pct_line(dense))
     runs.append(dense)
@@ -288,6 +292,8 @@ def compare(
                 "target_ratio": ratio,
                 "actual_ratio": 1.0 - measured["params"] / dense["params"],
                 "actual_ratio_layers": 1.0 - measured["params_layers"] / dense["params_layers"],
+                "actual_kv_cache_ratio": 1.0 - measured["kv_cache_bytes_per_token"] / dense["kv_cache_bytes_per_token"],
+                "actual_flops_ratio": 1.0 - measured["flops_per_token"] / dense["flops_per_token"],
                 **measured,
                 "layers": layers,
                 "seconds": seconds,

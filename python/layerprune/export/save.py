@@ -130,32 +130,43 @@ def save_pruned(
     _check_layout(model, adapter)
     tie = _tied(model)  # decided from the tensors, not the config flag, so the reload matches the model
     config = _pruned_config(model, adapter, tie)
-    report_text = None
-    if report is not None:
-        if not isinstance(report, dict):
-            raise InvalidInputError(f"report: expected a dict, got {type(report).__name__}")
-        try:
-            report_text = json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
-        except InvalidInputError as err:
-            raise InvalidInputError(f"report: {err}") from None
+    report_text = _report_text(report)
 
     tmp = temp_sibling_dir(out)
     try:
         save_file(_weights(model, tie), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None:
-            generation_config.to_json_file(str(tmp / "generation_config.json"))
-        shutil.copyfile(modeling.__file__, tmp / MODELING_FILE)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        if report_text is not None:
-            (tmp / "report.json").write_text(report_text)
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                os.chmod(path, file_mode())
+        _write_folder_files(tmp, config, getattr(model, "generation_config", None), tokenizer, report_text)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _report_text(report: dict[str, Any] | None) -> str | None:
+    """report.json's text (strict JSON), or None without a report."""
+    if report is None:
+        return None
+    if not isinstance(report, dict):
+        raise InvalidInputError(f"report: expected a dict, got {type(report).__name__}")
+    try:
+        return json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
+    except InvalidInputError as err:
+        raise InvalidInputError(f"report: {err}") from None
+
+
+def _write_folder_files(tmp: Path, config: dict[str, Any], generation_config: Any, tokenizer: Any,
+                        report_text: str | None) -> None:
+    """Everything of a pruned folder but the weights: config, generation config, the remote-code module, the
+    tokenizer and report.json; then every file gets a plain file's mode."""
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if generation_config is not None:
+        generation_config.to_json_file(str(tmp / "generation_config.json"))
+    shutil.copyfile(modeling.__file__, tmp / MODELING_FILE)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if report_text is not None:
+        (tmp / "report.json").write_text(report_text)
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            os.chmod(path, file_mode())

@@ -13,16 +13,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from layerprune import distributed
 from layerprune.arch import adapter_for
 from layerprune.errors import NumericalError
 from layerprune.importance.cache import LayerInputs, capture_layer_inputs
 from layerprune.importance.result import LayerImportance
 
 
-def _block_influence(x: torch.Tensor, y: torch.Tensor) -> float:
-    """``1 - mean_t cos(x_t, y_t)`` over all tokens (ShortGPT's Block Influence)."""
+def block_influence(x: torch.Tensor, y: torch.Tensor) -> float:
+    """``1 - mean_t cos(x_t, y_t)`` over all tokens (ShortGPT's Block Influence); data-parallel: over every
+    rank's tokens."""
     cos = torch.nn.functional.cosine_similarity(x.float().reshape(-1, x.shape[-1]), y.float().reshape(-1, y.shape[-1]), dim=-1)
-    return float(1.0 - cos.mean())
+    if distributed.active() is None:
+        return float(1.0 - cos.mean())
+    total, count = distributed.sum_values(float(cos.double().sum()), cos.numel())
+    return 1.0 - total / count
 
 
 def activation_importance(
@@ -39,9 +44,9 @@ def activation_importance(
         for l in tqdm(range(num), desc="block influence", disable=not progress, leave=False):
             x = cache.hidden[l]
             mid = x + adapter.attention_block(layers[l], x, cache.layer_kwargs[l])
-            attn[l] = _block_influence(x, mid)
-            mlp[l] = _block_influence(mid, cache.hidden[l + 1])
-            combined[l] = _block_influence(x, cache.hidden[l + 1])
+            attn[l] = block_influence(x, mid)
+            mlp[l] = block_influence(mid, cache.hidden[l + 1])
+            combined[l] = block_influence(x, cache.hidden[l + 1])
     for name, arr in (("attn", attn), ("mlp", mlp), ("combined", combined)):
         if not np.all(np.isfinite(arr)):
             raise NumericalError(f"block influence ({name}) is not finite")
@@ -53,8 +58,8 @@ def activation_importance(
         metric="block_influence",
         base_loss=cache.base_loss,
         seconds=time.perf_counter() - start,
-        details={"calib_tokens": int(cache.labels.numel())},
+        details={"calib_tokens": distributed.global_count(cache.labels.numel())},
     )
 
 
-__all__ = ["activation_importance"]
+__all__ = ["activation_importance", "block_influence"]

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from layerprune import distributed
 from layerprune.arch import LAYER_KWARGS, adapter_for
 from layerprune.errors import InvalidInputError, ModelError, NumericalError
 
@@ -38,20 +39,24 @@ def check_ids(calib_ids: torch.Tensor) -> torch.Tensor:
     return calib_ids.long()
 
 
-def head_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 4) -> float:
+def head_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 4,
+              lm_head: Any = None) -> float:
     """Mean next-token cross-entropy from the hidden state entering the final norm.
 
     ``loss = mean_{b,t<T-1} CE(lm_head(norm(h))[b,t], labels[b,t+1])`` (what HF's ``labels=input_ids``
-    computes), evaluated ``chunk`` samples at a time to bound the logits' memory.
+    computes), evaluated ``chunk`` samples at a time to bound the logits' memory. Data-parallel: the sum and
+    the token count of every rank's samples (:mod:`layerprune.distributed`). ``lm_head``: a callable that
+    stands in for the model's (the layer-by-layer engine's, which reads the head matrix in row blocks).
     """
     adapter = adapter_for(model)
-    norm, lm_head = adapter.final_norm(model), adapter.lm_head(model)
+    norm, lm_head = adapter.final_norm(model), adapter.lm_head(model) if lm_head is None else lm_head
     total, count = 0.0, 0
     for s in range(0, hidden.shape[0], chunk):
         logits = lm_head(norm(hidden[s : s + chunk, :-1])).float()
         target = labels[s : s + chunk, 1:]
         total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
         count += target.numel()
+    total, count = distributed.sum_values(total, count)
     return total / count
 
 
@@ -132,13 +137,16 @@ def batch_slice(value: Any, start: int, end: int, batch: int) -> Any:
 
 
 def subset_cache(model: torch.nn.Module, cache: LayerInputs, n_samples: int) -> LayerInputs:
-    """The first ``n_samples`` calibration sequences of a cache (per-sample tensors sliced on dim 0)."""
+    """The first ``n_samples`` calibration sequences of a cache (per-sample tensors sliced on dim 0); of the
+    whole batch when data-parallel (each rank keeps its samples among them)."""
     n_all = cache.labels.shape[0]
-    if n_samples >= n_all:
+    if n_samples >= distributed.global_count(n_all):
         return cache
-    hidden = [h[:n_samples] for h in cache.hidden]
-    kwargs = [{k: batch_slice(v, 0, n_samples, n_all) for k, v in kw.items()} for kw in cache.layer_kwargs]
-    labels = cache.labels[:n_samples]
+    distributed.check_shareable(n_samples, "curve_samples")
+    n_local = distributed.local_prefix(n_samples, n_all)
+    hidden = [h[:n_local] for h in cache.hidden]
+    kwargs = [{k: batch_slice(v, 0, n_local, n_all) for k, v in kw.items()} for kw in cache.layer_kwargs]
+    labels = cache.labels[:n_local]
     sub = LayerInputs(hidden=hidden, layer_kwargs=kwargs, labels=labels, base_loss=0.0)
     with torch.no_grad():
         sub.base_loss = head_loss(model, hidden[-1], labels)

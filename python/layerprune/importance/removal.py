@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from layerprune import distributed
 from layerprune.arch import adapter_for
 from layerprune.errors import InvalidInputError
 from layerprune.importance.cache import METRICS, LayerInputs, capture_layer_inputs, increase, loss_from_layer
@@ -60,7 +61,7 @@ def removal_importance(
         metric=metric,
         base_loss=cache.base_loss,
         seconds=time.perf_counter() - start,
-        details={"calib_tokens": int(cache.labels.numel()), "sub_blocks": sub_blocks},
+        details={"calib_tokens": distributed.global_count(cache.labels.numel()), "sub_blocks": sub_blocks},
     )
 
 

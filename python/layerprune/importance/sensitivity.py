@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from layerprune import distributed
 from layerprune.arch import adapter_for, gqa
 from layerprune.arch.budget import mlp_grid_size
 from layerprune.errors import InvalidInputError
@@ -175,52 +176,91 @@ def sensitivity_importance(
     if refit_grams is not None and len(refit_grams) != num:
         raise InvalidInputError(f"refit_grams: need one entry per layer ({num}), got {len(refit_grams)}")
 
-    def _remove(linear: torch.nn.Module, name: str, cols: torch.Tensor):
-        if refit_grams is None:
-            return _masked_inputs(linear, cols)
-        return _refit_inputs(linear, refit_grams[l][name], cols, refit, refit_damping)
-
-    attn_curves: list[np.ndarray] = []
-    mlp_curves: list[np.ndarray] = []
     attn_samples: list[dict[int, float]] = []
     mlp_samples: list[dict[int, float]] = []
-    evaluations = 0
+    geometries = []
     with torch.no_grad():
         for l in tqdm(range(num), desc="sensitivity curves", disable=not progress, leave=False):
             layer, x, kw = layers[l], cache.hidden[l], cache.layer_kwargs[l]
             geometry = adapter.geometry(model, layer)
-            num_heads, num_kv, head_dim, inter = (geometry.num_q_heads, geometry.num_kv_heads, geometry.head_dim,
-                                                  geometry.intermediate)
-            if num_kv <= all_kv_points_up_to:
-                g_points = list(range(max(min_kv_groups, 1), num_kv))
-                if min_kv_groups == 0:
-                    g_points = [0] + g_points
-            else:
-                g_points = _sample_points(num_kv, fractions, include_zero=min_kv_groups == 0)
-            c_points = _sample_points(inter, fractions, include_zero=include_mlp_zero, step=mlp_step)
-            g_values: dict[int, float] = {num_kv: 0.0}
-            c_values: dict[int, float] = {inter: 0.0}
-            # select_keep picks the top-scored groups / channels exactly as the pruner will.
-            for g in g_points:
-                kept_groups = select_keep([kv_group_scores[l]], [channel_scores[l]], [g], [inter])[0].kv_heads if g else ()
-                cols = head_columns(kept_groups, num_heads, num_kv, head_dim).to(x.device)
-                with _remove(layer.self_attn.o_proj, "o_proj", cols):
-                    y = adapter.layer_forward(layer, x, kw)
-                g_values[g] = increase(loss_from_layer(model, cache, l + 1, y), cache.base_loss, metric)
-                evaluations += 1
-            for c in c_points:
-                kept_channels = select_keep([kv_group_scores[l]], [channel_scores[l]], [num_kv], [c])[0].mlp_channels if c else ()
-                cols = torch.tensor(list(kept_channels), dtype=torch.long, device=x.device)
-                with _remove(layer.mlp.down_proj, "down_proj", cols):
-                    y = adapter.layer_forward(layer, x, kw)
-                c_values[c] = increase(loss_from_layer(model, cache, l + 1, y), cache.base_loss, metric)
-                evaluations += 1
-            attn_grid = np.arange(num_kv + 1)
-            attn_curves.append(_interp_curve(g_values, attn_grid))
-            mlp_grid = np.arange(mlp_grid_size(inter, mlp_step)) * mlp_step
-            mlp_curves.append(_interp_curve(c_values, np.minimum(mlp_grid, inter)))
-            attn_samples.append(g_values)
-            mlp_samples.append(c_values)
+            g_points, c_points = curve_points(geometry, mlp_step=mlp_step, fractions=fractions,
+                                              all_kv_points_up_to=all_kv_points_up_to, min_kv_groups=min_kv_groups,
+                                              include_mlp_zero=include_mlp_zero)
+            values: dict[str, dict[int, float]] = {"attn": {geometry.num_kv_heads: 0.0},
+                                                   "mlp": {geometry.intermediate: 0.0}}
+            for part, kept, y in pruned_layer_outputs(
+                    adapter, layer, geometry, x, kw, kv_group_scores[l], channel_scores[l], g_points, c_points,
+                    grams=None if refit_grams is None else refit_grams[l], refit=refit, refit_damping=refit_damping):
+                values[part][kept] = increase(loss_from_layer(model, cache, l + 1, y), cache.base_loss, metric)
+            geometries.append(geometry)
+            attn_samples.append(values["attn"])
+            mlp_samples.append(values["mlp"])
+    refit_details = None if refit_grams is None else {
+        "mode": refit, "damping": refit_damping, "tokens": int(refit_grams[0]["o_proj"].count) if refit_grams else 0}
+    return sensitivity_result(geometries, attn_samples, mlp_samples, mlp_step=mlp_step, metric=metric,
+                              base_loss=cache.base_loss, seconds=time.perf_counter() - start,
+                              calib_tokens=distributed.global_count(cache.labels.numel()),
+                              refit_details=refit_details)
+
+
+def curve_points(geometry, *, mlp_step: int = 1, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                 all_kv_points_up_to: int = 4, min_kv_groups: int = 1,
+                 include_mlp_zero: bool = True) -> tuple[list[int], list[int]]:
+    """The kept KV groups and kept MLP channels at which a layer of ``geometry`` is measured
+    (the sampled points of :func:`sensitivity_importance`)."""
+    num_kv, inter = geometry.num_kv_heads, geometry.intermediate
+    if num_kv <= all_kv_points_up_to:
+        g_points = list(range(max(min_kv_groups, 1), num_kv))
+        if min_kv_groups == 0:
+            g_points = [0] + g_points
+    else:
+        g_points = _sample_points(num_kv, fractions, include_zero=min_kv_groups == 0)
+    c_points = _sample_points(inter, fractions, include_zero=include_mlp_zero, step=mlp_step)
+    return g_points, c_points
+
+
+def pruned_layer_outputs(adapter, layer, geometry, x, kw, kv_scores, channel_scores, g_points, c_points, *,
+                         grams: dict[str, InputGram] | None = None, refit: str = "lstsq",
+                         refit_damping: float = DEFAULT_DAMPING) -> Iterator[tuple[str, int, torch.Tensor]]:
+    """``("attn", g, y)`` for every ``g`` in ``g_points`` and ``("mlp", c, y)`` for every ``c`` in ``c_points``:
+    the output ``y`` of ``layer`` on ``x`` keeping only its ``g`` best KV groups (or ``c`` best channels) by
+    the element scores, chosen by :func:`select_keep` as the pruner will; with ``grams`` (the layer's
+    ``{"o_proj", "down_proj"}`` input Grams) the kept columns refit (``refit`` mode) first."""
+    num_heads, num_kv, head_dim, inter = (geometry.num_q_heads, geometry.num_kv_heads, geometry.head_dim,
+                                          geometry.intermediate)
+
+    def _remove(linear: torch.nn.Module, name: str, cols: torch.Tensor):
+        if grams is None:
+            return _masked_inputs(linear, cols)
+        return _refit_inputs(linear, grams[name], cols, refit, refit_damping)
+
+    for g in g_points:
+        kept_groups = select_keep([kv_scores], [channel_scores], [g], [inter])[0].kv_heads if g else ()
+        cols = head_columns(kept_groups, num_heads, num_kv, head_dim).to(x.device)
+        with _remove(layer.self_attn.o_proj, "o_proj", cols):
+            y = adapter.layer_forward(layer, x, kw)
+        yield "attn", g, y
+    for c in c_points:
+        kept_channels = select_keep([kv_scores], [channel_scores], [num_kv], [c])[0].mlp_channels if c else ()
+        cols = torch.tensor(list(kept_channels), dtype=torch.long, device=x.device)
+        with _remove(layer.mlp.down_proj, "down_proj", cols):
+            y = adapter.layer_forward(layer, x, kw)
+        yield "mlp", c, y
+
+
+def sensitivity_result(geometries, attn_samples: Sequence[dict[int, float]], mlp_samples: Sequence[dict[int, float]],
+                       *, mlp_step: int, metric: str, base_loss: float, seconds: float, calib_tokens: int,
+                       refit_details: dict | None = None) -> LayerImportance:
+    """The curves through every layer's sampled ``{kept: loss increase}`` points (``kept = all`` at 0), as a
+    :class:`LayerImportance` (see :func:`sensitivity_importance`)."""
+    attn_curves: list[np.ndarray] = []
+    mlp_curves: list[np.ndarray] = []
+    for geometry, g_values, c_values in zip(geometries, attn_samples, mlp_samples):
+        attn_grid = np.arange(geometry.num_kv_heads + 1)
+        attn_curves.append(_interp_curve(g_values, attn_grid))
+        mlp_grid = np.arange(mlp_grid_size(geometry.intermediate, mlp_step)) * mlp_step
+        mlp_curves.append(_interp_curve(c_values, np.minimum(mlp_grid, geometry.intermediate)))
+    evaluations = sum(len(v) - 1 for v in attn_samples) + sum(len(v) - 1 for v in mlp_samples)
     attn = np.array([float(c[c.size // 2]) for c in attn_curves])
     mlp = np.array([float(c[c.size // 2]) for c in mlp_curves])
     return LayerImportance(
@@ -232,18 +272,18 @@ def sensitivity_importance(
         mlp_curves=mlp_curves,
         mlp_step=mlp_step,
         metric=metric,
-        base_loss=cache.base_loss,
-        seconds=time.perf_counter() - start,
+        base_loss=base_loss,
+        seconds=seconds,
         details={
-            "calib_tokens": int(cache.labels.numel()),
+            "calib_tokens": int(calib_tokens),
             "evaluations": evaluations,
             "attn_samples": [{str(k): v for k, v in sorted(s.items())} for s in attn_samples],
             "mlp_samples": [{str(k): v for k, v in sorted(s.items())} for s in mlp_samples],
             "interpolation": "linear between sampled points, monotone non-increasing in kept, clipped at 0",
-            "refit": None if refit_grams is None else {"mode": refit, "damping": refit_damping,
-                                                       "tokens": int(refit_grams[0]["o_proj"].count) if refit_grams else 0},
+            "refit": refit_details,
         },
     )
 
 
-__all__ = ["DEFAULT_FRACTIONS", "head_columns", "sensitivity_importance"]
+__all__ = ["DEFAULT_FRACTIONS", "curve_points", "head_columns", "pruned_layer_outputs", "sensitivity_importance",
+           "sensitivity_result"]

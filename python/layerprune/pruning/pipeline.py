@@ -19,7 +19,13 @@ removes about ``ratio * k / N`` of the ORIGINAL parameters at step k (parameter 
 in the kept counts); element scores are recomputed on the partially pruned model before every
 step. Kept indices in the report always refer to the ORIGINAL model.
 
-``prune`` never modifies its input model (it works on a deep copy).
+``prune`` never modifies its input model (it works on a deep copy), unless ``inplace=True`` (the CLI, which
+loaded its own copy, prunes that one: no second model in memory).
+
+Several processes (:mod:`layerprune.distributed`, e.g. under ``torchrun``): every rank passes the same model
+and batches, computes on its share of the calibration samples, and every statistic is summed over the ranks;
+rank 0's element scores and rank 0's allocation are broadcast, so every rank prunes to the same plan and
+returns the same model. ``fsdp`` computes the gradient element scores on an FSDP2-sharded copy.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from layerprune import distributed
 from layerprune.provenance import command_line, versions
 
 from layerprune.allocation import UNBALANCED_SOLVERS as SOLVERS
@@ -95,6 +102,7 @@ class PruneConfig:
     kv_cache_ratio: float | None = None  # also remove at least this fraction of the KV-cache bytes per token
     flops_ratio: float | None = None  # also remove at least this fraction of the FLOPs per token ...
     flops_seq_len: int = 2048  # ... of a forward over this many positions
+    fsdp: bool = False  # gradient element scores on an FSDP2-sharded copy (layerprune.scoring.sharded)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -145,6 +153,11 @@ def validate_config(config: PruneConfig) -> None:
             raise InvalidInputError(f"{name}: must be an integer >= {low}, got {v!r}")
     if config.mode == "flap" and config.iterative_steps != 1:
         raise InvalidInputError("iterative_steps: FLAP prunes in one step (its scores and threshold are global)")
+    if config.fsdp and (config.mode == "flap" or config.importance not in ("taylor", "vectorize")):
+        raise InvalidInputError(
+            "fsdp: shards the backward of the gradient scores taylor and vectorize only (taylor2 / taylor-mix need "
+            "per-sample gradients, which FSDP's reduce-scatter adds together; the other scores need no backward)"
+        )
     if config.refit not in REFIT_MODES:
         raise InvalidInputError(f"refit: expected one of {', '.join(REFIT_MODES)}, got {config.refit!r}")
     d = config.refit_damping
@@ -181,6 +194,9 @@ def validate_config(config: PruneConfig) -> None:
     if bounded and config.mode == "unbalanced" and config.solver == "seed":
         raise InvalidInputError(f"{bounded[0]}: the seed mapping takes no KV-cache or FLOPs budget "
                                 "(use solver greedy, lagrange or dp)")
+    if bounded and config.mode not in ("uniform", "unbalanced"):
+        raise InvalidInputError(f"{bounded[0]}: mode {config.mode} takes no KV-cache or FLOPs budget "
+                                "(use mode unbalanced with solver greedy, lagrange or dp, or uniform with match_params)")
 
 
 def layer_ranges(config: PruneConfig, num_layers: int) -> dict[str, tuple[int, int]]:
@@ -351,6 +367,24 @@ def refit_batch(tokenizer: Any, config: PruneConfig) -> torch.Tensor:
                              seed=config.seed + 1, dataset=config.calib_dataset, data_dir=config.data_dir)
 
 
+def _refit_share(tokenizer: Any, config: PruneConfig) -> torch.Tensor:
+    """This rank's share of the refit batch (all of it in one process)."""
+    return distributed.local_samples(refit_batch(tokenizer, config), "refit_samples")
+
+
+def _element_scores(model: torch.nn.Module, calib_ids: torch.Tensor, config: PruneConfig,
+                    progress: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The element scores of the batch from this rank's share ``calib_ids``, rank 0's on every rank (the
+    ranks then select the same heads and channels); on an FSDP2-sharded copy of ``model`` with ``fsdp``."""
+    if config.fsdp:
+        from layerprune.scoring.sharded import sharded_group_scores
+
+        scores = sharded_group_scores(model, calib_ids, importance=config.importance, progress=progress)
+    else:
+        scores = element_group_scores(model, calib_ids, importance=config.importance, progress=progress)
+    return distributed.broadcast_object(scores)
+
+
 def measure_layer_importance(
     model: torch.nn.Module,
     calib_ids: torch.Tensor,
@@ -406,8 +440,10 @@ def prune(
     calib_source: dict[str, Any] | None = None,
     refit_ids: torch.Tensor | None = None,
     progress: bool = True,
+    inplace: bool = False,
 ) -> PruneResult:
     """Prune a deep copy of ``model`` as ``config`` says; returns it with the allocation and a report.
+    With ``inplace`` the model itself is pruned and returned (no copy: half the memory).
 
     ``layer_importance`` reuses an earlier computation (e.g. across methods of ``compare``);
     ``calib_ids`` ([n, seq_len] token ids) replaces the calibration batch drawn from ``config.calib_dataset``;
@@ -434,10 +470,15 @@ def prune(
     if vocab and (int(calib_ids.min()) < 0 or int(calib_ids.max()) >= vocab):
         raise InvalidInputError(f"calib_ids: token ids must be in [0, {vocab})")
     calib_ids = calib_ids.long().to(next(model.parameters()).device)
+    # Data-parallel (layerprune.distributed): every rank holds the whole batch and computes on its share.
+    calib_all, calib_ids = calib_ids, distributed.local_samples(calib_ids, "calib_samples")
+    if refit_ids is not None:
+        refit_ids = distributed.local_samples(refit_ids, "refit_samples")
     timings["calibration"] = time.perf_counter() - t0
 
-    work = copy.deepcopy(model).eval()
+    work = model.eval() if inplace else copy.deepcopy(model).eval()
     params_before = count_parameters(work)
+    costs_before = per_token_costs(work, config.flops_seq_len)  # before any surgery (inplace: on the input)
     check_feasible(model.config, config)
 
     # Dense element scores: needed by the sensitivity curves and by the first pruning step. FLAP scores by
@@ -445,10 +486,11 @@ def prune(
     t0 = time.perf_counter()
     if config.mode == "flap":
         if refit_ids is None:
-            refit_ids = refit_batch(tokenizer, config)
-        dense_scores = fluctuation_scores(work, refit_ids.long().to(calib_ids.device), progress=progress)
+            refit_ids = _refit_share(tokenizer, config)
+        dense_scores = distributed.broadcast_object(
+            fluctuation_scores(work, refit_ids.long().to(calib_ids.device), progress=progress))
     else:
-        dense_scores = element_group_scores(work, calib_ids, importance=config.importance, progress=progress)
+        dense_scores = _element_scores(work, calib_ids, config, progress)
     timings["element_scores"] = time.perf_counter() - t0
 
     li = None
@@ -463,16 +505,16 @@ def prune(
             li = layer_importance
         else:
             if config.refit != "none" and refit_ids is None:
-                refit_ids = refit_batch(tokenizer, config)
+                refit_ids = _refit_share(tokenizer, config)
             li = measure_layer_importance(work, calib_ids, config, dense_scores, progress=progress, refit_ids=refit_ids)
     timings["layer_importance"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     spec = spec_for_model(work, config, li)
     if config.mode == "flap":
-        alloc = flap_allocation(spec, dense_scores[0], dense_scores[1], config.min_kv_groups)
+        alloc = distributed.on_rank0(flap_allocation, spec, dense_scores[0], dense_scores[1], config.min_kv_groups)
     else:
-        alloc = allocate(spec, solver=solver_for(config))
+        alloc = distributed.on_rank0(allocate, spec, solver=solver_for(config))  # the same plan on every rank
     timings["allocation"] = time.perf_counter() - t0
 
     full_kv = [s["num_kv_heads"] for s in shapes]
@@ -493,13 +535,13 @@ def prune(
             kv_scores, ch_scores = dense_scores
         else:
             r0 = time.perf_counter()
-            kv_scores, ch_scores = element_group_scores(work, calib_ids, importance=config.importance, progress=progress)
+            kv_scores, ch_scores = _element_scores(work, calib_ids, config, progress)
             rescoring += time.perf_counter() - r0
         keep = select_keep(kv_scores, ch_scores, want_kv, want_mlp)
         if step == steps and config.refit != "none":
             r0 = time.perf_counter()
             if refit_ids is None:
-                refit_ids = refit_batch(tokenizer, config)
+                refit_ids = _refit_share(tokenizer, config)
             refit_report = refit_kept_weights(
                 work, keep, refit_ids.long().to(calib_ids.device), mode=config.refit, damping=config.refit_damping,
                 error_correction=config.refit_error_correction, progress=progress)
@@ -522,7 +564,6 @@ def prune(
         raise InternalError(
             f"pruned model has {params_after['total']:,} parameters, the allocation planned {alloc.params_after:,}"
         )
-    costs_before = per_token_costs(model, config.flops_seq_len)
     costs_after = per_token_costs(work, config.flops_seq_len)
     if (costs_after["kv_cache_bytes"], costs_after["flops"]) != (alloc.kv_cache_bytes_after, alloc.flops_after):
         raise InternalError(
@@ -530,7 +571,7 @@ def prune(
             f"token, the allocation planned {alloc.kv_cache_bytes_after:,} and {alloc.flops_after:,}"
         )
     timings["total"] = time.perf_counter() - total_start
-    report = build_report(config, params_before, params_after, shapes, alloc, li, kept_kv, kept_mlp, calib_ids, timings,
+    report = build_report(config, params_before, params_after, shapes, alloc, li, kept_kv, kept_mlp, calib_all, timings,
                           family=adapter_for(model).name, calib_source=calib_source)
     report["refit"] = refit_report
     report.update(per_token_report(config, costs_before, costs_after))

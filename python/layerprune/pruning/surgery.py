@@ -29,7 +29,7 @@ from layerprune.arch import LayerGeometry, adapter_for, check_consistency, gqa, 
 from layerprune.errors import InternalError, InvalidInputError, ModelError
 from layerprune.scoring.selection import LayerKeep
 
-__all__ = ["StructuredPruner", "masked_dense_forward", "prune_model"]
+__all__ = ["StructuredPruner", "masked_dense_forward", "prune_decoder_layer", "prune_model"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,6 +247,45 @@ class StructuredPruner:
         config.layer_num_attention_heads = [s["num_q_heads"] for s in shapes]
         config.layer_num_key_value_heads = [s["num_kv_heads"] for s in shapes]
         config.layer_intermediate_sizes = [s["intermediate"] for s in shapes]
+
+
+def prune_decoder_layer(adapter: Any, layer: nn.Module, geometry: LayerGeometry, entry: LayerKeep) -> LayerGeometry:
+    """Remove, in place, the KV groups and MLP channels of ONE decoder layer not listed in ``entry`` (indices
+    into its current ``geometry``); returns the new geometry. The index sets are :class:`StructuredPruner`'s:
+    the GQA rows of the removed KV groups (the module docstring), and for the MLP the gate/up rows and down_proj
+    columns of the removed channels, the group Torch-Pruning traces for gate_proj, applied here without a
+    model-wide graph (the layer-by-layer engine holds one layer). Parameters keep ``requires_grad=False``."""
+    import torch_pruning as tp
+
+    shape = {"num_q_heads": geometry.num_q_heads, "num_kv_heads": geometry.num_kv_heads,
+             "head_dim": geometry.head_dim, "intermediate": geometry.intermediate}
+    _validate_keep([entry], [shape])
+    attn, mlp = layer.self_attn, layer.mlp
+    ratio, head_dim = geometry.ratio, geometry.head_dim
+    removed_kv = _removed(entry.kv_heads, geometry.num_kv_heads)
+    if removed_kv:
+        kv_rows = gqa.kv_rows(removed_kv, head_dim)
+        q_rows = gqa.q_rows(removed_kv, ratio, head_dim)
+        tp.prune_linear_out_channels(attn.k_proj, kv_rows)
+        tp.prune_linear_out_channels(attn.v_proj, kv_rows)
+        tp.prune_linear_out_channels(attn.q_proj, q_rows)
+        tp.prune_linear_in_channels(attn.o_proj, q_rows)
+    removed_channels = _removed(entry.mlp_channels, geometry.intermediate)
+    if removed_channels:
+        tp.prune_linear_out_channels(mlp.gate_proj, removed_channels)
+        tp.prune_linear_out_channels(mlp.up_proj, removed_channels)
+        tp.prune_linear_in_channels(mlp.down_proj, removed_channels)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    new = LayerGeometry(len(entry.kv_heads) * ratio, len(entry.kv_heads), head_dim, len(entry.mlp_channels))
+    adapter.set_widths(layer, new)
+    got = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features, attn.o_proj.in_features,
+           mlp.gate_proj.out_features, mlp.up_proj.out_features, mlp.down_proj.in_features)
+    want = (new.num_q_heads * head_dim, new.num_kv_heads * head_dim, new.num_kv_heads * head_dim,
+            new.num_q_heads * head_dim, new.intermediate, new.intermediate, new.intermediate)
+    if got != want:
+        raise InternalError(f"pruned layer: q/k/v/o and gate/up/down widths {got}, expected {want}")
+    return new
 
 
 def prune_model(model: nn.Module, keep: Sequence[LayerKeep], example_input_ids: torch.Tensor | None = None) -> nn.Module:

@@ -16,7 +16,8 @@ def output_projection_grams(model: torch.nn.Module, ids: torch.Tensor, *, micro_
     """Per layer ``{"o_proj": InputGram, "down_proj": InputGram}`` of the dense model on ``ids`` ``[n, T]``.
 
     ``o_proj``'s input is the attention output (heads as blocks of ``head_dim`` columns), ``down_proj``'s the
-    gated intermediate. One forward pass in micro-batches; the model is only read.
+    gated intermediate. One forward pass in micro-batches; the model is only read. Data-parallel: ``ids`` are
+    this rank's samples and the Grams are summed over the ranks.
     """
     adapter = adapter_for(model)
     layers = adapter.decoder_layers(model)
@@ -42,6 +43,7 @@ def output_projection_grams(model: torch.nn.Module, ids: torch.Tensor, *, micro_
     finally:
         for handle in handles:
             handle.remove()
+    InputGram.all_reduce([stats for layer_grams in grams for stats in layer_grams.values()])
     return grams
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from layerprune import distributed
 from layerprune.errors import InvalidInputError, NumericalError
 
 DEFAULT_DAMPING = 0.01
@@ -46,6 +47,17 @@ class InputGram:
         self.gram += (rows.T @ rows).to(torch.float64)
         self.total += rows.sum(0, dtype=torch.float64)
         self.count += rows.shape[0]
+
+    @staticmethod
+    def all_reduce(grams: Sequence[InputGram]) -> None:
+        """Sum ``H``, ``Σ x`` and the row counts of ``grams`` (the same list, in the same order, on every rank)
+        over the data-parallel ranks, each of which collected its own samples; nothing in one process."""
+        if distributed.active() is None:
+            return
+        counts = torch.tensor([float(g.count) for g in grams], dtype=torch.float64)
+        distributed.all_reduce_sum_([t for g in grams for t in (g.gram, g.total)] + [counts])
+        for g, n in zip(grams, counts.tolist()):
+            g.count = int(n)
 
     @property
     def mean(self) -> torch.Tensor:

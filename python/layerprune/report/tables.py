@@ -149,6 +149,7 @@ def main_table(runs: Sequence[Mapping[str, Any]], method_order: Sequence[str] = 
                 r["method"],
                 f"{r['target_ratio']:.3f}" if r["method"] != DENSE else "-",
                 f"{r['actual_ratio']:.4f} / {_fmt(r.get('actual_ratio_layers'), '.4f')}",
+                f"{_fmt(r.get('actual_kv_cache_ratio'), '.4f')} / {_fmt(r.get('actual_flops_ratio'), '.4f')}",
                 f"{r['params']:,}",
                 f"{r['ppl']:.3f}",
                 delta,
@@ -156,8 +157,8 @@ def main_table(runs: Sequence[Mapping[str, Any]], method_order: Sequence[str] = 
                 _fmt(r.get("tokens_per_s"), ".0f"),
             ]
         )
-    header = ["method", "target ratio", "actual ratio (all / decoder)", "params", "PPL", "Δ PPL vs dense",
-              "size MB", "tok/s"]
+    header = ["method", "target ratio", "actual ratio (all / decoder)", "KV-cache / FLOPs ratio", "params", "PPL",
+              "Δ PPL vs dense", "size MB", "tok/s"]
     return "\n".join(_table(header, rows))
 
 

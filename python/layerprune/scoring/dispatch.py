@@ -20,6 +20,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from layerprune import distributed
 from layerprune.errors import InvalidInputError
 from layerprune.scoring.reference import (
     NEEDS_FISHER,
@@ -200,6 +201,19 @@ class ActivationStats:
     def _need(self) -> None:
         if self._sum is None or self.count == 0:
             raise InvalidInputError("ActivationStats: no batch seen yet (call update first)")
+
+    @staticmethod
+    def all_reduce(stats: list[ActivationStats]) -> None:
+        """Sum the counts, Σx and Σx² of ``stats`` (the same list, in the same order, on every rank) over the
+        data-parallel ranks, each of which saw its own samples; nothing in one process."""
+        if distributed.active() is None:
+            return
+        for st in stats:
+            st._need()
+        counts = torch.tensor([float(st.count) for st in stats], dtype=torch.float64)
+        distributed.all_reduce_sum_([t for st in stats for t in (st._sum, st._sumsq)] + [counts])
+        for st, n in zip(stats, counts.tolist()):
+            st.count = int(n)
 
     @property
     def sum(self) -> torch.Tensor:

@@ -26,6 +26,12 @@ Element scores (``importance``):
 
 Biases (Qwen2's q/k/v) are not scored; they are removed with their rows. The model is never modified: requires_grad flags are
 restored and every gradient is dropped.
+
+Inside :func:`layerprune.distributed.data_parallel`, ``calib_ids`` are this rank's samples and the scores are
+those of the whole batch: each rank's mean loss is weighted by its share of the tokens, so the gradients summed
+over the ranks are the gradient of the mean over every token; activation sums and counts are summed; a
+non-finite loss on one rank stops every rank. A model sharded with FSDP2 (:mod:`layerprune.scoring.sharded`)
+is scored the same way over its mesh, from each rank's gradient shard.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from layerprune import distributed
 from layerprune.arch import adapter_for, gqa
 from layerprune.errors import InvalidInputError, NumericalError
 
@@ -126,18 +133,66 @@ def _first_non_finite_module(model: torch.nn.Module, ids: torch.Tensor) -> str:
     return found[0] if found else "the final norm / lm_head"
 
 
-def _lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids, labels=ids, use_cache=False)
-    loss = out.loss
-    if not bool(torch.isfinite(loss.detach())):
+def _non_finite_loss(model: torch.nn.Module, ids: torch.Tensor, loss: torch.Tensor) -> NumericalError:
+    """The error of a non-finite calibration loss, naming the first module whose output is not finite."""
+    dtype = next(model.parameters()).dtype
+    hint = f"overflow in {dtype}? load the model in float32" if dtype != torch.float32 else "NaN/inf weights?"
+    if _shard_group(model) is not None:
+        where = "a layer of the sharded model (score it unsharded to locate it)"  # a lone forward would hang FSDP
+    else:
         where = _first_non_finite_module(model, ids)
-        dtype = next(model.parameters()).dtype
-        hint = f"overflow in {dtype}? load the model in float32" if dtype != torch.float32 else "NaN/inf weights?"
-        raise NumericalError(f"calibration loss is {float(loss.detach())}: first non-finite output in {where} ({hint})")
+    on_rank = f" on rank {distributed.rank()}" if distributed.active() is not None else ""
+    return NumericalError(f"calibration loss is {float(loss.detach())}{on_rank}: first non-finite output in {where} ({hint})")
+
+
+def _agree_finite(model: torch.nn.Module, ids: torch.Tensor, loss: torch.Tensor | None) -> None:
+    """Every rank learns whether some rank's loss is not finite (``loss`` None: this rank stopped on one); the
+    ranks that saw it raise, the others wait for their error line. In one process: raise if not finite."""
+    finite = loss is not None and bool(torch.isfinite(loss.detach()))
+    bad = distributed.ranks_where(not finite)
+    if not bad:
+        return
+    if finite:
+        distributed.wait_for_failure(NumericalError(f"calibration loss is not finite on rank(s) {bad}"))
+    if loss is not None:
+        raise _non_finite_loss(model, ids, loss)
+
+
+def _lm_loss(model: torch.nn.Module, ids: torch.Tensor, agree: bool = True) -> torch.Tensor:
+    """Mean next-token loss of ``ids``; a non-finite loss raises (on every rank when ``agree``; without it
+    the caller agrees later, e.g. after a loop whose length differs between ranks)."""
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    if agree:
+        _agree_finite(model, ids, loss)
+    elif not bool(torch.isfinite(loss.detach())) and distributed.active() is None:
+        raise _non_finite_loss(model, ids, loss)
     return loss
 
 
+def _shard_group(model: torch.nn.Module):
+    """The process group the model's decoder weights are sharded over (FSDP2), or None."""
+    from layerprune.scoring.hooks import _row_shard_group
+
+    for layer in adapter_for(model).decoder_layers(model):
+        for name, linear in adapter_for(model).projections(layer).items():
+            group = _row_shard_group(name, linear.weight)
+            if group is not None:
+                return group
+    return None
+
+
 def _gradient_scores(model, calib_ids, importance, progress):
+    from layerprune.scoring.hooks import GradientScorer
+
+    group = _shard_group(model)
+    # the ranks of an FSDP model share the samples
+    shared = distributed.data_parallel(group) if group is not None and distributed.active() is None \
+        else contextlib.nullcontext()
+    with shared:
+        return _scored_backward(model, calib_ids, importance, progress, group)
+
+
+def _scored_backward(model, calib_ids, importance, progress, group):
     from layerprune.scoring.hooks import GradientScorer
 
     per_sample = importance in PER_SAMPLE_KINDS
@@ -149,12 +204,27 @@ def _gradient_scores(model, calib_ids, importance, progress):
         try:
             with torch.enable_grad():
                 if per_sample:
+                    stopped = None  # the sample whose loss is not finite; ranks hold different counts: agree after
                     for s in tqdm(range(calib_ids.shape[0]), desc=f"{importance} (per-sample backward)",
                                   disable=not progress, leave=False):
-                        _lm_loss(model, calib_ids[s : s + 1]).backward()
+                        loss = _lm_loss(model, calib_ids[s : s + 1], agree=False)
+                        if not bool(torch.isfinite(loss.detach())):
+                            stopped = (calib_ids[s : s + 1], loss)
+                            break
+                        loss.backward()
                         scorer.step()
+                    if distributed.active() is not None:
+                        _agree_finite(model, *(stopped or (calib_ids, torch.zeros(()))))
                 else:
-                    _lm_loss(model, calib_ids).backward()
+                    # each rank's mean weighted by its token share: the summed gradients are the batch mean's
+                    # (FSDP averages its reduce-scatter over the ranks: the world size undoes it)
+                    share = distributed.token_share(calib_ids.shape[0] * (calib_ids.shape[1] - 1))
+                    if group is not None:
+                        import torch.distributed as dist
+
+                        share *= dist.get_world_size(group)
+                    loss = _lm_loss(model, calib_ids)
+                    (loss * share if share != 1.0 else loss).backward()
                     scorer.step()
         finally:
             model.train(was_training)
@@ -192,6 +262,7 @@ def _activation_scores(model, calib_ids, progress):
         for h in handles:
             h.remove()
     del loss
+    ActivationStats.all_reduce(list(stats.values()))  # every rank's tokens (nothing in one process)
 
     def rows(name):
         return wanda_channel_scores(modules[name].weight.detach(), stats[name], axis=0)
@@ -222,19 +293,29 @@ def _fold_all(model, rows, cols, importance, progress):
     adapter = adapter_for(model)
     layers = adapter.decoder_layers(model)
     for l, layer in enumerate(tqdm(layers, desc=f"{importance} group scores", disable=not progress, leave=False)):
-        geometry = adapter.geometry(model, layer)
-        heads, kv_heads, head_dim = geometry.num_q_heads, geometry.num_kv_heads, geometry.head_dim
-        p = adapter.layer_prefix(l)
-        attn = {n: _check_finite(rows(f"{p}.self_attn.{n}"), f"{p}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj")}
-        o_cols = _check_finite(cols(f"{p}.self_attn.o_proj"), f"{p}.self_attn.o_proj")
-        kv = fold_attention_scores(attn["q_proj"], attn["k_proj"], attn["v_proj"], o_cols, heads, kv_heads, head_dim)
-        gate = _check_finite(rows(f"{p}.mlp.gate_proj"), f"{p}.mlp.gate_proj")
-        up = _check_finite(rows(f"{p}.mlp.up_proj"), f"{p}.mlp.up_proj")
-        down = _check_finite(cols(f"{p}.mlp.down_proj"), f"{p}.mlp.down_proj")
-        ch = fold_mlp_scores(gate, up, down)
-        kv_scores.append(_check_finite(kv.detach().cpu(), f"{p}.self_attn (KV groups)"))
-        channel_scores.append(_check_finite(ch.detach().cpu(), f"{p}.mlp (channels)"))
+        kv, ch = fold_layer_scores(adapter.geometry(model, layer), adapter.layer_prefix(l), rows, cols)
+        kv_scores.append(kv)
+        channel_scores.append(ch)
     return kv_scores, channel_scores
+
+
+def fold_layer_scores(geometry, prefix: str, rows, cols) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KV-group scores, channel scores) of the decoder layer ``prefix`` (``model.layers.l``), on CPU.
+
+    ``rows(name)`` / ``cols(name)`` give the per-row / per-column element scores of the projection ``name``
+    (``{prefix}.self_attn.q_proj`` ...); they are checked finite and folded as the module docstring says.
+    """
+    heads, kv_heads, head_dim = geometry.num_q_heads, geometry.num_kv_heads, geometry.head_dim
+    p = prefix
+    attn = {n: _check_finite(rows(f"{p}.self_attn.{n}"), f"{p}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj")}
+    o_cols = _check_finite(cols(f"{p}.self_attn.o_proj"), f"{p}.self_attn.o_proj")
+    kv = fold_attention_scores(attn["q_proj"], attn["k_proj"], attn["v_proj"], o_cols, heads, kv_heads, head_dim)
+    gate = _check_finite(rows(f"{p}.mlp.gate_proj"), f"{p}.mlp.gate_proj")
+    up = _check_finite(rows(f"{p}.mlp.up_proj"), f"{p}.mlp.up_proj")
+    down = _check_finite(cols(f"{p}.mlp.down_proj"), f"{p}.mlp.down_proj")
+    ch = fold_mlp_scores(gate, up, down)
+    return (_check_finite(kv.detach().cpu(), f"{p}.self_attn (KV groups)"),
+            _check_finite(ch.detach().cpu(), f"{p}.mlp (channels)"))
 
 
 def element_group_scores(

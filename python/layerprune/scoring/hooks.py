@@ -27,6 +27,20 @@ Several backward passes ("micro-batches") — the three modes, for a weight W:
 
 `l1` / `l2` do not use gradients: they are computed from the weight when read.
 Kinds `taylor2` / `taylor-mix` need `mode="per_sample"`.
+
+Several processes:
+
+* Replicated weights inside :func:`layerprune.distributed.data_parallel` (each rank back-propagates its own
+  calibration samples): a gradient is summed over the ranks before it is scored (`batch`), a step's sum
+  before it is scored (`accumulate`), and Σ g_s, Σ g_s² and the step count at the end (`per_sample`). Every
+  rank then holds the scores of the whole batch.
+* Weights sharded by rows over a process group (FSDP2 `fully_shard`: DTensor parameters placed `Shard(0)`):
+  FSDP calls the hook with this rank's rows of the gradient once its reduce-scatter has summed them over
+  the ranks; they are scored at once and dropped, so a rank holds its weight shard and one reduced gradient
+  shard. Row scores come from the local rows and are gathered in rank order; column scores are partial sums
+  over the local rows, summed over the ranks when read. `vectorize` columns (|Σ_i W_ij·G_ij|) are summed
+  signed over the ranks after each backward, then the absolute value taken. `per_sample` is refused: the
+  reduce-scatter adds every rank's sample into one gradient.
 """
 
 from __future__ import annotations
@@ -36,11 +50,41 @@ import functools
 import torch
 from torch import nn
 
+from layerprune import distributed
 from layerprune.arch import find_adapter
-from layerprune.errors import InvalidInputError
+from layerprune.errors import InternalError, InvalidInputError
 from layerprune.scoring.reference import NEEDS_FISHER, NEEDS_GRAD, SCORE_KINDS
 
 MODES: tuple[str, ...] = ("batch", "accumulate", "per_sample")
+
+
+def _row_shard_group(name: str, weight: torch.Tensor):
+    """The process group ``weight`` is sharded over by rows (a DTensor placed ``Shard(0)`` on a 1-D mesh, as
+    FSDP2 leaves it), or None for a plain tensor."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    if not isinstance(weight, DTensor):
+        return None
+    placements = tuple(weight.placements)
+    if weight.device_mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard) \
+            or placements[0].dim != 0:
+        raise InvalidInputError(f"module_filter: the weight of {name!r} is distributed as {placements} over a "
+                                f"{weight.device_mesh.ndim}-D mesh; only row shards (FSDP2's Shard(0)) are scored")
+    return weight.device_mesh.get_group()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (the tensor itself otherwise)."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def shard_rows(rows: int, world: int) -> list[int]:
+    """Rows each rank holds when ``rows`` are split as ``torch.chunk`` does (FSDP2 / DTensor ``Shard(0)``)."""
+    size = -(-rows // world)
+    return [max(0, min(size, rows - r * size)) for r in range(world)]
 
 
 def _default_modules(model: nn.Module) -> dict[str, nn.Linear]:
@@ -91,6 +135,14 @@ class GradientScorer:
                 raise InvalidInputError(f"module_filter: module {n!r} has no 2-D weight")
         if not modules:
             raise InvalidInputError("module_filter: selected no module")
+        self._shard_groups = {n: g for n, m in modules.items() if (g := _row_shard_group(n, m.weight)) is not None}
+        if self._shard_groups and mode == "per_sample":
+            raise InvalidInputError(
+                "mode: per_sample cannot score FSDP-sharded weights (the reduce-scatter adds the ranks' samples into "
+                "one gradient); score a replicated model under layerprune.distributed.data_parallel instead"
+            )
+        # Replicated weights of data-parallel calibration: gradients are partial sums over this rank's samples.
+        self._data_parallel = distributed.active() is not None
         self.model = model
         self.kinds = kinds
         self.mode = mode
@@ -124,8 +176,17 @@ class GradientScorer:
     def _add(self, name: str, kind: str, w: torch.Tensor, g, h) -> None:
         from layerprune.scoring.dispatch import weight_scores
 
+        group = self._shard_groups.get(name)
         for axis, store in ((0, self._rows), (1, self._cols)):
-            s = weight_scores(w, g, h, kind=kind, axis=axis, backend=self.backend).to(w.device)
+            if group is not None and axis == 1 and kind == "vectorize":
+                # |Σ_i W_ij G_ij| over ALL rows: the signed partial sums of every rank first
+                s = (w.float() * g.float()).sum(0)
+                distributed.all_reduce_sum_([s], group=group)
+                s = s.abs()
+            elif w.shape[0] == 0:  # an empty row shard (more ranks than rows)
+                s = torch.zeros(w.shape[1] if axis == 1 else 0, dtype=torch.float32, device=w.device)
+            else:
+                s = weight_scores(w, g, h, kind=kind, axis=axis, backend=self.backend).to(w.device)
             key = (name, kind)
             if key in store:
                 store[key] += s
@@ -139,6 +200,10 @@ class GradientScorer:
         g = param.grad
         if g is None:
             return
+        if name in self._shard_groups:
+            g = _local(g)
+        elif self._data_parallel and self.mode == "batch":
+            distributed.all_reduce_sum_([g])
         if self.mode == "batch":
             if not self.free_grads and name in self._seen:
                 raise InvalidInputError(
@@ -146,8 +211,9 @@ class GradientScorer:
                     "(.grad accumulates): call model.zero_grad() and scorer.step() after each backward"
                 )
             self._seen.add(name)
+            w = _local(param).detach()
             for k in self._grad_kinds:
-                self._add(name, k, param.detach(), g, None)
+                self._add(name, k, w, g, None)
         elif self.mode == "accumulate":
             if self.free_grads:
                 if name in self._gsum:
@@ -183,10 +249,13 @@ class GradientScorer:
 
     def _score_accumulated(self) -> None:
         for name, module in self.modules.items():
-            w = module.weight.detach()
+            w = _local(module.weight).detach()
             g = self._gsum.pop(name, None) if self.free_grads else module.weight.grad
             if g is None:
                 continue
+            g = _local(g)
+            if self._data_parallel and name not in self._shard_groups:
+                distributed.all_reduce_sum_([g])
             for k in self._grad_kinds:
                 self._add(name, k, w if w.dtype == g.dtype else w.float(), g, None)
 
@@ -197,6 +266,11 @@ class GradientScorer:
             return
         if self.mode == "accumulate" and self._gsum:
             self._score_accumulated()  # micro-batches after the last step() form one more step
+        if self.mode == "per_sample" and self._data_parallel:
+            # Σ g_s, Σ g_s² and the sample count of every rank, in the modules' order (the same on every rank)
+            distributed.all_reduce_sum_([t for name in self.modules for t in (self._gsum.get(name), self._hsum.get(name))
+                                         if t is not None])
+            self.steps = distributed.global_count(self.steps)
         if self.mode == "per_sample" and self._hsum:
             n = self.steps
             if n == 0:
@@ -213,7 +287,52 @@ class GradientScorer:
                 w = w if w.dtype == torch.float32 else w.float()
                 for k in self._grad_kinds:
                     self._add(name, k, w, g, h)
+        if self._shard_groups:
+            self._gather_shards()
         self._finalized = True
+
+    def _gather_shards(self) -> None:
+        """Rows of sharded weights gathered in rank order; their column partial sums summed over the ranks."""
+        import torch.distributed as dist
+
+        groups: dict[int, tuple[object, list[str]]] = {}
+        for name, group in self._shard_groups.items():
+            groups.setdefault(id(group), (group, []))[1].append(name)
+        for group, names in groups.values():
+            world, me = dist.get_world_size(group), dist.get_rank(group)
+            keys = [(n, k) for n in names for k in self._grad_kinds if (n, k) in self._rows]
+            distributed.all_reduce_sum_([self._cols[key] for key in keys if key[1] != "vectorize"], group=group)
+            if not keys:
+                continue
+            sizes = {key: shard_rows(self.modules[key[0]].weight.shape[0], world) for key in keys}
+            for key in keys:
+                if self._rows[key].numel() != sizes[key][me]:
+                    raise InternalError(f"{key[0]}: rank {me} holds {self._rows[key].numel()} rows, a row shard of "
+                                        f"{self.modules[key[0]].weight.shape[0]} over {world} ranks has {sizes[key][me]}")
+            flat = distributed.all_gather_rows(torch.cat([self._rows[key] for key in keys]), group)
+            pieces: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in keys}
+            offset = 0
+            for r in range(world):
+                for key in keys:
+                    pieces[key].append(flat[offset : offset + sizes[key][r]])
+                    offset += sizes[key][r]
+            for key in keys:
+                self._rows[key] = torch.cat(pieces[key])
+
+    def _sharded_magnitude(self, name: str, kind: str, axis: int) -> torch.Tensor:
+        """l1 / l2 of a row-sharded weight: local rows gathered, local column sums summed over the ranks."""
+        from layerprune.scoring.dispatch import weight_scores
+
+        group = self._shard_groups[name]
+        w = _local(self.modules[name].weight).detach()
+        if w.shape[0] == 0:
+            local = torch.zeros(0 if axis == 0 else w.shape[1], dtype=torch.float32, device=w.device)
+        else:
+            local = weight_scores(w, kind=kind, axis=axis, backend=self.backend)
+        if axis == 0:
+            return distributed.all_gather_rows(local, group)
+        distributed.all_reduce_sum_([local], group=group)
+        return local
 
     # ---- results -------------------------------------------------------------------------
     @property
@@ -228,6 +347,8 @@ class GradientScorer:
         if kind in ("l1", "l2"):
             from layerprune.scoring.dispatch import weight_scores
 
+            if name in self._shard_groups:
+                return self._sharded_magnitude(name, kind, axis)
             return weight_scores(self.modules[name].weight.detach(), kind=kind, axis=axis, backend=self.backend)
         self.finalize()
         if (name, kind) not in store:

@@ -7,13 +7,16 @@
 //! `d*hd*(2r+2)` and MLP step cost `3*d*step` share the factor `d`, so `u` is large: 1.57M params
 //! for Llama-3-70B with step 64). The state space is capped at the window's upper end. Layers
 //! are folded in one at a time by a min-plus convolution of the running table with the item's
-//! option set. Options form arithmetic runs in units; a run whose losses are convex is merged
-//! with the SMAWK-style monotone-minima divide and conquer (the matrix `F[i] + g[t-i]` is Monge
-//! when `g` is convex, so row argmins are monotone), O(S log S) instead of O(S * options);
-//! other runs are merged by brute force. When the exact table would exceed `MAX_CELLS` cells the
-//! unit is coarsened (amounts rounded to it), the result's removal is checked exactly and
-//! repaired if needed, and a note says so.
+//! option set. Options form arithmetic runs in units; a run is merged piece by piece: each
+//! maximal convex piece is merged with the SMAWK-style monotone-minima divide and conquer (the
+//! matrix `F[i] + g[t-i]` is Monge when `g` is convex, so row argmins are monotone),
+//! O(S log S) instead of O(S * options); short pieces are merged by brute force. When the exact
+//! table would exceed `MAX_CELLS` cells the unit is coarsened (amounts rounded to it), the
+//! result's removal is checked exactly and repaired if needed, and a note says so (and the
+//! result is not `proven_optimal`). KV-cache and FLOPs bounds, and budgets without a parameter
+//! count, are solved in `bounds.rs`.
 
+use super::bounds;
 use super::greedy::{land, repair_single};
 use super::{build_problem, AllocError, Allocation, Problem, Solver, Spec};
 
@@ -21,7 +24,7 @@ use super::{build_problem, AllocError, Allocation, Problem, Solver, Spec};
 const MAX_CELLS: usize = 64 << 20;
 const MIN_RUN_FOR_MONOTONE: usize = 12;
 
-fn gcd(mut a: u64, mut b: u64) -> u64 {
+pub(crate) fn gcd(mut a: u64, mut b: u64) -> u64 {
     while b != 0 {
         (a, b) = (b, a % b);
     }
@@ -126,10 +129,24 @@ fn merge_convex_run(
     }
 }
 
-fn is_convex(g: &[f64]) -> bool {
+/// Split `g` (the losses of one arithmetic run) into maximal convex pieces `[a, b)`: the
+/// min-plus merge of the run is the minimum of the merges of its pieces, and each convex piece
+/// can be merged by monotone minima.
+fn convex_pieces(g: &[f64]) -> Vec<(usize, usize)> {
     let scale = g.iter().fold(0.0f64, |m, v| m.max(v.abs())) + 1.0;
-    g.windows(3)
-        .all(|w| (w[2] - w[1]) - (w[1] - w[0]) >= -1e-12 * scale)
+    let mut out = Vec::new();
+    let mut a = 0;
+    while a < g.len() {
+        let mut b = a + 1;
+        while b < g.len()
+            && (b - a < 2 || (g[b] - g[b - 1]) - (g[b - 1] - g[b - 2]) >= -1e-12 * scale)
+        {
+            b += 1;
+        }
+        out.push((a, b));
+        a = b;
+    }
+    out
 }
 
 /// Run the DP on units `units[i][j]` (per item option) with window `[lo_u, hi_u]`.
@@ -171,38 +188,80 @@ impl Bound {
     }
 }
 
-pub(crate) fn table_dp(
-    p: &Problem,
+/// The last row of a knapsack table over some items, and what it takes to backtrack it.
+pub(crate) struct Table {
+    /// Least loss (relative to each item's option 0) of removing exactly `s` units, `s` in
+    /// `0..=hi` (with `saturate`, `hi` stands for `hi` or more); INFINITY where unreachable.
+    pub last: Vec<f64>,
+    /// Per item, in order: its id, the lowest state stored, the option chosen per state, and
+    /// the state the saturated top came from.
+    args: Vec<(usize, usize, Vec<u32>, usize)>,
+    hi: usize,
+    saturate: bool,
+}
+
+impl Table {
+    /// Option per item (as `(item id, option)`) of the best way to end in state `end`.
+    pub fn backtrack(&self, units: &[Vec<usize>], end: usize) -> Vec<(usize, usize)> {
+        let mut out = Vec::with_capacity(self.args.len());
+        let mut s = end;
+        for (item, off, a, top_prev) in self.args.iter().rev() {
+            let j = a[s - off] as usize;
+            out.push((*item, j));
+            s = if self.saturate && s == self.hi {
+                *top_prev
+            } else {
+                s - units[*item][j]
+            };
+        }
+        debug_assert_eq!(s, 0);
+        out.reverse();
+        out
+    }
+}
+
+/// Fold `items` (ids into `p.items`, in this order) into a table over states `0..=hi_u` of
+/// units removed (relative to each item's option 0), with option losses `losses[item][option]`.
+/// States that can no longer reach `lo_u` are dropped. `saturate`: removal above `hi_u` is kept
+/// at `hi_u` (meaning "at least `hi_u`") instead of discarded. `None` when a step leaves no
+/// reachable state.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_table(
+    items: &[usize],
     units: &[Vec<usize>],
+    losses: &[Vec<f64>],
     lo_u: usize,
     hi_u: usize,
     monotone: bool,
     bound: Option<&Bound>,
-) -> Option<Vec<usize>> {
+    saturate: bool,
+) -> Option<Table> {
     let s_len = hi_u + 1;
     let mut cur = vec![f64::INFINITY; s_len];
     cur[0] = 0.0;
     let mut new = vec![f64::INFINITY; s_len];
-    let mut args: Vec<(usize, Vec<u32>)> = Vec::with_capacity(p.items.len());
-    // rem[i]: most units the items after i can still add; states below lo_u - rem[i] are dead
-    let mut rem = vec![0usize; p.items.len() + 1];
-    for i in (0..p.items.len()).rev() {
-        rem[i] = rem[i + 1] + units[i].iter().copied().max().unwrap_or(0);
+    let mut args: Vec<(usize, usize, Vec<u32>, usize)> = Vec::with_capacity(items.len());
+    // rem[k]: most units the items from position k on can still add; lower states are dead
+    let mut rem = vec![0usize; items.len() + 1];
+    for k in (0..items.len()).rev() {
+        rem[k] = rem[k + 1] + units[items[k]].iter().copied().max().unwrap_or(0);
     }
+    let mut suf: Vec<(f64, usize)> = Vec::new();
     // finite states of `cur` lie in [fin_lo, fin_hi]
     let (mut fin_lo, mut fin_hi) = (0usize, 0usize);
-    for (i, it) in p.items.iter().enumerate() {
-        let e = &units[i];
-        let base_loss = it.options[0].loss;
+    for (pos, &item) in items.iter().enumerate() {
+        let e = &units[item];
+        let ls = &losses[item];
+        let base_loss = ls[0];
         let s_hi = (fin_hi + e.iter().copied().max().unwrap_or(0)).min(hi_u);
-        let s_lo = lo_u.saturating_sub(rem[i + 1]).max(fin_lo);
+        let s_lo = lo_u.saturating_sub(rem[pos + 1]).max(fin_lo);
         if s_lo > s_hi {
             return None;
         }
         new.iter_mut().for_each(|v| *v = f64::INFINITY);
         // arg[k] is the option chosen at state s_lo + k
         let mut arg = vec![u32::MAX; s_hi - s_lo + 1];
-        let nopt = it.options.len();
+        let nopt = e.len();
         let mut start = 0;
         while start < nopt {
             // maximal arithmetic run of units starting at `start`
@@ -213,15 +272,24 @@ pub(crate) fn table_dp(
                     end += 1;
                 }
             }
-            let g: Vec<f64> = it.options[start..end]
-                .iter()
-                .map(|o| o.loss - base_loss)
-                .collect();
-            if monotone && end - start >= MIN_RUN_FOR_MONOTONE && is_convex(&g) {
-                let c = e[start + 1] - e[start];
-                merge_convex_run(&cur, &mut new, &mut arg, e[start], c, &g, start, s_lo, s_hi);
-            } else {
-                for (k, &d) in g.iter().enumerate() {
+            let g: Vec<f64> = ls[start..end].iter().map(|&x| x - base_loss).collect();
+            for (a, b) in convex_pieces(&g) {
+                if monotone && b - a >= MIN_RUN_FOR_MONOTONE {
+                    let c = e[start + 1] - e[start];
+                    merge_convex_run(
+                        &cur,
+                        &mut new,
+                        &mut arg,
+                        e[start + a],
+                        c,
+                        &g[a..b],
+                        start + a,
+                        s_lo,
+                        s_hi,
+                    );
+                    continue;
+                }
+                for (k, &d) in g.iter().enumerate().take(b).skip(a) {
                     let off = e[start + k];
                     if off > s_hi {
                         break;
@@ -241,11 +309,34 @@ pub(crate) fn table_dp(
             }
             start = end;
         }
+        let mut top_prev = usize::MAX;
+        if saturate && s_hi == hi_u {
+            // the top state collects every removal of hi_u or more: suffix minima of `cur`
+            suf.clear();
+            suf.resize(s_len + 1, (f64::INFINITY, usize::MAX));
+            for s in (0..s_len).rev() {
+                suf[s] = if cur[s] < suf[s + 1].0 {
+                    (cur[s], s)
+                } else {
+                    suf[s + 1]
+                };
+            }
+            new[hi_u] = f64::INFINITY;
+            for (j, &off) in e.iter().enumerate() {
+                let (v, s0) = suf[hi_u.saturating_sub(off)];
+                let v = v + (ls[j] - base_loss);
+                if v < new[hi_u] {
+                    new[hi_u] = v;
+                    arg[hi_u - s_lo] = j as u32;
+                    top_prev = s0;
+                }
+            }
+        }
         if let Some(b) = bound {
             let tol = 1e-9 * (1.0 + b.ub.abs());
             for (s, v) in new.iter_mut().enumerate().take(s_hi + 1).skip(s_lo) {
                 let need = lo_u as f64 - s as f64;
-                let lb = b.lsuf0[i + 1].max(b.lsuf[i + 1] + b.lam * need);
+                let lb = b.lsuf0[pos + 1].max(b.lsuf[pos + 1] + b.lam * need);
                 if *v + lb > b.ub + tol {
                     *v = f64::INFINITY;
                 }
@@ -256,11 +347,47 @@ pub(crate) fn table_dp(
         fin_lo = first;
         fin_hi = last;
         std::mem::swap(&mut cur, &mut new);
-        args.push((s_lo, arg));
+        args.push((item, s_lo, arg, top_prev));
     }
+    Some(Table {
+        last: cur,
+        args,
+        hi: hi_u,
+        saturate,
+    })
+}
+
+/// Option losses of every item, as the tables read them.
+pub(crate) fn item_losses(p: &Problem) -> Vec<Vec<f64>> {
+    p.items
+        .iter()
+        .map(|it| it.options.iter().map(|o| o.loss).collect())
+        .collect()
+}
+
+/// Best choice of every item landing in `[lo_u, hi_u]` units, or `None`.
+pub(crate) fn table_dp(
+    p: &Problem,
+    units: &[Vec<usize>],
+    lo_u: usize,
+    hi_u: usize,
+    monotone: bool,
+    bound: Option<&Bound>,
+) -> Option<Vec<usize>> {
+    let all: Vec<usize> = (0..p.items.len()).collect();
+    let table = run_table(
+        &all,
+        units,
+        &item_losses(p),
+        lo_u,
+        hi_u,
+        monotone,
+        bound,
+        false,
+    )?;
     let mut best_s = usize::MAX;
     let mut bv = f64::INFINITY;
-    for (s, &v) in cur.iter().enumerate().take(s_len).skip(lo_u) {
+    for (s, &v) in table.last.iter().enumerate().skip(lo_u) {
         if v < bv {
             bv = v;
             best_s = s;
@@ -270,14 +397,9 @@ pub(crate) fn table_dp(
         return None;
     }
     let mut choice = vec![0usize; p.items.len()];
-    let mut s = best_s;
-    for i in (0..p.items.len()).rev() {
-        let (off, ref a) = args[i];
-        let j = a[s - off] as usize;
-        choice[i] = j;
-        s -= units[i][j];
+    for (item, j) in table.backtrack(units, best_s) {
+        choice[item] = j;
     }
-    debug_assert_eq!(s, 0);
     Some(choice)
 }
 
@@ -316,6 +438,9 @@ pub fn solve_dp(spec: &Spec) -> Result<Allocation, AllocError> {
 pub(crate) fn solve_dp_impl(spec: &Spec, monotone: bool) -> Result<Allocation, AllocError> {
     let p = build_problem(spec, Solver::Dp)?;
     p.check_budget()?;
+    if !p.param_budget || !p.secondary.is_empty() {
+        return bounds::solve_dp_bounds(&p, monotone);
+    }
     let t = p.target;
     let base = p.min_removed;
     let mut u = 0u64;
@@ -404,7 +529,11 @@ pub(crate) fn solve_dp_impl(spec: &Spec, monotone: bool) -> Result<Allocation, A
             }
         }
         let b: Vec<&str> = binding.clone();
-        return Ok(p.finish(&choice, Solver::Dp, &b, notes, granule));
+        let mut out = p.finish(&choice, Solver::Dp, &b, notes, granule);
+        // exact units: the table is the whole state space, so the optimum is proven
+        out.proven_optimal = exact;
+        out.lower_bound = if exact { out.objective } else { f64::NAN };
+        return Ok(out);
     }
     // No combination lands in either window: fall back to the greedy landing and say so.
     let mut choice = vec![0usize; p.items.len()];

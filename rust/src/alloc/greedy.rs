@@ -8,6 +8,7 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
+use super::bounds;
 use super::{build_problem, AllocError, Allocation, Problem, Solver, Spec};
 
 /// Lower convex hull (by removed params) of `options[start..]`, as option indices, starting at
@@ -171,6 +172,9 @@ pub(crate) fn land(p: &Problem, choice: &mut [usize]) -> (u64, Vec<&'static str>
 pub fn solve_greedy(spec: &Spec) -> Result<Allocation, AllocError> {
     let p = build_problem(spec, Solver::Greedy)?;
     p.check_budget()?;
+    if !p.param_budget || !p.secondary.is_empty() {
+        return bounds::solve_heuristic(&p, Solver::Greedy);
+    }
     let mut choice = vec![0usize; p.items.len()];
     let (granule, binding) = land(&p, &mut choice);
     Ok(p.finish(&choice, Solver::Greedy, &binding, vec![], granule))

@@ -4,6 +4,7 @@
 //! target. From there the greedy hull walk (which continues the Lagrangian path exactly) lands
 //! the total in the budget window `[T, T + granule]`.
 
+use super::bounds;
 use super::greedy::land;
 use super::{build_problem, AllocError, Allocation, Problem, Solver, Spec};
 
@@ -28,6 +29,15 @@ fn pick(p: &Problem, lambda: f64, choice: &mut [usize]) -> u64 {
 pub fn solve_lagrange(spec: &Spec) -> Result<Allocation, AllocError> {
     let p = build_problem(spec, Solver::Lagrange)?;
     p.check_budget()?;
+    if !p.param_budget || !p.secondary.is_empty() {
+        return bounds::solve_heuristic(&p, Solver::Lagrange);
+    }
+    let (choice, granule, binding) = lagrange_choice(&p);
+    Ok(p.finish(&choice, Solver::Lagrange, &binding, vec![], granule))
+}
+
+/// The lagrange answer for the parameter window: (choice, granule used, binding).
+pub(crate) fn lagrange_choice(p: &Problem) -> (Vec<usize>, u64, Vec<&'static str>) {
     let t = p.target;
     // A multiplier above every option-to-option slope selects maximal removal (below: minimal).
     let mut span = 1.0f64;
@@ -51,8 +61,8 @@ pub fn solve_lagrange(spec: &Spec) -> Result<Allocation, AllocError> {
     let mut c_lo = vec![0usize; p.items.len()];
     let mut c_hi = vec![0usize; p.items.len()];
     let mut choice = vec![0usize; p.items.len()];
-    pick(&p, lam_lo, &mut c_lo);
-    pick(&p, lam_hi, &mut c_hi);
+    pick(p, lam_lo, &mut c_lo);
+    pick(p, lam_hi, &mut c_hi);
     let mut start = c_lo.clone();
     if p.removed_of(&c_lo) < t {
         for _ in 0..64 {
@@ -60,7 +70,7 @@ pub fn solve_lagrange(spec: &Spec) -> Result<Allocation, AllocError> {
             if mid <= lam_lo || mid >= lam_hi {
                 break;
             }
-            let r = pick(&p, mid, &mut choice);
+            let r = pick(p, mid, &mut choice);
             if r >= t {
                 lam_hi = mid;
                 c_hi.copy_from_slice(&choice);
@@ -73,7 +83,7 @@ pub fn solve_lagrange(spec: &Spec) -> Result<Allocation, AllocError> {
     }
     let r_hi = p.removed_of(&c_hi);
     let mut landed = start.clone();
-    let (granule, binding) = land(&p, &mut landed);
+    let (granule, binding) = land(p, &mut landed);
     // the relaxation's own solution, when already inside the window, competes
     let obj = |c: &[usize]| -> f64 {
         p.items
@@ -83,7 +93,7 @@ pub fn solve_lagrange(spec: &Spec) -> Result<Allocation, AllocError> {
             .sum()
     };
     if r_hi >= t && r_hi <= t + p.granule && (!binding.is_empty() || obj(&c_hi) < obj(&landed)) {
-        return Ok(p.finish(&c_hi, Solver::Lagrange, &[], vec![], p.granule));
+        return (c_hi, p.granule, vec![]);
     }
-    Ok(p.finish(&landed, Solver::Lagrange, &binding, vec![], granule))
+    (landed, granule, binding)
 }

@@ -18,12 +18,29 @@
 //! Families: Llama `b_qkv = b_o = 0` (or both 1 with `attention_bias`), Qwen2 `b_qkv = 1,
 //! b_o = 0`, Qwen3 `b_qknorm = 1`.
 //!
-//! The budget asks to remove `T = round(ratio * total)` parameters; solvers land in the window
-//! `[T, T + granule]` where `granule` is the smallest prunable step (one KV group or one
-//! `mlp_step` of channels, whichever is smaller, over prunable layers). When the discrete
-//! choices cannot hit that window the window widens to the largest single step and
-//! `"granularity"` is reported as binding; a budget above what the constraints allow is an
-//! [`AllocError::Infeasible`] naming the constraints.
+//! Two more per-token quantities can be budgeted (both linear in `g` and `f`):
+//!
+//! ```text
+//! kv_cache(g)  = 2 * g * hd * dtype_bytes                       (K and V of every cached token)
+//! flops(g, f)  = 2 * (g*d*hd*(2r + 2) + 3*d*f) + 4 * r*g * hd * S (one token of a forward over
+//!                S positions: 2 per multiply-add of q/k/v/o, gate/up/down, Q.K^T and A.V)
+//! flops total  = extra_flops + sum_l flops_l                   (extra_flops: lm_head, 2*V*d)
+//! ```
+//!
+//! Norms, activations, rotary embeddings, softmax and bias additions are not counted (as
+//! `torch.utils.flop_counter` counts a forward pass).
+//!
+//! **Budgets.** Each budget is a fraction of the dense model's total, and its target count is
+//! [`target_count`]`(ratio, total) = round(ratio * total)`, rounded **half away from zero**
+//! (`f64::round`: ratio 0.5 of 25 parameters is 13). The parameter budget (`ratio`) asks to
+//! remove exactly `T` parameters: solvers land in the window `[T, T + granule]` where
+//! `granule` is the smallest prunable step (one KV group or one `mlp_step` of channels,
+//! whichever is smaller, over prunable layers). When the discrete choices cannot hit that
+//! window the window widens to the largest single step and `"granularity"` is reported as
+//! binding. `kv_cache_ratio` and `flops_ratio` are lower bounds: at least their target of
+//! KV-cache bytes / FLOPs per token is removed. Any non-empty set of the three may be given. A
+//! budget above what the constraints allow, or a combination no allocation meets, is an
+//! [`AllocError::Infeasible`] naming the constraints and the budgets that bind.
 //!
 //! Objective (minimised, additive over layers): per-layer cost curves, or with only importance
 //! the convex surrogate `loss_l(k) = importance_l * (1 - k)^2` where `k` is the kept fraction of
@@ -31,6 +48,7 @@
 
 use std::fmt;
 
+mod bounds;
 mod dp;
 mod greedy;
 mod lagrange;
@@ -98,6 +116,79 @@ impl LayerShape {
     pub fn full_params(&self) -> u64 {
         self.layer_params(self.num_kv_heads, self.intermediate)
     }
+    /// KV-cache bytes per token of the layer keeping `g` KV groups: `2 * g * head_dim * dtype_bytes`.
+    pub fn kv_cache_bytes(&self, g: u64, dtype_bytes: u64) -> u64 {
+        2 * g * self.head_dim * dtype_bytes
+    }
+    /// FLOPs per token removed with one KV group at context `seq_len`:
+    /// `2*d*hd*(2r + 2) + 4*r*hd*seq_len` (projections, then Q.K^T and A.V).
+    pub fn group_flops(&self, seq_len: u64) -> u64 {
+        let r = self.group_ratio();
+        2 * self.hidden * self.head_dim * (2 * r + 2) + 4 * r * self.head_dim * seq_len
+    }
+    /// FLOPs per token removed with one MLP channel: `6*d` (gate, up and down).
+    pub fn channel_flops(&self) -> u64 {
+        6 * self.hidden
+    }
+    /// FLOPs per token of the layer keeping `g` KV groups and `f` channels.
+    pub fn layer_flops(&self, g: u64, f: u64, seq_len: u64) -> u64 {
+        g * self.group_flops(seq_len) + f * self.channel_flops()
+    }
+}
+
+/// The target count of a budget: `round(ratio * total)`, half away from zero (`f64::round`), so
+/// ratio 0.5 of 25 is 13. The one rounding rule of every budget (parameters, KV cache, FLOPs).
+pub fn target_count(ratio: f64, total: u64) -> u64 {
+    (ratio * total as f64).round() as u64
+}
+
+/// Per-token quantities a budget can bound besides parameters (index into `Opt::res`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    KvCache = 0,
+    Flops = 1,
+}
+
+impl Resource {
+    pub const ALL: [Resource; 2] = [Resource::KvCache, Resource::Flops];
+    /// The spec field that bounds it.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Resource::KvCache => "kv_cache_ratio",
+            Resource::Flops => "flops_ratio",
+        }
+    }
+    /// What is counted, for messages.
+    pub fn what(&self) -> &'static str {
+        match self {
+            Resource::KvCache => "KV-cache bytes per token",
+            Resource::Flops => "FLOPs per token",
+        }
+    }
+}
+
+/// How `dp` meets KV-cache / FLOPs bounds (see `bounds.rs`). `Auto` runs the exact second
+/// dimension and falls back to the Lagrangian relaxation only when its state space is too large.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DpMethod {
+    Auto,
+    SecondDimension,
+    Lagrangian,
+}
+
+impl DpMethod {
+    pub fn parse(name: &str) -> Result<DpMethod, AllocError> {
+        Ok(match name {
+            "auto" => DpMethod::Auto,
+            "second-dimension" => DpMethod::SecondDimension,
+            "lagrangian" => DpMethod::Lagrangian,
+            other => {
+                return Err(AllocError::InvalidInput(format!(
+                    "dp_method: unknown method {other:?} (expected auto, second-dimension or lagrangian)"
+                )))
+            }
+        })
+    }
 }
 
 /// What the solvers minimise.
@@ -115,7 +206,21 @@ pub enum Curve<'a> {
 /// The allocation problem. Slices borrow caller memory (numpy arrays) without copying.
 #[derive(Debug, Clone)]
 pub struct Spec<'a> {
-    pub ratio: f64,
+    /// Fraction of all parameters to remove (the window `[T, T + granule]`); `None`: no
+    /// parameter budget (then `kv_cache_ratio` or `flops_ratio` must be given).
+    pub ratio: Option<f64>,
+    /// At least this fraction of the KV-cache bytes per token is removed.
+    pub kv_cache_ratio: Option<f64>,
+    /// At least this fraction of the FLOPs per token (at `flops_seq_len`) is removed.
+    pub flops_ratio: Option<f64>,
+    /// Positions a token attends to in the FLOPs count.
+    pub flops_seq_len: u64,
+    /// Bytes of one cached K or V element.
+    pub kv_cache_dtype_bytes: u64,
+    /// FLOPs per token outside the decoder layers (lm_head: `2 * vocab * hidden`).
+    pub extra_flops: u64,
+    /// How `dp` meets the KV-cache / FLOPs bounds.
+    pub dp_method: DpMethod,
     pub layers: Vec<LayerShape>,
     pub extra_params: u64,
     pub attn_objective: Vec<Curve<'a>>,
@@ -162,7 +267,13 @@ impl<'a> Spec<'a> {
     pub fn bare(ratio: f64, layers: Vec<LayerShape>) -> Spec<'static> {
         let n = layers.len();
         Spec {
-            ratio,
+            ratio: Some(ratio),
+            kv_cache_ratio: None,
+            flops_ratio: None,
+            flops_seq_len: 2048,
+            kv_cache_dtype_bytes: 2,
+            extra_flops: 0,
+            dp_method: DpMethod::Auto,
             layers,
             extra_params: 0,
             attn_objective: vec![Curve::Zero; n],
@@ -272,11 +383,30 @@ pub struct Allocation {
     pub solver: &'static str,
     pub solve_seconds: f64,
     pub binding: Vec<String>,
-    /// Target number of removed parameters `round(ratio * params_before)`.
+    /// Target number of removed parameters `target_count(ratio, params_before)` (0 without a
+    /// parameter budget).
     pub target_removed: u64,
     /// Budget tolerance actually used (the window is `[target_removed, target_removed + granule]`).
     pub granule: u64,
     pub notes: Vec<String>,
+    /// Whether `ratio` was given (else `target_removed` and `granule` mean nothing).
+    pub param_budget: bool,
+    /// KV-cache bytes per token, dense and kept, and the removed fraction.
+    pub kv_cache_bytes_before: u64,
+    pub kv_cache_bytes_after: u64,
+    pub actual_kv_cache_ratio: f64,
+    /// FLOPs per token at `flops_seq_len`, dense and kept, and the removed fraction.
+    pub flops_before: u64,
+    pub flops_after: u64,
+    pub actual_flops_ratio: f64,
+    pub flops_seq_len: u64,
+    /// Least KV-cache bytes / FLOPs per token to remove (`target_count` of their ratios).
+    pub target_kv_cache_removed: Option<u64>,
+    pub target_flops_removed: Option<u64>,
+    /// A certified lower bound on the optimal objective (`dp`), NaN when there is none.
+    pub lower_bound: f64,
+    /// `dp` proved `objective` optimal (`lower_bound == objective`).
+    pub proven_optimal: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -291,12 +421,14 @@ pub(crate) enum ItemKind {
 }
 
 /// One choice of an item: groups kept `g`, channels kept `f`, params removed (relative to the
-/// full layer component) and loss.
+/// full layer component), KV-cache bytes and FLOPs per token removed (`res`, by [`Resource`])
+/// and loss.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Opt {
     pub g: u64,
     pub f: u64,
     pub removed: u64,
+    pub res: [u64; 2],
     pub loss: f64,
 }
 
@@ -322,9 +454,26 @@ pub(crate) struct Bounds {
     pub f_hi_src: Option<&'static str>,
 }
 
+/// A lower bound on a per-token quantity: remove at least `target` of `total`.
+#[derive(Debug, Clone)]
+pub(crate) struct SecondaryBound {
+    pub res: Resource,
+    pub ratio: f64,
+    pub target: u64,
+    pub total: u64,
+    /// Most the constraints let the items remove.
+    pub max_removed: u64,
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Problem<'s, 'a> {
     pub spec: &'s Spec<'a>,
+    /// A parameter budget (`ratio`) was given: removal must land in `[target, target + granule]`.
+    pub param_budget: bool,
+    /// KV-cache / FLOPs bounds that were given.
+    pub secondary: Vec<SecondaryBound>,
+    pub kv_total: u64,
+    pub flops_total: u64,
     pub items: Vec<Item>,
     pub attn_prunable: Vec<bool>,
     pub mlp_prunable: Vec<bool>,
@@ -397,8 +546,27 @@ pub(crate) fn build_problem<'s, 'a>(
     if n == 0 {
         return invalid("layers: at least one layer is required".into());
     }
-    if !spec.ratio.is_finite() || !(0.0..1.0).contains(&spec.ratio) {
-        return invalid(format!("ratio: must be in [0, 1), got {}", spec.ratio));
+    for (name, v) in [
+        ("ratio", spec.ratio),
+        ("kv_cache_ratio", spec.kv_cache_ratio),
+        ("flops_ratio", spec.flops_ratio),
+    ] {
+        if let Some(r) = v {
+            if !r.is_finite() || !(0.0..1.0).contains(&r) {
+                return invalid(format!("{name}: must be in [0, 1), got {r}"));
+            }
+        }
+    }
+    if spec.ratio.is_none() && spec.kv_cache_ratio.is_none() && spec.flops_ratio.is_none() {
+        return invalid(
+            "ratio: no budget given (give ratio, kv_cache_ratio or flops_ratio)".into(),
+        );
+    }
+    if spec.flops_seq_len == 0 {
+        return invalid("flops_seq_len: must be at least 1".into());
+    }
+    if spec.kv_cache_dtype_bytes == 0 {
+        return invalid("kv_cache_dtype_bytes: must be at least 1".into());
     }
     for (l, s) in spec.layers.iter().enumerate() {
         for (name, v) in [
@@ -638,6 +806,10 @@ pub(crate) fn build_problem<'s, 'a>(
         }
         let gc = s.group_cost();
         let cc = s.channel_cost();
+        let kv_g = s.kv_cache_bytes(1, spec.kv_cache_dtype_bytes);
+        let fl_g = s.group_flops(spec.flops_seq_len);
+        let fl_c = s.channel_flops();
+        let res = |g: u64, f: u64| [(h - g) * kv_g, (h - g) * fl_g + (i - f) * fl_c];
         let tied = spec.tie && attn_prunable[l] && mlp_prunable[l];
         if tied {
             let mut opts = Vec::new();
@@ -649,6 +821,7 @@ pub(crate) fn build_problem<'s, 'a>(
                             g,
                             f,
                             removed: (h - g) * gc + (i - f) * cc,
+                            res: res(g, f),
                             loss: attn_loss(spec, l, g) + mlp_loss(spec, l, f),
                         });
                     }
@@ -674,6 +847,7 @@ pub(crate) fn build_problem<'s, 'a>(
                     g,
                     f: i,
                     removed: (h - g) * gc,
+                    res: res(g, i),
                     loss: attn_loss(spec, l, g),
                 })
                 .collect();
@@ -691,6 +865,7 @@ pub(crate) fn build_problem<'s, 'a>(
                     g: h,
                     f,
                     removed: (i - f) * cc,
+                    res: res(h, f),
                     loss: mlp_loss(spec, l, f),
                 })
                 .collect();
@@ -704,7 +879,37 @@ pub(crate) fn build_problem<'s, 'a>(
 
     let layers_total: u64 = spec.layers.iter().map(|s| s.full_params()).sum();
     let total = layers_total + spec.extra_params;
-    let target = (spec.ratio * total as f64).round() as u64;
+    let target = spec.ratio.map_or(0, |r| target_count(r, total));
+    let kv_total: u64 = spec
+        .layers
+        .iter()
+        .map(|s| s.kv_cache_bytes(s.num_kv_heads, spec.kv_cache_dtype_bytes))
+        .sum();
+    let flops_total: u64 = spec.extra_flops
+        + spec
+            .layers
+            .iter()
+            .map(|s| s.layer_flops(s.num_kv_heads, s.intermediate, spec.flops_seq_len))
+            .sum::<u64>();
+    let mut secondary = Vec::new();
+    for (res, ratio, res_total) in [
+        (Resource::KvCache, spec.kv_cache_ratio, kv_total),
+        (Resource::Flops, spec.flops_ratio, flops_total),
+    ] {
+        let Some(ratio) = ratio else { continue };
+        let k = res as usize;
+        let max_removed = items
+            .iter()
+            .map(|it| it.options.iter().map(|o| o.res[k]).max().unwrap_or(0))
+            .sum();
+        secondary.push(SecondaryBound {
+            res,
+            ratio,
+            target: target_count(ratio, res_total),
+            total: res_total,
+            max_removed,
+        });
+    }
     let mut granule = u64::MAX;
     let mut granule_max = 0u64;
     for l in 0..n {
@@ -734,6 +939,10 @@ pub(crate) fn build_problem<'s, 'a>(
         .sum();
     let p = Problem {
         spec,
+        param_budget: spec.ratio.is_some(),
+        secondary,
+        kv_total,
+        flops_total,
         items,
         attn_prunable,
         mlp_prunable,
@@ -749,7 +958,7 @@ pub(crate) fn build_problem<'s, 'a>(
     Ok(p)
 }
 
-fn fmt_params(x: u64) -> String {
+pub(crate) fn fmt_params(x: u64) -> String {
     let xf = x as f64;
     if xf >= 1e9 {
         format!("{:.3}B", xf / 1e9)
@@ -763,50 +972,62 @@ fn fmt_params(x: u64) -> String {
 }
 
 impl<'s, 'a> Problem<'s, 'a> {
-    /// Error unless the target lies within what the constraints allow.
+    /// The constraints that cap how much can be removed, for messages (`attention_only`: those
+    /// that cap the attention, which alone holds the KV cache).
+    fn capping_constraints(&self, attention_only: bool) -> Vec<String> {
+        let spec = self.spec;
+        let mut why: Vec<String> = Vec::new();
+        if !spec.protected.is_empty() {
+            let mut p = spec.protected.clone();
+            p.sort_unstable();
+            p.dedup();
+            why.push(format!("protected layers {p:?}"));
+        }
+        let n = spec.layers.len();
+        if spec.attn_layer_start.unwrap_or(0) > 0 || spec.attn_layer_end.unwrap_or(n) < n {
+            why.push(format!(
+                "attention range [{}, {})",
+                spec.attn_layer_start.unwrap_or(0),
+                spec.attn_layer_end.unwrap_or(n)
+            ));
+        }
+        if !attention_only
+            && (spec.mlp_layer_start.unwrap_or(0) > 0 || spec.mlp_layer_end.unwrap_or(n) < n)
+        {
+            why.push(format!(
+                "MLP range [{}, {})",
+                spec.mlp_layer_start.unwrap_or(0),
+                spec.mlp_layer_end.unwrap_or(n)
+            ));
+        }
+        why.push(format!("min_kv_groups={}", spec.min_kv_groups));
+        if !attention_only {
+            why.push(format!("min_mlp={}", spec.min_mlp.unwrap_or(spec.mlp_step)));
+        }
+        if spec.max_attn_rate < 1.0 {
+            why.push(format!("max_attn_rate={}", spec.max_attn_rate));
+        }
+        if !attention_only && spec.max_mlp_rate < 1.0 {
+            why.push(format!("max_mlp_rate={}", spec.max_mlp_rate));
+        }
+        if spec.tie {
+            why.push("tie".into());
+        }
+        why
+    }
+
+    /// Error unless every budget's target lies within what the constraints allow.
     pub fn check_budget(&self) -> Result<(), AllocError> {
         let spec = self.spec;
-        if self.target > self.max_removed {
-            let mut why: Vec<String> = Vec::new();
-            if !spec.protected.is_empty() {
-                let mut p = spec.protected.clone();
-                p.sort_unstable();
-                p.dedup();
-                why.push(format!("protected layers {p:?}"));
-            }
-            let n = spec.layers.len();
-            if spec.attn_layer_start.unwrap_or(0) > 0 || spec.attn_layer_end.unwrap_or(n) < n {
-                why.push(format!(
-                    "attention range [{}, {})",
-                    spec.attn_layer_start.unwrap_or(0),
-                    spec.attn_layer_end.unwrap_or(n)
-                ));
-            }
-            if spec.mlp_layer_start.unwrap_or(0) > 0 || spec.mlp_layer_end.unwrap_or(n) < n {
-                why.push(format!(
-                    "MLP range [{}, {})",
-                    spec.mlp_layer_start.unwrap_or(0),
-                    spec.mlp_layer_end.unwrap_or(n)
-                ));
-            }
-            why.push(format!("min_kv_groups={}", spec.min_kv_groups));
-            why.push(format!("min_mlp={}", spec.min_mlp.unwrap_or(spec.mlp_step)));
-            if spec.max_attn_rate < 1.0 {
-                why.push(format!("max_attn_rate={}", spec.max_attn_rate));
-            }
-            if spec.max_mlp_rate < 1.0 {
-                why.push(format!("max_mlp_rate={}", spec.max_mlp_rate));
-            }
-            if spec.tie {
-                why.push("tie".into());
-            }
+        if self.param_budget && self.target > self.max_removed {
+            let mut why = self.capping_constraints(false);
             why.push(format!(
                 "never-pruned parameters ({} outside decoder layers, norms and biases)",
                 fmt_params(spec.extra_params)
             ));
             return Err(AllocError::Infeasible(format!(
                 "ratio {} needs {} params removed ({} of {}) but {} allow at most {} ({:.4} of all parameters)",
-                spec.ratio,
+                spec.ratio.unwrap_or(0.0),
                 fmt_params(self.target),
                 self.target,
                 self.total,
@@ -815,17 +1036,57 @@ impl<'s, 'a> Problem<'s, 'a> {
                 self.max_removed as f64 / self.total as f64
             )));
         }
-        if self.min_removed > self.target + self.granule_max {
+        if self.param_budget && self.min_removed > self.target + self.granule_max {
             return Err(AllocError::Infeasible(format!(
                 "ratio {} asks for {} params removed but min_attn_rate={} and min_mlp_rate={} force at least {} removed",
-                spec.ratio,
+                spec.ratio.unwrap_or(0.0),
                 fmt_params(self.target),
                 spec.min_attn_rate,
                 spec.min_mlp_rate,
                 fmt_params(self.min_removed)
             )));
         }
+        for b in &self.secondary {
+            if b.target > b.max_removed {
+                let mut why = self.capping_constraints(b.res == Resource::KvCache);
+                if b.res == Resource::Flops && spec.extra_flops > 0 {
+                    why.push(format!(
+                        "never-pruned FLOPs ({} per token outside decoder layers)",
+                        fmt_params(spec.extra_flops)
+                    ));
+                }
+                return Err(AllocError::Infeasible(format!(
+                    "{} {} needs {} {} removed ({} of {}) but {} allow at most {} ({:.4} of them)",
+                    b.res.field(),
+                    b.ratio,
+                    fmt_params(b.target),
+                    b.res.what(),
+                    b.target,
+                    b.total,
+                    why.join(" and "),
+                    fmt_params(b.max_removed),
+                    b.max_removed as f64 / b.total.max(1) as f64
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// KV-cache bytes and FLOPs per token removed by a choice (by [`Resource`]).
+    pub fn res_of(&self, choice: &[usize]) -> [u64; 2] {
+        let mut out = [0u64; 2];
+        for (it, &c) in self.items.iter().zip(choice) {
+            for (k, v) in out.iter_mut().enumerate() {
+                *v += it.options[c].res[k];
+            }
+        }
+        out
+    }
+
+    /// Does a choice meet every KV-cache / FLOPs bound?
+    pub fn meets_secondary(&self, choice: &[usize]) -> bool {
+        let r = self.res_of(choice);
+        self.secondary.iter().all(|b| r[b.res as usize] >= b.target)
     }
 
     /// Turn one option index per item into the result (objective, binding, ratios).
@@ -917,7 +1178,63 @@ impl<'s, 'a> Problem<'s, 'a> {
         for b in extra_binding {
             add(&mut binding, b);
         }
+        let kv_after: u64 = (0..n)
+            .map(|l| spec.layers[l].kv_cache_bytes(g[l], spec.kv_cache_dtype_bytes))
+            .sum();
+        let flops_after: u64 = spec.extra_flops
+            + (0..n)
+                .map(|l| spec.layers[l].layer_flops(g[l], f[l], spec.flops_seq_len))
+                .sum::<u64>();
+        // a KV-cache / FLOPs bound binds when keeping one more KV group or MLP step in some layer
+        // (within its bounds) would break it
+        for b in &self.secondary {
+            let removed = b.total
+                - if b.res == Resource::KvCache {
+                    kv_after
+                } else {
+                    flops_after
+                };
+            let slack = removed - b.target.min(removed);
+            let undo = (0..n)
+                .map(|l| {
+                    let s = &spec.layers[l];
+                    let bl = &self.bounds[l];
+                    let group = if self.attn_prunable[l] && g[l] < bl.g_hi {
+                        match b.res {
+                            Resource::KvCache => s.kv_cache_bytes(1, spec.kv_cache_dtype_bytes),
+                            Resource::Flops => s.group_flops(spec.flops_seq_len),
+                        }
+                    } else {
+                        0
+                    };
+                    let channels =
+                        if self.mlp_prunable[l] && f[l] < bl.f_hi && b.res == Resource::Flops {
+                            spec.mlp_step.min(bl.f_hi - f[l]) * s.channel_flops()
+                        } else {
+                            0
+                        };
+                    group.max(channels)
+                })
+                .max()
+                .unwrap_or(0);
+            if removed >= b.target && slack < undo {
+                add(&mut binding, b.res.field());
+            }
+        }
+        let frac = |before: u64, after: u64| {
+            if before == 0 {
+                0.0
+            } else {
+                (before - after) as f64 / before as f64
+            }
+        };
         let after = kept_layers + spec.extra_params;
+        let target_of = |res: Resource| {
+            self.secondary
+                .iter()
+                .find(|b| b.res == res)
+                .map(|b| b.target)
+        };
         Allocation {
             layers,
             params_before: self.total,
@@ -929,9 +1246,21 @@ impl<'s, 'a> Problem<'s, 'a> {
             solver: solver.name(),
             solve_seconds: 0.0,
             binding,
-            target_removed: self.target,
-            granule,
+            target_removed: if self.param_budget { self.target } else { 0 },
+            granule: if self.param_budget { granule } else { 0 },
             notes,
+            param_budget: self.param_budget,
+            kv_cache_bytes_before: self.kv_total,
+            kv_cache_bytes_after: kv_after,
+            actual_kv_cache_ratio: frac(self.kv_total, kv_after),
+            flops_before: self.flops_total,
+            flops_after,
+            actual_flops_ratio: frac(self.flops_total, flops_after),
+            flops_seq_len: spec.flops_seq_len,
+            target_kv_cache_removed: target_of(Resource::KvCache),
+            target_flops_removed: target_of(Resource::Flops),
+            lower_bound: f64::NAN,
+            proven_optimal: false,
         }
     }
 

@@ -83,6 +83,7 @@ fn component_importance(c: &Curve) -> f64 {
 
 pub fn solve_seed(spec: &Spec) -> Result<Allocation, AllocError> {
     let p = build_problem(spec, Solver::Seed)?;
+    super::uniform::require_param_budget_only(&p, "seed: the reference mapping")?;
     p.check_budget()?;
     let n = spec.layers.len();
     let (ai, mi): (Vec<f64>, Vec<f64>) = match &spec.seed_importance {

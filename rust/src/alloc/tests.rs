@@ -63,6 +63,17 @@ fn layer_ok(spec: &Spec, l: usize, g: u64, f: u64) -> bool {
     true
 }
 
+/// `x` rounded half away from zero, written out (the budget's rounding rule, independent of
+/// `f64::round`): the fractional part decides, and exactly one half rounds up.
+fn half_away(x: f64) -> u64 {
+    let floor = x.floor();
+    if x - floor >= 0.5 {
+        floor as u64 + 1
+    } else {
+        floor as u64
+    }
+}
+
 fn total_params(spec: &Spec) -> u64 {
     spec.extra_params + spec.layers.iter().map(|s| s.full_params()).sum::<u64>()
 }
@@ -264,7 +275,7 @@ proptest! {
     fn solvers_match_brute_force(case in case_strategy(3, 6)) {
         let spec = case.spec();
         let total = total_params(&spec);
-        let t = (spec.ratio * total as f64).round() as u64;
+        let t = half_away(spec.ratio.unwrap() * total as f64);
         let dp = allocate(&spec, Solver::Dp);
         let max_removed: u64 = (0..spec.layers.len()).map(|l| {
             let s = spec.layers[l];
@@ -478,8 +489,24 @@ fn infeasible_names_constraints() {
 fn invalid_inputs_name_the_field() {
     let (layers, _) = smollm2(0.2);
     let cases: Vec<(Box<dyn Fn(&mut Spec)>, &str)> = vec![
-        (Box::new(|s: &mut Spec| s.ratio = 1.0), "ratio"),
-        (Box::new(|s: &mut Spec| s.ratio = f64::NAN), "ratio"),
+        (Box::new(|s: &mut Spec| s.ratio = Some(1.0)), "ratio"),
+        (Box::new(|s: &mut Spec| s.ratio = Some(f64::NAN)), "ratio"),
+        (Box::new(|s: &mut Spec| s.ratio = None), "ratio"),
+        (
+            Box::new(|s: &mut Spec| s.kv_cache_ratio = Some(1.0)),
+            "kv_cache_ratio",
+        ),
+        (
+            Box::new(|s: &mut Spec| s.flops_ratio = Some(-0.1)),
+            "flops_ratio",
+        ),
+        (
+            Box::new(|s: &mut Spec| {
+                s.flops_ratio = Some(0.1);
+                s.flops_seq_len = 0
+            }),
+            "flops_seq_len",
+        ),
         (
             Box::new(|s: &mut Spec| s.attn_objective[3] = Curve::Importance(f64::NAN)),
             "attn_importance[3]",
@@ -863,6 +890,353 @@ fn solvers_land_in_window_with_qkv_bias_and_qk_norm() {
                     assert_eq!(a.granule, min_step, "{name} {}", a.solver);
                 }
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Budget rounding (issue 11): one rule, half away from zero
+// ---------------------------------------------------------------------------------------------
+
+/// A three-layer model of exactly 25 parameters: per layer attention 4 (d = hd = r = 1) and MLP 3,
+/// plus 4 outside the layers.
+fn twenty_five_params() -> Spec<'static> {
+    let s = LayerShape {
+        hidden: 1,
+        num_q_heads: 1,
+        num_kv_heads: 1,
+        head_dim: 1,
+        intermediate: 1,
+        qkv_bias: false,
+        o_bias: false,
+        qk_norm: false,
+        mlp_bias: false,
+        norm_params: 0,
+    };
+    let mut spec = Spec::with_importance(0.5, vec![s; 3], &[1.0, 2.0, 3.0]);
+    spec.extra_params = 4;
+    spec.min_kv_groups = 0;
+    spec.min_mlp = Some(0);
+    spec
+}
+
+#[test]
+fn budget_target_rounds_half_away_from_zero() {
+    // 0.5 * 25 = 12.5 exactly: half away from zero gives 13 (half to even would give 12)
+    assert_eq!(target_count(0.5, 25), 13);
+    assert_eq!(target_count(0.5, 27), 14);
+    assert_eq!(target_count(0.25, 10), 3);
+    assert_eq!(target_count(0.5, 24), 12);
+    let spec = twenty_five_params();
+    assert_eq!(total_params(&spec), 25);
+    for s in [
+        Solver::Uniform,
+        Solver::Greedy,
+        Solver::Lagrange,
+        Solver::Dp,
+    ] {
+        let a = allocate(&spec, s).unwrap();
+        assert_eq!(a.target_removed, 13, "{}", a.solver);
+        assert!(removed(&a) >= 13, "{} removed {}", a.solver, removed(&a));
+    }
+    // the same rule for the FLOPs target: 2*(4 + 3) + 4*S per layer and token
+    let mut spec = twenty_five_params();
+    spec.ratio = None;
+    spec.flops_seq_len = 1;
+    spec.flops_ratio = Some(0.75); // of 54: 40.5 -> 41
+    let a = allocate(&spec, Solver::Dp).unwrap();
+    assert_eq!(a.flops_before, 54);
+    assert_eq!(a.target_flops_removed, Some(41));
+    spec.flops_seq_len = 2;
+    spec.flops_ratio = Some(0.25); // of 66: 16.5 -> 17
+    let a = allocate(&spec, Solver::Dp).unwrap();
+    assert_eq!((a.flops_before, a.target_flops_removed), (66, Some(17)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// KV-cache and FLOPs bounds
+// ---------------------------------------------------------------------------------------------
+
+/// KV-cache bytes and FLOPs per token of a layer, from the spec's words (K and V rows cached;
+/// 2 FLOPs per multiply-add of the seven projections, Q.K^T and A.V over `seq` positions).
+fn layer_kv_flops(spec: &Spec, l: usize, g: u64, f: u64) -> (u64, u64) {
+    let s = spec.layers[l];
+    let q_heads = g * (s.num_q_heads / s.num_kv_heads);
+    let kv = 2 * g * s.head_dim * spec.kv_cache_dtype_bytes;
+    let weights: u64 = layer_tensors(&s, g, f)
+        .iter()
+        .filter(|(name, _)| name.ends_with("proj.weight"))
+        .map(|(_, d)| d.iter().product::<u64>())
+        .sum();
+    let attention = 2 * 2 * q_heads * s.head_dim * spec.flops_seq_len;
+    (kv, 2 * weights + attention)
+}
+
+fn totals_kv_flops(spec: &Spec) -> (u64, u64) {
+    let mut kv = 0;
+    let mut fl = spec.extra_flops;
+    for (l, s) in spec.layers.iter().enumerate() {
+        let (a, b) = layer_kv_flops(spec, l, s.num_kv_heads, s.intermediate);
+        kv += a;
+        fl += b;
+    }
+    (kv, fl)
+}
+
+/// Least objective over every combination meeting all the spec's budgets (the parameter window
+/// `[t, t + granule]` when `param_window` is given); None if none does.
+fn brute_force_bounds(spec: &Spec, param_window: Option<(u64, u64)>) -> Option<f64> {
+    let (kv_total, fl_total) = totals_kv_flops(spec);
+    let kv_min = spec.kv_cache_ratio.map(|r| half_away(r * kv_total as f64));
+    let fl_min = spec.flops_ratio.map(|r| half_away(r * fl_total as f64));
+    let n = spec.layers.len();
+    let choices: Vec<Vec<(u64, u64, u64, f64)>> = (0..n)
+        .map(|l| {
+            let s = spec.layers[l];
+            let (kv0, fl0) = layer_kv_flops(spec, l, s.num_kv_heads, s.intermediate);
+            layer_choices(spec, l)
+                .into_iter()
+                .map(|(g, f)| {
+                    let (kv, fl) = layer_kv_flops(spec, l, g, f);
+                    (
+                        s.full_params() - s.layer_params(g, f),
+                        kv0 - kv,
+                        fl0 - fl,
+                        attn_loss(spec, l, g) + mlp_loss(spec, l, f),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let mut best: Option<f64> = None;
+    let mut stack = vec![(0usize, 0u64, 0u64, 0u64, 0.0f64)];
+    while let Some((l, p, kv, fl, loss)) = stack.pop() {
+        if l == n {
+            let ok = param_window.is_none_or(|(lo, hi)| p >= lo && p <= hi)
+                && kv_min.is_none_or(|m| kv >= m)
+                && fl_min.is_none_or(|m| fl >= m);
+            if ok && best.is_none_or(|b| loss < b) {
+                best = Some(loss);
+            }
+            continue;
+        }
+        for &(dp, dkv, dfl, x) in &choices[l] {
+            stack.push((l + 1, p + dp, kv + dkv, fl + dfl, loss + x));
+        }
+    }
+    best
+}
+
+fn check_bounds_met(spec: &Spec, a: &Allocation) {
+    let (kv_total, fl_total) = totals_kv_flops(spec);
+    let (mut kv, mut fl) = (spec.extra_flops * 0, spec.extra_flops);
+    for (l, la) in a.layers.iter().enumerate() {
+        let (x, y) = layer_kv_flops(spec, l, la.kv_groups_kept, la.mlp_kept);
+        kv += x;
+        fl += y;
+    }
+    assert_eq!(
+        (a.kv_cache_bytes_before, a.kv_cache_bytes_after),
+        (kv_total, kv)
+    );
+    assert_eq!((a.flops_before, a.flops_after), (fl_total, fl));
+    if let Some(r) = spec.kv_cache_ratio {
+        assert!(
+            kv_total - kv >= half_away(r * kv_total as f64),
+            "{}: KV",
+            a.solver
+        );
+    }
+    if let Some(r) = spec.flops_ratio {
+        assert!(
+            fl_total - fl >= half_away(r * fl_total as f64),
+            "{}: FLOPs",
+            a.solver
+        );
+    }
+}
+
+/// Which budgets a case sets: parameters, KV cache, FLOPs (at least one).
+/// `relative`: the KV-cache / FLOPs ratios are `0.6 + x` times what the parameter budget alone
+/// achieves (so that combinations are often feasible), else `x` itself.
+fn budget_strategy() -> impl Strategy<Value = (Option<f64>, Option<f64>, Option<f64>, u64, bool)> {
+    (
+        prop_oneof![Just(None), (0.0f64..0.45).prop_map(Some)],
+        prop_oneof![Just(None), (0.0f64..0.45).prop_map(Some)],
+        prop_oneof![Just(None), (0.0f64..0.45).prop_map(Some)],
+        1u64..9,
+        any::<bool>(),
+    )
+        .prop_filter("one budget at least", |(a, b, c, _, _)| {
+            a.is_some() || b.is_some() || c.is_some()
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 600, ..ProptestConfig::default() })]
+
+    /// With one, two or three budgets (parameters, KV cache, FLOPs), dp (both methods) equals
+    /// brute force; the heuristics meet every budget and never beat dp; infeasibility agrees.
+    #[test]
+    fn bounds_match_brute_force(case in case_strategy(3, 6), budget in budget_strategy()) {
+        let mut spec = case.spec();
+        let relative;
+        (spec.ratio, spec.kv_cache_ratio, spec.flops_ratio, spec.flops_seq_len, relative) = budget;
+        spec.extra_flops = case.extra;
+        if relative && spec.ratio.is_some() {
+            let mut alone = spec.clone();
+            (alone.kv_cache_ratio, alone.flops_ratio) = (None, None);
+            if let Ok(a) = allocate(&alone, Solver::Dp) {
+                spec.kv_cache_ratio = spec.kv_cache_ratio.map(|x| (a.actual_kv_cache_ratio * (0.6 + x)).min(0.99));
+                spec.flops_ratio = spec.flops_ratio.map(|x| (a.actual_flops_ratio * (0.6 + x)).min(0.99));
+            }
+        }
+        let total = total_params(&spec);
+        let t = spec.ratio.map(|r| half_away(r * total as f64));
+        let dp = allocate(&spec, Solver::Dp);
+        match dp {
+            Err(AllocError::Infeasible(m)) => {
+                let wide = build_problem(&spec, Solver::Dp).unwrap().granule_max;
+                let bf = brute_force_bounds(&spec, t.map(|t| (t, t + wide)));
+                prop_assert!(bf.is_none(), "dp says infeasible ({m}) but brute force finds {bf:?}");
+                for s in [Solver::Greedy, Solver::Lagrange] {
+                    prop_assert!(allocate(&spec, s).is_err());
+                }
+            }
+            Err(e) => prop_assert!(false, "unexpected error {e}"),
+            Ok(a) => {
+                check_solution(&spec, &a);
+                check_bounds_met(&spec, &a);
+                let window = t.map(|t| (t, t + a.granule));
+                if let Some((lo, hi)) = window {
+                    let r = removed(&a);
+                    prop_assert!(r >= lo && r <= hi, "dp removed {r} outside [{lo}, {hi}]");
+                }
+                let bf = brute_force_bounds(&spec, window).expect("brute force finds dp's window feasible");
+                prop_assert!((a.objective - bf).abs() <= 1e-9 * (1.0 + bf.abs()), "dp {} vs brute force {bf}", a.objective);
+                prop_assert!(a.proven_optimal && a.lower_bound == a.objective);
+                if a.binding.iter().any(|b| b == "granularity") {
+                    let p = build_problem(&spec, Solver::Dp).unwrap();
+                    prop_assert!(brute_force_bounds(&spec, t.map(|t| (t, t + p.granule))).is_none());
+                }
+                // the Lagrangian relaxation: a valid lower bound, a feasible answer
+                let mut lag = spec.clone();
+                lag.dp_method = DpMethod::Lagrangian;
+                if let Ok(l) = allocate(&lag, Solver::Dp) {
+                    check_solution(&spec, &l);
+                    check_bounds_met(&spec, &l);
+                    if l.granule == a.granule {
+                        prop_assert!(l.objective >= bf - 1e-9 * (1.0 + bf.abs()));
+                        prop_assert!(l.lower_bound.is_nan() || l.lower_bound <= bf + 1e-9 * (1.0 + bf.abs()), "lower bound {} above optimum {bf}", l.lower_bound);
+                        if l.proven_optimal {
+                            prop_assert!((l.objective - bf).abs() <= 1e-9 * (1.0 + bf.abs()));
+                        }
+                    }
+                }
+                for s in [Solver::Greedy, Solver::Lagrange, Solver::Uniform] {
+                    if let Ok(b) = allocate(&spec, s) {
+                        check_solution(&spec, &b);
+                        check_bounds_met(&spec, &b);
+                        if let Some(t) = t {
+                            let rb = removed(&b);
+                            prop_assert!(rb >= t && rb <= t + b.granule, "{} removed {rb}", b.solver);
+                        }
+                        if b.granule == a.granule {
+                            prop_assert!(b.objective >= a.objective - 1e-9 * (1.0 + a.objective.abs()), "{} beats dp", b.solver);
+                        }
+                        prop_assert_eq!(allocate(&spec, s).unwrap().layers, b.layers);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn kv_and_flops_formulas_match_the_tensors() {
+    for base in FAMILY_SHAPES {
+        for flags in 0..16u32 {
+            let s = shape_with(base, flags);
+            let mut spec = Spec::bare(0.1, vec![s]);
+            spec.flops_seq_len = 37;
+            spec.kv_cache_dtype_bytes = 4;
+            for g in [0, 1, s.num_kv_heads] {
+                for f in [0, 1, s.intermediate] {
+                    let (kv, fl) = layer_kv_flops(&spec, 0, g, f);
+                    assert_eq!(s.kv_cache_bytes(g, 4), kv);
+                    assert_eq!(s.layer_flops(g, f, 37), fl, "{s:?} g={g} f={f}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn infeasible_combination_names_the_binding_bounds() {
+    let (layers, extra) = smollm2(0.05);
+    let imp = vec![1.0; 30];
+    let mut spec = Spec::with_importance(0.05, layers, &imp);
+    spec.extra_params = extra;
+    // 60% of the KV cache is 54 of the 90 KV groups: 15.9M params, far above 5% (6.7M)
+    spec.kv_cache_ratio = Some(0.6);
+    let e = allocate(&spec, Solver::Dp).unwrap_err();
+    let AllocError::Infeasible(m) = e else {
+        panic!("{e:?}")
+    };
+    assert!(
+        m.contains("ratio 0.05 and kv_cache_ratio 0.6 cannot hold together")
+            && m.contains("at least 15.93M params"),
+        "{m}"
+    );
+    assert!(!m.contains('\n'));
+    // the Lagrangian method proves it too: the most KV cache any allocation in the window removes
+    let mut lag = spec.clone();
+    lag.dp_method = DpMethod::Lagrangian;
+    let m = allocate(&lag, Solver::Dp).unwrap_err().to_string();
+    assert!(
+        m.contains(
+            "ratio 0.05 and kv_cache_ratio 0.6 cannot hold together: within the ratio window"
+        ),
+        "{m}"
+    );
+    // each bound alone is feasible
+    spec.kv_cache_ratio = None;
+    assert!(allocate(&spec, Solver::Dp).is_ok());
+    spec.ratio = None;
+    spec.kv_cache_ratio = Some(0.6);
+    let a = allocate(&spec, Solver::Dp).unwrap();
+    assert!(a.actual_kv_cache_ratio >= 0.6 && a.binding.iter().any(|b| b == "kv_cache_ratio"));
+    // a bound above what the constraints allow names them
+    spec.kv_cache_ratio = Some(0.8);
+    let m = allocate(&spec, Solver::Dp).unwrap_err().to_string();
+    assert!(
+        m.contains("kv_cache_ratio 0.8 needs") && m.contains("min_kv_groups=1"),
+        "{m}"
+    );
+}
+
+#[test]
+fn kv_bound_moves_pruning_into_attention_at_the_same_size() {
+    let (layers, extra) = smollm2(0.25);
+    let imp: Vec<f64> = (0..30).map(|l| 1.0 + (l % 7) as f64).collect();
+    let mut spec = Spec::with_importance(0.25, layers, &imp);
+    spec.extra_params = extra;
+    let plain = allocate(&spec, Solver::Dp).unwrap();
+    spec.kv_cache_ratio = Some(plain.actual_kv_cache_ratio + 0.2);
+    spec.flops_ratio = Some(0.3);
+    for s in [
+        Solver::Dp,
+        Solver::Greedy,
+        Solver::Lagrange,
+        Solver::Uniform,
+    ] {
+        let a = allocate(&spec, s).unwrap();
+        check_solution(&spec, &a);
+        check_bounds_met(&spec, &a);
+        let r = removed(&a);
+        assert!(r >= a.target_removed && r <= a.target_removed + a.granule);
+        if s == Solver::Dp {
+            assert!(a.proven_optimal && a.objective >= plain.objective);
         }
     }
 }

@@ -124,6 +124,23 @@ pub(crate) fn apply_rates(
     (g, f)
 }
 
+/// Refuse budgets a rate mapping cannot take: it needs `ratio` and no KV-cache / FLOPs bound.
+pub(crate) fn require_param_budget_only(p: &Problem, who: &str) -> Result<(), AllocError> {
+    if let Some(b) = p.secondary.first() {
+        return Err(AllocError::InvalidInput(format!(
+            "{}: {who} takes no {} (use greedy, lagrange or dp, or uniform with a parameter ratio)",
+            b.res.field(),
+            b.res.field()
+        )));
+    }
+    if !p.param_budget {
+        return Err(AllocError::InvalidInput(format!(
+            "ratio: {who} needs a parameter budget"
+        )));
+    }
+    Ok(())
+}
+
 fn layer_rate_mode(p: &Problem, rate: f64) -> Allocation {
     let n = p.spec.layers.len();
     let (g, f) = apply_rates(p, &vec![rate; n], &vec![rate; n]);
@@ -153,7 +170,20 @@ pub(crate) fn prunable_params(p: &Problem) -> u64 {
 pub fn solve_uniform(spec: &Spec) -> Result<Allocation, AllocError> {
     let p = build_problem(spec, Solver::Uniform)?;
     if let Some(rate) = spec.layer_rate {
+        if let Some(b) = p.secondary.first() {
+            return Err(AllocError::InvalidInput(format!(
+                "{}: uniform with layer_rate (per-layer floors) takes no {}",
+                b.res.field(),
+                b.res.field()
+            )));
+        }
         return Ok(layer_rate_mode(&p, rate));
+    }
+    if !p.param_budget {
+        return Err(AllocError::InvalidInput(
+            "ratio: uniform needs a parameter budget (it matches one rate to the parameter count)"
+                .into(),
+        ));
     }
     p.check_budget()?;
     let t = p.target;
@@ -174,7 +204,7 @@ pub fn solve_uniform(spec: &Spec) -> Result<Allocation, AllocError> {
     let windows = [(p.granule, vec![]), (p.granule_max, vec!["granularity"])];
     if absorb.is_empty() {
         for (gran, binding) in windows {
-            if level_fill(&p, &attn, &mut choice, 0, t, t + gran) {
+            if level_fill(&p, &attn, &mut choice, 0, t, t + gran) && p.meets_secondary(&choice) {
                 return Ok(p.finish(&choice, Solver::Uniform, &binding, vec![], gran));
             }
         }
@@ -217,11 +247,26 @@ pub fn solve_uniform(spec: &Spec) -> Result<Allocation, AllocError> {
                     choice[i] = j;
                     fixed += o.removed;
                 }
-                if level_fill(&p, &absorb, &mut choice, fixed, t, t + gran) {
+                if level_fill(&p, &absorb, &mut choice, fixed, t, t + gran)
+                    && p.meets_secondary(&choice)
+                {
                     return Ok(p.finish(&choice, Solver::Uniform, &binding, vec![], gran));
                 }
             }
         }
+    }
+    if let Some(b) = p.secondary.first() {
+        let words: Vec<String> = p
+            .secondary
+            .iter()
+            .map(|b| format!("{} {}", b.res.field(), b.ratio))
+            .collect();
+        return Err(AllocError::Infeasible(format!(
+            "ratio {} and {}: no uniform rate (the same KV groups in every layer) meets {} within the parameter window",
+            spec.ratio.unwrap_or(0.0),
+            words.join(" and "),
+            b.res.field()
+        )));
     }
     // Nothing uniform lands in a window: walk greedily from the least pruning and report it.
     let mut c = vec![0usize; p.items.len()];

@@ -6,7 +6,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::errors::{enter, raise, Kind};
-use crate::alloc::{allocate as solve, AllocError, Allocation, Curve, LayerShape, Solver, Spec};
+use crate::alloc::{
+    allocate as solve, AllocError, Allocation, Curve, DpMethod, LayerShape, Solver, Spec,
+};
 
 fn classify(e: AllocError) -> (Kind, String) {
     match e {
@@ -80,9 +82,13 @@ fn objective<'a>(n: usize, c: &Option<Vec<&'a [f64]>>, imp: Option<&'a [f64]>) -
 /// num_q_heads, num_kv_heads, head_dim, intermediate, qkv_bias, o_bias, mlp_bias, qk_norm,
 /// norm_params (flags are 0/1: qkv_bias = q/k/v projections have biases, o_bias = o_proj has a
 /// bias, qk_norm = q_norm and k_norm weights of head_dim each, counted but never pruned).
+/// `ratio` (parameters), `kv_cache_ratio` and `flops_ratio` are the budgets; any may be None
+/// but not all.
 #[pyfunction]
 #[pyo3(signature = (
-    shapes, ratio, solver = "dp", *, extra_params = 0, attn_importance = None, mlp_importance = None,
+    shapes, ratio, solver = "dp", *, kv_cache_ratio = None, flops_ratio = None, flops_seq_len = 2048,
+    kv_cache_dtype_bytes = 2, extra_flops = 0, dp_method = "auto",
+    extra_params = 0, attn_importance = None, mlp_importance = None,
     attn_curves = None, mlp_curves = None, mlp_step = 1, min_kv_groups = 1, min_mlp = None,
     protected = Vec::new(), min_attn_rate = 0.0, max_attn_rate = 1.0, min_mlp_rate = 0.0,
     max_mlp_rate = 1.0, tie = false, attn_layer_start = None, attn_layer_end = None,
@@ -93,8 +99,14 @@ fn objective<'a>(n: usize, c: &Option<Vec<&'a [f64]>>, imp: Option<&'a [f64]>) -
 fn allocate<'py>(
     py: Python<'py>,
     shapes: PyReadonlyArray2<'py, i64>,
-    ratio: f64,
+    ratio: Option<f64>,
     solver: &str,
+    kv_cache_ratio: Option<f64>,
+    flops_ratio: Option<f64>,
+    flops_seq_len: i64,
+    kv_cache_dtype_bytes: i64,
+    extra_flops: i64,
+    dp_method: &str,
     extra_params: i64,
     attn_importance: Option<PyReadonlyArray1<'py, f64>>,
     mlp_importance: Option<PyReadonlyArray1<'py, f64>>,
@@ -187,8 +199,15 @@ fn allocate<'py>(
             }
         }
     }
+    let dp_method = DpMethod::parse(dp_method).map_err(|e| bad(e.to_string()))?;
     let spec = Spec {
         ratio,
+        kv_cache_ratio,
+        flops_ratio,
+        flops_seq_len: nonneg("flops_seq_len", flops_seq_len)?,
+        kv_cache_dtype_bytes: nonneg("kv_cache_dtype_bytes", kv_cache_dtype_bytes)?,
+        extra_flops: nonneg("extra_flops", extra_flops)?,
+        dp_method,
         layers,
         extra_params: nonneg("extra_params", extra_params)?,
         attn_objective: objective(n, &ac, attn_imp),
@@ -263,9 +282,27 @@ fn to_dict(py: Python<'_>, a: Allocation) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("solver", a.solver)?;
     d.set_item("solve_seconds", a.solve_seconds)?;
     d.set_item("binding", a.binding)?;
-    d.set_item("target_removed", a.target_removed)?;
+    d.set_item(
+        "target_removed",
+        if a.param_budget {
+            Some(a.target_removed)
+        } else {
+            None
+        },
+    )?;
     d.set_item("granule", a.granule)?;
     d.set_item("notes", a.notes)?;
+    d.set_item("kv_cache_bytes_before", a.kv_cache_bytes_before)?;
+    d.set_item("kv_cache_bytes_after", a.kv_cache_bytes_after)?;
+    d.set_item("actual_kv_cache_ratio", a.actual_kv_cache_ratio)?;
+    d.set_item("flops_before", a.flops_before)?;
+    d.set_item("flops_after", a.flops_after)?;
+    d.set_item("actual_flops_ratio", a.actual_flops_ratio)?;
+    d.set_item("flops_seq_len", a.flops_seq_len)?;
+    d.set_item("target_kv_cache_removed", a.target_kv_cache_removed)?;
+    d.set_item("target_flops_removed", a.target_flops_removed)?;
+    d.set_item("lower_bound", a.lower_bound)?;
+    d.set_item("proven_optimal", a.proven_optimal)?;
     Ok(d)
 }
 

@@ -1,0 +1,356 @@
+"""The allocation problem as a multiple-choice knapsack for reference optimisers: HiGHS (a MILP) and
+OR-Tools CP-SAT.
+
+Needs the ``bench`` extra (``pip install 'layerprune[bench]'``): ``highspy`` and ``ortools`` are imported
+only when a solve is asked for. The items are enumerated here from the spec's own words, independently of
+the Rust solvers' item lists:
+
+* a layer whose attention and MLP are both prunable under ``tie``: one item over every allowed ``(g, f)``;
+* otherwise an attention item (every allowed ``g``) and an MLP item (every allowed width), when prunable.
+
+With binaries ``x[i, o]`` (one option per item)::
+
+    minimise    sum loss[i, o] * x[i, o]
+    subject to  sum_o x[i, o] = 1                                   for every item i
+                T_p <= sum params_removed * x <= T_p + granule        (ratio given)
+                sum kv_cache_removed * x >= T_kv                    (kv_cache_ratio given)
+                sum flops_removed * x >= T_f                        (flops_ratio given)
+
+Amounts are integers relative to each item's least-pruning option, divided by their GCD (exact). The
+parameter window is the narrow one (``granule`` = the smallest prunable step), or, when no allocation lands
+in it, the widest single step, as the Rust solvers do. CP-SAT needs an integer objective: losses are
+scaled to integers (``CPSAT_OBJECTIVE_SCALE`` over the largest total), so its "optimal" holds for the
+scaled objective, within ``items / (2 * scale)`` of the true one; every reported objective is recomputed
+exactly from the chosen options.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from layerprune.allocation.solve import AllocationSpec, target_count
+from layerprune.errors import InvalidInputError
+
+CPSAT_OBJECTIVE_SCALE = 1e9
+LINEARIZATION_LEVEL = 2
+_RATE_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Option:
+    """One choice of an item: KV groups and MLP channels kept in its layer, amounts removed, loss."""
+
+    kv_groups: int
+    mlp: int
+    params: int
+    kv_cache: int
+    flops: int
+    loss: float
+
+
+@dataclass(frozen=True)
+class Item:
+    layer: int
+    kind: str  # "attn", "mlp" or "tied"
+    options: tuple[Option, ...]
+
+
+@dataclass
+class Knapsack:
+    """The instance: items, and each budget as integer bounds on the summed amounts (None: unbounded)."""
+
+    items: list[Item]
+    params_window: tuple[int, int] | None  # removed params in [lo, hi] (narrow window)
+    params_window_wide: tuple[int, int] | None
+    kv_cache_min: int | None
+    flops_min: int | None
+    constant_loss: float  # loss of the components no item prunes (added to every objective)
+
+
+@dataclass
+class ReferenceResult:
+    """What a reference optimiser returned: ``objective`` recomputed from its choice (None: no solution),
+    ``bound`` its proven lower bound, ``proven_optimal`` its own optimality claim."""
+
+    solver: str
+    seconds: float
+    status: str
+    objective: float | None
+    bound: float | None
+    proven_optimal: bool
+    kv_groups_kept: list[int] = field(default_factory=list)
+    mlp_kept: list[int] = field(default_factory=list)
+    window: str = "narrow"
+
+
+def _loss(curve: Any, importance: Any, l: int, kept: int, full: int, index: int) -> float:
+    if curve is not None:
+        return float(curve[l][index])
+    if importance is None:
+        return 0.0
+    return float(importance[l]) * (1.0 - kept / full) ** 2
+
+
+def _rate(specific: float | None, shared: float) -> float:
+    return float(shared if specific is None else specific)
+
+
+def build_knapsack(spec: AllocationSpec) -> Knapsack:
+    """The multiple-choice knapsack of ``spec`` (its constraints, objective and budgets)."""
+    n = len(spec.layers)
+    attn_imp = spec.attn_importance if spec.attn_importance is not None else spec.importance
+    mlp_imp = spec.mlp_importance if spec.mlp_importance is not None else spec.importance
+    lo_a, hi_a = _rate(spec.min_attn_rate, spec.min_rate), _rate(spec.max_attn_rate, spec.max_rate)
+    lo_m, hi_m = _rate(spec.min_mlp_rate, spec.min_rate), _rate(spec.max_mlp_rate, spec.max_rate)
+    items: list[Item] = []
+    constant = 0.0
+    granule, granule_max = math.inf, 0
+    seq, kvb = spec.flops_seq_len, spec.kv_cache_dtype_bytes
+    for l, s in enumerate(spec.layers):
+        h, i, step = s.num_kv_heads, s.intermediate, spec.mlp_step
+        prot = l in spec.protected
+        attn_on = not prot and (spec.attn_layer_start or 0) <= l < (n if spec.attn_layer_end is None else spec.attn_layer_end)
+        mlp_on = not prot and (spec.mlp_layer_start or 0) <= l < (n if spec.mlp_layer_end is None else spec.mlp_layer_end)
+        gs = [g for g in range(h + 1) if g >= spec.min_kv_groups and lo_a - _RATE_EPS <= 1 - g / h <= hi_a + _RATE_EPS] if attn_on else [h]
+        min_mlp = spec.min_mlp if spec.min_mlp is not None else min(step, i)
+        widths = [*range(0, i, step), i]
+        fs = [f for f in widths if f >= min_mlp and lo_m - _RATE_EPS <= 1 - f / i <= hi_m + _RATE_EPS] if mlp_on else [i]
+        if not gs or not fs:
+            raise InvalidInputError(f"layer {l}: no allowed KV groups or MLP width")
+
+        def option(g: int, f: int, a_loss: float, m_loss: float) -> Option:
+            return Option(g, f, s.params() - s.params(g, f), s.kv_cache_bytes(dtype_bytes=kvb) - s.kv_cache_bytes(g, kvb),
+                          s.flops(seq_len=seq) - s.flops(g, f, seq), a_loss + m_loss)
+
+        def a_loss(g: int) -> float:
+            return _loss(spec.attn_curves, attn_imp, l, g, h, g)
+
+        def m_loss(f: int) -> float:
+            return _loss(spec.mlp_curves, mlp_imp, l, f, i, -(-i // step) if f == i else f // step)
+
+        group = s.params() - s.params(kv_groups=h - 1)
+        channels = s.params() - s.params(mlp=i - min(step, i))
+        if attn_on and len(gs) > 1:
+            granule, granule_max = min(granule, group), max(granule_max, group)
+        if mlp_on and len(fs) > 1:
+            granule, granule_max = min(granule, channels), max(granule_max, channels)
+        if spec.tie and attn_on and mlp_on:
+            pairs = [(g, f) for g in gs for f in fs if abs(f / i - g / h) <= 0.5 / h + 1e-12]
+            if not pairs:
+                raise InvalidInputError(f"layer {l}: tie leaves no (KV groups, MLP width) pair")
+            opts = tuple(sorted((option(g, f, a_loss(g), m_loss(f)) for g, f in pairs), key=lambda o: (o.params, -o.kv_groups)))
+            items.append(Item(l, "tied", opts))
+            continue
+        if attn_on:
+            items.append(Item(l, "attn", tuple(option(g, i, a_loss(g), 0.0) for g in reversed(gs))))
+        else:
+            constant += a_loss(h)
+        if mlp_on:
+            items.append(Item(l, "mlp", tuple(option(h, f, 0.0, m_loss(f)) for f in reversed(fs))))
+        else:
+            constant += m_loss(i)
+    for it in items:
+        amounts = sorted(o.params for o in it.options)
+        granule_max = max([granule_max, *(b - a for a, b in zip(amounts, amounts[1:]))])
+    granule = 0 if granule == math.inf else int(granule)
+    granule_max = max(granule_max, granule)
+    windows: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None)
+    if spec.ratio is not None:
+        t = target_count(spec.ratio, spec.params_total)
+        windows = ((t, t + granule), (t, t + granule_max))
+    return Knapsack(
+        items=items,
+        params_window=windows[0],
+        params_window_wide=windows[1],
+        kv_cache_min=None if spec.kv_cache_ratio is None else target_count(spec.kv_cache_ratio, spec.kv_cache_bytes_total),
+        flops_min=None if spec.flops_ratio is None else target_count(spec.flops_ratio, spec.flops_total),
+        constant_loss=constant,
+    )
+
+
+@dataclass
+class _Rows:
+    """Integer budget rows relative to each item's option 0: amounts[row][item][option], bounds [lo, hi]."""
+
+    names: list[str]
+    amounts: list[list[list[int]]]
+    lo: list[float]
+    hi: list[float]
+
+
+def _rows(ks: Knapsack, window: tuple[int, int] | None) -> _Rows:
+    names, amounts, lo, hi = [], [], [], []
+    for name, attr, bounds in (
+        ("params", "params", window),
+        ("kv_cache", "kv_cache", None if ks.kv_cache_min is None else (ks.kv_cache_min, None)),
+        ("flops", "flops", None if ks.flops_min is None else (ks.flops_min, None)),
+    ):
+        if bounds is None:
+            continue
+        base = sum(getattr(it.options[0], attr) for it in ks.items)
+        rel = [[getattr(o, attr) - getattr(it.options[0], attr) for o in it.options] for it in ks.items]
+        unit = 0
+        for row in rel:
+            for v in row:
+                unit = math.gcd(unit, abs(v))
+        unit = max(unit, 1)
+        names.append(name)
+        amounts.append([[v // unit for v in row] for row in rel])
+        lo.append(-((base - bounds[0]) // unit))  # ceil((bound - base) / unit), in integers
+        hi.append(math.inf if bounds[1] is None else (bounds[1] - base) // unit)
+    return _Rows(names, amounts, lo, hi)
+
+
+def _objective(ks: Knapsack, choice: list[int]) -> float:
+    return ks.constant_loss + sum(it.options[j].loss for it, j in zip(ks.items, choice))
+
+
+def _feasible(ks: Knapsack, choice: list[int], window: tuple[int, int] | None) -> bool:
+    def total(attr: str) -> int:
+        return sum(getattr(it.options[j], attr) for it, j in zip(ks.items, choice))
+
+    return ((window is None or window[0] <= total("params") <= window[1])
+            and (ks.kv_cache_min is None or total("kv_cache") >= ks.kv_cache_min)
+            and (ks.flops_min is None or total("flops") >= ks.flops_min))
+
+
+def _widths(spec: AllocationSpec, ks: Knapsack, choice: list[int]) -> tuple[list[int], list[int]]:
+    g = [s.num_kv_heads for s in spec.layers]
+    f = [s.intermediate for s in spec.layers]
+    for it, j in zip(ks.items, choice):
+        o = it.options[j]
+        if it.kind in ("attn", "tied"):
+            g[it.layer] = o.kv_groups
+        if it.kind in ("mlp", "tied"):
+            f[it.layer] = o.mlp
+    return g, f
+
+
+def _windows(ks: Knapsack) -> list[tuple[str, tuple[int, int] | None]]:
+    if ks.params_window is None:
+        return [("none", None)]
+    out = [("narrow", ks.params_window)]
+    if ks.params_window_wide != ks.params_window:
+        out.append(("wide", ks.params_window_wide))
+    return out
+
+
+def _need(module: str) -> Any:
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise InvalidInputError(f"{module} is not installed: install the bench extra (pip install 'layerprune[bench]')") from None
+
+
+def solve_highs(spec: AllocationSpec, time_limit: float = 60.0, threads: int = 1) -> ReferenceResult:
+    """Solve ``spec`` with HiGHS's MILP solver (relative and absolute gap tolerances 0)."""
+    highspy = _need("highspy")
+    ks = build_knapsack(spec)
+    start = time.perf_counter()
+    result = ReferenceResult("highs", 0.0, "infeasible", None, None, False)
+    for label, window in _windows(ks):
+        rows = _rows(ks, window)
+        h = highspy.Highs()
+        for key, value in (("output_flag", False), ("time_limit", float(time_limit)), ("threads", int(threads)),
+                           ("mip_rel_gap", 0.0), ("mip_abs_gap", 1e-12), ("random_seed", 0)):
+            h.setOptionValue(key, value)
+        n_items = len(ks.items)
+        cols = [(i, j) for i, it in enumerate(ks.items) for j in range(len(it.options))]
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = len(cols), n_items + len(rows.names)
+        lp.col_cost_ = np.array([ks.items[i].options[j].loss for i, j in cols], dtype=np.float64)
+        lp.col_lower_ = np.zeros(len(cols))
+        lp.col_upper_ = np.ones(len(cols))
+        lp.row_lower_ = np.array([1.0] * n_items + [float(v) for v in rows.lo])
+        lp.row_upper_ = np.array([1.0] * n_items + [highspy.kHighsInf if math.isinf(v) else float(v) for v in rows.hi])
+        starts, index, value = [0], [], []
+        for i, j in cols:
+            index.append(i)
+            value.append(1.0)
+            for r in range(len(rows.names)):
+                a = rows.amounts[r][i][j]
+                if a:
+                    index.append(n_items + r)
+                    value.append(float(a))
+            starts.append(len(index))
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+        lp.a_matrix_.start_ = np.array(starts, dtype=np.int32)
+        lp.a_matrix_.index_ = np.array(index, dtype=np.int32)
+        lp.a_matrix_.value_ = np.array(value, dtype=np.float64)
+        lp.integrality_ = [highspy.HighsVarType.kInteger] * len(cols)
+        lp.offset_ = ks.constant_loss
+        h.passModel(lp)
+        h.run()
+        status = h.getModelStatus()
+        info = h.getInfo()
+        values = np.asarray(h.getSolution().col_value) if status != highspy.HighsModelStatus.kInfeasible else None
+        if status == highspy.HighsModelStatus.kInfeasible or values is None or len(values) != len(cols):
+            result.status = "infeasible" if status == highspy.HighsModelStatus.kInfeasible else h.modelStatusToString(status)
+            continue
+        choice = [0] * n_items
+        for (i, j), v in zip(cols, values):
+            if v > 0.5:
+                choice[i] = j
+        optimal = status == highspy.HighsModelStatus.kOptimal
+        ok = _feasible(ks, choice, window)
+        g, f = _widths(spec, ks, choice)
+        bound = float(info.mip_dual_bound) if math.isfinite(info.mip_dual_bound) else None
+        result = ReferenceResult("highs", 0.0, "optimal" if optimal else h.modelStatusToString(status).lower(),
+                                 _objective(ks, choice) if ok else None, bound, optimal and ok, g, f, label)
+        break
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def solve_cpsat(spec: AllocationSpec, time_limit: float = 60.0, threads: int = 1) -> ReferenceResult:
+    """Solve ``spec`` with OR-Tools CP-SAT (losses scaled to integers, see the module docstring)."""
+    cp_model = _need("ortools.sat.python.cp_model")
+    ks = build_knapsack(spec)
+    start = time.perf_counter()
+    result = ReferenceResult("cpsat", 0.0, "infeasible", None, None, False)
+    span = sum(max(o.loss for o in it.options) - min(o.loss for o in it.options) for it in ks.items)
+    scale = CPSAT_OBJECTIVE_SCALE / max(span, 1e-300)
+    for label, window in _windows(ks):
+        rows = _rows(ks, window)
+        m = cp_model.CpModel()
+        x = [[m.new_bool_var(f"x{i}_{j}") for j in range(len(it.options))] for i, it in enumerate(ks.items)]
+        for xi in x:
+            m.add_exactly_one(xi)
+        for r in range(len(rows.names)):
+            expr = sum(rows.amounts[r][i][j] * x[i][j] for i in range(len(x)) for j in range(len(x[i]))
+                       if rows.amounts[r][i][j])
+            hi = cp_model.INT_MAX if math.isinf(rows.hi[r]) else int(rows.hi[r])
+            m.add_linear_constraint(expr, int(rows.lo[r]), hi)
+        low = [min(o.loss for o in it.options) for it in ks.items]
+        m.minimize(sum(round((o.loss - low[i]) * scale) * x[i][j]
+                       for i, it in enumerate(ks.items) for j, o in enumerate(it.options)))
+        solver = cp_model.CpSolver()
+        solver.parameters.max_time_in_seconds = float(time_limit)
+        solver.parameters.num_workers = int(threads)
+        solver.parameters.random_seed = 0
+        solver.parameters.linearization_level = LINEARIZATION_LEVEL  # the LP relaxation of every constraint
+        status = solver.solve(m)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            result.status = "infeasible" if status == cp_model.INFEASIBLE else solver.status_name(status).lower()
+            continue
+        choice = [next(j for j in range(len(xi)) if solver.value(xi[j])) for xi in x]
+        ok = _feasible(ks, choice, window)
+        g, f = _widths(spec, ks, choice)
+        bound = ks.constant_loss + sum(low) + solver.best_objective_bound / scale
+        optimal = status == cp_model.OPTIMAL
+        result = ReferenceResult("cpsat", 0.0, "optimal" if optimal else "feasible",
+                                 _objective(ks, choice) if ok else None, bound, optimal and ok, g, f, label)
+        break
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+REFERENCE_SOLVERS = {"highs": solve_highs, "cpsat": solve_cpsat}
+
+__all__ = ["REFERENCE_SOLVERS", "Item", "Knapsack", "Option", "ReferenceResult", "build_knapsack", "solve_cpsat",
+           "solve_highs"]

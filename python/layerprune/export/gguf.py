@@ -1,0 +1,370 @@
+"""GGUF export: a pruned (or plain) model as one file that llama.cpp runs, each layer at its own widths.
+
+**Architecture.** When every layer has the same widths and the family's own llama.cpp architecture can
+hold them (the adapter's ``gguf_*`` facts: ``llama`` for Llama and Mistral, ``qwen2``, ``qwen3``), the file
+uses that architecture with scalar head counts and feed-forward length. Otherwise it uses ``deci``
+(Nemotron-NAS): its loader reads ``attention.head_count``, ``attention.head_count_kv`` and
+``feed_forward_length`` as per-layer arrays and builds every layer, and its KV cache, at that layer's widths.
+``llama`` also reads those arrays but builds every layer at layer 0's widths, so it is never given them.
+Two layouts cannot be written, and are refused with the reason: a Qwen3 model that needs ``deci`` (deci has
+no per-head q/k norms), and biases a family's loader does not read when ``deci`` cannot take over.
+
+**Tensors** are named as the ``gguf`` package names them (``token_embd``, ``blk.N.attn_q``, ...), shaped as
+in transformers (``[out, in]``, which GGUF stores as ``ne = [in, out]``), and checked against the
+architecture's tensor list in ``gguf``. Architectures whose RoPE rotates adjacent pairs of a head (``llama``,
+``deci``) get the Q and K rows (and biases) of every head reordered from transformers' half-split order.
+RoPE scaling is taken from the model's own rotary embedding: per-dimension factors ``inv_freq_default /
+inv_freq`` become ``rope_freqs`` (one common factor becomes linear scaling); a scaling that also changes the
+attention scale (yarn, longrope, dynamic) is refused.
+
+**Types** (``--outtype``): ``f32``; ``f16`` and ``bf16`` (matrices; norms and biases stay f32); ``q8_0``
+(matrices whose rows are a multiple of 32 values, the others f16). The file is written beside its target
+and renamed into place (:func:`layerprune.atomic.atomic_output_file`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from layerprune.arch import adapter_for, check_consistency, config_value, layer_shapes
+from layerprune.atomic import atomic_output_file
+from layerprune.errors import InvalidInputError, ModelError
+from layerprune.export.gguf_vocab import tokenizer_fields
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+PER_LAYER_ARCHITECTURE = "deci"
+# Projections whose biases deci's loader reads (all of them); its RoPE rotates adjacent pairs.
+PER_LAYER_BIASES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+Q8_0_BLOCK = 32
+ROPE_TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """What the file will say about the model: architecture, per-layer widths, Q/K order."""
+
+    architecture: str
+    num_q_heads: tuple[int, ...]
+    num_kv_heads: tuple[int, ...]
+    intermediate: tuple[int, ...]
+    head_dim: int
+    per_layer: bool  # head counts and feed-forward lengths written as arrays
+    permute_qk: bool  # Q/K rows reordered for a RoPE that rotates adjacent pairs
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class GGUFExport:
+    """Summary of a written file."""
+
+    path: Path
+    layout: GGUFLayout
+    outtype: str
+    tensors: int
+    bytes: int
+    tokenizer: str
+    tensor_types: dict[str, int] = field(default_factory=dict)
+
+
+def _projection_biases(model: Any) -> set[str]:
+    adapter = adapter_for(model)
+    found = set()
+    for layer in adapter.decoder_layers(model):
+        for name, linear in adapter.projections(layer).items():
+            if linear.bias is not None:
+                found.add(name.rsplit(".", 1)[-1])
+    return found
+
+
+def _sliding_window_note(config: Any, architecture: str) -> str | None:
+    window = config_value(config, "sliding_window")
+    if window is None or not config_value(config, "use_sliding_window", True):
+        return None
+    if int(window) >= int(config_value(config, "max_position_embeddings", 0)):
+        return None
+    return (f"llama.cpp's `{architecture}` architecture has no sliding window: it attends to the whole context, so "
+            f"beyond {int(window)} tokens its outputs differ from transformers' (sliding_window={int(window)})")
+
+
+def plan_layout(model: Any) -> GGUFLayout:
+    """Decide architecture and tensor order for ``model`` (see the module docstring); ModelError if llama.cpp
+    has no architecture that runs it as transformers does."""
+    adapter = adapter_for(model)
+    config = model.config
+    shapes = layer_shapes(model)
+    if not shapes:
+        raise ModelError("model: it has no decoder layers")
+    head_dim = shapes[0]["head_dim"]
+    hidden = int(config_value(config, "hidden_size"))
+    q = tuple(s["num_q_heads"] for s in shapes)
+    kv = tuple(s["num_kv_heads"] for s in shapes)
+    ff = tuple(s["intermediate"] for s in shapes)
+    if min(q) < 1 or min(kv) < 1 or min(ff) < 1:
+        raise ModelError("model: a layer without attention heads or MLP channels cannot be written as GGUF")
+    biases = _projection_biases(model)
+    own = adapter.gguf_architecture
+    reasons = []
+    if len(set(zip(q, kv, ff))) > 1:
+        reasons.append("its layers have different widths")
+    if adapter.gguf_full_width_attention and any(h * head_dim != hidden for h in q):
+        reasons.append(f"llama.cpp's `{own}` loader fixes q_proj at hidden x hidden and the model keeps "
+                       f"{min(q)}-{max(q)} of {hidden // head_dim} query heads")
+    unread = sorted(biases - set(adapter.gguf_biases))
+    if unread:
+        reasons.append(f"llama.cpp's `{own}` loader reads no {', '.join(unread)} bias")
+    if not reasons:
+        note = _sliding_window_note(config, own)
+        return GGUFLayout(own, q, kv, ff, head_dim, per_layer=False, permute_qk=adapter.gguf_rope_adjacent_pairs,
+                          notes=(note,) if note else ())
+    if adapter.qk_norm:
+        raise ModelError(f"model: this {adapter.name} model cannot be written as GGUF: {'; '.join(reasons)}, so it "
+                         f"needs llama.cpp's `{PER_LAYER_ARCHITECTURE}` architecture, which has no per-head q/k norms")
+    unread = sorted(biases - set(PER_LAYER_BIASES))
+    if unread:
+        raise ModelError(f"model: llama.cpp's `{PER_LAYER_ARCHITECTURE}` loader reads no {', '.join(unread)} bias")
+    notes = [f"written as `{PER_LAYER_ARCHITECTURE}`, not `{own}`: " + "; ".join(reasons)]
+    note = _sliding_window_note(config, PER_LAYER_ARCHITECTURE)
+    if note:
+        notes.append(note)
+    return GGUFLayout(PER_LAYER_ARCHITECTURE, q, kv, ff, head_dim, per_layer=True, permute_qk=True, notes=tuple(notes))
+
+
+def adjacent_pair_rows(rows: np.ndarray, num_heads: int) -> np.ndarray:
+    """Q or K projection rows (or their bias) reordered, head by head, from transformers' half-split RoPE
+    order (dimension ``i`` rotates with ``i + head_dim/2``) to adjacent pairs (``2i`` with ``2i + 1``)."""
+    head_dim = rows.shape[0] // num_heads
+    halves = rows.reshape(num_heads, 2, head_dim // 2, *rows.shape[1:])
+    return np.ascontiguousarray(halves.swapaxes(1, 2).reshape(rows.shape))
+
+
+def rope_factors(model: Any, head_dim: int) -> tuple[float, np.ndarray]:
+    """``(rope_theta, per-dimension frequency divisors)`` of the model's rotary embedding: llama.cpp divides
+    the default frequency ``theta^(-2i/d)`` by ``rope_freqs[i]``."""
+    adapter = adapter_for(model)
+    rotary = adapter.rotary_embedding(model)
+    config = model.config
+    params = config_value(config, "rope_parameters") or {}
+    params = params.get("full_attention", params) if isinstance(params, dict) else {}
+    rope_type = params.get("rope_type", (config_value(config, "rope_scaling") or {}).get("rope_type", "default"))
+    theta = params.get("rope_theta", config_value(config, "rope_theta"))
+    if theta is None:
+        raise ModelError("model: config has no rope_theta")
+    scaling = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    if rope_type == "dynamic" or abs(scaling - 1.0) > ROPE_TOLERANCE:
+        raise ModelError(f"model: its {rope_type} RoPE scaling (attention scaling {scaling:g}) has no counterpart "
+                         "in this GGUF export (supported: default, linear, llama3)")
+    inv_freq = rotary.inv_freq.detach().to("cpu", torch.float64).numpy()
+    if inv_freq.shape != (head_dim // 2,):
+        raise ModelError(f"model: rotary embedding covers {2 * inv_freq.shape[0]} of {head_dim} head dimensions; "
+                         "llama.cpp's architectures here rotate the whole head")
+    default = 1.0 / (float(theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    return float(theta), default / inv_freq
+
+
+def _tensor_name(kind: Any, suffix: str = "weight", bid: int | None = None) -> str:
+    import gguf
+
+    return gguf.TENSOR_NAMES[kind].format(bid=bid) + f".{suffix}"
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def _tied(model: Any) -> bool:
+    adapter = adapter_for(model)
+    head, embed = adapter.lm_head(model).weight, adapter.embeddings(model).weight
+    return head is embed or (head.data_ptr() == embed.data_ptr() and head.shape == embed.shape)
+
+
+def gguf_tensors(model: Any, layout: GGUFLayout) -> Iterator[tuple[str, np.ndarray, Any]]:
+    """``(gguf name, float32 array, tensor kind)`` for every tensor of the file, in llama.cpp's usual order."""
+    import gguf
+
+    T = gguf.MODEL_TENSOR
+    adapter = adapter_for(model)
+    yield _tensor_name(T.TOKEN_EMBD), _numpy(adapter.embeddings(model).weight), T.TOKEN_EMBD
+    yield _tensor_name(T.OUTPUT_NORM), _numpy(adapter.final_norm(model).weight), T.OUTPUT_NORM
+    if not _tied(model):
+        yield _tensor_name(T.OUTPUT), _numpy(adapter.lm_head(model).weight), T.OUTPUT
+    projection_kinds = {"self_attn.q_proj": T.ATTN_Q, "self_attn.k_proj": T.ATTN_K, "self_attn.v_proj": T.ATTN_V,
+                        "self_attn.o_proj": T.ATTN_OUT, "mlp.gate_proj": T.FFN_GATE, "mlp.up_proj": T.FFN_UP,
+                        "mlp.down_proj": T.FFN_DOWN}
+    head_norm_kinds = {"q_norm": T.ATTN_Q_NORM, "k_norm": T.ATTN_K_NORM}
+    for bid, layer in enumerate(adapter.decoder_layers(model)):
+        heads = {"self_attn.q_proj": layout.num_q_heads[bid], "self_attn.k_proj": layout.num_kv_heads[bid]}
+        yield _tensor_name(T.ATTN_NORM, bid=bid), _numpy(layer.input_layernorm.weight), T.ATTN_NORM
+        for name, linear in adapter.projections(layer).items():
+            kind = projection_kinds[name]
+            for suffix, param in (("weight", linear.weight), ("bias", linear.bias)):
+                if param is None:
+                    continue
+                array = _numpy(param)
+                if layout.permute_qk and name in heads:
+                    array = adjacent_pair_rows(array, heads[name])
+                yield _tensor_name(kind, suffix, bid), array, kind
+        for norm in adapter.unpruned_attention_parameters():
+            yield (_tensor_name(head_norm_kinds[norm], bid=bid), _numpy(getattr(layer.self_attn, norm).weight),
+                   head_norm_kinds[norm])
+        yield _tensor_name(T.FFN_NORM, bid=bid), _numpy(layer.post_attention_layernorm.weight), T.FFN_NORM
+
+
+def _encode(array: np.ndarray, outtype: str) -> tuple[np.ndarray, Any]:
+    """The array in the file's type: vectors stay float32; matrices take ``outtype`` (q8_0 falls back to f16
+    for rows that are not a whole number of 32-value blocks)."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if array.ndim == 1 or outtype == "f32":
+        return array.astype(np.float32), Q.F32
+    if outtype == "f16" or (outtype == "q8_0" and array.shape[-1] % Q8_0_BLOCK):
+        return array.astype(np.float16), Q.F16
+    qtype = Q.BF16 if outtype == "bf16" else Q.Q8_0
+    return gguf.quants.quantize(array, qtype), qtype
+
+
+def _file_type(outtype: str) -> int:
+    import gguf
+
+    F = gguf.LlamaFileType
+    return int({"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[outtype])
+
+
+def _arch_enum(name: str) -> Any:
+    import gguf
+
+    for arch, arch_name in gguf.MODEL_ARCH_NAMES.items():
+        if arch_name == name:
+            return arch
+    raise ModelError(f"the installed gguf package does not know llama.cpp's `{name}` architecture")
+
+
+def build_writer(model: Any, tokenizer: Any, outtype: str = "f16", name: str | None = None) -> tuple[Any, GGUFExport]:
+    """A ``gguf.GGUFWriter`` holding the whole file (metadata and tensors), not yet written, and its summary."""
+    import gguf
+
+    from layerprune import __version__
+
+    if outtype not in OUTTYPES:
+        raise InvalidInputError(f"--outtype must be one of {', '.join(OUTTYPES)}; got {outtype!r}")
+    if tokenizer is None:
+        raise ModelError("model: it has no tokenizer, which a GGUF file must carry")
+    adapter = adapter_for(model)
+    check_consistency(model)
+    layout = plan_layout(model)
+    config = model.config
+    arch = layout.architecture
+    writer = gguf.GGUFWriter(None, arch)
+    writer.add_type(gguf.GGUFType.MODEL)
+    if name:
+        writer.add_name(name)
+    writer.add_file_type(_file_type(outtype))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    vocab_size = int(adapter.embeddings(model).weight.shape[0])
+    writer.add_vocab_size(vocab_size)
+    writer.add_context_length(int(config_value(config, "max_position_embeddings")))
+    writer.add_embedding_length(int(config_value(config, "hidden_size")))
+    writer.add_block_count(len(layout.num_q_heads))
+    if layout.per_layer:
+        writer.add_head_count(list(layout.num_q_heads))
+        writer.add_head_count_kv(list(layout.num_kv_heads))
+        writer.add_feed_forward_length(list(layout.intermediate))
+    else:
+        writer.add_head_count(layout.num_q_heads[0])
+        writer.add_head_count_kv(layout.num_kv_heads[0])
+        writer.add_feed_forward_length(layout.intermediate[0])
+    # The head size is written, never derived: llama.cpp's default is hidden / layer 0's head count.
+    writer.add_key_length(layout.head_dim)
+    writer.add_value_length(layout.head_dim)
+    writer.add_rope_dimension_count(layout.head_dim)
+    writer.add_layer_norm_rms_eps(float(config_value(config, "rms_norm_eps")))
+    theta, factors = rope_factors(model, layout.head_dim)
+    writer.add_rope_freq_base(theta)
+    extra: list[tuple[str, np.ndarray, Any]] = []
+    if np.allclose(factors, factors[0], rtol=ROPE_TOLERANCE, atol=0.0):
+        if abs(factors[0] - 1.0) > ROPE_TOLERANCE:
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(factors[0]))
+    elif gguf.MODEL_TENSOR.ROPE_FREQS in gguf.MODEL_TENSORS[_arch_enum(arch)]:
+        extra.append((_tensor_name(gguf.MODEL_TENSOR.ROPE_FREQS), factors.astype(np.float32),
+                      gguf.MODEL_TENSOR.ROPE_FREQS))
+    else:
+        raise ModelError(f"model: llama.cpp's `{arch}` architecture has no per-dimension RoPE factors (rope_freqs)")
+    writer.add_string("layerprune.version", __version__)
+    writer.add_string("layerprune.family", adapter.name)
+
+    description, fields = tokenizer_fields(tokenizer, vocab_size)
+    for key, value, vtype, sub_type in fields:
+        writer.add_key_value(key, value, vtype, sub_type=sub_type)
+
+    allowed = set(gguf.MODEL_TENSORS[_arch_enum(arch)])
+    types: dict[str, int] = {}
+    count = 0
+    for tensor_name, array, kind in [*gguf_tensors(model, layout), *extra]:
+        if kind not in allowed:
+            raise ModelError(f"model: llama.cpp's `{arch}` architecture has no tensor {tensor_name}")
+        data, qtype = _encode(array, outtype)
+        writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+        types[qtype.name] = types.get(qtype.name, 0) + 1
+        count += 1
+    summary = GGUFExport(Path(), layout, outtype, count, 0, description, types)
+    return writer, summary
+
+
+def check_output_path(out: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """The absolute output path, or InvalidInputError for one that cannot be written (checked before any work)."""
+    path = Path(out).expanduser().absolute()
+    if path.is_dir():
+        raise InvalidInputError(f"--out {out} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise InvalidInputError(f"--out {out} exists; pass --overwrite to replace it")
+    if not path.parent.is_dir():
+        raise InvalidInputError(f"--out {out}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"--out {out}: folder {path.parent} is not writable")
+    return path
+
+
+def write_gguf(model: Any, tokenizer: Any, out: str | os.PathLike[str], outtype: str = "f16",
+               overwrite: bool = False, name: str | None = None) -> GGUFExport:
+    """Write ``model`` (dense or pruned, any supported family) and its tokenizer as one GGUF file."""
+    path = check_output_path(out, overwrite)
+    writer, summary = build_writer(model, tokenizer, outtype, name=name)
+    with atomic_output_file(path) as tmp:
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    summary.path = path
+    summary.bytes = path.stat().st_size
+    return summary
+
+
+def export_gguf(model_path: str | os.PathLike[str], out: str | os.PathLike[str], outtype: str = "f16",
+                overwrite: bool = False) -> GGUFExport:
+    """Load a pruned or plain model folder (or ``smollm2-135m``) and write it as GGUF."""
+    from layerprune.models import load_model, resolve_model
+
+    if outtype not in OUTTYPES:
+        raise InvalidInputError(f"--outtype must be one of {', '.join(OUTTYPES)}; got {outtype!r}")
+    check_output_path(out, overwrite)
+    resolved = resolve_model(model_path)
+    if not isinstance(resolved, Path):
+        raise ModelError(f"--model {model_path}: not a local folder; export reads a pruned or plain model folder")
+    if resolved.is_file():
+        raise ModelError(f"--model {model_path} is already a GGUF file; export reads a pruned or plain model folder")
+    model, tokenizer = load_model(resolved, dtype=torch.float32)
+    return write_gguf(model, tokenizer, out, outtype, overwrite=overwrite, name=resolved.name)
+
+
+__all__ = ["OUTTYPES", "PER_LAYER_ARCHITECTURE", "GGUFExport", "GGUFLayout", "adjacent_pair_rows", "build_writer",
+           "check_output_path", "export_gguf", "gguf_tensors", "plan_layout", "rope_factors", "write_gguf"]

@@ -1,0 +1,759 @@
+"""Layer-by-layer pruning of checkpoints larger than memory: one decoder layer's weights at a time.
+
+The model is a skeleton on the meta device (:func:`layerprune.models.checkpoint.empty_model`); each decoder
+layer's tensors are read from the safetensors checkpoint when the engine reaches it and freed before the next
+(SparseGPT's and Wanda's layer loops, llm-compressor's sequential pipeline). The calibration batches enter
+as hidden states and go through the layers one layer at a time; they live in a
+:class:`~layerprune.pruning.hidden_states.HiddenStatePool` (the device, RAM, then memory-mapped files).
+The embedding matrix is never held whole: the batches are embedded from the rows of their tokens, and the
+matrix goes to the output in blocks of rows. The final norm and ``lm_head`` are read where the losses need
+them; a head matrix heavier than two layers (Llama-3.2-3B's tied 128k vocabulary weighs four) is read in
+row blocks for each four samples' logits, which equal the whole matrix's.
+
+Two passes over the weights when the allocation needs every layer first (``mode="unbalanced"``):
+
+1. **importance**: per layer the dense element scores (Wanda's activation norms, or |W| / W²) and its share of
+   the layer importance: Block Influence from its input and output; removal and sensitivity curves start
+   perturbed copies of the hidden states (the layer, its attention or its MLP skipped; the layer pruned to
+   each sampled width) that every later layer then carries, and their losses are read at the head, so the
+   figures are exactly :mod:`layerprune.importance`'s (``loss_from_layer`` on the same states);
+2. **prune**: the allocation is solved, then per layer: the kept KV groups and channels (the pass-1 scores;
+   rescored on the partially pruned layer for ``iterative_steps > 1``), the refit on the refit batch
+   (error correction: that batch comes through the refit layers), the GQA surgery, and the layer's tensors
+   are written to the output shards.
+
+``mode="uniform"`` needs no importance: one pass. With the same settings the result is the in-memory
+:func:`layerprune.pruning.prune`'s: the same batches through the same module code, the same kept heads and
+channels, the same allocation (tested on every family).
+
+Forward-only importance only: a gradient score (``taylor`` and its variants) needs a backward pass through the
+whole model and is refused (:func:`check_sequential`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from layerprune.allocation import allocate
+from layerprune.arch import LAYER_KWARGS, OUTPUT_BIAS_KEY, adapter_for, layer_shapes, per_token_costs
+from layerprune.arch.modeling_layerprune import LAYER_WIDTH_KEYS, resize_decoder_layers
+from layerprune.errors import InternalError, InvalidInputError, ModelError, NumericalError
+from layerprune.importance import LayerImportance
+from layerprune.importance.block_influence import block_influence
+from layerprune.importance.cache import batch_slice, head_loss, increase, layer_call
+from layerprune.importance.sensitivity import curve_points, pruned_layer_outputs, sensitivity_result
+from layerprune.models import count_parameters
+from layerprune.models.checkpoint import (
+    SafetensorsCheckpoint,
+    empty_model,
+    expected_tensors,
+    load_module,
+    release_module,
+)
+from layerprune.pruning.hidden_states import HiddenStatePool, StoredHidden
+from layerprune.pruning.pipeline import (
+    PruneConfig,
+    _check_dense,
+    _check_importance,
+    _step_targets,
+    build_report,
+    calibration_ids,
+    check_feasible,
+    per_token_report,
+    refit_batch,
+    seed_everything,
+    solver_for,
+    spec_for_model,
+    validate_against_model,
+    validate_config,
+)
+from layerprune.pruning.refit import BIAS_MODES, refit_layer
+from layerprune.pruning.surgery import prune_decoder_layer
+from layerprune.refit import InputGram
+from layerprune.scoring.dispatch import ActivationStats, wanda_channel_scores, weight_scores
+from layerprune.scoring.groups import GRADIENT_KINDS, fold_layer_scores
+from layerprune.scoring.selection import LayerKeep, select_keep
+
+SEQUENTIAL_IMPORTANCE = ("activation", "l1", "l2")  # element scores one layer can compute on its own
+SEQUENTIAL_MODES = ("unbalanced", "uniform")
+GRAM_MICRO_BATCH = 8  # output_projection_grams' micro-batch: the refit statistics see the same batches
+ROW_BLOCK_BYTES = 64 * 2**20  # embeddings and lm_head are read and written in blocks of rows of this size
+RESIDENT_HEAD_LAYERS = 2  # the head matrix is held whole for the losses when it weighs at most this many layers
+
+
+def check_sequential(config: PruneConfig) -> None:
+    """Refuse, in one line, what the layer-by-layer engine cannot run: gradient scores and other modes."""
+    validate_config(config)
+    if config.importance in GRADIENT_KINDS:
+        raise InvalidInputError(
+            f"importance {config.importance!r} needs a backward pass through the whole model, which layer-by-layer "
+            f"pruning (--sequential) never holds; use a forward-only importance ({', '.join(SEQUENTIAL_IMPORTANCE)}) "
+            "or, for gradient scores of a model larger than memory, the distributed Taylor path "
+            "(torch.distributed / FSDP over several processes)")
+    if config.importance not in SEQUENTIAL_IMPORTANCE:
+        raise InvalidInputError(f"importance {config.importance!r} is not available layer by layer (--sequential); "
+                                f"use one of {', '.join(SEQUENTIAL_IMPORTANCE)}")
+    if config.mode not in SEQUENTIAL_MODES:
+        raise InvalidInputError(f"mode {config.mode!r} is not available layer by layer (--sequential); "
+                                f"use one of {', '.join(SEQUENTIAL_MODES)}")
+
+
+class TensorSink(Protocol):
+    """Where the pruned model's tensors go: ``plan`` once the allocation fixes every shape (tensors written
+    before it are staged), ``write`` each one as soon as it is final."""
+
+    def plan(self, tensors: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> None: ...
+
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+
+    def write_rows(self, name: str, rows: torch.Tensor, start: int, shape: tuple[int, ...]) -> None: ...
+
+
+@dataclass
+class SequentialOptions:
+    """``device``: where each layer runs (``cuda`` moves one layer at a time). ``hidden_budget_bytes``: host RAM
+    for the calibration hidden states before they spill to memory-mapped files in ``spill_dir`` (default: a
+    temporary folder); None never spills. ``device_budget_bytes``: on CUDA, device memory they may use
+    (default: a quarter of what is free at the start)."""
+
+    device: str | torch.device = "cpu"
+    hidden_budget_bytes: int | None = None
+    device_budget_bytes: int | None = None
+    spill_dir: str | Path | None = None
+
+
+@dataclass
+class SequentialResult:
+    """``model``: the skeleton at the pruned widths (every tensor on the meta device; its config carries the
+    widths); the allocation, layer importance and the report (``report.json``)."""
+
+    model: nn.Module
+    allocation: Any
+    layer_importance: LayerImportance | None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class _Clock:
+    """Exclusive wall time per stage: a nested stage pauses the one around it."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._stack: list[tuple[str, float]] = []
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        now = time.perf_counter()
+        if self._stack:
+            outer, since = self._stack[-1]
+            self.totals[outer] = self.totals.get(outer, 0.0) + now - since
+        self._stack.append((stage, now))
+        try:
+            yield
+        finally:
+            end = time.perf_counter()
+            _, since = self._stack.pop()
+            self.totals[stage] = self.totals.get(stage, 0.0) + end - since
+            if self._stack:
+                self._stack[-1] = (self._stack[-1][0], end)
+
+
+class _Probe(Exception):
+    """Ends the embedding forward once the last decoder layer's arguments are captured."""
+
+
+def _qualified_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): name for name, m in model.named_modules()}
+
+
+class _Engine:
+    def __init__(self, checkpoint: SafetensorsCheckpoint, model_config: Any, config: PruneConfig, sink: TensorSink,
+                 dtype: torch.dtype, options: SequentialOptions, progress: bool) -> None:
+        self.ckpt, self.config, self.sink, self.dtype, self.progress = checkpoint, config, sink, dtype, progress
+        self.device = torch.device(options.device)
+        self.model = empty_model(model_config, dtype)
+        self.adapter = adapter_for(self.model)
+        self.layers = self.adapter.decoder_layers(self.model)
+        self.names = _qualified_names(self.model)
+        self.clock = _Clock()
+        self.records: list[dict[str, Any]] = []
+        self.max_layer_bytes = 0
+        device_budget = options.device_budget_bytes
+        if device_budget is None and self.device.type == "cuda":
+            device_budget = torch.cuda.mem_get_info(self.device)[0] // 4
+        self.pool = HiddenStatePool(self.device, ram_budget_bytes=options.hidden_budget_bytes,
+                                    device_budget_bytes=device_budget or 0, spill_dir=options.spill_dir)
+        self.adapter.inner_model(self.model).rotary_emb.to(self.device)  # buffers are real on the skeleton
+        self._tied_model = self._tied()
+        self._embed_name = self._name(self.model.get_input_embeddings()) + ".weight"
+        self._head_name = self._embed_name if self._tied_model else self._name(self.adapter.lm_head(self.model)) + ".weight"
+
+    # ---- weights -----------------------------------------------------------------------------------
+
+    def _name(self, module: nn.Module) -> str:
+        return self.names[id(module)]
+
+    def _tied(self) -> bool:
+        return self.adapter.lm_head(self.model).weight is self.model.get_input_embeddings().weight
+
+    def load(self, module: nn.Module) -> int:
+        with self.clock("read"):
+            held = load_module(self.model, self._name(module), self.ckpt, self.dtype, self.device)
+        if self._tied_model:
+            self.model.tie_weights()
+        return held
+
+    def release(self, module: nn.Module) -> None:
+        release_module(module)
+        if self._tied_model:
+            self.model.tie_weights()
+
+    def write_module(self, module: nn.Module) -> None:
+        prefix = self._name(module)
+        with self.clock("write"):
+            for local, tensor in module.state_dict().items():
+                self.sink.write(f"{prefix}.{local}" if prefix else local, tensor)
+
+    def copy_rows(self, name: str) -> None:
+        """Write checkpoint tensor ``name`` to the output in blocks of rows (an embedding never whole in memory)."""
+        entry = self.ckpt.entries[name]
+        rows = entry.shape[0]
+        step = max(1, ROW_BLOCK_BYTES // max(1, entry.nbytes // rows))
+        for start in range(0, rows, step):
+            with self.clock("read"):
+                block = self.ckpt.read_rows(name, start, min(start + step, rows), self.dtype)
+            with self.clock("write"):
+                self.sink.write_rows(name, block, start, entry.shape)
+
+    def blocked_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``lm_head`` computed with its matrix read in row blocks: the logits of every block of the vocabulary
+        written into one output (a matmul's entries do not depend on how its output columns are split)."""
+        entry = self.ckpt.entries[self._head_name]
+        vocab = entry.shape[0]
+        step = max(1, ROW_BLOCK_BYTES // max(1, entry.nbytes // vocab))
+
+        def lm_head(hidden: torch.Tensor) -> torch.Tensor:
+            out = torch.empty((*hidden.shape[:-1], vocab), dtype=hidden.dtype, device=hidden.device)
+            for start in range(0, vocab, step):
+                end = min(start + step, vocab)
+                with self.clock("read"):
+                    block = self.ckpt.read_rows(self._head_name, start, end, self.dtype, self.device)
+                out[..., start:end] = torch.nn.functional.linear(hidden, block)
+            return out
+
+        return lm_head
+
+    # ---- the calibration batches enter -----------------------------------------------------------
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embeddings of ``ids``: only the rows of the tokens that occur are read (a lookup copies rows, so
+        this is the full embedding's output exactly)."""
+        tokens, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        with self.clock("read"):
+            rows = self.ckpt.read_row_set(self._embed_name, tokens, self.dtype, self.device)
+        return torch.nn.functional.embedding(inverse.to(self.device), rows)
+
+    def capture_inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """The hidden state entering layer 0 and the keyword arguments (mask, position embeddings) the model
+        passes every layer, from the model's own forward on the embeddings with the layers' bodies replaced by
+        a probe."""
+        x0 = self.embed(ids)
+        layers, seen = self.layers, [None] * len(self.layers)
+        first: list[torch.Tensor] = []
+
+        def probe(index: int) -> Callable[..., torch.Tensor]:
+            def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                if index == 0:
+                    first.append(hidden)
+                seen[index] = {k: v for k, v in kwargs.items() if k in LAYER_KWARGS}
+                if index == len(layers) - 1:
+                    raise _Probe
+                return hidden
+
+            return forward
+
+        for i, layer in enumerate(layers):
+            layer.forward = probe(i)
+        try:
+            self.adapter.inner_model(self.model)(inputs_embeds=x0, use_cache=False)
+        except _Probe:
+            pass
+        finally:
+            for layer in layers:
+                del layer.forward
+        if not first or any(s is None for s in seen):
+            raise ModelError("model: the forward pass did not go through every decoder layer")
+        return first[0], seen  # type: ignore[return-value]
+
+    # ---- element scores ------------------------------------------------------------------------------
+
+    def forward_scores(self, l: int, layer: nn.Module, x: torch.Tensor | None,
+                       kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(the layer's output on ``x``, KV-group scores, channel scores) as :func:`element_group_scores` gives
+        them on the whole model: ``activation`` collects each projection's input norms during the forward."""
+        importance = self.config.importance
+        prefix = self.adapter.layer_prefix(l)
+        projections = {f"{prefix}.{n}": lin for n, lin in self.adapter.projections(layer).items()}
+        geometry = self.adapter.geometry(self.model, layer)
+        if importance != "activation":
+            y = None if x is None else layer_call(layer, x, kwargs)
+            with self.clock("element_scores"):
+                kv, ch = fold_layer_scores(
+                    geometry, prefix,
+                    lambda n: weight_scores(projections[n].weight.detach(), kind=importance, axis=0),
+                    lambda n: weight_scores(projections[n].weight.detach(), kind=importance, axis=1))
+            return y, kv, ch
+        if x is None:
+            raise InternalError("activation scores need the layer's calibration inputs")
+        stats = {name: ActivationStats() for name in projections}
+        handles = [lin.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.update(args[0]))
+                   for name, lin in projections.items()]
+        try:
+            with self.clock("element_scores"):
+                y = layer_call(layer, x, kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        with self.clock("element_scores"):
+            kv, ch = fold_layer_scores(
+                geometry, prefix,
+                lambda n: wanda_channel_scores(projections[n].weight.detach(), stats[n], axis=0),
+                lambda n: wanda_channel_scores(projections[n].weight.detach(), stats[n], axis=1))
+        return y, kv, ch
+
+    def refit_grams(self, layer: nn.Module, stream: StoredHidden, kwargs: dict[str, Any]) -> dict[str, InputGram]:
+        """The dense layer's o_proj / down_proj input Grams on the refit batch (as
+        :func:`layerprune.refit.output_projection_grams`, same micro-batches); advances ``stream``."""
+        grams = {"o_proj": InputGram.empty(layer.self_attn.o_proj.in_features, device=self.device),
+                 "down_proj": InputGram.empty(layer.mlp.down_proj.in_features, device=self.device)}
+        handles = [layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, a: grams["o_proj"].update(a[0])),
+                   layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a: grams["down_proj"].update(a[0]))]
+        x = stream.get()
+        n = x.shape[0]
+        try:
+            out = torch.cat([layer_call(layer, x[s:s + GRAM_MICRO_BATCH],
+                                        {k: batch_slice(v, s, min(s + GRAM_MICRO_BATCH, n), n) for k, v in kwargs.items()})
+                             for s in range(0, n, GRAM_MICRO_BATCH)])
+        finally:
+            for handle in handles:
+                handle.remove()
+        stream.set(out)
+        return grams
+
+    # ---- pass 1: element scores and layer importance ---------------------------------------------
+
+    def importance_pass(self, calib: StoredHidden, kwargs: list[dict[str, Any]], labels: torch.Tensor,
+                        refit_x0: StoredHidden | None, refit_kwargs: list[dict[str, Any]] | None,
+                        ) -> tuple[LayerImportance, list[tuple[torch.Tensor, torch.Tensor]]]:
+        config, adapter = self.config, self.adapter
+        method = config.layer_importance
+        start = time.perf_counter()
+        n = calib.shape[0]
+        n_sub = n if method != "sensitivity" or config.curve_samples is None else min(config.curve_samples, n)
+        sub_kwargs = [{k: batch_slice(v, 0, n_sub, n) for k, v in kw.items()} for kw in kwargs] if n_sub < n else kwargs
+        main = self.pool.store(calib.get())
+        grams_stream = None
+        if method == "sensitivity" and config.refit != "none" and refit_x0 is not None:
+            grams_stream = self.pool.store(refit_x0.get())
+        scores: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # perturbed copies of the hidden states: (layer perturbed, part, kept, slot); a slot enters layer + 1
+        probes: list[tuple[int, str, int, StoredHidden]] = []
+        block = {part: np.zeros(len(self.layers)) for part in ("attn", "mlp", "combined")}
+        geometries, grams_tokens = [], 0
+        try:
+            for l, layer in enumerate(tqdm(self.layers, desc=f"layer by layer: {method} importance",
+                                           disable=not self.progress, leave=False)):
+                t0, read0 = time.perf_counter(), self.clock.totals.get("read", 0.0)
+                self.max_layer_bytes = max(self.max_layer_bytes, self.load(layer))
+                geometry = adapter.geometry(self.model, layer)
+                geometries.append(geometry)
+                with torch.no_grad(), self.clock("layer_importance"):
+                    grams = None
+                    if grams_stream is not None and refit_kwargs is not None:
+                        grams = self.refit_grams(layer, grams_stream, refit_kwargs[l])
+                        grams_tokens = grams["o_proj"].count
+                    x = main.get()
+                    y, kv, ch = self.forward_scores(l, layer, x, kwargs[l])
+                    scores.append((kv, ch))
+                    if method == "activation":
+                        mid = x + adapter.attention_block(layer, x, kwargs[l])
+                        block["attn"][l] = block_influence(x, mid)
+                        block["mlp"][l] = block_influence(mid, y)
+                        block["combined"][l] = block_influence(x, y)
+                    elif method == "removal":
+                        probes.append((l, "combined", 0, self.pool.store(x)))
+                        probes.append((l, "attn", 0, self.pool.store(
+                            adapter.layer_forward(layer, x, kwargs[l], skip_attn=True), copy=False)))
+                        probes.append((l, "mlp", 0, self.pool.store(
+                            adapter.layer_forward(layer, x, kwargs[l], skip_mlp=True), copy=False)))
+                    else:
+                        g_points, c_points = curve_points(geometry, mlp_step=config.mlp_step,
+                                                          min_kv_groups=config.min_kv_groups)
+                        for part, kept, out in pruned_layer_outputs(
+                                adapter, layer, geometry, x[:n_sub], sub_kwargs[l], kv, ch, g_points, c_points,
+                                grams=grams, refit=config.refit, refit_damping=config.refit_damping):
+                            probes.append((l, part, kept, self.pool.store(out, copy=False)))
+                    for origin, _part, _kept, slot in probes:
+                        if origin < l:
+                            slot.set(layer_call(layer, slot.get(), sub_kwargs[l]))
+                    main.set(y)
+                self.release(layer)
+                self._record(l, "importance", t0, read0)
+            if grams_stream is not None:
+                grams_stream.free()
+            with torch.no_grad():
+                base, losses = self.head_losses(main, labels, probes, n_sub)
+        finally:
+            main.free()
+            for *_, slot in probes:
+                slot.free()
+        seconds = time.perf_counter() - start
+        tokens = int(labels.numel())
+        if method == "activation":
+            for part, arr in block.items():
+                if not np.all(np.isfinite(arr)):
+                    raise NumericalError(f"block influence ({part}) is not finite")
+            li = LayerImportance(method="activation", attn=block["attn"], mlp=block["mlp"], combined=block["combined"],
+                                 metric="block_influence", base_loss=base[0], seconds=seconds,
+                                 details={"calib_tokens": tokens})
+        elif method == "removal":
+            parts = {part: np.zeros(len(self.layers)) for part in ("attn", "mlp", "combined")}
+            for (origin, part, _k, _s), loss in zip(probes, losses):
+                parts[part][origin] = increase(loss, base[0], config.removal_metric)
+            li = LayerImportance(method="removal", attn=parts["attn"], mlp=parts["mlp"], combined=parts["combined"],
+                                 metric=config.removal_metric, base_loss=base[0], seconds=seconds,
+                                 details={"calib_tokens": tokens, "sub_blocks": True})
+        else:
+            attn_samples = [{g.num_kv_heads: 0.0} for g in geometries]
+            mlp_samples = [{g.intermediate: 0.0} for g in geometries]
+            for (origin, part, kept, _s), loss in zip(probes, losses):
+                (attn_samples if part == "attn" else mlp_samples)[origin][kept] = increase(loss, base[1], "loss")
+            refit_details = None if grams_stream is None else {
+                "mode": config.refit, "damping": config.refit_damping, "tokens": int(grams_tokens)}
+            li = sensitivity_result(geometries, attn_samples, mlp_samples, mlp_step=config.mlp_step, metric="loss",
+                                    base_loss=base[1], seconds=seconds, calib_tokens=int(labels[:n_sub].numel()),
+                                    refit_details=refit_details)
+        return li, scores
+
+    def head_losses(self, main: StoredHidden, labels: torch.Tensor, probes: list[tuple[int, str, int, StoredHidden]],
+                    n_sub: int) -> tuple[tuple[float, float], list[float]]:
+        """((base loss, base loss of the first ``n_sub`` samples), the loss of every probe) through the final
+        norm and lm_head, which are read here, written to the output and freed."""
+        norm, head = self._head_modules()
+        self.load(norm)
+        # The head matrix is held whole only when it weighs at most two layers (a 128k vocabulary outweighs
+        # four Llama-3.2-3B layers); otherwise it is read in row blocks for every four samples' logits.
+        resident = self.ckpt.nbytes([self._head_name], self.dtype) <= RESIDENT_HEAD_LAYERS * self.max_layer_bytes
+        lm_head = None
+        if resident:
+            self.load(head)
+        else:
+            if getattr(self.adapter.lm_head(self.model), "bias", None) is not None:
+                raise ModelError("model: lm_head has a bias, which layerprune's families never have")
+            lm_head = self.blocked_head()
+        with self.clock("layer_importance"):
+            final = main.get()
+            base = head_loss(self.model, final, labels, lm_head=lm_head)
+            if not math.isfinite(base):
+                raise NumericalError(f"calibration loss of the dense model is {base} (overflow in {self.dtype}?)")
+            base_sub = base if n_sub == final.shape[0] else head_loss(self.model, final[:n_sub], labels[:n_sub],
+                                                                      lm_head=lm_head)
+            losses = []
+            for origin, _part, _kept, slot in tqdm(probes, desc="losses of the perturbed layers",
+                                                   disable=not self.progress or not probes, leave=False):
+                hidden = slot.get()
+                loss = head_loss(self.model, hidden, labels[:hidden.shape[0]], lm_head=lm_head)
+                if not math.isfinite(loss):
+                    raise NumericalError(f"calibration loss became {loss} after perturbing layer {origin}")
+                losses.append(loss)
+        self.write_head()
+        return (base, base_sub), losses
+
+    def _head_modules(self) -> list[nn.Module]:
+        """The final norm and lm_head (the embedding when lm_head is tied to it)."""
+        head = self.model.get_input_embeddings() if self._tied_model else self.adapter.lm_head(self.model)
+        return [self.adapter.final_norm(self.model), head]
+
+    def write_head(self) -> None:
+        """Write the final norm and an untied lm_head to the output (the matrix in row blocks unless it is held
+        already); free them."""
+        for module in self._head_modules():
+            held = not any(p.device.type == "meta" for p in module.parameters())
+            if module is self.model.get_input_embeddings():  # tied: written with the embeddings
+                pass
+            elif held:
+                self.write_module(module)
+            elif module is self.adapter.lm_head(self.model):
+                self.copy_rows(self._head_name)
+            else:
+                self.load(module)
+                self.write_module(module)
+            self.release(module)
+
+    # ---- pass 2: prune, refit, write -----------------------------------------------------------------
+
+    def prune_pass(self, alloc: Any, dense_scores: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                   calib_x0: StoredHidden, kwargs: list[dict[str, Any]], refit_x0: StoredHidden | None,
+                   refit_kwargs: list[dict[str, Any]] | None) -> tuple[list[list[int]], list[list[int]], dict | None]:
+        config, adapter = self.config, self.adapter
+        steps = config.iterative_steps
+        shapes = layer_shapes(self.model)
+        full_kv = [s["num_kv_heads"] for s in shapes]
+        full_mlp = [s["intermediate"] for s in shapes]
+        final_kv = [int(a.kv_groups_kept) for a in alloc.layers]
+        final_mlp = [int(a.mlp_kept) for a in alloc.layers]
+        targets = {k: (_step_targets(full_kv, final_kv, k, steps), _step_targets(full_mlp, final_mlp, k, steps))
+                   for k in range(1, steps + 1)}
+        # streams[k]: the calibration batch through the layers as step k leaves them (k = 0: dense), where the
+        # activation scores of step k + 1 are measured
+        streams: dict[int, StoredHidden] = {}
+        if config.importance == "activation":
+            for k in range(0 if dense_scores is None else 1, steps):
+                streams[k] = self.pool.store(calib_x0.get())
+        refit_stream = None if refit_x0 is None else self.pool.store(refit_x0.get())
+        kept_kv: list[list[int]] = []
+        kept_mlp: list[list[int]] = []
+        refit_errors: list[dict[str, float]] = []
+        refit_start = self.clock.totals.get("refit", 0.0)
+        try:
+            for l, layer in enumerate(tqdm(self.layers, desc="layer by layer: prune and write",
+                                           disable=not self.progress, leave=False)):
+                t0, read0 = time.perf_counter(), self.clock.totals.get("read", 0.0)
+                self.max_layer_bytes = max(self.max_layer_bytes, self.load(layer))
+                geometry = adapter.geometry(self.model, layer)
+                kv_idx, mlp_idx = list(range(full_kv[l])), list(range(full_mlp[l]))
+                with torch.no_grad():
+                    for k in range(1, steps + 1):
+                        if k == 1 and dense_scores is not None:
+                            kv, ch = dense_scores[l]
+                        else:
+                            stream = streams.get(k - 1)
+                            y, kv, ch = self.forward_scores(l, layer, None if stream is None else stream.get(), kwargs[l])
+                            if stream is not None:
+                                stream.set(y)
+                        with self.clock("pruning"):
+                            entry = select_keep([kv], [ch], [targets[k][0][l]], [targets[k][1][l]])[0]
+                        if k == steps and refit_stream is not None and refit_kwargs is not None:
+                            with self.clock("refit"):
+                                refit_errors.append(self.refit(layer, entry, refit_stream, refit_kwargs[l]))
+                        with self.clock("pruning"):
+                            geometry = prune_decoder_layer(adapter, layer, geometry, entry)
+                        kv_idx = [kv_idx[i] for i in entry.kv_heads]
+                        mlp_idx = [mlp_idx[i] for i in entry.mlp_channels]
+                kept_kv.append(kv_idx)
+                kept_mlp.append(mlp_idx)
+                self.write_module(layer)
+                self.release(layer)
+                self._record(l, "prune", t0, read0)
+        finally:
+            for slot in streams.values():
+                slot.free()
+            if refit_stream is not None:
+                refit_stream.free()
+        refit_report = None
+        if refit_x0 is not None:
+            refit_report = {"mode": config.refit, "damping": config.refit_damping,
+                            "error_correction": config.refit_error_correction,
+                            "calib_tokens": int(math.prod(refit_x0.shape[:2])),
+                            "seconds": self.clock.totals.get("refit", 0.0) - refit_start, "layers": refit_errors}
+        return kept_kv, kept_mlp, refit_report
+
+    def refit(self, layer: nn.Module, entry: LayerKeep, stream: StoredHidden, kwargs: dict[str, Any]) -> dict[str, float]:
+        """Refit the layer on the refit batch as :func:`refit_kept_weights` does; advance the batch through the
+        refit layer (error correction) or the layer as it was (inputs of the unrefit model)."""
+        x = stream.get()
+        following = None if self.config.refit_error_correction else layer_call(layer, x, kwargs)
+        out, errors = refit_layer(self.model, layer, entry, x, kwargs, mode=self.config.refit,
+                                  damping=self.config.refit_damping)
+        stream.set(out if following is None else following)
+        return errors
+
+    def _record(self, l: int, stage: str, t0: float, read0: float) -> None:
+        self.records.append({"layer": l, "pass": stage, "seconds": round(time.perf_counter() - t0, 4),
+                             "read_seconds": round(self.clock.totals.get("read", 0.0) - read0, 4)})
+
+
+def _manifest(model: nn.Module, alloc: Any, output_bias: bool) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of every tensor the pruned folder holds: the skeleton resized to the allocation's
+    widths by the remote-code module the folder loads with (a tied lm_head stored once, as the embedding)."""
+    pruned = copy.deepcopy(model)
+    adapter = adapter_for(pruned)
+    cfg = pruned.config
+    shapes = layer_shapes(model)
+    widths = ([s["num_q_heads"] // s["num_kv_heads"] * int(a.kv_groups_kept) for s, a in zip(shapes, alloc.layers)],
+              [int(a.kv_groups_kept) for a in alloc.layers], [int(a.mlp_kept) for a in alloc.layers])
+    for key, values in zip(LAYER_WIDTH_KEYS, widths):
+        setattr(cfg, key, values)
+    setattr(cfg, OUTPUT_BIAS_KEY, output_bias)
+    resize_decoder_layers(adapter.inner_model(pruned), cfg)
+    embed = pruned.get_input_embeddings().weight
+    embed_name = next(n for n, p in pruned.named_parameters() if p is embed)
+    out = {}
+    for name, tensor in pruned.state_dict(keep_vars=True).items():
+        if tensor is embed and name != embed_name:
+            continue
+        out[name] = (tensor.dtype, tuple(tensor.shape))
+    return out
+
+
+def prune_sequential(
+    checkpoint: SafetensorsCheckpoint | str | Path,
+    tokenizer: Any,
+    config: PruneConfig,
+    sink: TensorSink,
+    *,
+    dtype: torch.dtype = torch.float32,
+    calib_ids: torch.Tensor | None = None,
+    calib_source: dict[str, Any] | None = None,
+    refit_ids: torch.Tensor | None = None,
+    layer_importance: LayerImportance | None = None,
+    options: SequentialOptions | None = None,
+    progress: bool = True,
+) -> SequentialResult:
+    """Prune the checkpoint folder (or open ``checkpoint``) as ``config`` says, one decoder layer in memory at
+    a time, writing the pruned tensors to ``sink``; ``dtype`` is the weights' dtype while pruning and in the
+    output. The other arguments are :func:`layerprune.pruning.prune`'s. Returns the pruned skeleton, the
+    allocation, the layer importance and the report (the in-memory report plus ``sequential``)."""
+    from layerprune.models import load_config
+
+    check_sequential(config)
+    options = options or SequentialOptions()
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InvalidInputError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+    ckpt = checkpoint if isinstance(checkpoint, SafetensorsCheckpoint) else SafetensorsCheckpoint(checkpoint)
+    total_start = time.perf_counter()
+    try:
+        model_config = load_config(ckpt.folder)
+        adapter_for(model_config, "prune: model")  # an unsupported family is refused before any work
+        engine = _Engine(ckpt, model_config, config, sink, dtype, options, progress)
+        model, adapter = engine.model, engine.adapter
+        shapes = layer_shapes(model)
+        validate_against_model(config, len(shapes), min(s["num_kv_heads"] for s in shapes))
+        _check_dense(model, shapes)
+        ckpt.check_covers(expected_tensors(model))
+        check_feasible(model.config, config)
+        seed_everything(config.seed)
+        clock = engine.clock
+        params_before = count_parameters(model)
+        costs_before = per_token_costs(model, config.flops_seq_len)
+        try:
+            with clock("calibration"):
+                if calib_ids is None:
+                    calib_ids, calib_source = calibration_ids(tokenizer, config)
+                if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.shape[1] < 2:
+                    raise InvalidInputError("calib_ids: expected a [n_samples, seq_len >= 2] tensor of token ids")
+                vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+                if vocab and (int(calib_ids.min()) < 0 or int(calib_ids.max()) >= vocab):
+                    raise InvalidInputError(f"calib_ids: token ids must be in [0, {vocab})")
+                calib_ids = calib_ids.long()
+                if config.refit != "none" and refit_ids is None:
+                    refit_ids = refit_batch(tokenizer, config)
+                # the batches embedded (the rows of their tokens read), the embeddings copied to the output
+                with torch.no_grad():
+                    x0, kwargs = engine.capture_inputs(calib_ids)
+                    calib_x0 = engine.pool.store(x0, copy=False)
+                    refit_x0, refit_kwargs = None, None
+                    if refit_ids is not None and config.refit != "none":
+                        r0, refit_kwargs = engine.capture_inputs(refit_ids.long())
+                        refit_x0 = engine.pool.store(r0, copy=False)
+                    del x0
+                engine.copy_rows(engine._embed_name)
+            labels = calib_ids.to(engine.device)
+
+            li, dense_scores = None, None
+            if config.mode == "unbalanced":
+                if layer_importance is not None:
+                    if layer_importance.method != config.layer_importance:
+                        raise InvalidInputError(f"layer_importance: given {layer_importance.method!r} results, the "
+                                                f"config asks for {config.layer_importance!r}")
+                    _check_importance(layer_importance, config, shapes)
+                    li = layer_importance
+                else:
+                    li, dense_scores = engine.importance_pass(calib_x0, kwargs, labels, refit_x0, refit_kwargs)
+
+            with clock("allocation"):
+                spec = spec_for_model(model, config, li)
+                alloc = allocate(spec, solver=solver_for(config))
+                manifest = _manifest(model, alloc, config.refit in BIAS_MODES)
+                with clock("write"):  # the shards are laid out, the staged embeddings copied in
+                    sink.plan(manifest)
+            kept_kv, kept_mlp, refit_report = engine.prune_pass(alloc, dense_scores, calib_x0, kwargs, refit_x0,
+                                                                refit_kwargs)
+            for slot in (calib_x0, refit_x0):
+                if slot is not None:
+                    slot.free()
+            if li is None or layer_importance is not None:
+                engine.write_head()  # no importance pass read them
+        finally:
+            engine.pool.close()
+
+        if config.refit in BIAS_MODES:
+            setattr(model.config, OUTPUT_BIAS_KEY, True)
+        new_shapes = layer_shapes(model)
+        final_kv = [int(a.kv_groups_kept) for a in alloc.layers]
+        final_mlp = [int(a.mlp_kept) for a in alloc.layers]
+        if [s["num_kv_heads"] for s in new_shapes] != final_kv or [s["intermediate"] for s in new_shapes] != final_mlp:
+            raise ModelError("pruned shapes do not match the allocation (internal inconsistency)")
+        for key, values in zip(LAYER_WIDTH_KEYS, ([s["num_q_heads"] for s in new_shapes], final_kv, final_mlp)):
+            setattr(model.config, key, values)
+        params_after = count_parameters(model)
+        if params_after["total"] != alloc.params_after:
+            raise InternalError(
+                f"pruned model has {params_after['total']:,} parameters, the allocation planned {alloc.params_after:,}")
+        costs_after = per_token_costs(model, config.flops_seq_len)
+        if (costs_after["kv_cache_bytes"], costs_after["flops"]) != (alloc.kv_cache_bytes_after, alloc.flops_after):
+            raise InternalError(
+                f"pruned model has {costs_after['kv_cache_bytes']:,} KV-cache bytes and {costs_after['flops']:,} FLOPs "
+                f"per token, the allocation planned {alloc.kv_cache_bytes_after:,} and {alloc.flops_after:,}")
+        timings = {key: clock.totals.get(key, 0.0) for key in
+                   ("calibration", "element_scores", "layer_importance", "allocation", "pruning")}
+        if refit_report is not None:
+            timings["refit"] = clock.totals.get("refit", 0.0)
+        timings["read"] = clock.totals.get("read", 0.0)
+        timings["write"] = clock.totals.get("write", 0.0)
+        timings["total"] = time.perf_counter() - total_start
+        report = build_report(config, params_before, params_after, shapes, alloc, li, kept_kv, kept_mlp, calib_ids,
+                              timings, family=adapter.name, calib_source=calib_source)
+        report["refit"] = refit_report
+        report.update(per_token_report(config, costs_before, costs_after))
+        stats = engine.pool.stats
+        report["sequential"] = {
+            "passes": 2 if any(r["pass"] == "importance" for r in engine.records) else 1,
+            "device": str(engine.device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "checkpoint_bytes": ckpt.nbytes(),
+            "bytes_read": ckpt.bytes_read,
+            "max_layer_bytes": engine.max_layer_bytes,
+            "hidden_states": {"ram_budget_bytes": options.hidden_budget_bytes, "peak_ram_bytes": stats.peak_ram_bytes,
+                              "peak_device_bytes": stats.peak_device_bytes, "spilled_bytes": stats.spilled_bytes,
+                              "spilled_streams": stats.spilled_streams, "peak_spilled_bytes": stats.peak_spilled_bytes},
+            "layers": engine.records,
+        }
+        return SequentialResult(model=model, allocation=alloc, layer_importance=li, report=report)
+    finally:
+        if ckpt is not checkpoint:
+            ckpt.close()
+
+
+def layer_bytes(checkpoint: SafetensorsCheckpoint, model_config: Any, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes of the largest decoder layer, bytes outside the layers) of a checkpoint at ``dtype``."""
+    adapter = adapter_for(model_config, "config")
+    prefixes = [adapter.layer_prefix(l) + "." for l in range(adapter.num_layers(model_config))]
+    per_layer = [checkpoint.nbytes([n for n in checkpoint.names() if n.startswith(p)], dtype) for p in prefixes]
+    return max(per_layer, default=0), checkpoint.nbytes(dtype=dtype) - sum(per_layer)
+
+
+__all__ = ["SEQUENTIAL_IMPORTANCE", "SEQUENTIAL_MODES", "SequentialOptions", "SequentialResult", "TensorSink",
+           "check_sequential", "layer_bytes", "prune_sequential"]

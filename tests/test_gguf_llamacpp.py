@@ -1,0 +1,182 @@
+"""Exported GGUF files run in the real llama.cpp (llama-cpp-python) and compared with transformers.
+
+For each layout (deci with per-layer widths, the family's own architecture with equal widths, biases, llama3
+RoPE factors, q/k norms) on tiny pruned models, and for a pruned SmolLM2-135M (slow):
+
+* the largest logit difference over 4 windows of 128 WikiText-2 test tokens is within ``LOGIT_ATOL`` (f32
+  weights, f32 KV cache: the two runtimes differ only in summation order);
+* the next-token argmax agrees on at least 99% of those 512 positions;
+* perplexity on the first 4,096 tokens (windows of 128) is within 1% of layerprune's own evaluation;
+* llama.cpp tokenizes the text as transformers does (its vocabulary came from the export).
+
+llama-cpp-python is installed by ``make test`` (extra ``llamacpp``). Without it these tests fail: they are
+the check that the files run, and a skip would hide that.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from gguf_models import pruned_folder
+
+from layerprune.data import load_rows, tokenize_text
+from layerprune.evaluation import perplexity
+from layerprune.export.gguf import export_gguf, write_gguf
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+LOGIT_ATOL = {"tiny": 1e-4, "smollm2": 2e-3}
+ARGMAX_AGREEMENT = 0.99
+PPL_RTOL = 0.01
+WINDOW = 128
+POSITIONS = 512
+PPL_TOKENS = 4096
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    try:
+        from layerprune.evaluation.llamacpp import LlamaCppModel, llama_cpp_module
+
+        llama_cpp_module()
+    except Exception as err:  # noqa: BLE001 - reported as the failure it is
+        pytest.fail(f"llama-cpp-python is not usable ({err}); `make test` installs it with the `llamacpp` extra")
+    return LlamaCppModel
+
+
+@pytest.fixture(scope="module")
+def test_rows(wikitext_dir):
+    return load_rows("wikitext2", "test", str(wikitext_dir))
+
+
+def _hf_logits(model, windows: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=windows, use_cache=False).logits.float().numpy()
+
+
+def _compare(model, gguf_path, tokens: torch.Tensor, llama_cpp, atol: float) -> dict:
+    """Logit difference, argmax agreement and perplexities of a model and its GGUF on ``tokens``."""
+    runtime = llama_cpp(gguf_path, n_ctx=WINDOW, threads=1)
+    try:
+        windows = tokens[:POSITIONS].view(-1, WINDOW)
+        hf = _hf_logits(model, windows)
+        ours = np.stack([runtime.logits(w.tolist()) for w in windows])
+        from layerprune.evaluation.llamacpp import gguf_perplexity
+
+        gguf_ppl = gguf_perplexity(runtime, tokens[:PPL_TOKENS].numpy(), seq_len=WINDOW)["ppl"]
+    finally:
+        runtime.close()
+    hf_ppl = perplexity(model, tokens[:PPL_TOKENS], seq_len=WINDOW, progress=False)["ppl"]
+    figures = {"max_abs_logit_diff": float(np.abs(hf - ours).max()),
+               "argmax_agreement": float((hf.argmax(-1) == ours.argmax(-1)).mean()),
+               "ppl_transformers": hf_ppl, "ppl_llamacpp": gguf_ppl,
+               "ppl_rel_diff": abs(gguf_ppl - hf_ppl) / hf_ppl}
+    print(f"{gguf_path.name}: {figures}")
+    assert figures["max_abs_logit_diff"] <= atol, figures
+    assert figures["argmax_agreement"] >= ARGMAX_AGREEMENT, figures
+    assert figures["ppl_rel_diff"] <= PPL_RTOL, figures
+    return figures
+
+
+@pytest.mark.parametrize("case_name, homogeneous, architecture", [
+    ("llama3-gqa", False, "deci"),
+    ("llama31-rope", False, "deci"),
+    ("llama2-mha", True, "llama"),
+    ("qwen2-bias", False, "deci"),
+    ("qwen3-qknorm", True, "qwen3"),
+])
+def test_tiny_pruned_model_runs_in_llama_cpp_like_transformers(tmp_path, llama_cpp, test_rows, case_name,
+                                                              homogeneous, architecture):
+    folder, model, tokenizer = pruned_folder(tmp_path, case_name, homogeneous=homogeneous)
+    out = export_gguf(folder, tmp_path / "m.gguf", outtype="f32")
+    assert out.layout.architecture == architecture
+    text = "\n\n".join(test_rows)
+    tokens = tokenize_text(tokenizer, text)[:PPL_TOKENS]
+    assert tokens.numel() == PPL_TOKENS
+
+    _compare(model, out.path, tokens, llama_cpp, LOGIT_ATOL["tiny"])
+
+    runtime = llama_cpp(out.path, n_ctx=WINDOW, threads=1)
+    try:
+        prefix = "\n\n".join(test_rows[:60])
+        assert runtime.tokenize(prefix) == tokenize_text(tokenizer, prefix).tolist()
+    finally:
+        runtime.close()
+
+
+def test_mistral_matches_within_its_sliding_window(tmp_path, llama_cpp):
+    """llama.cpp has no sliding window for Mistral: positions inside the window agree, and the export says so."""
+    folder, model, _ = pruned_folder(tmp_path, "mistral-window", homogeneous=True)
+    out = export_gguf(folder, tmp_path / "m.gguf", outtype="f32")
+    assert any("no sliding window" in note for note in out.layout.notes)
+    ids = torch.randint(0, 320, (3, 4), generator=torch.Generator().manual_seed(1))  # window = 4 tokens
+    runtime = llama_cpp(out.path, n_ctx=WINDOW, threads=1)
+    try:
+        ours = np.stack([runtime.logits(row.tolist()) for row in ids])
+    finally:
+        runtime.close()
+    assert np.abs(_hf_logits(model, ids) - ours).max() <= LOGIT_ATOL["tiny"]
+
+
+def _pruned_smollm2(tmp_path):
+    """SmolLM2-135M with different widths per layer, kept by weight magnitude: 3, 2 or 1 of 3 KV groups
+    and 50-90% of the MLP channels, varying over the 30 layers (a deterministic stand-in for `prune`)."""
+    from layerprune.export import save_pruned
+    from layerprune.models import load_model
+    from layerprune.pruning import prune_model
+    from layerprune.scoring.selection import LayerKeep
+
+    dense, tokenizer = load_model("smollm2-135m")
+    keep = []
+    for i, layer in enumerate(dense.model.layers):
+        k = layer.self_attn.k_proj.weight.detach().view(3, 64, -1).norm(dim=(1, 2))
+        groups = tuple(sorted(torch.argsort(k, descending=True)[: 3 - (i % 3)].tolist()))
+        gate = layer.mlp.gate_proj.weight.detach().norm(dim=1) * layer.mlp.down_proj.weight.detach().norm(dim=0)
+        width = int(1536 * (0.5 + 0.4 * ((i * 7) % 10) / 9))
+        channels = tuple(sorted(torch.argsort(gate, descending=True)[:width].tolist()))
+        keep.append(LayerKeep(kv_heads=groups, mlp_channels=channels))
+    pruned = prune_model(dense, keep)
+    folder = save_pruned(pruned, tokenizer, tmp_path / "smollm2-pruned")
+    return folder, pruned, tokenizer
+
+
+@pytest.mark.slow
+def test_pruned_smollm2_runs_in_llama_cpp_like_transformers(tmp_path, llama_cpp, test_rows):
+    folder, model, tokenizer = _pruned_smollm2(tmp_path)
+    out = export_gguf(folder, tmp_path / "smollm2.gguf", outtype="f32")
+    assert out.layout.architecture == "deci" and "copied from" in out.tokenizer
+    tokens = tokenize_text(tokenizer, "\n\n".join(test_rows))[:PPL_TOKENS]
+
+    figures = _compare(model, out.path, tokens, llama_cpp, LOGIT_ATOL["smollm2"])
+
+    assert math.isfinite(figures["ppl_llamacpp"])
+    runtime = llama_cpp(out.path, n_ctx=WINDOW, threads=1)
+    try:
+        prefix = "\n\n".join(test_rows[:60])
+        assert runtime.tokenize(prefix) == tokenize_text(tokenizer, prefix).tolist()
+    finally:
+        runtime.close()
+
+
+@pytest.mark.slow
+def test_eval_command_runs_a_gguf_file(tmp_path, llama_cpp, wikitext_dir):
+    """`layerprune eval --model FILE.gguf` gives the perplexity `layerprune eval` gives the folder (within 1%)."""
+    import json
+    import subprocess
+    import sys
+
+    folder, model, tokenizer = pruned_folder(tmp_path, "llama3-gqa")
+    gguf_file = write_gguf(model, tokenizer, tmp_path / "m.gguf", outtype="f32").path
+    results = {}
+    for name, target in (("folder", folder), ("gguf", gguf_file)):
+        proc = subprocess.run([sys.executable, "-m", "layerprune", "eval", "--model", str(target), "--data-dir",
+                               str(wikitext_dir), "--max-tokens", str(PPL_TOKENS), "--threads", "1", "--no-progress",
+                               "--json", "-"], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr
+        results[name] = json.loads(proc.stdout)
+    assert results["gguf"]["runtime"] == "llama.cpp"
+    assert results["gguf"]["tokens"] == results["folder"]["tokens"] == PPL_TOKENS
+    assert abs(results["gguf"]["ppl"] - results["folder"]["ppl"]) <= PPL_RTOL * results["folder"]["ppl"]
