@@ -8,7 +8,7 @@ with a small calibration set of random token ids (time and memory do not depend 
 
 Prints the wall time of every layer in both passes, the child's peak RSS and peak RSS / checkpoint bytes
 next to the RSS of the imports alone, and the same figures projected for Llama-3-8B and Llama-3-70B from the
-measured per-layer figures. `--layers N` runs a shorter checkpoint of the same shapes. Never asserts.
+measured per-layer figures. `--layers N` (N >= 2) runs a shorter checkpoint of the same shapes. Never asserts.
 
     python benches/bench_sequential.py [--layers 28] [--calib-samples 10] [--calib-seq-len 64] [--threads 1]
         [--workdir DIR] [--keep] [--json OUT]
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--child", nargs=2, metavar=("CHECKPOINT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.layers < 2:
+        ap.error("--layers: at least 2 (with one layer the 3B's embeddings leave less than 25% to remove)")
     if args.child:
         result = child(Path(args.child[0]), Path(args.child[1]), args.calib_samples, args.calib_seq_len, args.threads)
         print(json.dumps(result))
@@ -204,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     measured = "Llama-3.2-3B"
     sec_layer = statistics.median(seconds_per_layer)
     extra_per_layer_byte = (peak - base) / layer_bytes
-    print("\nshape        | layers | layer GB | checkpoint GB | s / layer | total min | peak RSS GB | RSS / checkpoint "
-          "| device GB (--device cuda)")
+    print("\nshape                   | layers | layer GB | checkpoint GB | s / layer | total min | peak RSS GB | "
+          "RSS / checkpoint | device GB (--device cuda)")
     projections = {}
     for name, shape in SHAPES.items():
         layers = shape[0] if name != measured else args.layers
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                              "rss_over_checkpoint": rss / ckpt, "device_bytes": device,
                              "measured": name == measured}
         tag = " (measured)" if name == measured else ""
-        print(f"{name + tag:12s} | {layers:6d} | {this_layer / GB:8.3f} | {ckpt / GB:13.1f} | {seconds:9.2f} | "
+        print(f"{name + tag:23s} | {layers:6d} | {this_layer / GB:8.3f} | {ckpt / GB:13.1f} | {seconds:9.2f} | "
               f"{seconds * layers / 60:9.1f} | {rss / GB:11.2f} | {rss / ckpt:16.3f} | {device / GB:.1f}")
     big = projections["Llama-3-70B"]
     print(f"\nLlama-3-70B with --device cuda holds about {big['device_bytes'] / GB:.1f} GB on the device (two layers "

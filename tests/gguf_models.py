@@ -8,6 +8,7 @@ from families import CASES, make_model, make_tokenizer
 
 from layerprune.arch import layer_shapes
 from layerprune.export import save_pruned
+from layerprune.models import load_pruned
 from layerprune.pruning import prune_model
 from layerprune.scoring.selection import LayerKeep
 
@@ -39,10 +40,10 @@ def homogeneous_keep(model) -> list[LayerKeep]:
 
 
 def pruned_folder(tmp: Path, case_name: str, homogeneous: bool = False, seed: int = 0) -> tuple[Path, object, object]:
-    """(folder, pruned model, tokenizer) of a pruned tiny model of ``case_name`` saved with save_pruned."""
+    """(folder, pruned model, tokenizer) of a pruned tiny model of ``case_name`` saved with save_pruned; the
+    tokenizer is the folder's, as it reloads (a family's tokenizer class may change its pre-tokenizer)."""
     dense = make_model(CASE_BY_NAME[case_name], seed=seed)
     keep = (homogeneous_keep if homogeneous else heterogeneous_keep)(dense)
     pruned = prune_model(dense, keep)
-    tokenizer = make_tokenizer()
-    folder = save_pruned(pruned, tokenizer, tmp / f"{case_name}-{'homo' if homogeneous else 'hetero'}")
-    return folder, pruned, tokenizer
+    folder = save_pruned(pruned, make_tokenizer(), tmp / f"{case_name}-{'homo' if homogeneous else 'hetero'}")
+    return folder, pruned, load_pruned(folder)[1]

@@ -16,7 +16,8 @@ from layerprune.report.plots import is_png
 BENCHES = REPO_ROOT / "benches"
 
 
-@pytest.mark.parametrize("script", ["bench_scoring.py", "bench_scoring_memory.py", "bench_solvers.py"])
+@pytest.mark.parametrize("script", ["bench_scoring.py", "bench_scoring_memory.py", "bench_solvers.py",
+                                    "bench_sequential.py"])
 def test_bench_parses_its_arguments(script):
     out = subprocess.run([sys.executable, str(BENCHES / script), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

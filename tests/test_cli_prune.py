@@ -65,9 +65,10 @@ def test_prune_writes_a_loadable_folder_with_report(tiny_dir, wikitext_dir, tmp_
     assert "actual ratio (all params)" in printed and "params before" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["command"] == ["layerprune", *argv]
-    assert report["config"]["seed"] == 3 and report["method"] == "unbalanced-sensitivity-dp"
+    assert report["config"]["seed"] == 3 and report["method"] == "unbalanced-sensitivity-dp+lstsq"  # the defaults: the best method
     assert abs(report["actual_ratio"] - 0.2) <= report["allocation"]["granule"] / report["params_before"]["total"] + 1e-12
-    assert set(report["timings"]) >= {"load", "calibration", "element_scores", "layer_importance", "allocation", "pruning"}
+    assert set(report["timings"]) >= {"load", "calibration", "element_scores", "layer_importance", "allocation", "refit",
+                                      "pruning"}
     assert len(report["layers"]) == 3 and "mlp_channels_kept" in report["layers"][0]
     assert len(report["layer_importance"]["attn_curves"]) == 3
     loaded = load_pruned(out)

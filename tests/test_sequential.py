@@ -1,8 +1,9 @@
 """Layer-by-layer pruning (`prune --sequential`, `layerprune.export.prune_checkpoint`) on tiny sharded checkpoints.
 
-* The same result as the in-memory `prune` on every family, for every forward-only route: the same kept KV
+* The same result as the in-memory `prune` on every family, for five forward-only routes: the same kept KV
   groups and channels, layer importance, allocation and refit errors; the written tensors equal the in-memory
-  pruned model's, and the folder reloads (layerprune, and plain transformers with remote code) with its logits.
+  pruned model's, every other file is `save_pruned`'s, and the folder reloads (layerprune, and plain
+  transformers with remote code) with its logits.
 * Spilled hidden states change nothing.
 * Never more than two decoder layers' parameters alive at once (live `nn.Parameter` bytes, counted at every
   parameter creation, module call, tensor read and tensor write).
@@ -47,6 +48,8 @@ SETTINGS = {
     # of the unrefit model
     "uniform-iterative": dict(ratio=0.25, mode="uniform", match_params=True, importance="activation",
                               iterative_steps=2, refit="lstsq-bias", refit_error_correction=False, **REFIT_BATCH),
+    # one pass: LLM-Pruner's per-layer rate, the same widths everywhere (saved under the family's own config)
+    "uniform-rate": dict(ratio=0.4, mode="uniform", importance="l2"),
 }
 
 
@@ -113,10 +116,13 @@ def test_sequential_equals_in_memory(tmp_path, dense_dirs, case, setting):
     assert sorted(got) == sorted(want)
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
-    # the folder is save_pruned's: the same config.json, and it reloads with the same logits
+    # the folder is save_pruned's: the same files beside the weights, the same config, and the same logits
     reference = save_pruned(memory.model, None, tmp_path / "mem", report=memory.report)
+    others = sorted(p.name for p in out.iterdir() if "safetensors" not in p.name)
+    assert others == sorted(p.name for p in reference.iterdir() if "safetensors" not in p.name)
     assert json.loads((out / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
-    assert (out / "modeling_layerprune.py").read_bytes() == (reference / "modeling_layerprune.py").read_bytes()
+    for name in set(others) - {"config.json", "report.json"}:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     loaded, _ = load_pruned(out)
     ids = token_ids(seed=7)
     torch.testing.assert_close(logits(loaded, ids), logits(memory.model, ids), atol=1e-6, rtol=0)

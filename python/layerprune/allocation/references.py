@@ -321,14 +321,14 @@ def solve_cpsat(spec: AllocationSpec, time_limit: float = 60.0, threads: int = 1
         x = [[m.new_bool_var(f"x{i}_{j}") for j in range(len(it.options))] for i, it in enumerate(ks.items)]
         for xi in x:
             m.add_exactly_one(xi)
+        flat = [v for xi in x for v in xi]
         for r in range(len(rows.names)):
-            expr = sum(rows.amounts[r][i][j] * x[i][j] for i in range(len(x)) for j in range(len(x[i]))
-                       if rows.amounts[r][i][j])
+            coeffs = [a for row in rows.amounts[r] for a in row]
             hi = cp_model.INT_MAX if math.isinf(rows.hi[r]) else int(rows.hi[r])
-            m.add_linear_constraint(expr, int(rows.lo[r]), hi)
+            m.add_linear_constraint(cp_model.LinearExpr.weighted_sum(flat, coeffs), int(rows.lo[r]), hi)
         low = [min(o.loss for o in it.options) for it in ks.items]
-        m.minimize(sum(round((o.loss - low[i]) * scale) * x[i][j]
-                       for i, it in enumerate(ks.items) for j, o in enumerate(it.options)))
+        costs = [round((o.loss - low[i]) * scale) for i, it in enumerate(ks.items) for o in it.options]
+        m.minimize(cp_model.LinearExpr.weighted_sum(flat, costs))
         solver = cp_model.CpSolver()
         solver.parameters.max_time_in_seconds = float(time_limit)
         solver.parameters.num_workers = int(threads)

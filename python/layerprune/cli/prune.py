@@ -49,8 +49,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--mode", choices=MODES, default="unbalanced", help="uniform or unbalanced (default: unbalanced)")
     p.add_argument("--solver", choices=SOLVERS, default="dp", help="allocation solver for unbalanced (default: dp)")
-    p.add_argument("--layer-importance", choices=METHODS, default="removal",
-                   help="layer importance for unbalanced (default: removal)")
+    p.add_argument("--layer-importance", choices=METHODS, default="sensitivity",
+                   help="layer importance for unbalanced (default: sensitivity, the best measured; see README)")
     p.add_argument("--removal-metric", choices=("loss", "ppl"), default="loss",
                    help="removal importance measures the calibration loss increase (default) or the perplexity increase")
     p.add_argument("--importance", choices=IMPORTANCE_KINDS, default="taylor",
@@ -73,9 +73,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--min-kv-groups", type=int, default=1, help="KV groups every layer keeps at least (default: 1)")
     p.add_argument("--tie", action="store_true", help="one rate for attention and MLP in each layer")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
-    p.add_argument("--refit", choices=REFIT_MODES, default="none",
+    p.add_argument("--refit", choices=REFIT_MODES, default="lstsq",
                    help="refit the kept o_proj / down_proj columns by least squares on calibration activations "
-                   "(lstsq), with a compensation bias (lstsq-bias), or the bias alone (bias, FLAP)")
+                   "(lstsq, the default: the best measured), with a compensation bias (lstsq-bias), or the bias "
+                   "alone (bias, FLAP); none keeps them as they are")
     p.add_argument("--refit-damping", type=float, default=DEFAULT_DAMPING,
                    help=f"refit damping, a fraction of the Gram matrix's mean diagonal (default: {DEFAULT_DAMPING})")
     p.add_argument("--no-error-correction", action="store_true",

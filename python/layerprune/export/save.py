@@ -88,6 +88,39 @@ def _pruned_config(model: Any, adapter: FamilyAdapter, tie: bool) -> dict[str, A
     return config
 
 
+LAYER_WIDTH_LISTS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes")
+
+
+def _plain_config(model: Any, adapter: FamilyAdapter, tie: bool) -> dict[str, Any] | None:
+    """The family's own config for a pruned model whose layers all have the same widths: the dense config with
+    only ``num_attention_heads``, ``num_key_value_heads`` and ``intermediate_size`` changed (``head_dim`` stays
+    written out), which transformers, vLLM and llama.cpp's converter load with no remote code. None when the
+    widths differ, when o_proj / down_proj carry a compensation bias the family's config cannot declare, or
+    when the hidden size is not a multiple of the kept query heads (transformers' family configs refuse it)."""
+    shapes = layer_shapes(model)
+    widths = {(s["num_q_heads"], s["num_kv_heads"], s["intermediate"]) for s in shapes}
+    if len(widths) != 1 or model.config.to_dict().get(modeling.OUTPUT_BIAS_KEY):
+        return None
+    ((heads, kv_heads, intermediate),) = widths
+    if int(model.config.hidden_size) % heads:
+        return None
+    config = model.config.to_dict()
+    for key in ("auto_map", "torch_dtype", "_name_or_path", *LAYER_WIDTH_LISTS):
+        config.pop(key, None)
+    config.update({
+        "model_type": adapter.model_type,
+        "architectures": [adapter.architectures[0]],
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "intermediate_size": intermediate,
+        "head_dim": shapes[0]["head_dim"],
+        "tie_word_embeddings": tie,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        PRUNED_MARKER_KEY: {"version": _version(), "format": FORMAT_VERSION, "family": adapter.name, "plain": True},
+    })
+    return config
+
+
 def _weights(model: nn.Module, tie: bool) -> dict[str, torch.Tensor]:
     """State dict on CPU; with tied embeddings the shared tensor is stored once (as the embedding)."""
     state = {}
@@ -111,8 +144,12 @@ def save_pruned(
     out_dir: str | os.PathLike[str],
     report: dict[str, Any] | None = None,
     overwrite: bool = False,
+    plain_config: bool = True,
 ) -> Path:
     """Write a pruned (or dense) model to out_dir and return its path; the model is not modified.
+
+    A model whose layers all have the same widths is saved under the family's own config (:func:`_plain_config`;
+    ``plain_config=False`` keeps the remote-code layout); any other gets per-layer widths and the remote code.
 
     Everything is written to a temporary folder next to out_dir, fsync'd and renamed (or swapped) into place at
     the end (:func:`layerprune.atomic.replace_dir`), so a failure leaves no partial folder and an overwritten
@@ -129,7 +166,8 @@ def save_pruned(
     check_consistency(model)
     _check_layout(model, adapter)
     tie = _tied(model)  # decided from the tensors, not the config flag, so the reload matches the model
-    config = _pruned_config(model, adapter, tie)
+    plain = _plain_config(model, adapter, tie) if plain_config else None
+    config = plain if plain is not None else _pruned_config(model, adapter, tie)
     report_text = _report_text(report)
 
     tmp = temp_sibling_dir(out)
@@ -162,7 +200,8 @@ def _write_folder_files(tmp: Path, config: dict[str, Any], generation_config: An
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if generation_config is not None:
         generation_config.to_json_file(str(tmp / "generation_config.json"))
-    shutil.copyfile(modeling.__file__, tmp / MODELING_FILE)
+    if "auto_map" in config:  # a plain config needs no remote code
+        shutil.copyfile(modeling.__file__, tmp / MODELING_FILE)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     if report_text is not None:

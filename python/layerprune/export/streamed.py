@@ -30,8 +30,15 @@ from torch import nn
 from layerprune.arch import adapter_for, check_consistency
 from layerprune.atomic import remove_stale_siblings, replace_dir, restore_interrupted, temp_sibling_dir
 from layerprune.errors import InternalError, InvalidInputError
-from layerprune.export.save import WEIGHTS_FILE, _check_layout, _prepare_out_dir, _pruned_config, _report_text, \
-    _write_folder_files
+from layerprune.export.save import (
+    WEIGHTS_FILE,
+    _check_layout,
+    _plain_config,
+    _prepare_out_dir,
+    _pruned_config,
+    _report_text,
+    _write_folder_files,
+)
 from layerprune.models.checkpoint import INDEX_FILE, TORCH_TO_SAFETENSORS
 
 DEFAULT_MAX_SHARD_BYTES = 50 * 10**9  # transformers' save_pretrained default (50GB)
@@ -281,15 +288,17 @@ class PrunedFolderWriter:
         self.shards.write_rows(name, rows, start, shape)
 
     def commit(self, model: nn.Module, tokenizer: Any, report: dict[str, Any] | None = None,
-               generation_config: Any = None) -> Path:
+               generation_config: Any = None, plain_config: bool = True) -> Path:
         """Finish the folder for the pruned ``model`` (its skeleton is enough: shapes, config, dtype) and swap it
-        into place."""
+        into place; the config is :func:`save_pruned`'s (the family's own when every layer has the same widths,
+        unless ``plain_config=False``)."""
         adapter = adapter_for(model, "model")
         check_consistency(model)
         _check_layout(model, adapter)
         embed = model.get_input_embeddings().weight
         tie = adapter.lm_head(model).weight is embed
-        config = _pruned_config(model, adapter, tie)
+        plain = _plain_config(model, adapter, tie) if plain_config else None
+        config = plain if plain is not None else _pruned_config(model, adapter, tie)
         report_text = _report_text(report)
         self.shards.close()
         shutil.rmtree(self.scratch, ignore_errors=True)
@@ -345,7 +354,8 @@ def prune_checkpoint(
     if not isinstance(resolved, Path) or not resolved.is_dir():
         raise InvalidInputError(f"model: layer-by-layer pruning reads a local folder of safetensors, got {os.fspath(model)!r}")
     with SafetensorsCheckpoint(resolved) as checkpoint:
-        if tokenizer is None:
+        tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        if tokenizer is None and (calib_ids is None or any((resolved / f).is_file() for f in tokenizer_files)):
             tokenizer = _load_tokenizer(resolved, os.fspath(model), calib_ids is None)
         generation_config = _generation_config(resolved)
         with PrunedFolderWriter(out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes) as writer:

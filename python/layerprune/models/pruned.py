@@ -60,7 +60,26 @@ def pruned_config(path: str | os.PathLike[str]) -> Any:
     if raw is None or PRUNED_MARKER_KEY not in raw:
         raise ModelError(f"path: {folder} was not saved by layerprune (config.json has no `layerprune` entry)")
     config_class, _ = _pruned_classes(folder, raw)
+    if _is_plain(raw):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(folder))
     return config_class.from_pretrained(str(folder))
+
+
+def _is_plain(raw: dict[str, Any]) -> bool:
+    """Saved under the family's own config (every layer at the same widths): no remote code."""
+    marker = raw.get(PRUNED_MARKER_KEY)
+    return isinstance(marker, dict) and bool(marker.get("plain"))
+
+
+def _expected_widths(raw: dict[str, Any]) -> list[tuple[Any, Any, Any]]:
+    if _is_plain(raw):
+        heads = raw.get("num_attention_heads")
+        return [(heads, raw.get("num_key_value_heads", heads), raw.get("intermediate_size"))] * int(
+            raw.get("num_hidden_layers", 0))
+    return list(zip(raw.get("layer_num_attention_heads", []), raw.get("layer_num_key_value_heads", []),
+                    raw.get("layer_intermediate_sizes", [])))
 
 
 def _dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
@@ -86,13 +105,16 @@ def load_pruned(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InvalidInputError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
     _, model_class = _pruned_classes(folder, raw)
+    if _is_plain(raw):
+        from transformers import AutoModelForCausalLM
+
+        model_class = AutoModelForCausalLM
     try:
         model: Any = model_class.from_pretrained(str(folder), **_dtype_kwargs(dtype))
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelError(f"path: cannot load the pruned model from {folder}: {err}") from None
     model.to(device).eval()
-    expected = list(zip(raw.get("layer_num_attention_heads", []), raw.get("layer_num_key_value_heads", []),
-                        raw.get("layer_intermediate_sizes", [])))
+    expected = _expected_widths(raw)
     found = [(s["num_q_heads"], s["num_kv_heads"], s["intermediate"]) for s in layer_shapes(model)]
     if expected != found:
         raise ModelError(f"path: layer widths {found} do not match config.json {expected}")

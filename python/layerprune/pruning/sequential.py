@@ -100,8 +100,8 @@ def check_sequential(config: PruneConfig) -> None:
         raise InvalidInputError(
             f"importance {config.importance!r} needs a backward pass through the whole model, which layer-by-layer "
             f"pruning (--sequential) never holds; use a forward-only importance ({', '.join(SEQUENTIAL_IMPORTANCE)}) "
-            "or, for gradient scores of a model larger than memory, the distributed Taylor path "
-            "(torch.distributed / FSDP over several processes)")
+            "or, for gradient scores of a model larger than one process's memory, the distributed Taylor path "
+            "(torchrun --nproc-per-node N -m layerprune prune --fsdp: the backward sharded over the ranks)")
     if config.importance not in SEQUENTIAL_IMPORTANCE:
         raise InvalidInputError(f"importance {config.importance!r} is not available layer by layer (--sequential); "
                                 f"use one of {', '.join(SEQUENTIAL_IMPORTANCE)}")
@@ -194,7 +194,10 @@ class _Engine:
             device_budget = torch.cuda.mem_get_info(self.device)[0] // 4
         self.pool = HiddenStatePool(self.device, ram_budget_bytes=options.hidden_budget_bytes,
                                     device_budget_bytes=device_budget or 0, spill_dir=options.spill_dir)
-        self.adapter.inner_model(self.model).rotary_emb.to(self.device)  # buffers are real on the skeleton
+        for module in self.model.modules():  # the skeleton's buffers (rotary frequencies) are real: to the device
+            for key, buffer in module._buffers.items():
+                if buffer is not None and buffer.device.type != "meta":
+                    module._buffers[key] = buffer.to(self.device)
         self._tied_model = self._tied()
         self._embed_name = self._name(self.model.get_input_embeddings()) + ".weight"
         self._head_name = self._embed_name if self._tied_model else self._name(self.adapter.lm_head(self.model)) + ".weight"
