@@ -21,7 +21,8 @@ EXT_STAMP := $(VENV)/.ext-stamp
 FLOOR_TRANSFORMERS := 5.0.0
 FLOOR_DIR := $(VENV)/floor/transformers-$(FLOOR_TRANSFORMERS)
 FLOOR_TESTS := tests/test_families.py tests/test_pruned_io.py tests/test_pipeline.py tests/test_pruning.py \
-	tests/test_layer_importance.py tests/test_group_scores.py tests/test_dependency_floor.py
+	tests/test_layer_importance.py tests/test_group_scores.py tests/test_dependency_floor.py tests/test_plain_config.py \
+	tests/test_export_gguf.py
 
 .PHONY: demo test setup build rust-test py-test floor-test bench clean
 

@@ -17,7 +17,7 @@ as a spec JSON (``layerprune allocate --spec`` reads it) whose ``meta`` holds th
 the best known objective; ``--instances DIR`` re-runs on such files. Never fails on time.
 
     python benches/bench_solvers.py [--json OUT] [--write-instances benches/instances] [--instances DIR]
-        [--only PATTERNS] [--time-limit 60] [--repeats 5] [--no-references]
+        [--only PATTERNS] [--time-limit 60] [--repeats 5] [--no-references] [--from-json ROWS]
 """
 
 from __future__ import annotations
@@ -253,6 +253,37 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
               f"{r['status']}")
 
 
+def family_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Per family, medians over its instances: dp time, each reference's time, its proven count and dp's speed
+    ratio, and the heuristics' relative gaps (median / max)."""
+    by_instance: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_instance.setdefault(r["instance"], {})[r["solver"]] = r
+    families: dict[str, list[dict[str, dict[str, Any]]]] = {}
+    for name, v in by_instance.items():
+        families.setdefault(name.split(".")[0], []).append(v)
+
+    def med(values: list[float], spec: str) -> str:
+        return format(statistics.median(values), spec) if values else "-"
+
+    head = (f"{'family':<24} {'n':>2} {'dp ms':>8} {'dp-lagr ms':>10} {'HiGHS s':>8} {'proven':>6} {'x dp':>6} "
+            f"{'CP-SAT s':>8} {'proven':>6} {'x dp':>6} {'greedy gap med / max':>22}")
+    out = [head]
+    for fam, insts in families.items():
+        cells = [f"{fam:<24} {len(insts):>2}",
+                 f"{med([v['dp']['seconds'] * 1e3 for v in insts if v['dp']['seconds']], '.1f'):>8}",
+                 f"{med([v['dp-lagrangian']['seconds'] * 1e3 for v in insts if v.get('dp-lagrangian', {}).get('seconds')], '.0f'):>10}"]
+        for ref in REFERENCE_SOLVERS:
+            mine = [v[ref] for v in insts if ref in v and v[ref]["status"] != "missing"]
+            cells.append(f"{med([r['seconds'] for r in mine if r['seconds']], '.2f'):>8} "
+                         f"{sum(r['proven_optimal'] for r in mine):>3}/{len(mine):<2} "
+                         f"{med([r['dp_speedup'] for r in mine if r['dp_speedup']], '.0f'):>6}")
+        gaps = [v["greedy"]["rel_gap"] for v in insts if v.get("greedy", {}).get("rel_gap") is not None]
+        cells.append(f"{med(gaps, '.1e'):>11} / {(format(max(gaps), '.1e') if gaps else '-'):>8}")
+        out.append(" ".join(cells))
+    return out
+
+
 def summary(rows: list[dict[str, Any]]) -> list[str]:
     by_instance: dict[str, dict[str, dict[str, Any]]] = {}
     for r in rows:
@@ -310,7 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="threads per reference solver (default: 1, as dp)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each of our solvers (median; default: 5)")
     ap.add_argument("--no-references", action="store_true", help="skip HiGHS and CP-SAT")
+    ap.add_argument("--from-json", metavar="ROWS", help="print the summaries of rows written by --json (no solving)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())
+        for line in family_table(rows) + summary(rows):
+            print(line)
+        return 0
     rows: list[dict[str, Any]] = []
     for name, family, budget, spec in instances(args):
         mine = solve_instance(name, spec, args)
@@ -320,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {name}: " + ", ".join(f"{r['solver']} {fmt(r['seconds'], '.3g')} s" for r in mine),
               file=sys.stderr, flush=True)
     print_tables(rows)
-    for line in summary(rows):
+    for line in family_table(rows) + summary(rows):
         print(line)
     if args.json:
         write_json_atomic(Path(args.json), rows)

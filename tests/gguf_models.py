@@ -47,3 +47,33 @@ def pruned_folder(tmp: Path, case_name: str, homogeneous: bool = False, seed: in
     pruned = prune_model(dense, keep)
     folder = save_pruned(pruned, make_tokenizer(), tmp / f"{case_name}-{'homo' if homogeneous else 'hetero'}")
     return folder, pruned, load_pruned(folder)[1]
+
+
+def sentencepiece_tokenizer(text: str, vocab_size: int = 600):
+    """A tokenizer laid out as transformers converts Llama 2's SentencePiece model: ``<unk> <s> </s>``, the 256
+    byte pieces ``<0x00>``..``<0xFF>``, then BPE pieces over ``▁``-escaped text (byte fallback, a ``▁`` put
+    before the text), learned from ``text``."""
+    import json
+
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    def escape():
+        return normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+
+    learner = Tokenizer(models.BPE())
+    learner.normalizer = escape()
+    learner.pre_tokenizer = pre_tokenizers.Split("\n", behavior="isolated")
+    learner.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = escape()
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")

@@ -83,7 +83,7 @@ def test_uniform_match_params_through_cli(tiny_dir, wikitext_dir, tmp_path):
     out = tmp_path / "uniform"
     assert main(_args(tiny_dir, out, wikitext_dir, "--mode", "uniform", "--match-params")) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["method"] == "uniform-match" and report["layer_importance"] is None
+    assert report["method"] == "uniform-match+lstsq" and report["layer_importance"] is None  # refit by default
     assert abs(report["actual_ratio"] - 0.2) <= report["allocation"]["granule"] / report["params_before"]["total"] + 1e-12
 
 

@@ -352,3 +352,38 @@ def test_embedded_tokenizer_is_copied_from_its_gguf(tmp_path):
     assert _fields(reader)["general.architecture"] == "llama"
     assert {t.tensor_type for t in reader.tensors if len(t.shape) == 2} == {Q.Q8_0}
     assert tokenizer(SAMPLE_TEXT).input_ids  # the tokenizer still works after the export
+
+
+def test_homogeneous_llama_gguf_reloads_in_transformers(tmp_path):
+    """transformers' own GGUF reader (which undoes llama.cpp's Q/K order) rebuilds the model exactly: an
+    independent check of names, shapes, metadata and the permutation."""
+    from transformers import AutoModelForCausalLM
+
+    folder, model, _ = pruned_folder(tmp_path, "llama3-gqa", homogeneous=True)
+    out = export_gguf(folder, tmp_path / "h.gguf", outtype="f32")
+    assert out.layout.architecture == "llama"
+    reread = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="h.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reread(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_sentencepiece_tokenizer_is_written_as_llama_vocabulary(tmp_path, tiny_llama, wikitext_dir):
+    from gguf_models import sentencepiece_tokenizer
+
+    from layerprune.data import load_rows
+
+    tokenizer = sentencepiece_tokenizer("".join(load_rows("wikitext2", "valid", str(wikitext_dir)))[:60000])
+    model = tiny_llama(vocab=len(tokenizer), tie=True)
+    out = write_gguf(model, tokenizer, tmp_path / "spm.gguf", outtype="f32")
+    assert "SentencePiece" in out.tokenizer
+    fields = _fields(gguf.GGUFReader(out.path))
+    assert fields["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in fields
+    assert fields["tokenizer.ggml.add_space_prefix"] is True
+    types = fields["tokenizer.ggml.token_type"]
+    assert types[:3] == [2, 3, 3] and set(types[3:259]) == {6} and set(types[259:]) == {1}  # unk, control, bytes
+    scores = fields["tokenizer.ggml.scores"]
+    merged = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    first = "".join(merged[0]) if isinstance(merged[0], list) else merged[0].replace(" ", "")
+    assert scores[tokenizer.convert_tokens_to_ids(first)] == 0.0 and min(scores) == -(len(merged) - 1)
+    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (1, 2)

@@ -44,6 +44,7 @@ _LAZY = {
     "load_pruned": "layerprune.models",
     "save_pruned": "layerprune.export",
     "prune_checkpoint": "layerprune.export",
+    "export_gguf": "layerprune.export",
 }
 
 

@@ -46,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    result = export_gguf(args.model, args.out, outtype=args.outtype, overwrite=args.overwrite)
+    import torch
+
+    result = export_gguf(args.model, args.out, outtype=args.outtype, overwrite=args.overwrite,
+                         dtype=getattr(torch, args.dtype))
     layout = result.layout
 
     def _span(values: tuple[int, ...]) -> str:

@@ -350,8 +350,8 @@ def write_gguf(model: Any, tokenizer: Any, out: str | os.PathLike[str], outtype:
 
 
 def export_gguf(model_path: str | os.PathLike[str], out: str | os.PathLike[str], outtype: str = "f16",
-                overwrite: bool = False) -> GGUFExport:
-    """Load a pruned or plain model folder (or ``smollm2-135m``) and write it as GGUF."""
+                overwrite: bool = False, dtype: torch.dtype = torch.float32) -> GGUFExport:
+    """Load a pruned or plain model folder (or ``smollm2-135m``) in ``dtype`` and write it as GGUF."""
     from layerprune.models import load_model, resolve_model
 
     if outtype not in OUTTYPES:
@@ -362,7 +362,7 @@ def export_gguf(model_path: str | os.PathLike[str], out: str | os.PathLike[str],
         raise ModelError(f"--model {model_path}: not a local folder; export reads a pruned or plain model folder")
     if resolved.is_file():
         raise ModelError(f"--model {model_path} is already a GGUF file; export reads a pruned or plain model folder")
-    model, tokenizer = load_model(resolved, dtype=torch.float32)
+    model, tokenizer = load_model(resolved, dtype=dtype)
     return write_gguf(model, tokenizer, out, outtype, overwrite=overwrite, name=resolved.name)
 
 

@@ -157,7 +157,7 @@ def _is_sentencepiece_bpe(data: dict[str, Any]) -> bool:
 
 def _adds_space_prefix(data: dict[str, Any]) -> bool:
     """Whether the tokenizer puts ``▁`` before the text (Prepend normalizer or a Metaspace that prepends)."""
-    steps = []
+    steps: list[dict[str, Any]] = []
     for part in (data.get("normalizer"), data.get("pre_tokenizer")):
         if part:
             steps += part.get("normalizers") or part.get("pretokenizers") or [part]
@@ -208,10 +208,10 @@ def hf_tokenizer_fields(tokenizer: Any, vocab_size: int) -> tuple[str, list[tupl
         text, added = id_to_token.get(i, (f"[PAD{i}]", None))
         if i not in id_to_token:
             kind = TOKEN_UNUSED
-        elif added is not None:
-            kind = TOKEN_CONTROL if added.get("special") else TOKEN_USER_DEFINED
         elif sentencepiece and text == unk:
             kind = TOKEN_UNKNOWN
+        elif added is not None:
+            kind = TOKEN_CONTROL if added.get("special") else TOKEN_USER_DEFINED
         elif sentencepiece and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
             kind = TOKEN_BYTE
         else:
@@ -236,13 +236,13 @@ def hf_tokenizer_fields(tokenizer: Any, vocab_size: int) -> tuple[str, list[tupl
                ("tokenizer.ggml.token_type", types, T.ARRAY, T.INT32)]
     if merges and not sentencepiece:
         fields.append(("tokenizer.ggml.merges", merges, T.ARRAY, T.STRING))
-    for kind in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(tokenizer, f"{kind}_token_id", None)
+    for special in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{special}_token_id", None)
         if token_id is not None and int(token_id) < vocab_size:
-            key = "unknown" if kind == "unk" else "padding" if kind == "pad" else kind
+            key = {"unk": "unknown", "pad": "padding"}.get(special, special)
             fields.append((f"tokenizer.ggml.{key}_token_id", int(token_id), T.UINT32, None))
-    for kind, value in _special_flags(tokenizer).items():
-        fields.append((f"tokenizer.ggml.add_{kind}_token", value, T.BOOL, None))
+    for special, adds in _special_flags(tokenizer).items():
+        fields.append((f"tokenizer.ggml.add_{special}_token", adds, T.BOOL, None))
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and template:
         fields.append(("tokenizer.chat_template", template, T.STRING, None))
