@@ -81,7 +81,7 @@ def test_uniform_mode_over_all_layers_saves_a_plain_config(tmp_path):
     """`--mode uniform` (LLM-Pruner floors) over every layer gives equal widths, hence the family's config."""
     dense = make_model(CASES[0])
     calib = token_ids(batch=4, length=16, seed=3)
-    result = prune(dense, None, PruneConfig(ratio=0.5, mode="uniform", layer_start=0, layer_end=3, calib_samples=4),
+    result = prune(dense, None, PruneConfig(ratio=0.5, mode="uniform", calib_samples=4),
                    calib_ids=calib, progress=False)
     assert len({tuple(s.values()) for s in layer_shapes(result.model)}) == 1
     folder = save_pruned(result.model, make_tokenizer(), tmp_path / "uniform", report=result.report)
