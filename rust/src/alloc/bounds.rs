@@ -468,7 +468,7 @@ fn complete(
             continue;
         }
         let total = last[ci].loss + v;
-        if best.is_none_or(|(b, _, _)| total < b) {
+        if best.map_or(true, |(b, _, _)| total < b) {
             best = Some((total, ci, q));
         }
     }
@@ -736,7 +736,7 @@ struct Candidate {
 }
 
 fn keep_best(best: &mut Option<Candidate>, c: Candidate) {
-    if best.as_ref().is_none_or(|b| c.loss < b.loss) {
+    if best.as_ref().map_or(true, |b| c.loss < b.loss) {
         *best = Some(c);
     }
 }

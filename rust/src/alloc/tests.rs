@@ -1012,10 +1012,10 @@ fn brute_force_bounds(spec: &Spec, param_window: Option<(u64, u64)>) -> Option<f
     let mut stack = vec![(0usize, 0u64, 0u64, 0u64, 0.0f64)];
     while let Some((l, p, kv, fl, loss)) = stack.pop() {
         if l == n {
-            let ok = param_window.is_none_or(|(lo, hi)| p >= lo && p <= hi)
-                && kv_min.is_none_or(|m| kv >= m)
-                && fl_min.is_none_or(|m| fl >= m);
-            if ok && best.is_none_or(|b| loss < b) {
+            let ok = param_window.map_or(true, |(lo, hi)| p >= lo && p <= hi)
+                && kv_min.map_or(true, |m| kv >= m)
+                && fl_min.map_or(true, |m| fl >= m);
+            if ok && best.map_or(true, |b| loss < b) {
                 best = Some(loss);
             }
             continue;
