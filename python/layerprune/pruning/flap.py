@@ -16,15 +16,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from layerprune import distributed
 from layerprune.allocation import AllocationResult, AllocationSpec, LayerAllocation
 from layerprune.arch import adapter_for, gqa
 from layerprune.errors import InfeasibleError
+from layerprune.refit.grams import observe_output_projection_inputs
 from layerprune.scoring import ActivationStats, weight_scores
 
 
@@ -43,19 +42,8 @@ def fluctuation_scores(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch
     adapter = adapter_for(model)
     layers = adapter.decoder_layers(model)
     stats = [(ActivationStats(), ActivationStats()) for _ in layers]
-    handles = []
-    for layer, (o_stats, d_stats) in zip(layers, stats):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, s=o_stats: s.update(a[0])))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, s=d_stats: s.update(a[0])))
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for start in tqdm(range(0, ids.shape[0], micro_batch), desc="fluctuation", disable=not progress,
-                              leave=False):
-                adapter.inner_model(model)(input_ids=ids[start:start + micro_batch].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe_output_projection_inputs(model, ids, [{"o_proj": o, "down_proj": d} for o, d in stats],
+                                     micro_batch=micro_batch, desc="fluctuation", progress=progress)
     ActivationStats.all_reduce([s for pair in stats for s in pair])  # data-parallel: every rank's samples
     kv_scores, channel_scores = [], []
     for layer, (o_stats, d_stats) in zip(layers, stats):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -9,6 +10,33 @@ from tqdm.auto import tqdm
 
 from layerprune.arch import adapter_for
 from layerprune.refit.lstsq import InputGram
+
+
+def observe_output_projection_inputs(model: torch.nn.Module, ids: torch.Tensor, sinks: Sequence[Mapping[str, Any]], *,
+                                     micro_batch: int = 8, desc: str = "statistics", progress: bool = True) -> None:
+    """Run ``ids`` ``[n, T]`` through the model in micro-batches (no gradients), handing every layer's o_proj
+    and down_proj input to ``sinks[l]["o_proj"].update`` / ``sinks[l]["down_proj"].update``. The model is only read."""
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
+    handles: list[Any] = []
+
+    def collect(sink: Any):
+        def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            sink.update(args[0])
+
+        return hook
+
+    try:
+        for layer, sink in zip(layers, sinks):
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(collect(sink["o_proj"])))
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(collect(sink["down_proj"])))
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for start in tqdm(range(0, ids.shape[0], micro_batch), desc=desc, disable=not progress, leave=False):
+                adapter.inner_model(model)(input_ids=ids[start:start + micro_batch].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def output_projection_grams(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: int = 8,
@@ -19,32 +47,13 @@ def output_projection_grams(model: torch.nn.Module, ids: torch.Tensor, *, micro_
     gated intermediate. One forward pass in micro-batches; the model is only read. Data-parallel: ``ids`` are
     this rank's samples and the Grams are summed over the ranks.
     """
-    adapter = adapter_for(model)
-    layers = adapter.decoder_layers(model)
+    layers = adapter_for(model).decoder_layers(model)
     grams = [{"o_proj": InputGram.empty(layer.self_attn.o_proj.in_features),
               "down_proj": InputGram.empty(layer.mlp.down_proj.in_features)} for layer in layers]
-    handles: list[Any] = []
-
-    def collect(stats: InputGram):
-        def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-            stats.update(args[0])
-
-        return hook
-
-    try:
-        for layer, stats in zip(layers, grams):
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(collect(stats["o_proj"])))
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(collect(stats["down_proj"])))
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            for start in tqdm(range(0, ids.shape[0], micro_batch), desc="refit statistics", disable=not progress,
-                              leave=False):
-                adapter.inner_model(model)(input_ids=ids[start:start + micro_batch].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe_output_projection_inputs(model, ids, grams, micro_batch=micro_batch, desc="refit statistics",
+                                     progress=progress)
     InputGram.all_reduce([stats for layer_grams in grams for stats in layer_grams.values()])
     return grams
 
 
-__all__ = ["output_projection_grams"]
+__all__ = ["observe_output_projection_inputs", "output_projection_grams"]
