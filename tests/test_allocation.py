@@ -28,6 +28,10 @@ from layerprune.allocation import (
 from layerprune.cli import main as cli_main
 from layerprune.errors import InfeasibleError, InvalidInputError
 
+# The solvers that choose per layer (`homogeneous`, one width for every layer, has its own tests in
+# tests/test_homogeneous.py: it refuses protected layers and has its own window).
+PER_LAYER_SOLVERS = tuple(s for s in SOLVERS if s != "homogeneous")
+
 SMOLLM2_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -154,7 +158,7 @@ def test_spec_counts_match_model_parameters(tiny_llama, tie, bias):
 # ---------------------------------------------------------------- SmolLM2, every solver
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", PER_LAYER_SOLVERS)
 def test_smollm2_every_solver_meets_budget_and_constraints(solver):
     spec = smollm2_spec(0.25, protected=(0, 29), mlp_step=8, max_rate=0.8)
     res = allocate(spec, solver)
@@ -195,7 +199,7 @@ def test_infeasible_names_binding_constraints():
 
 def test_tie_keeps_attention_and_mlp_fractions_together():
     spec = smollm2_spec(0.3, tie=True, mlp_step=8)
-    for solver in SOLVERS:
+    for solver in PER_LAYER_SOLVERS:
         res = allocate(spec, solver)
         check_result(spec, res, budget=solver != "seed")
         assert "tie" in res.binding
@@ -262,12 +266,12 @@ def test_solvers_against_brute_force(spec):
     except InfeasibleError:
         # dp refuses only a budget no allocation meets, and the other exact-budget solvers agree
         assert brute_force(spec, t, 10**18) is None
-        assert all(allocate_raises(spec, s) for s in SOLVERS if s != "seed")
+        assert all(allocate_raises(spec, s) for s in PER_LAYER_SOLVERS if s != "seed")
         return
     check_result(spec, dp)
     bf = brute_force(spec, t, t + dp.granule)
     assert bf is not None and dp.objective == pytest.approx(bf, rel=1e-9, abs=1e-9)
-    for solver in SOLVERS:
+    for solver in PER_LAYER_SOLVERS:
         res = allocate(spec, solver)
         check_result(spec, res, budget=solver != "seed")
         assert allocate(spec, solver).layers == res.layers  # deterministic

@@ -57,7 +57,7 @@ def test_prune_writes_a_loadable_folder_with_report(tiny_dir, wikitext_dir, tmp_
     from layerprune.models import load_pruned
 
     out = tmp_path / "pruned"
-    argv = _args(tiny_dir, out, wikitext_dir, "--layer-importance", "sensitivity", "--seed", "3")
+    argv = _args(tiny_dir, out, wikitext_dir, "--seed", "3")
     monkeypatch.setattr(sys, "argv", ["layerprune", *argv])
     rc = main(argv)
     printed = capsys.readouterr().out
@@ -65,7 +65,7 @@ def test_prune_writes_a_loadable_folder_with_report(tiny_dir, wikitext_dir, tmp_
     assert "actual ratio (all params)" in printed and "params before" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["command"] == ["layerprune", *argv]
-    assert report["config"]["seed"] == 3 and report["method"] == "unbalanced-sensitivity-dp+lstsq"  # the defaults: the best method
+    assert report["config"]["seed"] == 3 and report["method"] == "unbalanced-reconstruction-dp+lstsq+obs"  # defaults: the best method
     assert abs(report["actual_ratio"] - 0.2) <= report["allocation"]["granule"] / report["params_before"]["total"] + 1e-12
     assert set(report["timings"]) >= {"load", "calibration", "element_scores", "layer_importance", "allocation", "refit",
                                       "pruning"}
@@ -83,7 +83,7 @@ def test_uniform_match_params_through_cli(tiny_dir, wikitext_dir, tmp_path):
     out = tmp_path / "uniform"
     assert main(_args(tiny_dir, out, wikitext_dir, "--mode", "uniform", "--match-params")) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["method"] == "uniform-match+lstsq" and report["layer_importance"] is None  # refit by default
+    assert report["method"] == "uniform-match+lstsq+obs" and report["layer_importance"] is None  # OBS refit by default
     assert abs(report["actual_ratio"] - 0.2) <= report["allocation"]["granule"] / report["params_before"]["total"] + 1e-12
 
 

@@ -112,7 +112,7 @@ def test_report_json_schema(finished):
             # saved with save_pruned; the size is that of the safetensors file
             folder = out / "models" / compare_mod.ratio_key(r["target_ratio"]) / r["method"]
             assert r["size_bytes"] == compare_mod.safetensors_bytes(folder) > 0
-    assert set(data["layer_importance"]) == {"removal", "sensitivity", "sensitivity-refit"}
+    assert set(data["layer_importance"]) == {"removal", "sensitivity", "sensitivity-obs", "reconstruction", "depth"}
     # the layer importance cache is on disk too
     assert (out / "layer_importance" / "removal.json").is_file()
     assert (out / "layer_importance" / "sensitivity.json").is_file()

@@ -48,6 +48,10 @@ SETTINGS = {
     # of the unrefit model
     "uniform-iterative": dict(ratio=0.25, mode="uniform", match_params=True, importance="activation",
                               iterative_steps=2, refit="lstsq-bias", refit_error_correction=False, **REFIT_BATCH),
+    # two passes: sensitivity curves whose points, and the pruning, are chosen by structured OBS
+    "sensitivity-obs": dict(ratio=0.2, layer_importance="sensitivity", importance="obs", refit="lstsq", **REFIT_BATCH),
+    # one pass: uniform, OBS selection and refit
+    "uniform-obs": dict(ratio=0.25, mode="uniform", match_params=True, importance="obs", refit="lstsq", **REFIT_BATCH),
     # one pass: LLM-Pruner's per-layer rate, the same widths everywhere (saved under the family's own config)
     "uniform-rate": dict(ratio=0.4, mode="uniform", importance="l2"),
 }
@@ -316,8 +320,15 @@ def test_cli_goes_layer_by_layer_past_max_memory(tmp_path, cli_checkpoint, wikit
     report = json.loads((out / "report.json").read_text())
     assert report["sequential"]["hidden_states"]["ram_budget_bytes"] == 0  # the budget left nothing: all spilled
     assert report["sequential"]["hidden_states"]["spilled_bytes"] > 0
-    # the default importance (taylor) cannot go layer by layer: one line saying why it had to
-    assert main(_cli(cli_checkpoint, tmp_path / "taylor", wikitext_dir, "--max-memory", "100kB")) == 2
+    # the defaults go layer by layer too: structured OBS, sensitivity curves (the reconstruction curves need a
+    # backward pass through the whole model)
+    assert main(_cli(cli_checkpoint, tmp_path / "default", wikitext_dir, "--max-memory", "100kB")) == 0
+    report = json.loads((tmp_path / "default" / "report.json").read_text())
+    assert report["method"] == "unbalanced-sensitivity-dp+lstsq+obs" and "sequential" in report
+    capsys.readouterr()
+    # a gradient score cannot: one line saying why it had to go layer by layer
+    assert main(_cli(cli_checkpoint, tmp_path / "taylor", wikitext_dir, "--max-memory", "100kB",
+                     "--importance", "taylor")) == 2
     line = _one_error_line(capsys)
     assert "exceed --max-memory" in line and "distributed Taylor path" in line
     # enough memory: the in-memory path, as before

@@ -20,8 +20,8 @@ Two more budgets, alone, together or with ``ratio`` (which may then be None), ar
 ``flops_ratio`` (FLOPs per token of a forward over ``flops_seq_len`` positions); the formulas are
 in :mod:`layerprune.arch.budget`. ``dp`` stays exact with them (a second dimension, see
 ``rust/src/alloc/bounds.rs``); ``greedy``/``lagrange`` meet them with penalty multipliers; ``uniform``
-keeps one KV level that meets them; ``seed`` and ``layer_rate`` refuse them. A budget the
-constraints cannot meet, or a combination no allocation meets, raises
+keeps one KV level that meets them (``homogeneous``: one pair of its window); ``seed`` and ``layer_rate`` refuse
+them. A budget the constraints cannot meet, or a combination no allocation meets, raises
 :class:`~layerprune.errors.InfeasibleError` naming the binding budgets.
 
 Objective (minimised, additive over layers):
@@ -36,7 +36,8 @@ Solvers (all in Rust, ``layerprune._core.allocate``; the GIL is released while s
 ``uniform`` (one rate, exact budget; or ``layer_rate`` with LLM-Pruner floor semantics), ``seed``
 (the reference importance-to-rate mapping), ``greedy`` (marginal loss per parameter over unit
 steps), ``lagrange`` (bisection on the multiplier, then greedy landing), ``dp`` (exact
-multiple-choice knapsack).
+multiple-choice knapsack), ``homogeneous`` (the same ``(g, f)`` in every layer, the least loss within
+``[T, T + L * step]``, one step per layer: ties keep more KV groups, then fewer channels; no protected layers).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from layerprune import _core
 from layerprune.arch.budget import LayerShape
 from layerprune.errors import InvalidInputError
 
-SOLVERS = ("uniform", "seed", "greedy", "lagrange", "dp")
+SOLVERS = ("uniform", "seed", "greedy", "lagrange", "dp", "homogeneous")
 # How `dp` meets KV-cache / FLOPs bounds: the exact second dimension (falling back to the
 # Lagrangian relaxation when it is too large), or either one alone.
 DP_METHODS = ("auto", "second-dimension", "lagrangian")
@@ -64,8 +65,9 @@ def target_count(ratio: float, total: int) -> int:
     x = float(ratio) * float(total)
     whole = math.floor(x)
     return int(whole) + (1 if x - whole >= 0.5 else 0)
-# The solvers of unbalanced pruning (every one but `uniform`).
-UNBALANCED_SOLVERS = tuple(s for s in SOLVERS if s != "uniform")
+# The solvers of unbalanced pruning (every one but `uniform`, and `homogeneous`, which `prune` runs by its own
+# flag: PruneConfig.homogeneous).
+UNBALANCED_SOLVERS = tuple(s for s in SOLVERS if s not in ("uniform", "homogeneous"))
 
 
 @dataclass

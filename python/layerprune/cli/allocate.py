@@ -21,7 +21,7 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "allocate",
         help="per-layer KV groups / MLP channels under an exact parameter budget",
-        description="Solve a pruning allocation (uniform, seed, greedy, lagrange, dp) from a spec JSON, "
+        description="Solve a pruning allocation (uniform, seed, greedy, lagrange, dp, homogeneous) from a spec JSON, "
         "or write a spec for a model from its config.",
     )
     src = p.add_mutually_exclusive_group(required=True)

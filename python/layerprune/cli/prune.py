@@ -29,9 +29,8 @@ def _protected(text: str) -> tuple[int, ...]:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from layerprune.cli.torchrun import add_distributed_arguments
-    from layerprune.scoring.groups import IMPORTANCE_KINDS
     from layerprune.importance import METHODS
-    from layerprune.pruning.pipeline import MODES, SOLVERS
+    from layerprune.pruning.pipeline import IMPORTANCES, MODES, SOLVERS
     from layerprune.pruning.refit import REFIT_MODES
     from layerprune.refit import DEFAULT_DAMPING
 
@@ -49,12 +48,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--mode", choices=MODES, default="unbalanced", help="uniform or unbalanced (default: unbalanced)")
     p.add_argument("--solver", choices=SOLVERS, default="dp", help="allocation solver for unbalanced (default: dp)")
-    p.add_argument("--layer-importance", choices=METHODS, default="sensitivity",
-                   help="layer importance for unbalanced (default: sensitivity, the best measured; see README)")
+    p.add_argument("--layer-importance", choices=METHODS, default=None,
+                   help="layer importance for unbalanced (default: reconstruction with --importance obs, the best "
+                   "measured, else sensitivity; see README)")
     p.add_argument("--removal-metric", choices=("loss", "ppl"), default="loss",
                    help="removal importance measures the calibration loss increase (default) or the perplexity increase")
-    p.add_argument("--importance", choices=IMPORTANCE_KINDS, default="taylor",
-                   help="element score choosing which heads/channels to keep (default: taylor)")
+    p.add_argument("--importance", choices=IMPORTANCES, default=None,
+                   help="what chooses the heads/channels kept: an element score, or obs (structured OBS on the refit's "
+                   "Gram matrices: the least error after the refit, SlimGPT; needs --refit lstsq) (default: obs when "
+                   "the run can take it, i.e. --refit lstsq, mode unbalanced or uniform, one step, in memory; else taylor)")
     p.add_argument("--match-params", action="store_true",
                    help="uniform: one rate chosen to remove exactly --ratio of ALL parameters (else --ratio is the "
                    "per-layer rate, LLM-Pruner style)")
@@ -72,6 +74,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--mlp-step", type=int, default=1, help="MLP channels are kept in multiples of this (default: 1)")
     p.add_argument("--min-kv-groups", type=int, default=1, help="KV groups every layer keeps at least (default: 1)")
     p.add_argument("--tie", action="store_true", help="one rate for attention and MLP in each layer")
+    p.add_argument("--homogeneous", action="store_true",
+                   help="the same KV groups and MLP channels in every layer, at the exact budget (to one step per "
+                   "layer), so the model saves under the family's own config (no remote code): with --mode unbalanced "
+                   "the best equal widths by the layer importance, with --mode uniform --match-params flat")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
     p.add_argument("--refit", choices=REFIT_MODES, default="lstsq",
                    help="refit the kept o_proj / down_proj columns by least squares on calibration activations "
@@ -102,7 +108,8 @@ def add_sequential_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sequential", action="store_true",
                    help="prune layer by layer: one decoder layer's weights in memory at a time, read from the "
                    "checkpoint's safetensors, the calibration hidden states spilled to disk past a budget; "
-                   "forward-only importance (activation, l1, l2). Chosen by itself when the weights exceed --max-memory")
+                   "forward-only importance (obs, activation, l1, l2; layer importance removal, activation or "
+                   "sensitivity). Chosen by itself when the weights exceed --max-memory")
     g.add_argument("--max-memory", type=parse_size, default=None,
                    help="memory this run may use, e.g. 24GB (default: the memory available now); heavier weights "
                    "switch to --sequential, which keeps its hidden states within what the layers leave of it")
@@ -189,18 +196,32 @@ def _run_sequential(args: argparse.Namespace, config: Any, why: str | None, prog
     return 0
 
 
+def default_importance(args: argparse.Namespace) -> tuple[str, str]:
+    """The element importance and layer importance a run gets when not given: the best measured method
+    (structured OBS with the reconstruction curves, README "Refit") where it applies, else taylor / sensitivity."""
+    obs_fits = (args.refit == "lstsq" and args.mode in ("unbalanced", "uniform") and args.iterative_steps == 1
+                and not args.fsdp)
+    importance = args.importance or ("obs" if obs_fits else "taylor")
+    # the reconstruction curves need a backward pass through the whole model, which --sequential never holds
+    sequential = getattr(args, "sequential", False)
+    default_li = "reconstruction" if importance == "obs" and not sequential else "sensitivity"
+    return importance, args.layer_importance or default_li
+
+
 def config_from_args(args: argparse.Namespace):
     from layerprune.pruning.pipeline import PruneConfig
 
+    importance, layer_importance = default_importance(args)
     return PruneConfig(
-        ratio=args.ratio, mode=args.mode, solver=args.solver, layer_importance=args.layer_importance,
+        ratio=args.ratio, mode=args.mode, solver=args.solver, layer_importance=layer_importance,
         removal_metric=args.removal_metric,
-        importance=args.importance, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+        importance=importance, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         iterative_steps=args.iterative_steps, match_params=args.match_params, layer_start=args.layer_start,
         layer_end=args.layer_end, attn_layer_start=args.attn_layer_start, attn_layer_end=args.attn_layer_end,
         mlp_layer_start=args.mlp_layer_start, mlp_layer_end=args.mlp_layer_end,
         min_effective_rate=args.min_effective_rate, protected=tuple(args.protected), mlp_step=args.mlp_step,
         min_kv_groups=args.min_kv_groups, tie=args.tie, seed=args.seed, calib_dataset=args.calib_dataset, data_dir=args.data_dir,
+        homogeneous=args.homogeneous,
         curve_samples=args.curve_samples, refit=args.refit, refit_damping=args.refit_damping,
         refit_error_correction=not args.no_error_correction, refit_samples=args.refit_samples,
         refit_seq_len=args.refit_seq_len, kv_cache_ratio=args.kv_cache_ratio, flops_ratio=args.flops_ratio,
@@ -259,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
     from layerprune.pruning import pipeline
     from layerprune.pruning.pipeline import check_feasible, summary_table, validate_against_model, validate_config
     from layerprune.export import save_pruned
+    from layerprune.export.save import WIDTHS_DIFFER, plain_config_obstacle
 
     progress = not args.no_progress and distributed.is_rank0()  # under torchrun: rank 0's bars only
     start = time.perf_counter()
@@ -279,6 +301,9 @@ def run(args: argparse.Namespace) -> int:
     check_feasible(model_config, config)
     sequential, why = _choose_sequential(args, getattr(torch, args.dtype))
     if sequential:
+        args.sequential = True
+        config = config_from_args(args)  # the defaults of a layer-by-layer run
+        validate_config(config)
         return _run_sequential(args, config, why, progress, start)
 
     t0 = time.perf_counter()
@@ -295,6 +320,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = save_pruned(result.model, tokenizer, args.out, report=report, overwrite=args.overwrite)
     save_seconds = time.perf_counter() - t0
+    why = plain_config_obstacle(result.model)
+    if why is not None and why != WIDTHS_DIFFER:  # equal widths, yet no plain config: say why
+        print(f"layerprune prune: config.json is not the family's own config: {why}; saved with the remote-code "
+              "layout (layerprune.load_pruned, or trust_remote_code=True)", file=sys.stderr)
     wall = time.perf_counter() - start
     print(summary_table(report, extra=[("time: save", f"{save_seconds:.1f} s"), ("time: wall", f"{wall:.1f} s"),
                                        ("saved to", str(out))]))

@@ -10,8 +10,8 @@ from typing import Any
 from layerprune.errors import InvalidInputError
 from layerprune.pruning.pipeline import PruneConfig
 
-METHODS = ("dense", "uniform-range", "uniform", "uniform-refit", "flap", "unbalanced-seed", "unbalanced-norefit",
-           "unbalanced")
+METHODS = ("dense", "uniform-range", "uniform", "uniform-refit", "uniform-obs", "uniform-homogeneous", "flap",
+           "slimgpt", "unbalanced-seed", "unbalanced-norefit", "unbalanced-sensitivity", "unbalanced")
 PRUNED_METHODS = METHODS[1:]
 # LLM-Pruner's llama3.py: block_*_layer_start=3, block_*_layer_end=31 for 32 layers -> [3, L-1)
 REFERENCE_RANGE_START = 3
@@ -41,15 +41,30 @@ METHOD_NOTES = {
                           "parameter budget as `uniform`; the kept weights are not changed.",
     "uniform-refit": "`uniform`, then the kept o_proj / down_proj columns refit by least squares on calibration "
                      "activations, layer by layer with error correction.",
-    "unbalanced": "the project's best method: per-layer sensitivity curves measured after the refit + exact DP "
-                  "allocation, then the kept weights refit layer by layer (same budget as `uniform`).",
+    "uniform-homogeneous": "the same KV groups and MLP channels in every layer (the `homogeneous` allocation: exact "
+                           "budget to one step per layer; the widths closest to one rate for attention and MLP), then the same "
+                           "refit as `uniform-refit`; saved under the family's own config (no remote code).",
+    "uniform-obs": "`uniform`, with the kept KV groups and channels chosen by structured OBS (the least error "
+                   "after the refit, removed one by one with inverse-Hessian updates) and the OBS refit, layer by "
+                   "layer with error correction.",
+    "slimgpt": "SlimGPT (Ling et al. 2024), reimplemented: structured OBS selection and refit layer by layer with "
+               "error correction, layer rates rising like ln(l + 2) with depth (its incremental pruning ratio), "
+               "realised by the exact DP at the same budget as `uniform`.",
+    "unbalanced-sensitivity": "per-layer sensitivity curves measured after the OBS refit (one pruned evaluation "
+                              "per point) + exact DP allocation, then OBS selection and refit (same budget).",
+    "unbalanced": "the project's best method: per-layer curves of the loss estimated from the Fisher-weighted "
+                  "reconstruction error after the OBS refit (no pruned evaluations) + exact DP allocation, then "
+                  "OBS selection and refit layer by layer with error correction (same budget as `uniform`).",
     "flap": "FLAP (An et al. 2024), reimplemented: fluctuation metric Var(X)·‖W[:, j]‖², standardised per layer "
             "and module, one global threshold counting each group and channel by its parameters, bias "
             "compensation; statistics from the refit batch; same budget as `uniform`.",
 }
 # The layer importance each method reads (cached once per key, shared by every ratio).
-LAYER_IMPORTANCE_FOR = {"unbalanced-seed": "removal", "unbalanced-norefit": "sensitivity", "unbalanced": "sensitivity-refit"}
-REFIT_METHODS = ("uniform-refit", "flap", "unbalanced")  # they read the refit batch
+LAYER_IMPORTANCE_FOR = {"unbalanced-seed": "removal", "unbalanced-norefit": "sensitivity",
+                        "unbalanced-sensitivity": "sensitivity-obs", "unbalanced": "reconstruction", "slimgpt": "depth"}
+# they read the refit batch
+REFIT_METHODS = ("uniform-refit", "uniform-obs", "uniform-homogeneous", "flap", "slimgpt", "unbalanced-sensitivity",
+                 "unbalanced")
 
 
 @dataclasses.dataclass
@@ -182,10 +197,18 @@ def _method_config(method: str, ratio: float, settings: CompareSettings, num_lay
     refit = dict(refit=settings.refit, refit_samples=settings.refit_samples, refit_seq_len=settings.refit_seq_len)
     if method == "uniform-refit":
         return PruneConfig(ratio=ratio, mode="uniform", match_params=True, **refit, **common)
+    if method == "uniform-homogeneous":
+        return PruneConfig(ratio=ratio, mode="uniform", match_params=True, homogeneous=True, **refit, **common)
     if method == "flap":
         return PruneConfig(ratio=ratio, mode="flap", refit="bias", refit_error_correction=False,
                            refit_samples=settings.refit_samples, refit_seq_len=settings.refit_seq_len, **common)
+    obs = dict(common, importance="obs", **dict(refit, refit="lstsq"))
+    if method == "uniform-obs":
+        return PruneConfig(ratio=ratio, mode="uniform", match_params=True, **obs)
+    if method == "slimgpt":
+        return PruneConfig(ratio=ratio, mode="unbalanced", solver="dp", layer_importance="depth", **obs)
+    if method == "unbalanced-sensitivity":
+        return PruneConfig(ratio=ratio, mode="unbalanced", solver="dp", layer_importance="sensitivity", **obs)
     if method == "unbalanced":
-        return PruneConfig(ratio=ratio, mode="unbalanced", solver="dp", layer_importance="sensitivity", **refit,
-                           **common)
+        return PruneConfig(ratio=ratio, mode="unbalanced", solver="dp", layer_importance="reconstruction", **obs)
     raise InvalidInputError(f"method: unknown '{method}'")

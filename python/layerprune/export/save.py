@@ -32,7 +32,7 @@ from layerprune.atomic import (
 from layerprune.errors import InvalidInputError, ModelError
 from layerprune.models import FORMAT_VERSION
 
-__all__ = ["MODELING_FILE", "save_pruned"]
+__all__ = ["MODELING_FILE", "plain_config_obstacle", "save_pruned"]
 
 MODELING_FILE = "modeling_layerprune.py"
 WEIGHTS_FILE = "model.safetensors"
@@ -89,21 +89,35 @@ def _pruned_config(model: Any, adapter: FamilyAdapter, tie: bool) -> dict[str, A
 
 
 LAYER_WIDTH_LISTS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes")
+WIDTHS_DIFFER = "the layers' widths differ"
+
+
+def plain_config_obstacle(model: Any) -> str | None:
+    """Why the family's own config cannot describe ``model`` (None when it can), in words: the layers' widths
+    differ, o_proj / down_proj carry a compensation bias the family's config cannot declare, or the hidden size
+    is not a multiple of the kept query heads (transformers' family configs refuse it)."""
+    widths = {(s["num_q_heads"], s["num_kv_heads"], s["intermediate"]) for s in layer_shapes(model)}
+    if len(widths) != 1:
+        return WIDTHS_DIFFER
+    if model.config.to_dict().get(modeling.OUTPUT_BIAS_KEY):
+        return ("o_proj / down_proj carry the refit's compensation bias (refit lstsq-bias or bias), which the "
+                "family's config cannot declare")
+    ((heads, _, _),) = widths
+    if int(model.config.hidden_size) % heads:
+        return (f"hidden_size {model.config.hidden_size} is not a multiple of the {heads} query heads kept "
+                "(transformers' family configs refuse it)")
+    return None
 
 
 def _plain_config(model: Any, adapter: FamilyAdapter, tie: bool) -> dict[str, Any] | None:
     """The family's own config for a pruned model whose layers all have the same widths: the dense config with
     only ``num_attention_heads``, ``num_key_value_heads`` and ``intermediate_size`` changed (``head_dim`` stays
-    written out), which transformers, vLLM and llama.cpp's converter load with no remote code. None when the
-    widths differ, when o_proj / down_proj carry a compensation bias the family's config cannot declare, or
-    when the hidden size is not a multiple of the kept query heads (transformers' family configs refuse it)."""
+    written out), which transformers, vLLM and llama.cpp's converter load with no remote code. None when
+    :func:`plain_config_obstacle` names a reason it cannot."""
+    if plain_config_obstacle(model) is not None:
+        return None
     shapes = layer_shapes(model)
-    widths = {(s["num_q_heads"], s["num_kv_heads"], s["intermediate"]) for s in shapes}
-    if len(widths) != 1 or model.config.to_dict().get(modeling.OUTPUT_BIAS_KEY):
-        return None
-    ((heads, kv_heads, intermediate),) = widths
-    if int(model.config.hidden_size) % heads:
-        return None
+    ((heads, kv_heads, intermediate),) = {(s["num_q_heads"], s["num_kv_heads"], s["intermediate"]) for s in shapes}
     config = model.config.to_dict()
     for key in ("auto_map", "torch_dtype", "_name_or_path", *LAYER_WIDTH_LISTS):
         config.pop(key, None)

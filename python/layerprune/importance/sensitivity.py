@@ -26,6 +26,7 @@ from layerprune.errors import InvalidInputError
 from layerprune.importance.cache import METRICS, LayerInputs, capture_layer_inputs, increase, loss_from_layer, subset_cache
 from layerprune.importance.result import LayerImportance
 from layerprune.refit import DEFAULT_DAMPING, InputGram, compensation_bias, refit_output_projection
+from layerprune.refit.obs import DEFAULT_BATCH_FRACTION, structured_obs
 from layerprune.scoring.selection import select_keep
 
 # Kept fractions sampled for the curves (the endpoints "all kept" (= 0 increase) and "none kept"
@@ -87,6 +88,17 @@ def _refit_inputs(linear: torch.nn.Module, stats: InputGram, keep_columns: torch
             linear.bias.data = saved_bias
 
 
+@contextlib.contextmanager
+def _replaced_weight(linear: torch.nn.Module, weight: torch.Tensor) -> Iterator[None]:
+    """``linear`` with ``weight`` (e.g. the structured-OBS weights, removed columns zero); put back on exit."""
+    saved = linear.weight.data
+    linear.weight.data = weight.to(saved)
+    try:
+        yield
+    finally:
+        linear.weight.data = saved
+
+
 def head_columns(kv_groups: Sequence[int], num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
     """o_proj input columns of the query heads served by ``kv_groups`` (the GQA index map, :mod:`layerprune.arch.gqa`)."""
     ratio = gqa.group_ratio(num_heads, num_kv_heads)
@@ -115,8 +127,8 @@ def _sample_points(total: int, fractions: Sequence[float], include_zero: bool, s
 def sensitivity_importance(
     model: torch.nn.Module,
     calib_ids: torch.Tensor,
-    kv_group_scores: Sequence[torch.Tensor],
-    channel_scores: Sequence[torch.Tensor],
+    kv_group_scores: Sequence[torch.Tensor] | None,
+    channel_scores: Sequence[torch.Tensor] | None,
     *,
     mlp_step: int = 1,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
@@ -136,6 +148,10 @@ def sensitivity_importance(
     ``refit_grams`` (per layer, :func:`layerprune.refit.output_projection_grams` of a separate refit batch):
     each sampled point is measured with the layer's kept o_proj / down_proj columns refit (``refit`` mode),
     as the pruner will leave them, so the allocation sees what a layer costs after the refit.
+
+    Without element scores (``kv_group_scores`` and ``channel_scores`` None) every point keeps what structured OBS
+    on ``refit_grams`` keeps (:func:`layerprune.refit.obs.structured_obs`, refit ``lstsq``), as ``--importance obs``
+    prunes.
 
     ``curve_samples``: measure the curves on the first n calibration sequences only (default: all).
 
@@ -169,6 +185,11 @@ def sensitivity_importance(
     adapter = adapter_for(model)
     layers = adapter.decoder_layers(model)
     num = len(layers)
+    if kv_group_scores is None or channel_scores is None:
+        if refit_grams is None or refit != "lstsq" or (kv_group_scores, channel_scores) != (None, None):
+            raise InvalidInputError("sensitivity: without element scores the points are chosen by OBS, which needs "
+                                    "refit_grams and refit lstsq")
+        kv_group_scores = channel_scores = [None] * num
     if len(kv_group_scores) != num or len(channel_scores) != num:
         raise InvalidInputError(
             f"kv_group_scores/channel_scores: need one tensor per layer ({num}), got {len(kv_group_scores)}/{len(channel_scores)}"
@@ -225,9 +246,13 @@ def pruned_layer_outputs(adapter, layer, geometry, x, kw, kv_scores, channel_sco
     """``("attn", g, y)`` for every ``g`` in ``g_points`` and ``("mlp", c, y)`` for every ``c`` in ``c_points``:
     the output ``y`` of ``layer`` on ``x`` keeping only its ``g`` best KV groups (or ``c`` best channels) by
     the element scores, chosen by :func:`select_keep` as the pruner will; with ``grams`` (the layer's
-    ``{"o_proj", "down_proj"}`` input Grams) the kept columns refit (``refit`` mode) first."""
+    ``{"o_proj", "down_proj"}`` input Grams) the kept columns refit (``refit`` mode) first. Scores None: the kept
+    ones and their weights are structured OBS's on ``grams`` (one nested removal order per projection)."""
     num_heads, num_kv, head_dim, inter = (geometry.num_q_heads, geometry.num_kv_heads, geometry.head_dim,
                                           geometry.intermediate)
+    if kv_scores is None:
+        yield from _obs_layer_outputs(adapter, layer, geometry, x, kw, g_points, c_points, grams, refit_damping)
+        return
 
     def _remove(linear: torch.nn.Module, name: str, cols: torch.Tensor):
         if grams is None:
@@ -246,6 +271,23 @@ def pruned_layer_outputs(adapter, layer, geometry, x, kw, kv_scores, channel_sco
         with _remove(layer.mlp.down_proj, "down_proj", cols):
             y = adapter.layer_forward(layer, x, kw)
         yield "mlp", c, y
+
+
+def _obs_layer_outputs(adapter, layer, geometry, x, kw, g_points, c_points, grams, damping):
+    """:func:`pruned_layer_outputs` with the kept groups and weights of structured OBS."""
+    o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+    head_groups = [gqa.q_rows([j], geometry.ratio, geometry.head_dim) for j in range(geometry.num_kv_heads)]
+    stages = structured_obs(o_proj.weight, grams["o_proj"], head_groups,
+                            [geometry.num_kv_heads - g for g in g_points], damping=damping)
+    for g, stage in zip(sorted(g_points, reverse=True), stages):
+        with _replaced_weight(o_proj, stage.weight):
+            yield "attn", g, adapter.layer_forward(layer, x, kw)
+    stages = structured_obs(down_proj.weight, grams["down_proj"], [[c] for c in range(geometry.intermediate)],
+                            [geometry.intermediate - c for c in c_points], damping=damping,
+                            batch_fraction=DEFAULT_BATCH_FRACTION)
+    for c, stage in zip(sorted(c_points, reverse=True), stages):
+        with _replaced_weight(down_proj, stage.weight):
+            yield "mlp", c, adapter.layer_forward(layer, x, kw)
 
 
 def sensitivity_result(geometries, attn_samples: Sequence[dict[int, float]], mlp_samples: Sequence[dict[int, float]],

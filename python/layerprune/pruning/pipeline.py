@@ -12,6 +12,12 @@ Modes:
   ``sensitivity`` gives the solver measured cost curves; the others give one importance per
   layer and component (the allocation's surrogate objective).
 
+``homogeneous`` (with ``uniform`` + ``match_params`` or ``unbalanced``): the allocation's ``homogeneous``
+solver keeps the same KV groups and MLP channels in every layer under the exact budget (to one step per
+layer), so the pruned model saves under the family's own config (no remote code). In ``unbalanced`` mode
+the equal widths are the best by the layer importance / sensitivity curves; in ``uniform`` mode they are the
+ones closest to one rate for attention and MLP (the loss ``P_c (1 − k_c)²`` of each component's parameters).
+
 Iterative pruning (``iterative_steps = N``): the allocation for the final ``ratio`` is computed once
 on the dense model (layer importance too, on the dense model), and step ``k`` prunes every layer
 to ``round(full - (full - final) * k / N)`` KV groups / channels, i.e. a linear schedule that
@@ -52,7 +58,7 @@ from layerprune.arch import OUTPUT_BIAS_KEY, adapter_for, gqa, layer_shapes, per
 from layerprune.arch.budget import mlp_grid_size
 from layerprune.errors import InternalError, InvalidInputError, ModelError
 from layerprune.importance import METHODS as LAYER_IMPORTANCE_METHODS
-from layerprune.importance import LayerImportance, sensitivity_importance
+from layerprune.importance import LayerImportance, depth_importance, reconstruction_importance, sensitivity_importance
 from layerprune.importance import layer_importance as compute_layer_importance
 from layerprune.models import count_parameters
 from layerprune.pruning.flap import flap_allocation, fluctuation_scores
@@ -60,9 +66,12 @@ from layerprune.pruning.refit import BIAS_MODES, REFIT_MODES, refit_kept_weights
 from layerprune.pruning.surgery import StructuredPruner
 from layerprune.refit import DEFAULT_DAMPING, output_projection_grams
 from layerprune.scoring.groups import IMPORTANCE_KINDS, element_group_scores
-from layerprune.scoring.selection import select_keep
+from layerprune.scoring.selection import LayerKeep, select_keep
 
 MODES = ("unbalanced", "uniform", "flap")
+# What chooses the kept heads and channels: an element score, or structured OBS on the refit's Grams
+# (the error after the refit, :mod:`layerprune.refit.obs`; SlimGPT).
+IMPORTANCES = IMPORTANCE_KINDS + ("obs",)
 
 
 @dataclass
@@ -90,6 +99,7 @@ class PruneConfig:
     mlp_step: int = 1
     min_kv_groups: int = 1
     tie: bool = False
+    homogeneous: bool = False  # the same widths in every layer (the `homogeneous` solver): a plain family config
     seed: int = 0
     calib_dataset: str = "wikitext2"  # calibration text: 'wikitext2' (its train, else valid split) or a .txt file
     data_dir: str | None = None
@@ -144,13 +154,21 @@ def validate_config(config: PruneConfig) -> None:
         raise InvalidInputError(
             f"layer_importance: expected one of {', '.join(LAYER_IMPORTANCE_METHODS)}, got {config.layer_importance!r}"
         )
-    if config.importance not in IMPORTANCE_KINDS:
-        raise InvalidInputError(f"importance: expected one of {', '.join(IMPORTANCE_KINDS)}, got {config.importance!r}")
+    if config.importance not in IMPORTANCES:
+        raise InvalidInputError(f"importance: expected one of {', '.join(IMPORTANCES)}, got {config.importance!r}")
+    if config.layer_importance == "reconstruction" and config.mode == "unbalanced" and config.refit != "lstsq":
+        raise InvalidInputError("layer_importance reconstruction: estimates the loss after the least-squares refit, "
+                                "so it needs refit lstsq")
+    if config.importance == "obs" and (config.refit != "lstsq" or config.mode == "flap" or config.iterative_steps != 1
+                                       or config.fsdp):
+        raise InvalidInputError("importance obs: chooses by the error after the least-squares refit, so it needs "
+                                "refit lstsq, one pruning step, and mode unbalanced or uniform (no fsdp)")
     for name, low in (("calib_samples", 1), ("calib_seq_len", 2), ("iterative_steps", 1), ("mlp_step", 1),
                       ("min_kv_groups", 1)):
         v = getattr(config, name)
         if not _is_int(v) or v < low:
             raise InvalidInputError(f"{name}: must be an integer >= {low}, got {v!r}")
+    _validate_homogeneous(config)
     if config.mode == "flap" and config.iterative_steps != 1:
         raise InvalidInputError("iterative_steps: FLAP prunes in one step (its scores and threshold are global)")
     if config.fsdp and (config.mode == "flap" or config.importance not in ("taylor", "vectorize")):
@@ -199,6 +217,26 @@ def validate_config(config: PruneConfig) -> None:
                                 "(use mode unbalanced with solver greedy, lagrange or dp, or uniform with match_params)")
 
 
+def _validate_homogeneous(config: PruneConfig) -> None:
+    """What ``homogeneous`` (one width for every layer) cannot be combined with, refused in one line."""
+    if not isinstance(config.homogeneous, bool):
+        raise InvalidInputError(f"homogeneous: must be True or False, got {config.homogeneous!r}")
+    if not config.homogeneous:
+        return
+    if config.mode == "flap":
+        raise InvalidInputError("mode: homogeneous needs mode uniform (with match_params) or unbalanced; FLAP's "
+                                "global threshold sets its own per-layer widths")
+    if config.mode == "uniform" and not config.match_params:
+        raise InvalidInputError("match_params: homogeneous in uniform mode needs match_params (it removes exactly "
+                                "ratio of all parameters; without it LLM-Pruner's per-layer floors are used)")
+    if config.mode == "unbalanced" and config.solver == "seed":
+        raise InvalidInputError("solver: homogeneous is its own allocation (one width for every layer, by the "
+                                "layer importance); the seed mapping cannot be combined with it")
+    if config.protected:
+        raise InvalidInputError(f"protected: homogeneous keeps the same widths in every layer, so layers "
+                                f"{sorted(set(config.protected))} cannot stay whole (drop protected)")
+
+
 def layer_ranges(config: PruneConfig, num_layers: int) -> dict[str, tuple[int, int]]:
     """Resolved [start, end) of the attention and MLP ranges; checked against the model depth."""
     out = {}
@@ -221,7 +259,13 @@ def layer_ranges(config: PruneConfig, num_layers: int) -> dict[str, tuple[int, i
 def validate_against_model(config: PruneConfig, num_layers: int, num_kv_heads: int | None = None) -> None:
     """Checks that need the model's depth (from its config: done before the weights are loaded)."""
     validate_config(config)
-    layer_ranges(config, num_layers)
+    ranges = layer_ranges(config, num_layers)
+    if config.homogeneous:
+        for part, (start, end) in ranges.items():
+            if (start, end) != (0, num_layers):
+                raise InvalidInputError(
+                    f"{part}_layer_start/end: homogeneous prunes every layer to the same widths; the range "
+                    f"[{start}, {end}) would leave the other layers of the {num_layers} whole")
     bad = [p for p in config.protected if p >= num_layers]
     if bad:
         raise InvalidInputError(f"protected: layers {bad} do not exist (the model has {num_layers} layers)")
@@ -275,6 +319,11 @@ def build_allocation_spec(model_config: Any, config: PruneConfig, importance: La
         constraints["attn_importance"] = _nonneg(importance.attn)
         constraints["mlp_importance"] = _nonneg(importance.mlp)
     spec = spec_from_model_config(model_config, float(config.ratio), **constraints)
+    if config.mode == "uniform" and config.homogeneous and importance is None:
+        # loss P_c (1 - k_c)^2 per component: the best equal widths remove attention and MLP at one rate
+        # (the Lagrange condition 2 P_c r_c = mu P_c), as uniform does
+        spec.attn_importance = np.array([float(s.params() - s.params(kv_groups=0)) for s in spec.layers])
+        spec.mlp_importance = np.array([float(s.params() - s.params(mlp=0)) for s in spec.layers])
     if config.refit in BIAS_MODES:
         # The compensation biases are part of the pruned model: budgeted, and the ratio re-expressed so the
         # pruned model still has (1 - ratio) of the DENSE model's parameters, like every other method.
@@ -319,10 +368,13 @@ def check_feasible(model_config: Any, config: PruneConfig) -> None:
 
 
 def solver_for(config: PruneConfig) -> str:
-    """The allocation solver a config runs: ``uniform`` in uniform mode, else ``config.solver`` (FLAP's own
-    threshold is checked for feasibility with ``greedy``, which can reach every budget it can)."""
+    """The allocation solver a config runs: ``homogeneous`` with ``config.homogeneous``, ``uniform`` in uniform
+    mode, else ``config.solver`` (FLAP's own threshold is checked for feasibility with ``greedy``, which can
+    reach every budget it can)."""
     if config.mode == "flap":
         return "greedy"
+    if config.homogeneous:
+        return "homogeneous"
     return "uniform" if config.mode == "uniform" else config.solver
 
 
@@ -397,7 +449,7 @@ def measure_layer_importance(
     of ``prune`` and ``compare``. ``sensitivity`` needs the dense element scores (computed when not given);
     with a refit it measures each point after the refit, its statistics taken from ``refit_ids``."""
     if config.layer_importance == "sensitivity":
-        if element_scores is None:
+        if element_scores is None and config.importance != "obs":
             element_scores = element_group_scores(model, calib_ids, importance=config.importance, progress=progress)
         grams = None
         if config.refit != "none":
@@ -405,10 +457,18 @@ def measure_layer_importance(
                 raise InvalidInputError("refit_ids: sensitivity curves after a refit need the refit's calibration batch")
             grams = output_projection_grams(model, refit_ids.long().to(calib_ids.device), progress=progress)
         return sensitivity_importance(
-            model, calib_ids, element_scores[0], element_scores[1], mlp_step=config.mlp_step,
+            model, calib_ids, *(element_scores if element_scores is not None else (None, None)), mlp_step=config.mlp_step,
             min_kv_groups=config.min_kv_groups, curve_samples=config.curve_samples, progress=progress,
             refit_grams=grams, refit=config.refit, refit_damping=config.refit_damping,
         )
+    if config.layer_importance == "depth":
+        return depth_importance(model, mlp_step=config.mlp_step)
+    if config.layer_importance == "reconstruction":
+        if refit_ids is None:
+            raise InvalidInputError("refit_ids: reconstruction curves are measured on the refit's calibration batch")
+        return reconstruction_importance(model, refit_ids.long().to(calib_ids.device), mlp_step=config.mlp_step,
+                                         min_kv_groups=config.min_kv_groups, damping=config.refit_damping,
+                                         progress=progress)
     options = {"metric": config.removal_metric} if config.layer_importance == "removal" else {}
     return compute_layer_importance(model, calib_ids, config.layer_importance, progress=progress, **options)
 
@@ -489,6 +549,8 @@ def prune(
             refit_ids = _refit_share(tokenizer, config)
         dense_scores = distributed.broadcast_object(
             fluctuation_scores(work, refit_ids.long().to(calib_ids.device), progress=progress))
+    elif config.importance == "obs":
+        dense_scores = None  # chosen after the allocation, layer by layer, from the refit's Grams
     else:
         dense_scores = _element_scores(work, calib_ids, config, progress)
     timings["element_scores"] = time.perf_counter() - t0
@@ -532,19 +594,23 @@ def prune(
         want_kv = _step_targets(full_kv, final_kv, step, steps)
         want_mlp = _step_targets(full_mlp, final_mlp, step, steps)
         if step == 1 or config.mode == "flap":
-            kv_scores, ch_scores = dense_scores
+            kv_scores, ch_scores = dense_scores if dense_scores is not None else (None, None)
         else:
             r0 = time.perf_counter()
             kv_scores, ch_scores = _element_scores(work, calib_ids, config, progress)
             rescoring += time.perf_counter() - r0
-        keep = select_keep(kv_scores, ch_scores, want_kv, want_mlp)
+        if kv_scores is None:  # obs: the counts only; refit_kept_weights chooses which
+            keep = [LayerKeep(tuple(range(g)), tuple(range(f))) for g, f in zip(want_kv, want_mlp)]
+        else:
+            keep = select_keep(kv_scores, ch_scores, want_kv, want_mlp)
         if step == steps and config.refit != "none":
             r0 = time.perf_counter()
             if refit_ids is None:
                 refit_ids = _refit_share(tokenizer, config)
-            refit_report = refit_kept_weights(
+            refit_report, keep = refit_kept_weights(
                 work, keep, refit_ids.long().to(calib_ids.device), mode=config.refit, damping=config.refit_damping,
-                error_correction=config.refit_error_correction, progress=progress)
+                error_correction=config.refit_error_correction, progress=progress,
+                select="obs" if config.importance == "obs" else "given")
             timings["refit"] = time.perf_counter() - r0
             rescoring += timings["refit"]  # kept apart from the surgery's time
         StructuredPruner(work, example).prune(keep)
@@ -641,13 +707,17 @@ def per_token_report(config: PruneConfig, before: dict[str, int], after: dict[st
 
 
 def method_name(config: PruneConfig) -> str:
-    """A short label: uniform-range, uniform-match, unbalanced-<importance>-<solver>, then +<refit> if any."""
+    """A short label: uniform-range, uniform-match, uniform-homogeneous, unbalanced-<importance>-<solver> (the
+    solver is ``homogeneous`` with it), then +<refit> if any."""
     refit = "" if config.refit == "none" else f"+{config.refit}"
+    refit += "+obs" if config.importance == "obs" else ""
     if config.mode == "flap":
         return "flap" + refit
     if config.mode == "uniform":
+        if config.homogeneous:
+            return "uniform-homogeneous" + refit
         return ("uniform-match" if config.match_params else "uniform-range") + refit
-    return f"unbalanced-{config.layer_importance}-{config.solver}{refit}"
+    return f"unbalanced-{config.layer_importance}-{solver_for(config)}{refit}"
 
 
 def summary_table(report: dict[str, Any], extra: Sequence[tuple[str, str]] = ()) -> str:

@@ -9,6 +9,11 @@ which computes exactly what the pruned layer will. Modes:
 * ``lstsq-bias``: the same on centred inputs, with a bias on o_proj and down_proj absorbing the mean;
 * ``bias``: FLAP's bias compensation only, ``b = W[:, R] · mean(X[:, R])``, kept weights unchanged.
 
+With ``select="obs"`` the layer's kept KV groups and channels are chosen here, by structured OBS on the same
+Gram matrices (:func:`layerprune.refit.obs.structured_obs`: the groups whose removal least increases the error
+after the refit, removed one by one with inverse-Hessian updates), and the OBS weights are the refit; only the
+counts of the given keep are used.
+
 With ``error_correction`` (SparseGPT, SlimGPT) the calibration inputs of layer ``l`` come from the already
 refit layers ``0 .. l-1``, so each layer also corrects what the earlier ones lost; without it every layer
 sees the dense model's inputs. Calibration runs in micro-batches; Gram matrices accumulate in float64.
@@ -29,9 +34,11 @@ from layerprune.arch import adapter_for, gqa
 from layerprune.errors import InvalidInputError
 from layerprune.importance.cache import batch_slice, capture_layer_inputs
 from layerprune.refit import DEFAULT_DAMPING, InputGram, compensation_bias, refit_output_projection
+from layerprune.refit.obs import DEFAULT_BATCH_FRACTION, structured_obs
 from layerprune.scoring.selection import LayerKeep
 
 REFIT_MODES = ("none", "lstsq", "lstsq-bias", "bias")
+SELECTIONS = ("given", "obs")
 BIAS_MODES = ("lstsq-bias", "bias")
 
 
@@ -73,8 +80,10 @@ def refit_kept_weights(
     error_correction: bool = True,
     micro_batch: int = 8,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Refit ``model`` (about to be pruned to ``keep``) in place; returns per-layer output errors before/after.
+    select: str = "given",
+) -> tuple[dict[str, Any], list[LayerKeep]]:
+    """Refit ``model`` (about to be pruned to ``keep``) in place; returns per-layer output errors before/after,
+    and the keep the surgery must apply (``keep`` itself, or with ``select="obs"`` the OBS choice of its counts).
 
     ``keep`` indexes the model's current heads and channels, as the surgery does. The removed columns of
     o_proj / down_proj are zeroed here, so the refit model already computes the pruned model's function;
@@ -85,6 +94,8 @@ def refit_kept_weights(
         raise InvalidInputError(f"refit: expected one of {', '.join(REFIT_MODES[1:])}, got {mode!r}")
     if not 0.0 <= damping < 1.0:
         raise InvalidInputError(f"refit damping: must be in [0, 1), got {damping!r}")
+    if select not in SELECTIONS or (select == "obs" and mode != "lstsq"):
+        raise InvalidInputError(f"select: expected one of {', '.join(SELECTIONS)} (obs with refit lstsq), got {select!r}")
     adapter = adapter_for(model)
     layers = adapter.decoder_layers(model)
     if len(keep) != len(layers):
@@ -93,15 +104,19 @@ def refit_kept_weights(
     cache = capture_layer_inputs(model, calib_ids, progress)
     hidden = cache.hidden[0]
     errors: list[dict[str, float]] = []
+    chosen: list[LayerKeep] = []
     with torch.no_grad():
-        for l, (layer, entry) in enumerate(tqdm(list(zip(layers, keep)), desc=f"refit ({mode})",
+        for l, (layer, entry) in enumerate(tqdm(list(zip(layers, keep)), desc=f"refit ({mode}, {select})",
                                                 disable=not progress, leave=False)):
             x = hidden if error_correction else cache.hidden[l]
-            hidden, layer_errors = refit_layer(model, layer, entry, x, cache.layer_kwargs[l], mode=mode,
-                                               damping=damping, micro_batch=micro_batch)
+            hidden, layer_errors, entry = refit_layer(model, layer, entry, x, cache.layer_kwargs[l], mode=mode,
+                                                      damping=damping, micro_batch=micro_batch, select=select)
             errors.append(layer_errors)
-    return {"mode": mode, "damping": damping, "error_correction": error_correction,
-            "calib_tokens": distributed.global_count(calib_ids.numel()), "seconds": time.perf_counter() - start, "layers": errors}
+            chosen.append(entry)
+    report = {"mode": mode, "damping": damping, "error_correction": error_correction, "select": select,
+              "calib_tokens": distributed.global_count(calib_ids.numel()), "seconds": time.perf_counter() - start,
+              "layers": errors}
+    return report, chosen
 
 
 def refit_layer(
@@ -114,23 +129,27 @@ def refit_layer(
     mode: str = "lstsq",
     damping: float = DEFAULT_DAMPING,
     micro_batch: int = 8,
-) -> tuple[torch.Tensor, dict[str, float]]:
+    select: str = "given",
+) -> tuple[torch.Tensor, dict[str, float], LayerKeep]:
     """Refit one decoder layer in place (about to be pruned to ``entry``) on its calibration inputs ``x``
     ``[n, T, d]``, called with ``layer_kwargs`` (the whole batch's; sliced per micro-batch).
 
     o_proj is refit on the attention inputs of ``x``, then down_proj on the MLP inputs of the refit
-    attention's output. Returns the refit layer's output on ``x`` and the two projections' output errors
-    (masked and refit, see :func:`refit_kept_weights`).
+    attention's output. Returns the refit layer's output on ``x``, the two projections' output errors
+    (masked and refit, see :func:`refit_kept_weights`; with OBS "masked" is the OBS choice unrefit) and the
+    keep (``entry``, or the OBS choice of its counts with ``select="obs"``).
     """
     adapter = adapter_for(model)
     n = x.shape[0]
     chunks = [(s, min(s + micro_batch, n)) for s in range(0, n, micro_batch)]
     geometry = adapter.geometry(model, layer)
-    attn_kept = gqa.q_rows(entry.kv_heads, geometry.ratio, geometry.head_dim)
+    ratio, head_dim = geometry.ratio, geometry.head_dim
     layer_errors: dict[str, float] = {}
+    chosen: dict[str, tuple[int, ...]] = {}
 
-    def run(block, inputs, target: nn.Linear, kept: Sequence[int], name: str) -> torch.Tensor:
-        """Collect target's input Gram over the chunks, refit it, and return the block's refit output."""
+    def run(block, inputs, target: nn.Linear, name: str, groups: list[list[int]], kept_units: Sequence[int],
+            batch_fraction: float | None) -> torch.Tensor:
+        """Collect target's input Gram over the chunks, choose (OBS) and refit, return the block's refit output."""
         stats = InputGram.empty(target.in_features, device=target.weight.device)
         dense_w = target.weight.detach().clone()
         seen: list[torch.Tensor] = []  # target's inputs: its refit output is computed from them, no second pass
@@ -142,19 +161,32 @@ def refit_layer(
             handle.remove()
         InputGram.all_reduce([stats])  # data-parallel: every rank's calibration rows
         dense_b = None if target.bias is None else target.bias.detach().clone()
+        if select == "obs":
+            stage = structured_obs(dense_w, stats, groups, [len(groups) - len(kept_units)], damping=damping,
+                                   batch_fraction=batch_fraction)[-1]
+            removed = set(stage.removed)
+            kept_units = tuple(i for i in range(len(groups)) if i not in removed)
+        chosen[name] = tuple(kept_units)
+        kept = [c for i in kept_units for c in groups[i]]
         masked = torch.zeros_like(dense_w)
         masked[:, kept] = dense_w[:, kept]
         layer_errors[f"{name}_masked"] = _output_error(dense_w, dense_b, masked, dense_b, stats)
-        _apply(target, stats, kept, mode, damping)
+        if select == "obs":
+            with torch.no_grad():
+                target.weight.copy_(stage.weight.to(target.weight))
+        else:
+            _apply(target, stats, kept, mode, damping)
         layer_errors[f"{name}_refit"] = _output_error(dense_w, dense_b, target.weight, target.bias, stats)
         return torch.cat([target(x_in) for x_in in seen])
 
+    head_groups = [gqa.q_rows([j], ratio, head_dim) for j in range(geometry.num_kv_heads)]
+    channel_groups = [[c] for c in range(geometry.intermediate)]
     with torch.no_grad():
-        mid = x + run(lambda h, kw: adapter.attention_block(layer, h, kw), x, layer.self_attn.o_proj,
-                      attn_kept, "o_proj")
-        out = mid + run(lambda h, kw: adapter.mlp_block(layer, h), mid, layer.mlp.down_proj,
-                        list(entry.mlp_channels), "down_proj")
-    return out, layer_errors
+        mid = x + run(lambda h, kw: adapter.attention_block(layer, h, kw), x, layer.self_attn.o_proj, "o_proj",
+                      head_groups, entry.kv_heads, None)
+        out = mid + run(lambda h, kw: adapter.mlp_block(layer, h), mid, layer.mlp.down_proj, "down_proj",
+                        channel_groups, entry.mlp_channels, DEFAULT_BATCH_FRACTION)
+    return out, layer_errors, LayerKeep(kv_heads=chosen["o_proj"], mlp_channels=chosen["down_proj"])
 
 
 def _output_error(dense_w: torch.Tensor, dense_b: torch.Tensor | None, new_w: torch.Tensor,
@@ -169,4 +201,4 @@ def _output_error(dense_w: torch.Tensor, dense_b: torch.Tensor | None, new_w: to
     return float(value)
 
 
-__all__ = ["BIAS_MODES", "REFIT_MODES", "refit_kept_weights", "refit_layer"]
+__all__ = ["BIAS_MODES", "REFIT_MODES", "SELECTIONS", "refit_kept_weights", "refit_layer"]

@@ -86,8 +86,10 @@ from layerprune.scoring.dispatch import ActivationStats, wanda_channel_scores, w
 from layerprune.scoring.groups import GRADIENT_KINDS, fold_layer_scores
 from layerprune.scoring.selection import LayerKeep, select_keep
 
-SEQUENTIAL_IMPORTANCE = ("activation", "l1", "l2")  # element scores one layer can compute on its own
+# element scores one layer can compute on its own, and structured OBS (on the layer's own refit Grams)
+SEQUENTIAL_IMPORTANCE = ("activation", "l1", "l2", "obs")
 SEQUENTIAL_MODES = ("unbalanced", "uniform")
+SEQUENTIAL_LAYER_IMPORTANCE = ("removal", "activation", "sensitivity")
 GRAM_MICRO_BATCH = 8  # output_projection_grams' micro-batch: the refit statistics see the same batches
 ROW_BLOCK_BYTES = 64 * 2**20  # embeddings and lm_head are read and written in blocks of rows of this size
 RESIDENT_HEAD_LAYERS = 2  # the head matrix is held whole for the losses when it weighs at most this many layers
@@ -105,6 +107,9 @@ def check_sequential(config: PruneConfig) -> None:
     if config.importance not in SEQUENTIAL_IMPORTANCE:
         raise InvalidInputError(f"importance {config.importance!r} is not available layer by layer (--sequential); "
                                 f"use one of {', '.join(SEQUENTIAL_IMPORTANCE)}")
+    if config.mode == "unbalanced" and config.layer_importance not in SEQUENTIAL_LAYER_IMPORTANCE:
+        raise InvalidInputError(f"layer importance {config.layer_importance!r} is not available layer by layer "
+                                f"(--sequential); use one of {', '.join(SEQUENTIAL_LAYER_IMPORTANCE)}")
     if config.mode not in SEQUENTIAL_MODES:
         raise InvalidInputError(f"mode {config.mode!r} is not available layer by layer (--sequential); "
                                 f"use one of {', '.join(SEQUENTIAL_MODES)}")
@@ -388,7 +393,10 @@ class _Engine:
                         grams = self.refit_grams(layer, grams_stream, refit_kwargs[l])
                         grams_tokens = grams["o_proj"].count
                     x = main.get()
-                    y, kv, ch = self.forward_scores(l, layer, x, kwargs[l])
+                    if config.importance == "obs":  # the curves' points are chosen by OBS on the Grams
+                        y, kv, ch = layer_call(layer, x, kwargs[l]), None, None
+                    else:
+                        y, kv, ch = self.forward_scores(l, layer, x, kwargs[l])
                     scores.append((kv, ch))
                     if method == "activation":
                         mid = x + adapter.attention_block(layer, x, kwargs[l])
@@ -539,7 +547,9 @@ class _Engine:
                 kv_idx, mlp_idx = list(range(full_kv[l])), list(range(full_mlp[l]))
                 with torch.no_grad():
                     for k in range(1, steps + 1):
-                        if k == 1 and dense_scores is not None:
+                        if config.importance == "obs":  # one step: the refit chooses, these are the counts
+                            kv = ch = None
+                        elif k == 1 and dense_scores is not None:
                             kv, ch = dense_scores[l]
                         else:
                             stream = streams.get(k - 1)
@@ -547,10 +557,14 @@ class _Engine:
                             if stream is not None:
                                 stream.set(y)
                         with self.clock("pruning"):
-                            entry = select_keep([kv], [ch], [targets[k][0][l]], [targets[k][1][l]])[0]
+                            if kv is None:
+                                entry = LayerKeep(tuple(range(targets[k][0][l])), tuple(range(targets[k][1][l])))
+                            else:
+                                entry = select_keep([kv], [ch], [targets[k][0][l]], [targets[k][1][l]])[0]
                         if k == steps and refit_stream is not None and refit_kwargs is not None:
                             with self.clock("refit"):
-                                refit_errors.append(self.refit(layer, entry, refit_stream, refit_kwargs[l]))
+                                errors, entry = self.refit(layer, entry, refit_stream, refit_kwargs[l])
+                                refit_errors.append(errors)
                         with self.clock("pruning"):
                             geometry = prune_decoder_layer(adapter, layer, geometry, entry)
                         kv_idx = [kv_idx[i] for i in entry.kv_heads]
@@ -569,19 +583,23 @@ class _Engine:
         if refit_x0 is not None:
             refit_report = {"mode": config.refit, "damping": config.refit_damping,
                             "error_correction": config.refit_error_correction,
+                            "select": "obs" if config.importance == "obs" else "given",
                             "calib_tokens": int(math.prod(refit_x0.shape[:2])),
                             "seconds": self.clock.totals.get("refit", 0.0) - refit_start, "layers": refit_errors}
         return kept_kv, kept_mlp, refit_report
 
-    def refit(self, layer: nn.Module, entry: LayerKeep, stream: StoredHidden, kwargs: dict[str, Any]) -> dict[str, float]:
-        """Refit the layer on the refit batch as :func:`refit_kept_weights` does; advance the batch through the
-        refit layer (error correction) or the layer as it was (inputs of the unrefit model)."""
+    def refit(self, layer: nn.Module, entry: LayerKeep, stream: StoredHidden,
+              kwargs: dict[str, Any]) -> tuple[dict[str, float], LayerKeep]:
+        """Refit the layer on the refit batch as :func:`refit_kept_weights` does (with ``importance="obs"`` the
+        kept groups chosen there too); advance the batch through the refit layer (error correction) or the layer
+        as it was (inputs of the unrefit model). Returns the errors and the keep to apply."""
         x = stream.get()
         following = None if self.config.refit_error_correction else layer_call(layer, x, kwargs)
-        out, errors = refit_layer(self.model, layer, entry, x, kwargs, mode=self.config.refit,
-                                  damping=self.config.refit_damping)
+        out, errors, entry = refit_layer(self.model, layer, entry, x, kwargs, mode=self.config.refit,
+                                         damping=self.config.refit_damping,
+                                         select="obs" if self.config.importance == "obs" else "given")
         stream.set(out if following is None else following)
-        return errors
+        return errors, entry
 
     def _record(self, l: int, stage: str, t0: float, read0: float) -> None:
         self.records.append({"layer": l, "pass": stage, "seconds": round(time.perf_counter() - t0, 4),

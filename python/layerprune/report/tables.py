@@ -18,8 +18,9 @@ from layerprune.provenance import command_line, versions
 
 SCHEMA = "layerprune.compare/1"
 DENSE = "dense"
-UNIFORM_METHODS = ("uniform", "uniform-range", "uniform-refit")
+UNIFORM_METHODS = ("uniform", "uniform-range", "uniform-refit", "uniform-obs", "uniform-homogeneous")
 SEED_METHOD = "unbalanced-seed"
+PEER_METHODS = ("flap", "slimgpt")  # published methods reimplemented: `unbalanced` should beat them too
 BEST_METHOD = "unbalanced"
 # the quality bar users check: `unbalanced` at least this much lower PPL than the better uniform method
 QUALITY_BAR_REL = 0.10
@@ -69,9 +70,14 @@ def verdicts(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if best is not None and SEED_METHOD in at:
             entry["seed_ppl"] = at[SEED_METHOD]["ppl"]
             entry["unbalanced_vs_seed"] = relative_difference(best["ppl"], at[SEED_METHOD]["ppl"])
+        peers = {m: at[m]["ppl"] for m in PEER_METHODS if m in at}
+        if best is not None and peers:
+            entry["peer_ppl"] = peers
+            entry["unbalanced_vs_peers"] = {m: relative_difference(best["ppl"], p) for m, p in peers.items()}
         if "unbalanced_vs_best_uniform" in entry and "unbalanced_vs_seed" in entry:
             entry["quality_bar_met"] = bool(
                 entry["unbalanced_vs_best_uniform"] <= -QUALITY_BAR_REL and entry["unbalanced_vs_seed"] < 0
+                and all(d < 0 for d in entry.get("unbalanced_vs_peers", {}).values())
             )
         out.append(entry)
     return out
@@ -102,12 +108,18 @@ def verdict_lines(entries: Sequence[Mapping[str, Any]]) -> list[str]:
             )
         elif "unbalanced_vs_seed" in v:
             lines.append(f"  - `{BEST_METHOD}` PPL is {_pct(v['unbalanced_vs_seed'])} than `{SEED_METHOD}`.")
+        if "unbalanced_vs_peers" in v:
+            lines.append(f"  - Against the published methods: " + "; ".join(
+                f"{_pct(d)} than `{m}` (PPL {v['peer_ppl'][m]:.3f})" for m, d in v["unbalanced_vs_peers"].items()) + ".")
         if v["winner"] != BEST_METHOD and any(k.startswith("unbalanced_vs") for k in v):
             lines.append(f"  - The expected winner `{BEST_METHOD}` did NOT win at this ratio.")
         if "quality_bar_met" in v:
             lines.append(
-                f"  - Quality bar (`{BEST_METHOD}` >= {QUALITY_BAR_REL:.0%} lower PPL than the better uniform method "
-                f"and lower than `{SEED_METHOD}`): **{'met' if v['quality_bar_met'] else 'NOT met'}**."
+                f"  - Quality bar (`{BEST_METHOD}` >= {QUALITY_BAR_REL:.0%} lower PPL than the better uniform method, "
+                f"lower than `{SEED_METHOD}`"
+                + (" and than " + " and ".join(f"`{m}`" for m in v["unbalanced_vs_peers"]) if "unbalanced_vs_peers" in v
+                   else "")
+                + f"): **{'met' if v['quality_bar_met'] else 'NOT met'}**."
             )
     return lines
 

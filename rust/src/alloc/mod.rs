@@ -37,10 +37,12 @@
 //! `granule` is the smallest prunable step (one KV group or one `mlp_step` of channels,
 //! whichever is smaller, over prunable layers). When the discrete choices cannot hit that
 //! window the window widens to the largest single step and `"granularity"` is reported as
-//! binding. `kv_cache_ratio` and `flops_ratio` are lower bounds: at least their target of
-//! KV-cache bytes / FLOPs per token is removed. Any non-empty set of the three may be given. A
-//! budget above what the constraints allow, or a combination no allocation meets, is an
-//! [`AllocError::Infeasible`] naming the constraints and the budgets that bind.
+//! binding (`homogeneous`, the same widths in every layer, lands in `[T, T + L * granule]`
+//! instead: one step per layer, and never widens). `kv_cache_ratio` and `flops_ratio` are
+//! lower bounds: at least their target of KV-cache bytes / FLOPs per token is removed. Any
+//! non-empty set of the three may be given. A budget above what the constraints allow, or a
+//! combination no allocation meets, is an [`AllocError::Infeasible`] naming the constraints
+//! and the budgets that bind.
 //!
 //! Objective (minimised, additive over layers): per-layer cost curves, or with only importance
 //! the convex surrogate `loss_l(k) = importance_l * (1 - k)^2` where `k` is the kept fraction of
@@ -51,6 +53,7 @@ use std::fmt;
 mod bounds;
 mod dp;
 mod greedy;
+mod homogeneous;
 mod lagrange;
 mod seed;
 mod uniform;
@@ -60,6 +63,7 @@ mod tests;
 
 pub use dp::solve_dp;
 pub use greedy::solve_greedy;
+pub use homogeneous::solve_homogeneous;
 pub use lagrange::solve_lagrange;
 pub use seed::solve_seed;
 pub use uniform::solve_uniform;
@@ -199,7 +203,7 @@ pub enum Curve<'a> {
     /// Explicit curve: attention index = KV groups kept (len Hkv+1); MLP index j = kept
     /// `min(j*mlp_step, I)` channels (len ceil(I/mlp_step)+1).
     Values(&'a [f64]),
-    /// No objective (only allowed for `uniform`): loss 0.
+    /// No objective (only allowed for `uniform` and `homogeneous`): loss 0.
     Zero,
 }
 
@@ -308,6 +312,7 @@ pub enum Solver {
     Greedy,
     Lagrange,
     Dp,
+    Homogeneous,
 }
 
 impl Solver {
@@ -318,9 +323,10 @@ impl Solver {
             "greedy" => Solver::Greedy,
             "lagrange" => Solver::Lagrange,
             "dp" => Solver::Dp,
+            "homogeneous" => Solver::Homogeneous,
             other => {
                 return Err(AllocError::InvalidInput(format!(
-                    "solver: unknown solver {other:?} (expected one of uniform, seed, greedy, lagrange, dp)"
+                    "solver: unknown solver {other:?} (expected one of uniform, seed, greedy, lagrange, dp, homogeneous)"
                 )))
             }
         })
@@ -332,6 +338,7 @@ impl Solver {
             Solver::Greedy => "greedy",
             Solver::Lagrange => "lagrange",
             Solver::Dp => "dp",
+            Solver::Homogeneous => "homogeneous",
         }
     }
 }
@@ -697,7 +704,7 @@ pub(crate) fn build_problem<'s, 'a>(
                     }
                 }
                 Curve::Zero => {
-                    if solver != Solver::Uniform {
+                    if !matches!(solver, Solver::Uniform | Solver::Homogeneous) {
                         return invalid(format!(
                             "importance: solver {} needs an objective (importance, attn_importance/mlp_importance or attn_curves/mlp_curves); layer {l} has none for {name}",
                             solver.name()
@@ -1282,6 +1289,7 @@ pub fn allocate(spec: &Spec, solver: Solver) -> Result<Allocation, AllocError> {
         Solver::Greedy => solve_greedy(spec)?,
         Solver::Lagrange => solve_lagrange(spec)?,
         Solver::Dp => solve_dp(spec)?,
+        Solver::Homogeneous => solve_homogeneous(spec)?,
     };
     out.solve_seconds = t0.elapsed().as_secs_f64();
     Ok(out)

@@ -1240,3 +1240,256 @@ fn kv_bound_moves_pruning_into_attention_at_the_same_size() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// `homogeneous`: the same (g, f) in every layer
+// ---------------------------------------------------------------------------------------------
+
+/// The homogeneous window's width from the spec's words: per layer the smallest step among the
+/// components with a choice (one KV group, or one `mlp_step` of channels), summed over layers.
+fn homogeneous_window(spec: &Spec) -> u64 {
+    let mut untied = spec.clone();
+    untied.tie = false;
+    (0..spec.layers.len())
+        .map(|l| {
+            let s = spec.layers[l];
+            let ch = layer_choices(&untied, l);
+            let gs: std::collections::BTreeSet<u64> = ch.iter().map(|c| c.0).collect();
+            let fs: std::collections::BTreeSet<u64> = ch.iter().map(|c| c.1).collect();
+            let mut step = u64::MAX;
+            if gs.len() > 1 {
+                step = step.min(s.group_cost());
+            }
+            if fs.len() > 1 {
+                step = step.min(spec.mlp_step.min(s.intermediate) * s.channel_cost());
+            }
+            if step == u64::MAX {
+                0
+            } else {
+                step
+            }
+        })
+        .sum()
+}
+
+/// Brute force over every (g, f) allowed in every layer: the pair removing within
+/// `[t, t + window]` that meets the KV-cache / FLOPs bounds with the least objective (ties: more
+/// KV groups, then fewer channels). The objective is summed layer by layer as the solvers sum it.
+fn brute_force_homogeneous(spec: &Spec, t: u64, window: u64) -> Option<(u64, u64, f64)> {
+    let n = spec.layers.len();
+    let s0 = spec.layers[0];
+    let (kv_total, fl_total) = totals_kv_flops(spec);
+    let kv_min = spec.kv_cache_ratio.map(|r| half_away(r * kv_total as f64));
+    let fl_min = spec.flops_ratio.map(|r| half_away(r * fl_total as f64));
+    let mut best: Option<(u64, u64, f64)> = None;
+    for g in 0..=s0.num_kv_heads {
+        for f in 0..=s0.intermediate {
+            if !(0..n).all(|l| layer_ok(spec, l, g, f)) {
+                continue;
+            }
+            let (mut rem, mut kv, mut fl, mut obj) = (0u64, 0u64, 0u64, 0.0f64);
+            for l in 0..n {
+                let s = spec.layers[l];
+                let (kv0, fl0) = layer_kv_flops(spec, l, s.num_kv_heads, s.intermediate);
+                let (kv1, fl1) = layer_kv_flops(spec, l, g, f);
+                rem += s.full_params() - s.layer_params(g, f);
+                kv += kv0 - kv1;
+                fl += fl0 - fl1;
+                obj += attn_loss(spec, l, g) + mlp_loss(spec, l, f);
+            }
+            if rem < t || rem > t + window {
+                continue;
+            }
+            if kv_min.is_some_and(|m| kv < m) || fl_min.is_some_and(|m| fl < m) {
+                continue;
+            }
+            let better = match best {
+                None => true,
+                Some((bg, bf, bo)) => obj.total_cmp(&bo).then(bg.cmp(&g)).then(f.cmp(&bf)).is_lt(),
+            };
+            if better {
+                best = Some((g, f, obj));
+            }
+        }
+    }
+    best
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1500, ..ProptestConfig::default() })]
+
+    /// `homogeneous` equals the brute force over (g, f) pairs: with curves, with importance only
+    /// or with no objective, with or without tie, with KV-cache / FLOPs bounds; the window holds.
+    #[test]
+    fn homogeneous_matches_brute_force(
+        case in case_strategy(3, 6),
+        objective in 0u8..3,
+        weights in prop::collection::vec(prop_oneof![Just(0.0f64), Just(1.0f64), 0.0f64..5.0], 3),
+        kv in prop_oneof![Just(None), (0.0f64..0.6).prop_map(Some)],
+        flops in prop_oneof![Just(None), Just(None), (0.0f64..0.6).prop_map(Some)],
+        seq in 1u64..9,
+        ratio in 0.0f64..0.45,
+    ) {
+        let mut case = case;
+        case.protected.clear();
+        case.ratio = ratio;
+        let mut spec = case.spec();
+        let n = spec.layers.len();
+        match objective {
+            0 => {}
+            1 => {
+                spec.attn_objective = (0..n).map(|l| Curve::Importance(weights[l])).collect();
+                spec.mlp_objective = (0..n).map(|l| Curve::Importance(weights[(l + 1) % 3])).collect();
+            }
+            _ => {
+                spec.attn_objective = vec![Curve::Zero; n];
+                spec.mlp_objective = vec![Curve::Zero; n];
+            }
+        }
+        spec.kv_cache_ratio = kv;
+        spec.flops_ratio = flops;
+        spec.flops_seq_len = seq;
+        let t = half_away(spec.ratio.unwrap() * total_params(&spec) as f64);
+        let window = homogeneous_window(&spec);
+        let bf = brute_force_homogeneous(&spec, t, window);
+        match (allocate(&spec, Solver::Homogeneous), bf) {
+            (Ok(a), Some((g, f, obj))) => {
+                check_solution(&spec, &a);
+                check_bounds_met(&spec, &a);
+                prop_assert_eq!(a.solver, "homogeneous");
+                prop_assert_eq!(a.granule, window);
+                prop_assert_eq!(a.target_removed, t);
+                let r = removed(&a);
+                prop_assert!(r >= t && r <= t + window, "removed {r} outside [{t}, {}]", t + window);
+                for la in &a.layers {
+                    prop_assert_eq!((la.kv_groups_kept, la.mlp_kept), (g, f));
+                }
+                prop_assert_eq!(a.objective, obj);
+                prop_assert_eq!(allocate(&spec, Solver::Homogeneous).unwrap().layers, a.layers);
+            }
+            (Err(AllocError::Infeasible(m)), None) => prop_assert!(!m.contains('\n'), "{m}"),
+            (got, want) => prop_assert!(false, "solver {got:?}, brute force {want:?}"),
+        }
+    }
+}
+
+#[test]
+fn homogeneous_refuses_inputs_that_make_widths_differ() {
+    let (layers, extra) = smollm2(0.25);
+    let cases: Vec<(Box<dyn Fn(&mut Spec)>, &str)> = vec![
+        (Box::new(|s: &mut Spec| s.protected = vec![0]), "protected:"),
+        (
+            Box::new(|s: &mut Spec| s.attn_layer_start = Some(3)),
+            "attn_layer_start:",
+        ),
+        (
+            Box::new(|s: &mut Spec| s.attn_layer_end = Some(29)),
+            "attn_layer_end:",
+        ),
+        (
+            Box::new(|s: &mut Spec| s.mlp_layer_start = Some(1)),
+            "mlp_layer_start:",
+        ),
+        (
+            Box::new(|s: &mut Spec| s.mlp_layer_end = Some(20)),
+            "mlp_layer_end:",
+        ),
+        (
+            Box::new(|s: &mut Spec| s.layer_rate = Some(0.25)),
+            "layer_rate:",
+        ),
+        (
+            Box::new(|s: &mut Spec| s.layers[7].intermediate = 1024),
+            "layers[7]:",
+        ),
+        (
+            Box::new(|s: &mut Spec| {
+                s.ratio = None;
+                s.kv_cache_ratio = Some(0.3)
+            }),
+            "ratio:",
+        ),
+        (
+            Box::new(|s: &mut Spec| s.protected = vec![30]),
+            "protected: layer 30 out of range",
+        ),
+    ];
+    for (mutate, field) in cases {
+        let mut spec = Spec::with_importance(0.25, layers.clone(), &[1.0; 30]);
+        spec.extra_params = extra;
+        mutate(&mut spec);
+        match allocate(&spec, Solver::Homogeneous) {
+            Err(AllocError::InvalidInput(m)) => {
+                assert!(m.starts_with(field) && !m.contains('\n'), "{field}: {m}")
+            }
+            other => panic!("{field}: expected InvalidInput, got {other:?}"),
+        }
+    }
+    assert_eq!(Solver::parse("homogeneous").unwrap().name(), "homogeneous");
+}
+
+#[test]
+fn homogeneous_unreachable_window_names_the_nearest_ratios() {
+    // d = r = 1, hd = 3: a KV group removes 12 params, an MLP channel 3; per layer the removals
+    // are {0, 3, 12, 15} (min_mlp 1, min_kv_groups 1), so ratio 0.2 of 32 (T = 6, window
+    // [6, 9]) has no pair: 3 of 32 below, 12 of 32 above.
+    let s = LayerShape {
+        hidden: 1,
+        num_q_heads: 2,
+        num_kv_heads: 2,
+        head_dim: 3,
+        intermediate: 2,
+        qkv_bias: false,
+        o_bias: false,
+        qk_norm: false,
+        mlp_bias: false,
+        norm_params: 2,
+    };
+    let spec = Spec::with_importance(0.2, vec![s], &[1.0]);
+    assert_eq!(total_params(&spec), 32);
+    let m = match allocate(&spec, Solver::Homogeneous) {
+        Err(AllocError::Infeasible(m)) => m,
+        other => panic!("expected Infeasible, got {other:?}"),
+    };
+    assert!(
+        m.starts_with("ratio 0.2:")
+            && m.contains("0.093750 below")
+            && m.contains("0.375000 above")
+            && !m.contains('\n'),
+        "{m}"
+    );
+    // dp reaches it by the wider window (granularity): homogeneous never widens
+    assert!(allocate(&spec, Solver::Dp).is_ok());
+    // a bound no pair of the window meets is named
+    let mut spec = Spec::with_importance(0.4, vec![s], &[1.0]);
+    spec.kv_cache_ratio = Some(0.9);
+    let m = allocate(&spec, Solver::Homogeneous)
+        .unwrap_err()
+        .to_string();
+    assert!(m.contains("kv_cache_ratio 0.9"), "{m}");
+}
+
+#[test]
+fn homogeneous_smollm2_keeps_equal_widths_in_the_window() {
+    let (layers, extra) = smollm2(0.25);
+    let imp: Vec<f64> = (0..30).map(|l| 1.0 + ((l * 7919) % 13) as f64).collect();
+    for (step, tie) in [(1, false), (8, false), (8, true)] {
+        let mut spec = Spec::with_importance(0.25, layers.clone(), &imp);
+        spec.extra_params = extra;
+        spec.mlp_step = step;
+        spec.tie = tie;
+        let a = allocate(&spec, Solver::Homogeneous).unwrap();
+        check_solution(&spec, &a);
+        assert_eq!(a.granule, 30 * step * 3 * 576);
+        let r = removed(&a);
+        assert!(r >= a.target_removed && r <= a.target_removed + a.granule);
+        let first = (a.layers[0].kv_groups_kept, a.layers[0].mlp_kept);
+        assert!(a
+            .layers
+            .iter()
+            .all(|l| (l.kv_groups_kept, l.mlp_kept) == first));
+        // never better than the exact per-layer optimum at the narrower window
+        let dp = allocate(&spec, Solver::Dp).unwrap();
+        assert!(a.objective >= dp.objective - 1e-9);
+    }
+}
