@@ -10,9 +10,9 @@ DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/test.txt),$(SHARED_DATA),$(LAYERPRUNE
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 DEMO_OUT ?= runs/demo
 DEMO_TOKENS ?= 4096
-DEMO_THREADS ?= 1
+DEMO_THREADS ?= 2
 # The runs the demo shows (compare's default is every method; see README "Comparing methods").
-DEMO_METHODS ?= dense,uniform,uniform-refit,flap,unbalanced
+DEMO_METHODS ?= dense,uniform-obs,flap,slimgpt,unbalanced
 RUST_SRC := $(shell find rust -name '*.rs') Cargo.toml
 PY_SETUP := $(VENV)/.deps-stamp
 EXT_STAMP := $(VENV)/.ext-stamp

@@ -176,4 +176,4 @@ def test_cli_refuses_obs_without_refit_in_one_line():
     proc = subprocess.run([sys.executable, "-m", "layerprune", "prune", "--model", "nowhere", "--importance", "obs",
                            "--refit", "none", "--ratio", "0.2", "--out", "/tmp/never"], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
-    assert "importance obs" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "needs refit lstsq" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -50,6 +50,8 @@ SETTINGS = {
                               iterative_steps=2, refit="lstsq-bias", refit_error_correction=False, **REFIT_BATCH),
     # two passes: sensitivity curves whose points, and the pruning, are chosen by structured OBS
     "sensitivity-obs": dict(ratio=0.2, layer_importance="sensitivity", importance="obs", refit="lstsq", **REFIT_BATCH),
+    # one pass: SlimGPT's depth schedule (no data), OBS selection and refit
+    "depth-obs": dict(ratio=0.25, layer_importance="depth", importance="obs", refit="lstsq", **REFIT_BATCH),
     # one pass: uniform, OBS selection and refit
     "uniform-obs": dict(ratio=0.25, mode="uniform", match_params=True, importance="obs", refit="lstsq", **REFIT_BATCH),
     # one pass: LLM-Pruner's per-layer rate, the same widths everywhere (saved under the family's own config)
@@ -111,7 +113,8 @@ def test_sequential_equals_in_memory(tmp_path, dense_dirs, case, setting):
                                    progress=False, max_shard_bytes=60_000)
 
     assert _comparable(result.report) == _comparable(memory.report)
-    assert result.report["sequential"]["passes"] == (1 if SETTINGS[setting].get("mode") == "uniform" else 2)
+    one_pass = SETTINGS[setting].get("mode") == "uniform" or SETTINGS[setting].get("layer_importance") == "depth"
+    assert result.report["sequential"]["passes"] == (1 if one_pass else 2)
     # the tensors written are the in-memory pruned model's, bit for bit, in several shards with an index
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
     want = {k: v for k, v in memory.model.state_dict().items() if not (k == "lm_head.weight" and

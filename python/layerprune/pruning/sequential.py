@@ -52,6 +52,7 @@ from layerprune.arch.modeling_layerprune import LAYER_WIDTH_KEYS, resize_decoder
 from layerprune.errors import InternalError, InvalidInputError, ModelError, NumericalError
 from layerprune.importance import LayerImportance
 from layerprune.importance.block_influence import block_influence
+from layerprune.importance.depth import depth_importance
 from layerprune.importance.cache import batch_slice, head_loss, increase, layer_call
 from layerprune.importance.sensitivity import curve_points, pruned_layer_outputs, sensitivity_result
 from layerprune.models import count_parameters
@@ -89,7 +90,7 @@ from layerprune.scoring.selection import LayerKeep, select_keep
 # element scores one layer can compute on its own, and structured OBS (on the layer's own refit Grams)
 SEQUENTIAL_IMPORTANCE = ("activation", "l1", "l2", "obs")
 SEQUENTIAL_MODES = ("unbalanced", "uniform")
-SEQUENTIAL_LAYER_IMPORTANCE = ("removal", "activation", "sensitivity")
+SEQUENTIAL_LAYER_IMPORTANCE = ("removal", "activation", "sensitivity", "depth")
 GRAM_MICRO_BATCH = 8  # output_projection_grams' micro-batch: the refit statistics see the same batches
 ROW_BLOCK_BYTES = 64 * 2**20  # embeddings and lm_head are read and written in blocks of rows of this size
 RESIDENT_HEAD_LAYERS = 2  # the head matrix is held whole for the losses when it weighs at most this many layers
@@ -693,9 +694,11 @@ def prune_sequential(
                 engine.copy_rows(engine._embed_name)
             labels = calib_ids.to(engine.device)
 
-            li, dense_scores = None, None
+            li, dense_scores, importance_pass = None, None, False
             if config.mode == "unbalanced":
-                if layer_importance is not None:
+                if config.layer_importance == "depth" and layer_importance is None:
+                    li = depth_importance(model, mlp_step=config.mlp_step)  # no data: no importance pass
+                elif layer_importance is not None:
                     if layer_importance.method != config.layer_importance:
                         raise InvalidInputError(f"layer_importance: given {layer_importance.method!r} results, the "
                                                 f"config asks for {config.layer_importance!r}")
@@ -703,6 +706,7 @@ def prune_sequential(
                     li = layer_importance
                 else:
                     li, dense_scores = engine.importance_pass(calib_x0, kwargs, labels, refit_x0, refit_kwargs)
+                    importance_pass = True
 
             with clock("allocation"):
                 spec = spec_for_model(model, config, li)
@@ -715,7 +719,7 @@ def prune_sequential(
             for slot in (calib_x0, refit_x0):
                 if slot is not None:
                     slot.free()
-            if li is None or layer_importance is not None:
+            if not importance_pass:
                 engine.write_head()  # no importance pass read them
         finally:
             engine.pool.close()
