@@ -17,7 +17,7 @@ BENCHES = REPO_ROOT / "benches"
 
 
 @pytest.mark.parametrize("script", ["bench_scoring.py", "bench_scoring_memory.py", "bench_solvers.py",
-                                    "bench_sequential.py"])
+                                    "bench_sequential.py", "bench_prune.py", "calibration_study.py"])
 def test_bench_parses_its_arguments(script):
     out = subprocess.run([sys.executable, str(BENCHES / script), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -132,3 +132,11 @@ def test_bench_scoring_memory_hooks_lower_the_gradient_peak(tmp_path):
     grads = plain["all_scored_grads_mib"]
     assert plain["peak_tensors_over_loaded_mib"] >= grads  # every gradient alive at once
     assert hooks["peak_tensors_over_loaded_mib"] < 0.5 * grads
+
+
+def test_plot_quality_draws_the_results_file(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCHES / "plot_quality.py"),
+                          str(BENCHES / "results" / "quality_2026-12-01.json"), str(tmp_path / "q.png")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert is_png(tmp_path / "q.png")

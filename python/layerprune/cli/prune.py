@@ -87,7 +87,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"refit damping, a fraction of the Gram matrix's mean diagonal (default: {DEFAULT_DAMPING})")
     p.add_argument("--no-error-correction", action="store_true",
                    help="refit every layer on the dense model's inputs instead of the refit layers' outputs")
-    p.add_argument("--refit-samples", type=int, default=32, help="calibration windows of the refit (default: 32)")
+    p.add_argument("--refit-samples", type=int, default=64, help="calibration windows of the refit (default: 64)")
     p.add_argument("--refit-seq-len", type=int, default=256, help="tokens per refit window (default: 256)")
     p.add_argument("--calib-dataset", "--dataset", dest="calib_dataset", default="wikitext2",
                    help="calibration text: 'wikitext2' (its train, else valid split; never test) or a .txt file")

@@ -89,7 +89,7 @@ class CompareSettings:
     mlp_step: int = 1
     fresh: bool = False  # recompute every run and layer importance instead of reusing stored ones
     refit: str = "lstsq"  # the refit of the *-refit methods
-    refit_samples: int = 32  # their own calibration windows (more text than the curves need)
+    refit_samples: int = 64  # their own calibration windows (more text than the curves need)
     refit_seq_len: int = 256
     kv_cache_ratio: float | None = None  # methods on an exact budget also remove at least this of the KV cache
     flops_ratio: float | None = None  # ... and of the FLOPs per token

@@ -107,7 +107,7 @@ class PruneConfig:
     refit: str = "none"  # refit the kept o_proj / down_proj columns: none, lstsq, lstsq-bias, bias
     refit_damping: float = DEFAULT_DAMPING  # λ = refit_damping · mean diagonal of the Gram matrix
     refit_error_correction: bool = True  # layer l is refit on the outputs of the refit layers 0..l-1
-    refit_samples: int = 32  # calibration windows of the refit (its own batch: the refit wants more text)
+    refit_samples: int = 64  # calibration windows of the refit (its own batch; 64 x 256: benches/calibration_study.py)
     refit_seq_len: int = 256
     kv_cache_ratio: float | None = None  # also remove at least this fraction of the KV-cache bytes per token
     flops_ratio: float | None = None  # also remove at least this fraction of the FLOPs per token ...
