@@ -94,14 +94,16 @@ def plot_ppl_vs_ratio(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike
     pruned = [r for r in runs if r["method"] != "dense" and r.get("ppl") is not None and math.isfinite(r["ppl"])]
     if not pruned:
         raise ValueError("plot_ppl_vs_ratio: no pruned run to plot")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     methods: list[str] = []
     for r in pruned:
         if r["method"] not in methods:
             methods.append(r["method"])
-    for method in methods:
+    many = len(methods) > 10  # past the default colour cycle: tab20, legend beside the axes
+    fig, ax = plt.subplots(figsize=(10.5, 4.5) if many else (7, 4.5))
+    colours = plt.get_cmap("tab20").colors if many else [None] * len(methods)
+    for method, colour in zip(methods, colours):
         points = sorted((r["target_ratio"], r["ppl"]) for r in pruned if r["method"] == method)
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method, color=colour)
     dense = next((r for r in runs if r["method"] == "dense"), None)
     if dense is not None:
         ax.axhline(dense["ppl"], color="gray", linestyle=":", label=f"dense ({dense['ppl']:.2f})")
@@ -109,7 +111,10 @@ def plot_ppl_vs_ratio(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike
     ax.set_xlabel("target pruning ratio (of all parameters)")
     ax.set_ylabel("perplexity (log)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
 
