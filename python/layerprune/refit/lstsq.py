@@ -76,8 +76,9 @@ def _kept_index(kept: Sequence[int] | torch.Tensor, features: int) -> torch.Tens
     return index
 
 
-def _solve_damped(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
-    """``rhs (a + λI)⁻¹`` for symmetric ``a`` (Cholesky; the damping grows tenfold until it factors)."""
+def damped_cholesky(a: torch.Tensor, damping: float, who: str = "refit") -> torch.Tensor:
+    """The Cholesky factor of ``a + λI`` for symmetric ``a``, ``λ = damping · mean diag a``; the damping grows
+    tenfold until it factors (the one damping rule of the refit and of structured OBS)."""
     diag = torch.diagonal(a)
     scale = float(diag.mean()) if diag.numel() else 0.0
     scale = scale if scale > 0 else 1.0
@@ -86,9 +87,14 @@ def _solve_damped(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.T
     for _ in range(8):
         factor, info = torch.linalg.cholesky_ex(a + lam * eye)
         if int(info) == 0:
-            return torch.cholesky_solve(rhs.T, factor).T
+            return factor
         lam = max(lam * 10.0, 1e-8 * scale)
-    raise NumericalError("refit: the calibration Gram matrix is not positive definite even with damping")
+    raise NumericalError(f"{who}: the calibration Gram matrix is not positive definite even with damping")
+
+
+def _solve_damped(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+    """``rhs (a + λI)⁻¹`` for symmetric ``a`` (:func:`damped_cholesky`)."""
+    return torch.cholesky_solve(rhs.T, damped_cholesky(a, damping)).T
 
 
 def refit_output_projection(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from layerprune.errors import InvalidInputError, NumericalError
-from layerprune.refit.lstsq import DEFAULT_DAMPING, InputGram
+from layerprune.refit.lstsq import DEFAULT_DAMPING, InputGram, damped_cholesky
 
 # Channels removed per step: this fraction of those still to be removed (at least one).
 DEFAULT_BATCH_FRACTION = 1.0 / 16.0
@@ -47,17 +47,9 @@ def damped_inverse(stats: InputGram, damping: float = DEFAULT_DAMPING) -> torch.
     if stats.count < 1:
         raise InvalidInputError("obs: no calibration rows were collected")
     h = stats.gram / stats.count
-    scale = float(torch.diagonal(h).mean())
-    scale = scale if scale > 0 else 1.0
-    lam = damping * scale
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    for _ in range(8):
-        factor, info = torch.linalg.cholesky_ex(h + lam * eye)
-        if int(info) == 0:
-            inverse = torch.cholesky_solve(eye, factor)
-            return (inverse + inverse.T) / 2
-        lam = max(lam * 10.0, 1e-8 * scale)
-    raise NumericalError("obs: the calibration Gram matrix is not positive definite even with damping")
+    inverse = torch.cholesky_solve(eye, damped_cholesky(h, damping, "obs"))
+    return (inverse + inverse.T) / 2
 
 
 def _group_errors(w: torch.Tensor, blocks: torch.Tensor, cols: torch.Tensor,
