@@ -39,6 +39,10 @@ def main() -> int:
     p.add_argument("--screen-tokens", type=int, default=8192)
     p.add_argument("--test-tokens", type=int, default=32768)
     p.add_argument("--sizes", default=",".join(f"{n}x{t}" for n, t in SIZES))
+    p.add_argument("--fisher-samples", default="all",
+                   help="comma list of Fisher subsets to screen with every size ('all' or a number of windows)")
+    p.add_argument("--curve-samples", default="all",
+                   help="comma list of reconstruction-curve subsets to screen ('all' or a number of refit windows)")
     p.add_argument("--no-test", action="store_true", help="screen only")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -54,9 +58,13 @@ def main() -> int:
     out: dict = {"ratio": args.ratio, "calibration_rows": cut, "held_out_rows": len(rows) - cut,
                  "held_out_tokens": int(held_out.numel()), "screen": [], "test": []}
 
-    def prune(ratio: float, samples: int, seq_len: int):
+    fisher_options = [None if f == "all" else int(f) for f in args.fisher_samples.split(",")]
+    curve_options = [None if f == "all" else int(f) for f in args.curve_samples.split(",")]
+
+    def prune(ratio: float, samples: int, seq_len: int, fisher: int | None, curves: int | None):
         config = PruneConfig(ratio=ratio, layer_importance="reconstruction", importance="obs", refit="lstsq",
-                             refit_samples=samples, refit_seq_len=seq_len, calib_dataset=str(calib_file))
+                             refit_samples=samples, refit_seq_len=seq_len, calib_dataset=str(calib_file),
+                             fisher_samples=fisher, curve_samples=curves)
         calib = calibration_batch(tok, config.calib_samples, config.calib_seq_len, 0, str(calib_file))
         refit = calibration_batch(tok, samples, seq_len, 1, str(calib_file))
         t0 = time.perf_counter()
@@ -64,21 +72,25 @@ def main() -> int:
         return result, time.perf_counter() - t0
 
     for samples, seq_len in sizes:
-        result, seconds = prune(args.ratio, samples, seq_len)
-        ppl = perplexity(result.model, held_out, seq_len=128, progress=False)["ppl"]
-        row = {"samples": samples, "seq_len": seq_len, "tokens": samples * seq_len, "held_out_ppl": ppl,
-               "prune_seconds": round(seconds, 1), "timings": result.report["timings"]}
-        out["screen"].append(row)
-        print(json.dumps(row), flush=True)
-        write_json_atomic(args.out, out)
+        for fisher, curves in [(f, c) for c in curve_options for f in fisher_options]:
+            result, seconds = prune(args.ratio, samples, seq_len, fisher, curves)
+            ppl = perplexity(result.model, held_out, seq_len=128, progress=False)["ppl"]
+            row = {"samples": samples, "seq_len": seq_len, "tokens": samples * seq_len, "fisher_samples": fisher,
+                   "curve_samples": curves, "held_out_ppl": ppl, "prune_seconds": round(seconds, 1), "timings": result.report["timings"]}
+            out["screen"].append(row)
+            print(json.dumps(row), flush=True)
+            write_json_atomic(args.out, out)
     best = min(out["screen"], key=lambda r: r["held_out_ppl"])
-    out["chosen"] = {"samples": best["samples"], "seq_len": best["seq_len"]}
+    out["chosen"] = {"samples": best["samples"], "seq_len": best["seq_len"], "fisher_samples": best["fisher_samples"],
+                     "curve_samples": best["curve_samples"]}
     write_json_atomic(args.out, out)
     if test is not None:
         for ratio in (0.20, 0.25):
-            result, seconds = prune(ratio, best["samples"], best["seq_len"])
+            result, seconds = prune(ratio, best["samples"], best["seq_len"], best["fisher_samples"],
+                                    best["curve_samples"])
             ppl = perplexity(result.model, test, seq_len=128, progress=False)["ppl"]
-            row = {"ratio": ratio, "samples": best["samples"], "seq_len": best["seq_len"], "test_ppl": ppl,
+            row = {"ratio": ratio, "samples": best["samples"], "seq_len": best["seq_len"],
+                   "fisher_samples": best["fisher_samples"], "curve_samples": best["curve_samples"], "test_ppl": ppl,
                    "params": result.allocation.params_after, "prune_seconds": round(seconds, 1)}
             out["test"].append(row)
             print(json.dumps(row), flush=True)

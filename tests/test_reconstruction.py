@@ -1,5 +1,5 @@
-"""Allocation curves without pruned evaluations: the Fisher of the residual stream against autograd on the whole
-batch, the reconstruction curves against brute-force refits, and the depth schedule's rates."""
+"""Allocation curves without pruned evaluations: the Fisher of the residual stream against autograd at each
+projection's output, the reconstruction curves against brute-force refits, and the depth schedule's rates."""
 
 from __future__ import annotations
 
@@ -16,27 +16,49 @@ from layerprune.importance import depth_importance, reconstruction_importance
 from layerprune.importance.depth import depth_weight
 from layerprune.importance.reconstruction import grams_and_fisher
 from layerprune.pruning import PruneConfig, prune
+from layerprune.refit import output_projection_grams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_fisher_matches_autograd_on_the_whole_batch():
-    model = make_model(CASES[0])
-    ids = token_ids(batch=5, length=12, seed=2)
-    grams, fisher, loss = grams_and_fisher(model, ids, micro_batch=2, progress=False)
-    assert all(p.requires_grad for p in model.parameters())  # restored
+def _autograd_fisher(model, ids):
+    """Per layer the squared gradients of the summed loss at o_proj's and down_proj's outputs, summed over tokens."""
     outputs = []
-    hooks = [layer.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o))
-             for layer in model.model.layers]
+    hooks = [linear.register_forward_hook(lambda m, a, o: outputs.append(o))
+             for layer in model.model.layers for linear in (layer.self_attn.o_proj, layer.mlp.down_proj)]
     out = model(input_ids=ids, labels=ids, use_cache=False)
     for h in hooks:
         h.remove()
     n = ids.shape[0] * (ids.shape[1] - 1)
     grads = torch.autograd.grad(out.loss * n, outputs)
-    for l, g in enumerate(grads):
-        torch.testing.assert_close(fisher[l], g.double().pow(2).sum((0, 1)) / n, rtol=1e-4, atol=1e-12)
-    assert loss == pytest.approx(float(out.loss.detach()), rel=1e-5)
-    assert grams[0]["o_proj"].count == ids.numel()
+    sums = [g.double().pow(2).sum((0, 1)) for g in grads]
+    return [{"o_proj": sums[2 * l], "down_proj": sums[2 * l + 1]} for l in range(len(sums) // 2)], n, float(out.loss.detach())
+
+
+@pytest.mark.parametrize("fisher_samples", [None, 2, 3])
+def test_fisher_matches_autograd_at_each_projection_output(fisher_samples):
+    model = make_model(CASES[0])
+    ids = token_ids(batch=5, length=12, seed=2)
+    grams, fisher, loss = grams_and_fisher(model, ids, micro_batch=2, fisher_samples=fisher_samples, progress=False)
+    assert all(p.requires_grad for p in model.parameters())  # restored
+    reference, n, ref_loss = _autograd_fisher(model, ids[:fisher_samples])
+    for l, layer_fisher in enumerate(fisher):
+        for name in ("o_proj", "down_proj"):
+            torch.testing.assert_close(layer_fisher[name], reference[l][name] / n, rtol=1e-4, atol=1e-12)
+    assert not torch.allclose(fisher[0]["o_proj"], fisher[0]["down_proj"])  # two places of the residual stream
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    dense = output_projection_grams(model, ids, micro_batch=5, progress=False)  # Grams over every sequence
+    for l in range(len(grams)):
+        for name in ("o_proj", "down_proj"):
+            assert grams[l][name].count == ids.numel()
+            torch.testing.assert_close(grams[l][name].gram, dense[l][name].gram, rtol=1e-5, atol=1e-6)
+
+
+def test_fisher_samples_out_of_range_is_refused():
+    from layerprune.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="fisher_samples"):
+        grams_and_fisher(make_model(CASES[0]), token_ids(batch=2, length=8, seed=0), fisher_samples=0, progress=False)
 
 
 def test_reconstruction_curves_are_half_the_fisher_weighted_refit_error():
@@ -49,14 +71,15 @@ def test_reconstruction_curves_are_half_the_fisher_weighted_refit_error():
     for l, s in enumerate(shapes):
         h, ratio, hd = s["num_kv_heads"], s["num_q_heads"] // s["num_kv_heads"], s["head_dim"]
         w = model.model.layers[l].self_attn.o_proj.weight.detach().double()
-        one_removed = min(_brute(w, grams[l]["o_proj"], gqa.q_rows([j], ratio, hd), 0.01, fisher[l])[0]
+        one_removed = min(_brute(w, grams[l]["o_proj"], gqa.q_rows([j], ratio, hd), 0.01, fisher[l]["o_proj"])[0]
                           for j in range(h))
         assert li.attn_curves[l][h] == 0.0
         assert li.attn_curves[l][h - 1] == pytest.approx(0.5 * one_removed, rel=1e-6)
         assert np.all(np.diff(li.attn_curves[l][1:]) <= 1e-15) and np.all(np.diff(li.mlp_curves[l]) <= 1e-15)
         wd = model.model.layers[l].mlp.down_proj.weight.detach().double()
         assert li.mlp_curves[l][0] == pytest.approx(0.5 * _brute(wd, grams[l]["down_proj"],
-                                                                 list(range(s["intermediate"])), 0.01, fisher[l])[0])
+                                                                 list(range(s["intermediate"])), 0.01,
+                                                                 fisher[l]["down_proj"])[0])
 
 
 def test_depth_schedule_rates_rise_like_the_log_of_depth():

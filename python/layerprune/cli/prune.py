@@ -63,7 +63,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=10, help="calibration windows (default: 10)")
     p.add_argument("--calib-seq-len", type=int, default=64, help="tokens per calibration window (default: 64)")
     p.add_argument("--curve-samples", type=int, default=None,
-                   help="sensitivity: measure the curves on the first N calibration windows (default: all)")
+                   help="measure the curves on the first N windows: sensitivity of the calibration batch, "
+                   "reconstruction of the refit batch (default: all)")
     p.add_argument("--iterative-steps", type=int, default=1, help="prune in N steps, rescoring between (default: 1)")
     for name, what in (("layer", "attention and MLP"), ("attn-layer", "attention"), ("mlp-layer", "MLP")):
         p.add_argument(f"--{name}-start", type=int, default=None, help=f"first prunable layer for {what} (default: 0)")
@@ -89,6 +90,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="refit every layer on the dense model's inputs instead of the refit layers' outputs")
     p.add_argument("--refit-samples", type=int, default=64, help="calibration windows of the refit (default: 64)")
     p.add_argument("--refit-seq-len", type=int, default=256, help="tokens per refit window (default: 256)")
+    p.add_argument("--fisher-samples", type=int, default=4,
+                   help="reconstruction curves: the Fisher from the first n refit windows (default: 4)")
     p.add_argument("--calib-dataset", "--dataset", dest="calib_dataset", default="wikitext2",
                    help="calibration text: 'wikitext2' (its train, else valid split; never test) or a .txt file")
     p.add_argument("--data-dir", default=None, help="folder with WikiText-2 raw valid.txt (calibration; never test.txt)")
@@ -224,7 +227,7 @@ def config_from_args(args: argparse.Namespace):
         homogeneous=args.homogeneous,
         curve_samples=args.curve_samples, refit=args.refit, refit_damping=args.refit_damping,
         refit_error_correction=not args.no_error_correction, refit_samples=args.refit_samples,
-        refit_seq_len=args.refit_seq_len, kv_cache_ratio=args.kv_cache_ratio, flops_ratio=args.flops_ratio,
+        fisher_samples=args.fisher_samples, refit_seq_len=args.refit_seq_len, kv_cache_ratio=args.kv_cache_ratio, flops_ratio=args.flops_ratio,
         flops_seq_len=args.flops_seq_len, fsdp=args.fsdp,
     )
 

@@ -106,6 +106,46 @@ def capture_layer_inputs(model: torch.nn.Module, calib_ids: torch.Tensor, progre
     return LayerInputs(hidden=hidden, layer_kwargs=kwargs_seen, labels=labels, base_loss=base)  # type: ignore[arg-type]
 
 
+class _Probed(Exception):
+    """Ends a probing forward once the last decoder layer's arguments are captured."""
+
+
+def layer_arguments(model: torch.nn.Module, *, input_ids: torch.Tensor | None = None,
+                    inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """The hidden state entering decoder layer 0 and the keyword arguments (mask, position embeddings) the model
+    passes every layer, from the model's own forward with the layers' bodies replaced by a probe: no layer runs,
+    so this costs the embedding lookup only."""
+    layers = adapter_for(model).decoder_layers(model)
+    seen: list[dict[str, Any] | None] = [None] * len(layers)
+    first: list[torch.Tensor] = []
+
+    def probe(index: int):
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if index == 0:
+                first.append(hidden.detach())
+            seen[index] = {k: v for k, v in kwargs.items() if k in LAYER_KWARGS}
+            if index == len(layers) - 1:
+                raise _Probed
+            return hidden
+
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = probe(i)
+    try:
+        with torch.no_grad():
+            adapter_for(model).inner_model(model)(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=False)
+    except _Probed:
+        pass
+    finally:
+        for layer in layers:
+            del layer.forward
+    if not first or any(s is None for s in seen):
+        raise ModelError("model: the forward pass did not go through every decoder layer")
+    return first[0], seen  # type: ignore[return-value]
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -159,5 +199,5 @@ def increase(loss: float, base: float, metric: str) -> float:
     return loss - base
 
 
-__all__ = ["METRICS", "LayerInputs", "batch_slice", "capture_layer_inputs", "check_ids", "head_loss", "increase", "layer_call",
+__all__ = ["METRICS", "LayerInputs", "batch_slice", "capture_layer_inputs", "check_ids", "head_loss", "increase", "layer_arguments", "layer_call",
            "loss_from_layer", "model_device", "subset_cache"]

@@ -3,11 +3,13 @@ units through a diagonal Fisher of the residual stream.
 
 For layer ``l`` with output projection ``W`` (o_proj or down_proj), structured OBS (:mod:`layerprune.refit.obs`)
 gives the error after the refit of every removal count in one greedy pass, ``E(k) = Σ_i f_i mean_t Δy_{t,i}²``,
-weighting output row ``i`` by the Fisher diagonal of the layer's output hidden state (the residual stream),
+weighting output row ``i`` by the Fisher diagonal of the residual stream the projection's output is added to,
 ``f_i = N · Σ_t (∂L/∂h_{t,i})²`` for the mean calibration loss ``L`` over ``N`` tokens. The second-order estimate
 of the loss increase is then ``ΔL(k) ≈ ½ E(k)`` (OBD / Fisher-weighted OBS), comparable across layers and between
-attention and MLP, which is what ``dp`` needs. Cost: one forward and backward pass on the refit batch (the Grams
-and the Fisher together) and the OBS algebra; no pruned forward passes.
+attention and MLP, which is what ``dp`` needs. The attention curve weighs o_proj's rows by the Fisher of the
+mid-layer residual (where o_proj's output joins it), the MLP curve down_proj's by that of the layer's output.
+Cost: one forward pass over the refit batch for the Grams, a backward pass on its first ``fisher_samples``
+sequences for the Fisher, and the OBS algebra; no pruned forward passes.
 """
 
 from __future__ import annotations
@@ -29,17 +31,33 @@ from layerprune.refit import DEFAULT_DAMPING, InputGram
 from layerprune.refit.obs import DEFAULT_BATCH_FRACTION, structured_obs
 
 
-def grams_and_fisher(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: int = 8,
-                     progress: bool = True) -> tuple[list[dict[str, InputGram]], list[torch.Tensor], float]:
-    """Per layer the o_proj / down_proj input Grams and the residual-stream Fisher diagonal ``f`` (``[d]``) after
-    the layer, from one forward and backward pass over ``ids`` ``[n, T]`` in micro-batches; and the mean loss.
-    The model is only read (its parameters' ``requires_grad`` is restored)."""
+PROJECTIONS = ("o_proj", "down_proj")
+
+
+def _fisher_windows(fisher_samples: int | None, n_local: int) -> int:
+    """This rank's windows among the first ``fisher_samples`` of the batch (``None``: all), at least one per rank."""
+    if fisher_samples is None:
+        return n_local
+    if fisher_samples < 1:
+        raise InvalidInputError(f"fisher_samples: must be >= 1, got {fisher_samples!r}")
+    dp = distributed.active()
+    return distributed.local_prefix(max(int(fisher_samples), 1 if dp is None else dp.world_size), n_local)
+
+
+def grams_and_fisher(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: int = 8, fisher_samples: int | None = None,
+                     progress: bool = True) -> tuple[list[dict[str, InputGram]], list[dict[str, torch.Tensor]], float]:
+    """Per layer the o_proj / down_proj input Grams over all of ``ids`` ``[n, T]`` and the Fisher diagonal of the
+    residual stream where each projection's output joins it (``f`` ``[d]``: o_proj's output gradient is the
+    gradient of the mid-layer residual, down_proj's that of the layer's output), from the first ``fisher_samples``
+    sequences (``None``: all) with a backward pass and the rest forward only; and their mean loss. Micro-batches
+    never mix the two. The model is only read (its parameters' ``requires_grad`` is restored)."""
     adapter = adapter_for(model)
     layers = adapter.decoder_layers(model)
     grams = [{"o_proj": InputGram.empty(layer.self_attn.o_proj.in_features),
               "down_proj": InputGram.empty(layer.mlp.down_proj.in_features)} for layer in layers]
     hidden = adapter.embeddings(model).weight.shape[1]
-    fisher = [torch.zeros(hidden, dtype=torch.float64) for _ in layers]
+    fisher = [{name: torch.zeros(hidden, dtype=torch.float64) for name in PROJECTIONS} for _ in layers]
+    n_fisher = _fisher_windows(fisher_samples, int(ids.shape[0]))
     flags = [(p, p.requires_grad) for p in model.parameters()]
     handles: list[Any] = []
 
@@ -48,48 +66,52 @@ def grams_and_fisher(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: 
             sink.update(args[0].detach())
         return hook
 
-    def output_hook(l: int):
+    def output_hook(sink: torch.Tensor):
         def accumulate(grad: torch.Tensor) -> None:
-            fisher[l].add_(grad.detach().double().pow(2).sum((0, 1)))
+            sink.add_(grad.detach().double().pow(2).sum((0, 1)))
 
         def hook(_module, _args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            h.register_hook(accumulate)
+            if output.requires_grad:
+                output.register_hook(accumulate)
         return hook
 
     def embed_hook(_module, _args, output):
-        return output.requires_grad_(True)
+        return output.requires_grad_(True) if torch.is_grad_enabled() else output
 
-    total_tokens = int(ids.shape[0] * (ids.shape[1] - 1))
+    fisher_tokens = int(n_fisher * (ids.shape[1] - 1))
     loss_sum = 0.0
     device = next(model.parameters()).device
+    starts = list(range(0, n_fisher, micro_batch)) + list(range(n_fisher, ids.shape[0], micro_batch))
     try:
         for p, _ in flags:
             p.requires_grad_(False)
         for l, (layer, sink) in enumerate(zip(layers, grams)):
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(gram_hook(sink["o_proj"])))
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(gram_hook(sink["down_proj"])))
-            handles.append(layer.register_forward_hook(output_hook(l)))
+            for name, linear in (("o_proj", layer.self_attn.o_proj), ("down_proj", layer.mlp.down_proj)):
+                handles.append(linear.register_forward_pre_hook(gram_hook(sink[name])))
+                handles.append(linear.register_forward_hook(output_hook(fisher[l][name])))
         handles.append(adapter.embeddings(model).register_forward_hook(embed_hook))
-        with torch.enable_grad():
-            for start in tqdm(range(0, ids.shape[0], micro_batch), desc="Grams and Fisher", disable=not progress,
-                              leave=False):
-                batch = ids[start:start + micro_batch].to(device)
-                tokens = int(batch.shape[0] * (batch.shape[1] - 1))
+        for start in tqdm(starts, desc="Grams and Fisher", disable=not progress, leave=False):
+            batch = ids[start:min(start + micro_batch, n_fisher if start < n_fisher else ids.shape[0])].to(device)
+            if start >= n_fisher:
+                with torch.no_grad():
+                    adapter.inner_model(model)(input_ids=batch, use_cache=False)
+                continue
+            tokens = int(batch.shape[0] * (batch.shape[1] - 1))
+            with torch.enable_grad():
                 out = model(input_ids=batch, labels=batch, use_cache=False)
                 # g_t = ∂(Σ_t' ℓ_t')/∂h_t (a position's gradient involves its own sequence only); f = Σ_t g_t² / N
                 (out.loss * tokens).backward()
-                loss_sum += float(out.loss.detach()) * tokens
+            loss_sum += float(out.loss.detach()) * tokens
     finally:
         for handle in handles:
             handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
     InputGram.all_reduce([stats for layer_grams in grams for stats in layer_grams.values()])
-    totals = torch.tensor([float(total_tokens), loss_sum], dtype=torch.float64)
-    distributed.all_reduce_sum_(fisher + [totals])  # nothing in one process
+    totals = torch.tensor([float(fisher_tokens), loss_sum], dtype=torch.float64)
+    distributed.all_reduce_sum_([f for layer_fisher in fisher for f in layer_fisher.values()] + [totals])
     n = max(float(totals[0]), 1.0)
-    return grams, [f / n for f in fisher], float(totals[1]) / n
+    return grams, [{name: f / n for name, f in layer_fisher.items()} for layer_fisher in fisher], float(totals[1]) / n
 
 
 def _curve_from_trace(trace: Sequence[tuple[int, float]], units: int, kept_grid: np.ndarray) -> np.ndarray:
@@ -109,17 +131,26 @@ def reconstruction_importance(
     damping: float = DEFAULT_DAMPING,
     batch_fraction: float = DEFAULT_BATCH_FRACTION,
     progress: bool = True,
-    grams_fisher: tuple[list[dict[str, InputGram]], list[torch.Tensor], float] | None = None,
+    fisher_samples: int | None = None,
+    curve_samples: int | None = None,
+    grams_fisher: tuple[list[dict[str, InputGram]], list[dict[str, torch.Tensor]], float] | None = None,
 ) -> LayerImportance:
     """Cost curves ``ΔL_l(g)``, ``ΔL_l(c)`` from the Fisher-weighted OBS error after the refit (module docstring),
     on the allocation grid (attention g = 0..Hkv, MLP kept = 0, mlp_step, ..., I). ``attn``/``mlp`` summarise the
-    curves at their middle point."""
+    curves at their middle point. ``curve_samples``: measure on the first n windows of ``refit_ids`` only
+    (``None``: all); ``fisher_samples``: the Fisher from the first n of those."""
     if mlp_step < 1:
         raise InvalidInputError(f"mlp_step: must be >= 1, got {mlp_step}")
+    if curve_samples is not None:
+        if curve_samples < 1:
+            raise InvalidInputError(f"curve_samples: must be >= 1, got {curve_samples!r}")
+        distributed.check_shareable(int(curve_samples), "curve_samples")
+        refit_ids = refit_ids[:distributed.local_prefix(int(curve_samples), int(refit_ids.shape[0]))]
     start = time.perf_counter()
     adapter = adapter_for(model)
     layers = adapter.decoder_layers(model)
-    grams, fisher, base_loss = grams_fisher or grams_and_fisher(model, refit_ids, progress=progress)
+    grams, fisher, base_loss = grams_fisher or grams_and_fisher(model, refit_ids, fisher_samples=fisher_samples,
+                                                                     progress=progress)
     attn_curves: list[np.ndarray] = []
     mlp_curves: list[np.ndarray] = []
     for l in tqdm(range(len(layers)), desc="reconstruction curves", disable=not progress, leave=False):
@@ -129,14 +160,14 @@ def reconstruction_importance(
         trace: list[tuple[int, float]] = []
         deepest = geometry.num_kv_heads - (0 if min_kv_groups == 0 else 1)
         structured_obs(layer.self_attn.o_proj.weight, grams[l]["o_proj"], heads, [deepest], damping=damping,
-                       row_weights=fisher[l], trace=trace)
+                       row_weights=fisher[l]["o_proj"], trace=trace)
         attn = _curve_from_trace(trace, geometry.num_kv_heads, np.arange(geometry.num_kv_heads + 1))
         if min_kv_groups >= 1 and geometry.num_kv_heads >= 1:
             attn[0] = attn[1]  # never planned (at least one KV group kept)
         trace = []
         structured_obs(layer.mlp.down_proj.weight, grams[l]["down_proj"], [[c] for c in range(geometry.intermediate)],
                        [geometry.intermediate], damping=damping, batch_fraction=batch_fraction,
-                       row_weights=fisher[l], trace=trace)
+                       row_weights=fisher[l]["down_proj"], trace=trace)
         grid = np.minimum(np.arange(mlp_grid_size(geometry.intermediate, mlp_step)) * mlp_step, geometry.intermediate)
         attn_curves.append(attn)
         mlp_curves.append(_curve_from_trace(trace, geometry.intermediate, grid))
@@ -147,9 +178,10 @@ def reconstruction_importance(
         mlp_curves=mlp_curves, mlp_step=mlp_step, metric="loss", base_loss=base_loss,
         seconds=time.perf_counter() - start,
         details={"calib_tokens": distributed.global_count(int(refit_ids.numel())), "damping": damping,
+                 "fisher_samples": distributed.global_count(_fisher_windows(fisher_samples, int(refit_ids.shape[0]))),
                  "batch_fraction": batch_fraction,
                  "estimate": "half the Fisher-weighted structured-OBS error after the refit (no pruned evaluations)"},
     )
 
 
-__all__ = ["grams_and_fisher", "reconstruction_importance"]
+__all__ = ["PROJECTIONS", "grams_and_fisher", "reconstruction_importance"]

@@ -103,12 +103,13 @@ class PruneConfig:
     seed: int = 0
     calib_dataset: str = "wikitext2"  # calibration text: 'wikitext2' (its train, else valid split) or a .txt file
     data_dir: str | None = None
-    curve_samples: int | None = None  # sensitivity: measure curves on the first n calibration sequences
+    curve_samples: int | None = None  # curves on the first n sequences (sensitivity: calibration, reconstruction: refit)
     refit: str = "none"  # refit the kept o_proj / down_proj columns: none, lstsq, lstsq-bias, bias
     refit_damping: float = DEFAULT_DAMPING  # λ = refit_damping · mean diagonal of the Gram matrix
     refit_error_correction: bool = True  # layer l is refit on the outputs of the refit layers 0..l-1
     refit_samples: int = 64  # calibration windows of the refit (its own batch; 64 x 256: benches/calibration_study.py)
     refit_seq_len: int = 256
+    fisher_samples: int | None = 4  # reconstruction: the Fisher from the first n refit windows (None: all)
     kv_cache_ratio: float | None = None  # also remove at least this fraction of the KV-cache bytes per token
     flops_ratio: float | None = None  # also remove at least this fraction of the FLOPs per token ...
     flops_seq_len: int = 2048  # ... of a forward over this many positions
@@ -187,6 +188,8 @@ def validate_config(config: PruneConfig) -> None:
             raise InvalidInputError(f"{name}: must be an integer >= {low}, got {v!r}")
     if config.curve_samples is not None and (not _is_int(config.curve_samples) or config.curve_samples < 1):
         raise InvalidInputError(f"curve_samples: must be an integer >= 1, got {config.curve_samples!r}")
+    if config.fisher_samples is not None and (not _is_int(config.fisher_samples) or config.fisher_samples < 1):
+        raise InvalidInputError(f"fisher_samples: must be an integer >= 1, got {config.fisher_samples!r}")
     if not _is_int(config.seed) or config.seed < 0:
         raise InvalidInputError(f"seed: must be a non-negative integer, got {config.seed!r}")
     m = config.min_effective_rate
@@ -468,6 +471,7 @@ def measure_layer_importance(
             raise InvalidInputError("refit_ids: reconstruction curves are measured on the refit's calibration batch")
         return reconstruction_importance(model, refit_ids.long().to(calib_ids.device), mlp_step=config.mlp_step,
                                          min_kv_groups=config.min_kv_groups, damping=config.refit_damping,
+                                         fisher_samples=config.fisher_samples, curve_samples=config.curve_samples,
                                          progress=progress)
     options = {"metric": config.removal_metric} if config.layer_importance == "removal" else {}
     return compute_layer_importance(model, calib_ids, config.layer_importance, progress=progress, **options)

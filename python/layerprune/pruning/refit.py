@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from layerprune import distributed
 from layerprune.arch import adapter_for, gqa
 from layerprune.errors import InvalidInputError
-from layerprune.importance.cache import batch_slice, capture_layer_inputs
+from layerprune.importance.cache import batch_slice, capture_layer_inputs, check_ids, layer_arguments, model_device
 from layerprune.refit import DEFAULT_DAMPING, InputGram, compensation_bias, refit_output_projection
 from layerprune.refit.obs import DEFAULT_BATCH_FRACTION, structured_obs
 from layerprune.scoring.selection import LayerKeep
@@ -42,13 +42,16 @@ SELECTIONS = ("given", "obs")
 BIAS_MODES = ("lstsq-bias", "bias")
 
 
-def _collect(linear: nn.Linear, stats: InputGram, seen: list[torch.Tensor] | None = None):
-    def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        stats.update(args[0])
-        if seen is not None:
-            seen.append(args[0].detach())
+def _observe(linear: nn.Linear, stats: InputGram, seen: list[torch.Tensor]):
+    """While active, ``linear`` only records its inputs (Gram and the tensors) and returns zeros: the block around
+    it is run for those inputs alone, the projection's own product is computed once, after the refit."""
 
-    return linear.register_forward_pre_hook(hook)
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        stats.update(x)
+        seen.append(x.detach())
+        return x.new_zeros(*x.shape[:-1], linear.out_features)
+
+    linear.forward = forward
 
 
 def _apply(linear: nn.Linear, stats: InputGram, kept: Sequence[int], mode: str, damping: float) -> None:
@@ -101,15 +104,20 @@ def refit_kept_weights(
     if len(keep) != len(layers):
         raise InvalidInputError(f"keep: has {len(keep)} entries, the model has {len(layers)} decoder layers")
     start = time.perf_counter()
-    cache = capture_layer_inputs(model, calib_ids, progress)
-    hidden = cache.hidden[0]
+    calib_ids = check_ids(calib_ids)
+    if error_correction:  # only layer 0's input is needed: the others come from the refit layers below
+        hidden, layer_kwargs = layer_arguments(model, input_ids=calib_ids.to(model_device(model)))
+        dense_inputs: list[torch.Tensor] = []
+    else:
+        cache = capture_layer_inputs(model, calib_ids, progress)
+        hidden, layer_kwargs, dense_inputs = cache.hidden[0], cache.layer_kwargs, cache.hidden
     errors: list[dict[str, float]] = []
     chosen: list[LayerKeep] = []
     with torch.no_grad():
         for l, (layer, entry) in enumerate(tqdm(list(zip(layers, keep)), desc=f"refit ({mode}, {select})",
                                                 disable=not progress, leave=False)):
-            x = hidden if error_correction else cache.hidden[l]
-            hidden, layer_errors, entry = refit_layer(model, layer, entry, x, cache.layer_kwargs[l], mode=mode,
+            x = hidden if error_correction else dense_inputs[l]
+            hidden, layer_errors, entry = refit_layer(model, layer, entry, x, layer_kwargs[l], mode=mode,
                                                       damping=damping, micro_batch=micro_batch, select=select)
             errors.append(layer_errors)
             chosen.append(entry)
@@ -153,12 +161,12 @@ def refit_layer(
         stats = InputGram.empty(target.in_features, device=target.weight.device)
         dense_w = target.weight.detach().clone()
         seen: list[torch.Tensor] = []  # target's inputs: its refit output is computed from them, no second pass
-        handle = _collect(target, stats, seen)
+        _observe(target, stats, seen)
         try:
             for s, e in chunks:
                 block(inputs[s:e], {k: batch_slice(v, s, e, n) for k, v in layer_kwargs.items()})
         finally:
-            handle.remove()
+            del target.forward
         InputGram.all_reduce([stats])  # data-parallel: every rank's calibration rows
         dense_b = None if target.bias is None else target.bias.detach().clone()
         if select == "obs":

@@ -47,13 +47,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from layerprune.allocation import allocate
-from layerprune.arch import LAYER_KWARGS, OUTPUT_BIAS_KEY, adapter_for, layer_shapes, per_token_costs
+from layerprune.arch import OUTPUT_BIAS_KEY, adapter_for, layer_shapes, per_token_costs
 from layerprune.arch.modeling_layerprune import LAYER_WIDTH_KEYS, resize_decoder_layers
 from layerprune.errors import InternalError, InvalidInputError, ModelError, NumericalError
 from layerprune.importance import LayerImportance
 from layerprune.importance.block_influence import block_influence
 from layerprune.importance.depth import depth_importance
-from layerprune.importance.cache import batch_slice, head_loss, increase, layer_call
+from layerprune.importance.cache import batch_slice, head_loss, increase, layer_arguments, layer_call
 from layerprune.importance.sensitivity import curve_points, pruned_layer_outputs, sensitivity_result
 from layerprune.models import count_parameters
 from layerprune.models.checkpoint import (
@@ -175,10 +175,6 @@ class _Clock:
                 self._stack[-1] = (self._stack[-1][0], end)
 
 
-class _Probe(Exception):
-    """Ends the embedding forward once the last decoder layer's arguments are captured."""
-
-
 def _qualified_names(model: nn.Module) -> dict[int, str]:
     return {id(m): name for name, m in model.named_modules()}
 
@@ -274,37 +270,9 @@ class _Engine:
         return torch.nn.functional.embedding(inverse.to(self.device), rows)
 
     def capture_inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-        """The hidden state entering layer 0 and the keyword arguments (mask, position embeddings) the model
-        passes every layer, from the model's own forward on the embeddings with the layers' bodies replaced by
-        a probe."""
-        x0 = self.embed(ids)
-        layers, seen = self.layers, [None] * len(self.layers)
-        first: list[torch.Tensor] = []
-
-        def probe(index: int) -> Callable[..., torch.Tensor]:
-            def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                if index == 0:
-                    first.append(hidden)
-                seen[index] = {k: v for k, v in kwargs.items() if k in LAYER_KWARGS}
-                if index == len(layers) - 1:
-                    raise _Probe
-                return hidden
-
-            return forward
-
-        for i, layer in enumerate(layers):
-            layer.forward = probe(i)
-        try:
-            self.adapter.inner_model(self.model)(inputs_embeds=x0, use_cache=False)
-        except _Probe:
-            pass
-        finally:
-            for layer in layers:
-                del layer.forward
-        if not first or any(s is None for s in seen):
-            raise ModelError("model: the forward pass did not go through every decoder layer")
-        return first[0], seen  # type: ignore[return-value]
+        """The hidden state entering layer 0 and the keyword arguments every layer is passed
+        (:func:`layerprune.importance.cache.layer_arguments` on the embeddings read from the checkpoint)."""
+        return layer_arguments(self.model, inputs_embeds=self.embed(ids))
 
     # ---- element scores ------------------------------------------------------------------------------
 

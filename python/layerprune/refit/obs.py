@@ -46,21 +46,19 @@ def damped_inverse(stats: InputGram, damping: float = DEFAULT_DAMPING) -> torch.
     """``(H/n + λI)⁻¹`` with ``λ = damping · mean diag(H/n)``; the damping grows tenfold until it factors."""
     if stats.count < 1:
         raise InvalidInputError("obs: no calibration rows were collected")
-    h = stats.gram / stats.count
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    inverse = torch.cholesky_solve(eye, damped_cholesky(h, damping, "obs"))
-    return (inverse + inverse.T) / 2
+    return torch.cholesky_inverse(damped_cholesky(stats.gram / stats.count, damping, "obs"))  # exactly symmetric
 
 
 def _group_errors(w: torch.Tensor, blocks: torch.Tensor, cols: torch.Tensor,
                   row_weights: torch.Tensor | None) -> torch.Tensor:
     """``ΔE`` of removing each group alone: ``cols`` ``[k, size]`` its columns, ``blocks`` ``[k, size, size]`` its
     diagonal blocks of the current inverse (``[k]`` diagonal entries when ``size == 1``)."""
+    if cols.shape[1] == 1:  # every column's weighted norm at once: cheaper than gathering the live ones first
+        norms = w.square().sum(0) if row_weights is None else torch.mv(w.square().T, row_weights)
+        return norms[cols[:, 0]] / blocks
     wq = w.index_select(1, cols.reshape(-1)).reshape(w.shape[0], *cols.shape)  # [out, k, size]
     if row_weights is not None:
         wq = wq * row_weights.sqrt()[:, None, None]
-    if cols.shape[1] == 1:
-        return (wq[:, :, 0] ** 2).sum(0) / blocks
     factor = torch.linalg.cholesky(blocks)
     solved = torch.linalg.solve_triangular(factor, wq.permute(1, 2, 0), upper=False)
     return (solved ** 2).sum((1, 2))
@@ -109,7 +107,7 @@ def structured_obs(
     g0 = damped_inverse(stats, damping)
     size = index.shape[1]
     most = counts[-1] * size if counts else 0
-    z_rows = torch.zeros(most, g0.shape[0], dtype=torch.float64, device=device)  # G = G₀ − ZᵀZ, Z = z_rows[:r]
+    z_rows = torch.empty(most, g0.shape[0], dtype=torch.float64, device=device)  # G = G₀ − ZᵀZ, Z = z_rows[:r]
     r = 0
     if size == 1:
         diag = torch.diagonal(g0).clone()  # the current G's diagonal, kept up to date
@@ -132,7 +130,7 @@ def structured_obs(
             scores = _group_errors(w, blocks, cols, rw)
             chosen = live[torch.argsort(scores, stable=True)[:step]]
             q = index[chosen].reshape(-1)
-            rows = g0[q, :] - z[:, q].T @ z  # G_Q: of the current inverse
+            rows = torch.addmm(g0[q, :], z[:, q].T, z, alpha=-1.0)  # G_Q: of the current inverse
             factor, info = torch.linalg.cholesky_ex(rows[:, q])
             if int(info) != 0:
                 raise NumericalError("obs: the inverse Gram lost positive definiteness (raise the damping)")
@@ -140,7 +138,7 @@ def structured_obs(
             wq = torch.linalg.solve_triangular(factor, w[:, q].T, upper=False).T  # W_Q L⁻ᵀ
             step_rows = (wq ** 2).sum(1)
             error += float(step_rows @ rw) if rw is not None else float(step_rows.sum())
-            w -= wq @ c
+            w.addmm_(wq, c, alpha=-1.0)
             w[:, q] = 0.0
             z_rows[r:r + c.shape[0]] = c
             r += c.shape[0]
