@@ -115,7 +115,8 @@ def layer_arguments(model: torch.nn.Module, *, input_ids: torch.Tensor | None = 
     """The hidden state entering decoder layer 0 and the keyword arguments (mask, position embeddings) the model
     passes every layer, from the model's own forward with the layers' bodies replaced by a probe: no layer runs,
     so this costs the embedding lookup only."""
-    layers = adapter_for(model).decoder_layers(model)
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
     seen: list[dict[str, Any] | None] = [None] * len(layers)
     first: list[torch.Tensor] = []
 
@@ -135,7 +136,7 @@ def layer_arguments(model: torch.nn.Module, *, input_ids: torch.Tensor | None = 
         layer.forward = probe(i)
     try:
         with torch.no_grad():
-            adapter_for(model).inner_model(model)(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=False)
+            adapter.inner_model(model)(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=False)
     except _Probed:
         pass
     finally:

@@ -28,6 +28,7 @@ from layerprune.arch.budget import mlp_grid_size
 from layerprune.errors import InvalidInputError
 from layerprune.importance.result import LayerImportance
 from layerprune.refit import DEFAULT_DAMPING, InputGram
+from layerprune.refit.grams import empty_grams, output_projection_hooks
 from layerprune.refit.obs import DEFAULT_BATCH_FRACTION, structured_obs
 
 
@@ -53,18 +54,12 @@ def grams_and_fisher(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: 
     never mix the two. The model is only read (its parameters' ``requires_grad`` is restored)."""
     adapter = adapter_for(model)
     layers = adapter.decoder_layers(model)
-    grams = [{"o_proj": InputGram.empty(layer.self_attn.o_proj.in_features),
-              "down_proj": InputGram.empty(layer.mlp.down_proj.in_features)} for layer in layers]
+    grams = [empty_grams(layer) for layer in layers]
     hidden = adapter.embeddings(model).weight.shape[1]
     fisher = [{name: torch.zeros(hidden, dtype=torch.float64) for name in PROJECTIONS} for _ in layers]
     n_fisher = _fisher_windows(fisher_samples, int(ids.shape[0]))
     flags = [(p, p.requires_grad) for p in model.parameters()]
     handles: list[Any] = []
-
-    def gram_hook(sink: InputGram):
-        def hook(_module, args):
-            sink.update(args[0].detach())
-        return hook
 
     def output_hook(sink: torch.Tensor):
         def accumulate(grad: torch.Tensor) -> None:
@@ -81,27 +76,29 @@ def grams_and_fisher(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: 
     fisher_tokens = int(n_fisher * (ids.shape[1] - 1))
     loss_sum = 0.0
     device = next(model.parameters()).device
-    starts = list(range(0, n_fisher, micro_batch)) + list(range(n_fisher, ids.shape[0], micro_batch))
+    n = int(ids.shape[0])
+    chunks = [(s, min(s + micro_batch, n_fisher), True) for s in range(0, n_fisher, micro_batch)]
+    chunks += [(s, min(s + micro_batch, n), False) for s in range(n_fisher, n, micro_batch)]
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        for l, (layer, sink) in enumerate(zip(layers, grams)):
+        for l, layer in enumerate(layers):
             for name, linear in (("o_proj", layer.self_attn.o_proj), ("down_proj", layer.mlp.down_proj)):
-                handles.append(linear.register_forward_pre_hook(gram_hook(sink[name])))
                 handles.append(linear.register_forward_hook(output_hook(fisher[l][name])))
         handles.append(adapter.embeddings(model).register_forward_hook(embed_hook))
-        for start in tqdm(starts, desc="Grams and Fisher", disable=not progress, leave=False):
-            batch = ids[start:min(start + micro_batch, n_fisher if start < n_fisher else ids.shape[0])].to(device)
-            if start >= n_fisher:
-                with torch.no_grad():
-                    adapter.inner_model(model)(input_ids=batch, use_cache=False)
-                continue
-            tokens = int(batch.shape[0] * (batch.shape[1] - 1))
-            with torch.enable_grad():
-                out = model(input_ids=batch, labels=batch, use_cache=False)
-                # g_t = ∂(Σ_t' ℓ_t')/∂h_t (a position's gradient involves its own sequence only); f = Σ_t g_t² / N
-                (out.loss * tokens).backward()
-            loss_sum += float(out.loss.detach()) * tokens
+        with output_projection_hooks(layers, grams):
+            for start, end, with_fisher in tqdm(chunks, desc="Grams and Fisher", disable=not progress, leave=False):
+                batch = ids[start:end].to(device)
+                if not with_fisher:
+                    with torch.no_grad():
+                        adapter.inner_model(model)(input_ids=batch, use_cache=False)
+                    continue
+                tokens = int(batch.shape[0] * (batch.shape[1] - 1))
+                with torch.enable_grad():
+                    out = model(input_ids=batch, labels=batch, use_cache=False)
+                    # g_t = ∂(Σ_t' ℓ_t')/∂h_t (a position's gradient involves its own sequence only); f = Σ_t g_t² / N
+                    (out.loss * tokens).backward()
+                loss_sum += float(out.loss.detach()) * tokens
     finally:
         for handle in handles:
             handle.remove()
@@ -110,8 +107,9 @@ def grams_and_fisher(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: 
     InputGram.all_reduce([stats for layer_grams in grams for stats in layer_grams.values()])
     totals = torch.tensor([float(fisher_tokens), loss_sum], dtype=torch.float64)
     distributed.all_reduce_sum_([f for layer_fisher in fisher for f in layer_fisher.values()] + [totals])
-    n = max(float(totals[0]), 1.0)
-    return grams, [{name: f / n for name, f in layer_fisher.items()} for layer_fisher in fisher], float(totals[1]) / n
+    count = max(float(totals[0]), 1.0)
+    return (grams, [{name: f / count for name, f in layer_fisher.items()} for layer_fisher in fisher],
+            float(totals[1]) / count)
 
 
 def _curve_from_trace(trace: Sequence[tuple[int, float]], units: int, kept_grid: np.ndarray) -> np.ndarray:

@@ -22,7 +22,8 @@ sees the dense model's inputs. Calibration runs in micro-batches; Gram matrices 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -42,7 +43,8 @@ SELECTIONS = ("given", "obs")
 BIAS_MODES = ("lstsq-bias", "bias")
 
 
-def _observe(linear: nn.Linear, stats: InputGram, seen: list[torch.Tensor]):
+@contextmanager
+def _observing(linear: nn.Linear, stats: InputGram, seen: list[torch.Tensor]) -> Iterator[None]:
     """While active, ``linear`` only records its inputs (Gram and the tensors) and returns zeros: the block around
     it is run for those inputs alone, the projection's own product is computed once, after the refit."""
 
@@ -52,6 +54,10 @@ def _observe(linear: nn.Linear, stats: InputGram, seen: list[torch.Tensor]):
         return x.new_zeros(*x.shape[:-1], linear.out_features)
 
     linear.forward = forward
+    try:
+        yield
+    finally:
+        del linear.forward
 
 
 def _apply(linear: nn.Linear, stats: InputGram, kept: Sequence[int], mode: str, damping: float) -> None:
@@ -161,12 +167,9 @@ def refit_layer(
         stats = InputGram.empty(target.in_features, device=target.weight.device)
         dense_w = target.weight.detach().clone()
         seen: list[torch.Tensor] = []  # target's inputs: its refit output is computed from them, no second pass
-        _observe(target, stats, seen)
-        try:
+        with _observing(target, stats, seen):
             for s, e in chunks:
                 block(inputs[s:e], {k: batch_slice(v, s, e, n) for k, v in layer_kwargs.items()})
-        finally:
-            del target.forward
         InputGram.all_reduce([stats])  # data-parallel: every rank's calibration rows
         dense_b = None if target.bias is None else target.bias.detach().clone()
         if select == "obs":

@@ -83,6 +83,7 @@ from layerprune.pruning.pipeline import (
 from layerprune.pruning.refit import BIAS_MODES, refit_layer
 from layerprune.pruning.surgery import prune_decoder_layer
 from layerprune.refit import InputGram
+from layerprune.refit.grams import empty_grams, output_projection_hooks
 from layerprune.scoring.dispatch import ActivationStats, wanda_channel_scores, weight_scores
 from layerprune.scoring.groups import GRADIENT_KINDS, fold_layer_scores
 from layerprune.scoring.selection import LayerKeep, select_keep
@@ -313,19 +314,13 @@ class _Engine:
     def refit_grams(self, layer: nn.Module, stream: StoredHidden, kwargs: dict[str, Any]) -> dict[str, InputGram]:
         """The dense layer's o_proj / down_proj input Grams on the refit batch (as
         :func:`layerprune.refit.output_projection_grams`, same micro-batches); advances ``stream``."""
-        grams = {"o_proj": InputGram.empty(layer.self_attn.o_proj.in_features, device=self.device),
-                 "down_proj": InputGram.empty(layer.mlp.down_proj.in_features, device=self.device)}
-        handles = [layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, a: grams["o_proj"].update(a[0])),
-                   layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a: grams["down_proj"].update(a[0]))]
+        grams = empty_grams(layer, device=self.device)
         x = stream.get()
         n = x.shape[0]
-        try:
+        with output_projection_hooks([layer], [grams]):
             out = torch.cat([layer_call(layer, x[s:s + GRAM_MICRO_BATCH],
                                         {k: batch_slice(v, s, min(s + GRAM_MICRO_BATCH, n), n) for k, v in kwargs.items()})
                              for s in range(0, n, GRAM_MICRO_BATCH)])
-        finally:
-            for handle in handles:
-                handle.remove()
         stream.set(out)
         return grams
 
