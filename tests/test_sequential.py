@@ -135,22 +135,63 @@ def test_sequential_equals_in_memory(tmp_path, dense_dirs, case, setting):
     torch.testing.assert_close(logits(loaded, ids), logits(memory.model, ids), atol=1e-6, rtol=0)
 
 
+def _close_floats(value, rel: float):
+    """``value`` with every float replaced by an approx within ``rel`` (ints, strings and shapes stay exact)."""
+    if isinstance(value, dict):
+        return {k: _close_floats(v, rel) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_close_floats(v, rel) for v in value]
+    if isinstance(value, float):
+        return pytest.approx(value, rel=rel, abs=1e-12)
+    return value
+
+
+def _separated_layers(case, folder: Path) -> Path:
+    """``case``'s tiny model with layer l's o_proj and down_proj scaled by 1 + l/2: the random layers of a tiny
+    model are statistically alike, so their importances tie to a few ulps; scaled, they are apart by far more
+    than float rounding and every solver's plan is the same under either engine's rounding."""
+    model = make_model(case)
+    with torch.no_grad():
+        for l, layer in enumerate(model.model.layers):
+            layer.self_attn.o_proj.weight.mul_(1 + l / 2)
+            layer.mlp.down_proj.weight.mul_(1 + l / 2)
+    model.save_pretrained(folder, max_shard_size="40KB")
+    return folder
+
+
+def test_head_in_row_blocks_gives_the_logits_to_rounding():
+    """The blocked head is the same matmul with its output columns computed in blocks: MKL chooses its kernel
+    (and so the order of each dot product's sum) by shape, so entries may differ from the whole matmul in their
+    last bits (seen on torch 2.15: 197 of 252,000 entries, |d| <= 8e-6), never by more than rounding."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(4, 63, 256), torch.randn(4096, 256)
+    whole = torch.nn.functional.linear(hidden, weight)
+    blocked = torch.empty_like(whole)
+    for start in range(0, weight.shape[0], 7):
+        blocked[..., start:start + 7] = torch.nn.functional.linear(hidden, weight[start:start + 7])
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("setting", ["activation", "removal"])
-def test_head_read_in_row_blocks_changes_nothing(tmp_path, dense_dirs, monkeypatch, setting):
+def test_head_read_in_row_blocks_changes_nothing(tmp_path, monkeypatch, setting):
     """A head matrix heavier than two layers is never held whole: the losses come from logits assembled block by
-    block (blocks of a few rows here), and equal the in-memory ones exactly."""
+    block (blocks of a few rows here). They equal the in-memory losses to float rounding (not bit for bit: see
+    the test above), and on layers whose importances differ by more than rounding, the plan is the same."""
     from layerprune.pruning import sequential
 
     monkeypatch.setattr(sequential, "RESIDENT_HEAD_LAYERS", 0)
     monkeypatch.setattr(sequential, "ROW_BLOCK_BYTES", 1000)
-    calib, refit_ids = _batches()
+    calib, _ = _batches()
     config = PruneConfig(**SETTINGS[setting], calib_samples=4)
-    for name in ("llama2-mha", "qwen2-bias"):  # an untied head, a tied one
-        model, _ = load_model(dense_dirs[name], require_tokenizer=False)
+    for case in (c for c in CASES if c.name in ("llama2-mha", "qwen2-bias")):  # an untied head, a tied one
+        dense_dir = _separated_layers(case, tmp_path / f"{case.name}-dense")
+        model, _ = load_model(dense_dir, require_tokenizer=False)
         memory = prune(model, None, config, calib_ids=calib, progress=False)
-        _, result = prune_checkpoint(dense_dirs[name], tmp_path / f"{name}-{setting}", config, calib_ids=calib,
+        _, result = prune_checkpoint(dense_dir, tmp_path / f"{case.name}-{setting}", config, calib_ids=calib,
                                      progress=False)
-        assert _comparable(result.report) == _comparable(memory.report), name
+        got, want = _comparable(result.report), _comparable(memory.report)
+        assert _close_floats(got.pop("layer_importance"), 1e-5) == want.pop("layer_importance"), case.name
+        assert got == want, case.name
 
 
 def test_spilled_hidden_states_change_nothing(tmp_path, dense_dirs):

@@ -86,7 +86,7 @@ def test_wheel_imports_from_the_fresh_venv(installed_venv, tmp_path):
     assert Path(report["file"]).resolve().is_relative_to(venv), report["file"]
     assert Path(report["core"]).resolve().is_relative_to(venv), report["core"]
     assert not any(Path(p).resolve() == (REPO_ROOT / "python").resolve() for p in report["path"] if p)
-    shipped = sorted(p.name for p in (REPO_ROOT / "kernels").glob("*.py"))
+    shipped = sorted(p.name for p in (REPO_ROOT / "python" / "layerprune" / "kernels").glob("*.py"))
     assert report["kernels"] == shipped
 
 

@@ -244,7 +244,8 @@ class _Engine:
 
     def blocked_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """``lm_head`` computed with its matrix read in row blocks: the logits of every block of the vocabulary
-        written into one output (a matmul's entries do not depend on how its output columns are split)."""
+        written into one output. Equal to the whole matmul to float rounding, not bit for bit: the BLAS picks its
+        kernel, and so each dot product's order of summation, by the shape of the block."""
         entry = self.ckpt.entries[self._head_name]
         vocab = entry.shape[0]
         step = max(1, ROW_BLOCK_BYTES // max(1, entry.nbytes // vocab))
