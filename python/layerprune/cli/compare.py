@@ -15,10 +15,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "compare",
-        help="uniform vs unbalanced pruning on equal terms, with a report",
-        description="Prune --model at each target ratio with every method (dense, uniform-range, uniform, "
-        "unbalanced-seed, unbalanced), evaluate each on the same WikiText-2 test tokens, and write "
-        "DIR/report.md, DIR/report.json and plots. Runs already finished in DIR are reused.",
+        help="every method (uniform, FLAP, SlimGPT, unbalanced, ...) at equal size on the same tokens, with a report",
+        description="Prune --model at each target ratio with every method of --methods (" + ", ".join(METHODS)
+        + "; dense is the unpruned model, unbalanced the default of `layerprune prune`), evaluate each on the same "
+        "WikiText-2 test tokens (or --dataset), and write DIR/report.md, DIR/report.json and plots. Runs already "
+        "finished in DIR are reused. What each method is: docs/methods.md.",
     )
     add_model_argument(p)
     p.add_argument("--ratio", type=float, default=None, help="fraction of ALL parameters to remove, in (0, 1)")
