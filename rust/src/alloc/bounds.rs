@@ -39,10 +39,13 @@
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
-use super::dp::{gcd, item_losses, run_table};
+use super::dp::{item_losses, param_gcd, run_table};
 use super::greedy::land;
 use super::lagrange::lagrange_choice;
-use super::{fmt_params, AllocError, Allocation, DpMethod, Problem, Solver};
+use super::problem::{fmt_params, Problem};
+use super::result::Allocation;
+use super::spec::{DpMethod, Solver};
+use crate::error::{Error, Result};
 
 /// Most states of the sparse DP over `C` items at one step.
 const MAX_SPARSE_STATES: usize = 1 << 20;
@@ -63,14 +66,7 @@ pub(crate) struct ParamUnits {
 }
 
 pub(crate) fn param_units(p: &Problem) -> ParamUnits {
-    let mut u = 0u64;
-    for it in &p.items {
-        let r0 = it.options[0].removed;
-        for o in &it.options {
-            u = gcd(u, o.removed - r0);
-        }
-    }
-    let u = u.max(1);
+    let u = param_gcd(p);
     let units = p
         .items
         .iter()
@@ -813,7 +809,7 @@ fn lagrangian(p: &Problem, pu: &ParamUnits, monotone: bool) -> (Option<Candidate
 }
 
 /// `dp` for budgets with KV-cache / FLOPs bounds or without a parameter budget.
-pub(crate) fn solve_dp_bounds(p: &Problem, monotone: bool) -> Result<Allocation, AllocError> {
+pub(crate) fn solve_dp(p: &Problem, monotone: bool) -> Result<Allocation> {
     let pu = param_units(p);
     let losses = item_losses(p);
     let mut notes: Vec<String> = Vec::new();
@@ -831,11 +827,11 @@ pub(crate) fn solve_dp_bounds(p: &Problem, monotone: bool) -> Result<Allocation,
                 return Ok(out);
             }
             Exact::Infeasible => {
-                return Err(AllocError::Infeasible(infeasible_message(p, &pu)));
+                return Err(Error::Infeasible(infeasible_message(p, &pu)));
             }
             Exact::TooLarge(why) => {
                 if method == DpMethod::SecondDimension {
-                    return Err(AllocError::InvalidInput(format!(
+                    return Err(Error::InvalidInput(format!(
                         "dp_method: the second dimension is too large ({why}); use dp_method auto or lagrangian"
                     )));
                 }
@@ -852,10 +848,10 @@ pub(crate) fn solve_dp_bounds(p: &Problem, monotone: bool) -> Result<Allocation,
     };
     let Some(best) = best else {
         if let Some(m) = window_caps(p, &pu, monotone) {
-            return Err(AllocError::Infeasible(m));
+            return Err(Error::Infeasible(m));
         }
         let all: Vec<usize> = (0..p.secondary.len()).collect();
-        return Err(AllocError::Infeasible(format!(
+        return Err(Error::Infeasible(format!(
             "{}: the Lagrangian relaxation and the greedy search found no allocation meeting them together (not proven infeasible)",
             bound_words(p, true, &all)
         )));
@@ -927,10 +923,10 @@ fn heuristic(p: &Problem, solver: Solver) -> Option<Candidate> {
 }
 
 /// `greedy` / `lagrange` with KV-cache / FLOPs bounds or without a parameter budget.
-pub(crate) fn solve_heuristic(p: &Problem, solver: Solver) -> Result<Allocation, AllocError> {
+pub(crate) fn solve_heuristic(p: &Problem, solver: Solver) -> Result<Allocation> {
     let Some(best) = heuristic(p, solver) else {
         let all: Vec<usize> = (0..p.secondary.len()).collect();
-        return Err(AllocError::Infeasible(format!(
+        return Err(Error::Infeasible(format!(
             "{}: {} found no allocation meeting them together ({} is a heuristic; dp decides exactly)",
             bound_words(p, true, &all),
             solver.name(),

@@ -14,21 +14,36 @@
 //! table would exceed `MAX_CELLS` cells the unit is coarsened (amounts rounded to it), the
 //! result's removal is checked exactly and repaired if needed, and a note says so (and the
 //! result is not `proven_optimal`). KV-cache and FLOPs bounds, and budgets without a parameter
-//! count, are solved in `bounds.rs`.
+//! count, are not solved here: `allocate` routes them to the bounded solve, which runs these
+//! tables as its building blocks.
 
-use super::bounds;
 use super::greedy::{land, repair_single};
-use super::{build_problem, AllocError, Allocation, Problem, Solver, Spec};
+use super::problem::Problem;
+use super::result::Allocation;
+use super::spec::Solver;
 
 /// Most table cells (states x items) kept for backtracking (4 bytes each).
 const MAX_CELLS: usize = 64 << 20;
 const MIN_RUN_FOR_MONOTONE: usize = 12;
 
-pub(crate) fn gcd(mut a: u64, mut b: u64) -> u64 {
+fn gcd(mut a: u64, mut b: u64) -> u64 {
     while b != 0 {
         (a, b) = (b, a % b);
     }
     a
+}
+
+/// The exact parameter unit of the tables: the GCD of every option's removal relative to its
+/// item's option 0 (at least 1).
+pub(crate) fn param_gcd(p: &Problem) -> u64 {
+    let mut u = 0u64;
+    for it in &p.items {
+        let r0 = it.options[0].removed;
+        for o in &it.options {
+            u = gcd(u, o.removed - r0);
+        }
+    }
+    u.max(1)
 }
 
 /// Convolve `cur` with the run `g[k]` at units `e0 + k*c` (option indices `first + k`) into
@@ -430,27 +445,12 @@ fn dual_lambda(p: &Problem, units: &[Vec<usize>], lo_u: usize) -> f64 {
     0.0
 }
 
-pub fn solve_dp(spec: &Spec) -> Result<Allocation, AllocError> {
-    solve_dp_impl(spec, true)
-}
-
-/// `monotone = false` merges every run by brute force (tests compare the two).
-pub(crate) fn solve_dp_impl(spec: &Spec, monotone: bool) -> Result<Allocation, AllocError> {
-    let p = build_problem(spec, Solver::Dp)?;
-    p.check_budget()?;
-    if !p.param_budget || !p.secondary.is_empty() {
-        return bounds::solve_dp_bounds(&p, monotone);
-    }
+/// `dp` for the parameter window alone (no KV-cache / FLOPs bound); `p` has passed
+/// `check_budget`. `monotone = false` merges every run by brute force (tests compare the two).
+pub(crate) fn solve(p: &Problem, monotone: bool) -> Allocation {
     let t = p.target;
     let base = p.min_removed;
-    let mut u = 0u64;
-    for it in &p.items {
-        let r0 = it.options[0].removed;
-        for o in &it.options {
-            u = gcd(u, o.removed - r0);
-        }
-    }
-    let u = u.max(1);
+    let u = param_gcd(p);
     let mut notes = Vec::new();
     let n_items = p.items.len().max(1);
     for (granule, binding) in [(p.granule, vec![]), (p.granule_max, vec!["granularity"])] {
@@ -496,7 +496,7 @@ pub(crate) fn solve_dp_impl(spec: &Spec, monotone: bool) -> Result<Allocation, A
         // incumbent for branch and bound: the greedy landing, when it is in this same window
         let bound = if exact && monotone && binding.is_empty() {
             let mut c = vec![0usize; p.items.len()];
-            let (g_used, b) = land(&p, &mut c);
+            let (g_used, b) = land(p, &mut c);
             if b.is_empty() && g_used == granule {
                 let base_loss: f64 = p.items.iter().map(|it| it.options[0].loss).sum();
                 let ub = p
@@ -506,14 +506,14 @@ pub(crate) fn solve_dp_impl(spec: &Spec, monotone: bool) -> Result<Allocation, A
                     .map(|(it, &j)| it.options[j].loss)
                     .sum::<f64>()
                     - base_loss;
-                Some(Bound::new(&p, &units, dual_lambda(&p, &units, lo_u), ub))
+                Some(Bound::new(p, &units, dual_lambda(p, &units, lo_u), ub))
             } else {
                 None
             }
         } else {
             None
         };
-        let Some(mut choice) = table_dp(&p, &units, lo_u, hi_u, monotone, bound.as_ref()) else {
+        let Some(mut choice) = table_dp(p, &units, lo_u, hi_u, monotone, bound.as_ref()) else {
             continue;
         };
         if !exact {
@@ -522,7 +522,7 @@ pub(crate) fn solve_dp_impl(spec: &Spec, monotone: bool) -> Result<Allocation, A
             ));
             let r = p.removed_of(&choice);
             if r < t || r > t + granule {
-                if !repair_single(&p, &mut choice, t, t + granule) {
+                if !repair_single(p, &mut choice, t, t + granule) {
                     continue;
                 }
                 notes.push("dp: rounded solution repaired into the budget window".into());
@@ -533,13 +533,13 @@ pub(crate) fn solve_dp_impl(spec: &Spec, monotone: bool) -> Result<Allocation, A
         // exact units: the table is the whole state space, so the optimum is proven
         out.proven_optimal = exact;
         out.lower_bound = if exact { out.objective } else { f64::NAN };
-        return Ok(out);
+        return out;
     }
     // No combination lands in either window: fall back to the greedy landing and say so.
     let mut choice = vec![0usize; p.items.len()];
-    let (granule, binding) = land(&p, &mut choice);
+    let (granule, binding) = land(p, &mut choice);
     notes.push(
         "dp: no combination lands within the widest budget window; greedy landing used".into(),
     );
-    Ok(p.finish(&choice, Solver::Dp, &binding, notes, granule))
+    p.finish(&choice, Solver::Dp, &binding, notes, granule)
 }

@@ -8,8 +8,9 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use super::bounds;
-use super::{build_problem, AllocError, Allocation, Problem, Solver, Spec};
+use super::problem::Problem;
+use super::result::Allocation;
+use super::spec::Solver;
 
 /// Lower convex hull (by removed params) of `options[start..]`, as option indices, starting at
 /// `start`. Collinear points are kept so convex curves keep their unit steps.
@@ -169,13 +170,10 @@ pub(crate) fn land(p: &Problem, choice: &mut [usize]) -> (u64, Vec<&'static str>
     (r.saturating_sub(t).max(p.granule), vec!["granularity"])
 }
 
-pub fn solve_greedy(spec: &Spec) -> Result<Allocation, AllocError> {
-    let p = build_problem(spec, Solver::Greedy)?;
-    p.check_budget()?;
-    if !p.param_budget || !p.secondary.is_empty() {
-        return bounds::solve_heuristic(&p, Solver::Greedy);
-    }
+/// `greedy` for the parameter window alone (no KV-cache / FLOPs bound); `p` has passed
+/// `check_budget`.
+pub(crate) fn solve(p: &Problem) -> Allocation {
     let mut choice = vec![0usize; p.items.len()];
-    let (granule, binding) = land(&p, &mut choice);
-    Ok(p.finish(&choice, Solver::Greedy, &binding, vec![], granule))
+    let (granule, binding) = land(p, &mut choice);
+    p.finish(&choice, Solver::Greedy, &binding, vec![], granule)
 }

@@ -14,14 +14,14 @@
 //! ranges that do not cover every layer, `layer_rate` and layers of different shapes. No pair in
 //! the window is `Infeasible`, naming the nearest reachable ratios below and above.
 
-use super::{
-    attn_loss, build_problem, fmt_params, mlp_loss, AllocError, Allocation, ItemKind, Problem,
-    Resource, Solver, Spec,
-};
+use super::problem::{fmt_params, ItemKind, Problem};
+use super::result::Allocation;
+use super::spec::{attn_loss, mlp_loss, Resource, Solver, Spec};
+use crate::error::{Error, Result};
 
 /// The refusals of `homogeneous`: anything that would make the layers' widths differ.
-fn refuse(spec: &Spec) -> Result<(), AllocError> {
-    let bad = |m: String| Err(AllocError::InvalidInput(m));
+fn refuse(spec: &Spec) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidInput(m));
     let n = spec.layers.len();
     if !spec.protected.is_empty() {
         let mut p = spec.protected.clone();
@@ -147,11 +147,12 @@ fn objective(spec: &Spec, g: u64, f: u64) -> f64 {
     obj
 }
 
-pub fn solve_homogeneous(spec: &Spec) -> Result<Allocation, AllocError> {
-    let p = build_problem(spec, Solver::Homogeneous)?;
+/// `homogeneous` on a validated problem.
+pub(crate) fn solve(p: &Problem) -> Result<Allocation> {
+    let spec = p.spec;
     refuse(spec)?;
     if !p.param_budget {
-        return Err(AllocError::InvalidInput(
+        return Err(Error::InvalidInput(
             "ratio: homogeneous needs a parameter budget (it picks the equal widths that remove ratio of all parameters)"
                 .into(),
         ));
@@ -161,7 +162,7 @@ pub fn solve_homogeneous(spec: &Spec) -> Result<Allocation, AllocError> {
     let t = p.target;
     let window = n * p.granule;
     let ratio = spec.ratio.unwrap_or(0.0);
-    let all = pairs(&p);
+    let all = pairs(p);
     let inside: Vec<&Pair> = all
         .iter()
         .filter(|c| c.removed >= t && c.removed <= t + window)
@@ -180,7 +181,7 @@ pub fn solve_homogeneous(spec: &Spec) -> Result<Allocation, AllocError> {
             .map(|c| c.removed)
             .min()
             .map_or("none".to_string(), frac);
-        return Err(AllocError::Infeasible(format!(
+        return Err(Error::Infeasible(format!(
             "ratio {ratio}: no homogeneous allocation (the same KV groups and MLP channels in every layer) removes between {} and {} params (the target {} plus one step per layer); the nearest reachable ratios are {below} below and {above} above",
             t,
             t + window,
@@ -190,7 +191,7 @@ pub fn solve_homogeneous(spec: &Spec) -> Result<Allocation, AllocError> {
     let mut best: Option<(f64, &Pair, Vec<usize>)> = None;
     let mut reached = [0u64; 2];
     for &c in &inside {
-        let choice = choice_of(&p, c);
+        let choice = choice_of(p, c);
         let res = p.res_of(&choice);
         for (k, v) in reached.iter_mut().enumerate() {
             *v = (*v).max(res[k]);
@@ -237,7 +238,7 @@ pub fn solve_homogeneous(spec: &Spec) -> Result<Allocation, AllocError> {
                 )
             })
             .collect();
-        return Err(AllocError::Infeasible(format!(
+        return Err(Error::Infeasible(format!(
             "ratio {ratio}: no homogeneous allocation in the parameter window [{t}, {}] meets {}",
             t + window,
             words.join(" and ")

@@ -4,9 +4,10 @@
 //! target. From there the greedy hull walk (which continues the Lagrangian path exactly) lands
 //! the total in the budget window `[T, T + granule]`.
 
-use super::bounds;
 use super::greedy::land;
-use super::{build_problem, AllocError, Allocation, Problem, Solver, Spec};
+use super::problem::Problem;
+use super::result::Allocation;
+use super::spec::Solver;
 
 fn pick(p: &Problem, lambda: f64, choice: &mut [usize]) -> u64 {
     let mut removed = 0;
@@ -26,14 +27,11 @@ fn pick(p: &Problem, lambda: f64, choice: &mut [usize]) -> u64 {
     removed
 }
 
-pub fn solve_lagrange(spec: &Spec) -> Result<Allocation, AllocError> {
-    let p = build_problem(spec, Solver::Lagrange)?;
-    p.check_budget()?;
-    if !p.param_budget || !p.secondary.is_empty() {
-        return bounds::solve_heuristic(&p, Solver::Lagrange);
-    }
-    let (choice, granule, binding) = lagrange_choice(&p);
-    Ok(p.finish(&choice, Solver::Lagrange, &binding, vec![], granule))
+/// `lagrange` for the parameter window alone (no KV-cache / FLOPs bound); `p` has passed
+/// `check_budget`.
+pub(crate) fn solve(p: &Problem) -> Allocation {
+    let (choice, granule, binding) = lagrange_choice(p);
+    p.finish(&choice, Solver::Lagrange, &binding, vec![], granule)
 }
 
 /// The lagrange answer for the parameter window: (choice, granule used, binding).

@@ -17,8 +17,11 @@
 //! Without importance, a component's importance is its curve's loss at full removal
 //! (`curve[0] - curve[last]`).
 
+use super::problem::{ItemKind, Problem};
+use super::result::Allocation;
+use super::spec::{Curve, Solver};
 use super::uniform::{apply_rates, prunable_params};
-use super::{build_problem, AllocError, Allocation, Curve, ItemKind, Solver, Spec};
+use crate::error::Result;
 
 /// Steps 1-8 above for the importance of the layers of one component.
 pub fn seed_rates(
@@ -81,9 +84,10 @@ fn component_importance(c: &Curve) -> f64 {
     }
 }
 
-pub fn solve_seed(spec: &Spec) -> Result<Allocation, AllocError> {
-    let p = build_problem(spec, Solver::Seed)?;
-    super::uniform::require_param_budget_only(&p, "seed: the reference mapping")?;
+/// `seed` on a validated problem.
+pub(crate) fn solve(p: &Problem) -> Result<Allocation> {
+    let spec = p.spec;
+    super::uniform::require_param_budget_only(p, "seed: the reference mapping")?;
     p.check_budget()?;
     let n = spec.layers.len();
     let (ai, mi): (Vec<f64>, Vec<f64>) = match &spec.seed_importance {
@@ -99,7 +103,7 @@ pub fn solve_seed(spec: &Spec) -> Result<Allocation, AllocError> {
                 .collect(),
         ),
     };
-    let prunable = prunable_params(&p);
+    let prunable = prunable_params(p);
     let mean_target = if prunable > 0 {
         (p.target as f64 / prunable as f64).min(1.0)
     } else {
@@ -155,7 +159,7 @@ pub fn solve_seed(spec: &Spec) -> Result<Allocation, AllocError> {
             }
         }
     }
-    let (g, f) = apply_rates(&p, &attn_rate, &mlp_rate);
+    let (g, f) = apply_rates(p, &attn_rate, &mlp_rate);
     let binding: Vec<&str> = if dropped {
         vec!["min_effective_rate"]
     } else {

@@ -1,7 +1,9 @@
 //! Solver tests: an independent brute force over every (g, f) per layer, written from the spec's
 //! definitions (not from the solvers' item lists), and constraint checks for every solver.
 
+use super::spec::{attn_loss, mlp_loss};
 use super::*;
+use crate::Error;
 use proptest::prelude::*;
 
 /// Every allowed (g, f) of layer `l`, from the spec's words.
@@ -283,7 +285,7 @@ proptest! {
         }).sum();
         let any_choice = (0..spec.layers.len()).all(|l| !layer_choices(&spec, l).is_empty());
         match dp {
-            Err(AllocError::Infeasible(_)) => {
+            Err(Error::Infeasible(_)) => {
                 // min-rate bounds forcing more than a granule over the target
                 let forced_over = any_choice && {
                     let min_removed: u64 = (0..spec.layers.len()).map(|l| {
@@ -295,7 +297,7 @@ proptest! {
                 let justified = !any_choice || max_removed < t || brute_force(&spec, t, u64::MAX).is_none() || forced_over;
                 prop_assert!(justified);
                 for s in SOLVERS {
-                    prop_assert!(matches!(allocate(&spec, s), Err(AllocError::Infeasible(_))));
+                    prop_assert!(matches!(allocate(&spec, s), Err(Error::Infeasible(_))));
                 }
             }
             Err(e) => prop_assert!(false, "unexpected error {e}"),
@@ -333,8 +335,8 @@ proptest! {
     #[test]
     fn monotone_merge_is_exact(case in case_strategy(6, 60)) {
         let spec = case.spec();
-        let fast = dp::solve_dp_impl(&spec, true);
-        let slow = dp::solve_dp_impl(&spec, false);
+        let fast = solve_with(&spec, Solver::Dp, true);
+        let slow = solve_with(&spec, Solver::Dp, false);
         match (fast, slow) {
             (Ok(a), Ok(b)) => {
                 prop_assert!((a.objective - b.objective).abs() <= 1e-9 * (1.0 + b.objective.abs()), "{} vs {}", a.objective, b.objective);
@@ -474,7 +476,7 @@ fn infeasible_names_constraints() {
     spec.extra_params = extra;
     spec.protected = vec![0, 29];
     let e = allocate(&spec, Solver::Dp).unwrap_err();
-    let AllocError::Infeasible(m) = e else {
+    let Error::Infeasible(m) = e else {
         panic!("{e:?}")
     };
     assert!(
@@ -1095,7 +1097,7 @@ proptest! {
         let t = spec.ratio.map(|r| half_away(r * total as f64));
         let dp = allocate(&spec, Solver::Dp);
         match dp {
-            Err(AllocError::Infeasible(m)) => {
+            Err(Error::Infeasible(m)) => {
                 let wide = build_problem(&spec, Solver::Dp).unwrap().granule_max;
                 let bf = brute_force_bounds(&spec, t.map(|t| (t, t + wide)));
                 prop_assert!(bf.is_none(), "dp says infeasible ({m}) but brute force finds {bf:?}");
@@ -1180,7 +1182,7 @@ fn infeasible_combination_names_the_binding_bounds() {
     // 60% of the KV cache is 54 of the 90 KV groups: 15.9M params, far above 5% (6.7M)
     spec.kv_cache_ratio = Some(0.6);
     let e = allocate(&spec, Solver::Dp).unwrap_err();
-    let AllocError::Infeasible(m) = e else {
+    let Error::Infeasible(m) = e else {
         panic!("{e:?}")
     };
     assert!(
@@ -1367,7 +1369,7 @@ proptest! {
                 prop_assert_eq!(a.objective, obj);
                 prop_assert_eq!(allocate(&spec, Solver::Homogeneous).unwrap().layers, a.layers);
             }
-            (Err(AllocError::Infeasible(m)), None) => prop_assert!(!m.contains('\n'), "{m}"),
+            (Err(Error::Infeasible(m)), None) => prop_assert!(!m.contains('\n'), "{m}"),
             (got, want) => prop_assert!(false, "solver {got:?}, brute force {want:?}"),
         }
     }
@@ -1419,7 +1421,7 @@ fn homogeneous_refuses_inputs_that_make_widths_differ() {
         spec.extra_params = extra;
         mutate(&mut spec);
         match allocate(&spec, Solver::Homogeneous) {
-            Err(AllocError::InvalidInput(m)) => {
+            Err(Error::InvalidInput(m)) => {
                 assert!(m.starts_with(field) && !m.contains('\n'), "{field}: {m}")
             }
             other => panic!("{field}: expected InvalidInput, got {other:?}"),
@@ -1448,7 +1450,7 @@ fn homogeneous_unreachable_window_names_the_nearest_ratios() {
     let spec = Spec::with_importance(0.2, vec![s], &[1.0]);
     assert_eq!(total_params(&spec), 32);
     let m = match allocate(&spec, Solver::Homogeneous) {
-        Err(AllocError::Infeasible(m)) => m,
+        Err(Error::Infeasible(m)) => m,
         other => panic!("expected Infeasible, got {other:?}"),
     };
     assert!(

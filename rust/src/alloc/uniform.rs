@@ -11,7 +11,10 @@
 //!   `mlp_step`); `ratio` is not a target, the ratio really achieved is reported.
 
 use super::greedy::{fill, repair_single};
-use super::{build_problem, AllocError, Allocation, ItemKind, Problem, Solver, Spec};
+use super::problem::{ItemKind, Opt, Problem};
+use super::result::Allocation;
+use super::spec::Solver;
+use crate::error::{Error, Result};
 
 /// Put `items` at a common level (option index), then bump single items one step, cheapest
 /// first, until the removed total lies in `[lo, hi]`. `fixed` is removal outside `items`.
@@ -98,7 +101,7 @@ pub(crate) fn apply_rates(
         let want_f =
             s.intermediate - ((rm * s.intermediate as f64).floor() as u64).min(s.intermediate);
         // closest allowed option: first by KV groups, then the smallest allowed width >= want_f
-        let key = |o: &super::Opt| -> (u64, u64) {
+        let key = |o: &Opt| -> (u64, u64) {
             let dg = o.g.abs_diff(want_g);
             let df = if o.f >= want_f {
                 o.f - want_f
@@ -125,16 +128,16 @@ pub(crate) fn apply_rates(
 }
 
 /// Refuse budgets a rate mapping cannot take: it needs `ratio` and no KV-cache / FLOPs bound.
-pub(crate) fn require_param_budget_only(p: &Problem, who: &str) -> Result<(), AllocError> {
+pub(crate) fn require_param_budget_only(p: &Problem, who: &str) -> Result<()> {
     if let Some(b) = p.secondary.first() {
-        return Err(AllocError::InvalidInput(format!(
+        return Err(Error::InvalidInput(format!(
             "{}: {who} takes no {} (use greedy, lagrange or dp, or uniform with a parameter ratio)",
             b.res.field(),
             b.res.field()
         )));
     }
     if !p.param_budget {
-        return Err(AllocError::InvalidInput(format!(
+        return Err(Error::InvalidInput(format!(
             "ratio: {who} needs a parameter budget"
         )));
     }
@@ -167,20 +170,21 @@ pub(crate) fn prunable_params(p: &Problem) -> u64 {
         .sum()
 }
 
-pub fn solve_uniform(spec: &Spec) -> Result<Allocation, AllocError> {
-    let p = build_problem(spec, Solver::Uniform)?;
+/// `uniform` on a validated problem.
+pub(crate) fn solve(p: &Problem) -> Result<Allocation> {
+    let spec = p.spec;
     if let Some(rate) = spec.layer_rate {
         if let Some(b) = p.secondary.first() {
-            return Err(AllocError::InvalidInput(format!(
+            return Err(Error::InvalidInput(format!(
                 "{}: uniform with layer_rate (per-layer floors) takes no {}",
                 b.res.field(),
                 b.res.field()
             )));
         }
-        return Ok(layer_rate_mode(&p, rate));
+        return Ok(layer_rate_mode(p, rate));
     }
     if !p.param_budget {
-        return Err(AllocError::InvalidInput(
+        return Err(Error::InvalidInput(
             "ratio: uniform needs a parameter budget (it matches one rate to the parameter count)"
                 .into(),
         ));
@@ -193,7 +197,7 @@ pub fn solve_uniform(spec: &Spec) -> Result<Allocation, AllocError> {
     let absorb: Vec<usize> = (0..p.items.len())
         .filter(|&i| p.items[i].kind != ItemKind::Attn)
         .collect();
-    let prunable = prunable_params(&p);
+    let prunable = prunable_params(p);
     let rho = if prunable > 0 {
         (t as f64 / prunable as f64).min(1.0)
     } else {
@@ -204,7 +208,7 @@ pub fn solve_uniform(spec: &Spec) -> Result<Allocation, AllocError> {
     let windows = [(p.granule, vec![]), (p.granule_max, vec!["granularity"])];
     if absorb.is_empty() {
         for (gran, binding) in windows {
-            if level_fill(&p, &attn, &mut choice, 0, t, t + gran) && p.meets_secondary(&choice) {
+            if level_fill(p, &attn, &mut choice, 0, t, t + gran) && p.meets_secondary(&choice) {
                 return Ok(p.finish(&choice, Solver::Uniform, &binding, vec![], gran));
             }
         }
@@ -247,7 +251,7 @@ pub fn solve_uniform(spec: &Spec) -> Result<Allocation, AllocError> {
                     choice[i] = j;
                     fixed += o.removed;
                 }
-                if level_fill(&p, &absorb, &mut choice, fixed, t, t + gran)
+                if level_fill(p, &absorb, &mut choice, fixed, t, t + gran)
                     && p.meets_secondary(&choice)
                 {
                     return Ok(p.finish(&choice, Solver::Uniform, &binding, vec![], gran));
@@ -261,7 +265,7 @@ pub fn solve_uniform(spec: &Spec) -> Result<Allocation, AllocError> {
             .iter()
             .map(|b| format!("{} {}", b.res.field(), b.ratio))
             .collect();
-        return Err(AllocError::Infeasible(format!(
+        return Err(Error::Infeasible(format!(
             "ratio {} and {}: no uniform rate (the same KV groups in every layer) meets {} within the parameter window",
             spec.ratio.unwrap_or(0.0),
             words.join(" and "),
@@ -270,8 +274,8 @@ pub fn solve_uniform(spec: &Spec) -> Result<Allocation, AllocError> {
     }
     // Nothing uniform lands in a window: walk greedily from the least pruning and report it.
     let mut c = vec![0usize; p.items.len()];
-    fill(&p, &mut c, t, u64::MAX);
-    let ok = repair_single(&p, &mut c, t, t + p.granule_max);
+    fill(p, &mut c, t, u64::MAX);
+    let ok = repair_single(p, &mut c, t, t + p.granule_max);
     let r = p.removed_of(&c);
     let gran = if ok {
         p.granule_max

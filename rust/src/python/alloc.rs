@@ -5,17 +5,8 @@ use numpy::{IntoPyArray, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::errors::{enter, raise, Kind};
-use crate::alloc::{
-    allocate as solve, AllocError, Allocation, Curve, DpMethod, LayerShape, Solver, Spec,
-};
-
-fn classify(e: AllocError) -> (Kind, String) {
-    match e {
-        AllocError::InvalidInput(m) => (Kind::InvalidInput, m),
-        AllocError::Infeasible(m) => (Kind::Infeasible, m),
-    }
-}
+use super::errors::{enter, raise, raise_error, Kind};
+use crate::alloc::{allocate as solve, Allocation, Curve, DpMethod, LayerShape, Solver, Spec};
 
 const SHAPE_COLUMNS: [&str; 10] = [
     "hidden",
@@ -199,7 +190,7 @@ fn allocate<'py>(
             }
         }
     }
-    let dp_method = DpMethod::parse(dp_method).map_err(|e| bad(e.to_string()))?;
+    let dp_method = DpMethod::parse(dp_method).map_err(|e| raise_error(py, e))?;
     let spec = Spec {
         ratio,
         kv_cache_ratio,
@@ -238,11 +229,9 @@ fn allocate<'py>(
         },
     };
     let solver_name = solver.to_string();
-    let out: Allocation = enter(
-        py,
-        move || Solver::parse(&solver_name).and_then(|s| solve(&spec, s)),
-        classify,
-    )?;
+    let out: Allocation = enter(py, move || {
+        Solver::parse(&solver_name).and_then(|s| solve(&spec, s))
+    })?;
     to_dict(py, out)
 }
 

@@ -1,8 +1,11 @@
 //! Error mapping at the Python boundary. The exception classes are declared once, in
-//! `python/layerprune/errors.py`; this module looks them up by name and raises them.
+//! `python/layerprune/errors.py`; this module looks them up by name and raises them. The one
+//! crate error, [`crate::Error`], maps variant by variant ([`classify`]).
 
 use pyo3::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::Error;
 
 /// Which Python exception class (from `layerprune.errors`) an error maps to.
 #[derive(Debug, Clone, Copy)]
@@ -13,6 +16,20 @@ pub enum Kind {
     Infeasible,
     /// A bug on our side (including a caught panic): `layerprune.errors.InternalError`.
     Internal,
+}
+
+/// The exception class of a crate error, and its message (`Display`: the message alone).
+fn classify(e: Error) -> (Kind, String) {
+    match e {
+        Error::InvalidInput(m) => (Kind::InvalidInput, m),
+        Error::Infeasible(m) => (Kind::Infeasible, m),
+    }
+}
+
+/// Raise the exception a crate error maps to.
+pub fn raise_error(py: Python<'_>, e: Error) -> PyErr {
+    let (kind, msg) = classify(e);
+    raise(py, kind, msg)
 }
 
 /// Raise `layerprune.errors.<class>` with `msg`.
@@ -32,21 +49,15 @@ pub fn raise(py: Python<'_>, kind: Kind, msg: String) -> PyErr {
 }
 
 /// Run `f` with the GIL released and map its error (and any panic) to a Python exception.
-/// `classify` turns the Rust error into an exception kind and message.
-pub fn enter<T, E, F, C>(py: Python<'_>, f: F, classify: C) -> PyResult<T>
+pub fn enter<T, F>(py: Python<'_>, f: F) -> PyResult<T>
 where
     T: Send,
-    E: Send,
-    F: FnOnce() -> Result<T, E> + Send,
-    C: FnOnce(E) -> (Kind, String),
+    F: FnOnce() -> crate::Result<T> + Send,
 {
     let out = py.allow_threads(|| catch_unwind(AssertUnwindSafe(f)));
     match out {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => {
-            let (kind, msg) = classify(e);
-            Err(raise(py, kind, msg))
-        }
+        Ok(Err(e)) => Err(raise_error(py, e)),
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<&str>()

@@ -8,14 +8,8 @@ use half::{bf16, f16};
 use numpy::{PyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::errors::{enter, raise, Kind};
-use crate::scoring::{self, Axis, Element, ScoreError, ScoreKind};
-
-fn classify(e: ScoreError) -> (Kind, String) {
-    match e {
-        ScoreError::InvalidInput(m) => (Kind::InvalidInput, m),
-    }
-}
+use super::errors::{enter, raise, raise_error, Kind};
+use crate::scoring::{self, Axis, Element, ScoreKind};
 
 /// Borrow a C-contiguous 2-D array of storage type `S`, naming `field` in any error.
 fn borrow2<'py, S: numpy::Element>(
@@ -89,11 +83,9 @@ fn scores_typed<'py, S: numpy::Element, T: Element>(
     let hs = h
         .as_ref()
         .map(|a| cast(a.as_slice().expect("checked contiguous")));
-    enter(
-        py,
-        || scoring::weight_scores(ws, gs, hs, rows, cols, kind, axis, group_size),
-        classify,
-    )
+    enter(py, || {
+        scoring::weight_scores(ws, gs, hs, rows, cols, kind, axis, group_size)
+    })
 }
 
 fn same(s: &[f32]) -> &[f32] {
@@ -123,8 +115,8 @@ fn weight_scores<'py>(
     group_size: usize,
     dtype: &str,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-    let kind = ScoreKind::parse(kind).map_err(|e| raise(py, Kind::InvalidInput, e.to_string()))?;
-    let axis = Axis::from_index(axis).map_err(|e| raise(py, Kind::InvalidInput, e.to_string()))?;
+    let kind = ScoreKind::parse(kind).map_err(|e| raise_error(py, e))?;
+    let axis = Axis::from_index(axis).map_err(|e| raise_error(py, e))?;
     let out = match dtype {
         "float32" => scores_typed::<f32, f32>(
             py, weight, grad, fisher, kind, axis, group_size, dtype, same,
@@ -155,7 +147,7 @@ fn sums_typed<'py, S: numpy::Element, T: Element>(
     let a = borrow2::<S>(py, "x", x, dtype)?;
     let (rows, cols) = (a.shape()[0], a.shape()[1]);
     let xs = cast(a.as_slice().expect("checked contiguous"));
-    enter(py, || scoring::channel_sums(xs, rows, cols), classify)
+    enter(py, || scoring::channel_sums(xs, rows, cols))
 }
 
 /// channel_sums(x, *, dtype="float32") -> (sum, sumsq)

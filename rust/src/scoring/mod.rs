@@ -15,6 +15,7 @@
 //! | `l2`        | `w²`                     | TP GroupMagnitude p=2                      |
 //!
 //! Inputs are read in place (`f32`, `half::bf16`, `half::f16`); rayon parallelises over rows.
+//! Bad input is an [`Error::InvalidInput`].
 
 mod element;
 mod kernels;
@@ -23,12 +24,7 @@ pub use element::Element;
 
 use kernels::{AbsTaylor, ElementScore, Mixed, SecondOrder, SignedTaylor, L1, L2};
 
-/// Errors from the scoring kernels (all are bad input).
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ScoreError {
-    #[error("{0}")]
-    InvalidInput(String),
-}
+use crate::{Error, Result};
 
 /// Which elementwise score to reduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,9 +58,9 @@ impl ScoreKind {
         }
     }
 
-    pub fn parse(name: &str) -> Result<Self, ScoreError> {
+    pub fn parse(name: &str) -> Result<Self> {
         ScoreKind::ALL.into_iter().find(|k| k.name() == name).ok_or_else(|| {
-            ScoreError::InvalidInput(format!(
+            Error::InvalidInput(format!(
                 "kind: unknown score kind {name:?}; expected one of taylor, vectorize, taylor2, taylor-mix, l1, l2"
             ))
         })
@@ -94,20 +90,20 @@ pub enum Axis {
 }
 
 impl Axis {
-    pub fn from_index(axis: usize) -> Result<Self, ScoreError> {
+    pub fn from_index(axis: usize) -> Result<Self> {
         match axis {
             0 => Ok(Axis::Rows),
             1 => Ok(Axis::Cols),
-            _ => Err(ScoreError::InvalidInput(format!(
+            _ => Err(Error::InvalidInput(format!(
                 "axis: must be 0 (rows) or 1 (columns), got {axis}"
             ))),
         }
     }
 }
 
-fn check_len<T>(name: &str, t: &[T], rows: usize, cols: usize) -> Result<(), ScoreError> {
+fn check_len<T>(name: &str, t: &[T], rows: usize, cols: usize) -> Result<()> {
     if t.len() != rows * cols {
-        return Err(ScoreError::InvalidInput(format!(
+        return Err(Error::InvalidInput(format!(
             "{name}: has {} elements, expected {rows}×{cols} = {}",
             t.len(),
             rows * cols
@@ -129,11 +125,11 @@ pub fn weight_scores<T: Element>(
     kind: ScoreKind,
     axis: Axis,
     group_size: usize,
-) -> Result<Vec<f32>, ScoreError> {
+) -> Result<Vec<f32>> {
     check_len("weight", weight, rows, cols)?;
     let g = match (kind.needs_grad(), grad) {
         (true, None) => {
-            return Err(ScoreError::InvalidInput(format!(
+            return Err(Error::InvalidInput(format!(
                 "grad: score kind {:?} needs a gradient",
                 kind.name()
             )))
@@ -146,7 +142,7 @@ pub fn weight_scores<T: Element>(
     };
     let h = match (kind.needs_fisher(), fisher) {
         (true, None) => {
-            return Err(ScoreError::InvalidInput(format!(
+            return Err(Error::InvalidInput(format!(
                 "fisher: score kind {:?} needs the Fisher diagonal (accumulated squared gradients)",
                 kind.name()
             )))
@@ -162,7 +158,7 @@ pub fn weight_scores<T: Element>(
         Axis::Cols => cols,
     };
     if group_size == 0 || n % group_size != 0 {
-        return Err(ScoreError::InvalidInput(format!(
+        return Err(Error::InvalidInput(format!(
             "group_size: must be a positive divisor of {n} ({} count), got {group_size}",
             if axis == Axis::Rows { "row" } else { "column" }
         )));
@@ -210,11 +206,7 @@ pub fn weight_scores<T: Element>(
 }
 
 /// Per-channel sum and sum of squares of `x` (`rows` tokens × `cols` channels), in f32.
-pub fn channel_sums<T: Element>(
-    x: &[T],
-    rows: usize,
-    cols: usize,
-) -> Result<(Vec<f32>, Vec<f32>), ScoreError> {
+pub fn channel_sums<T: Element>(x: &[T], rows: usize, cols: usize) -> Result<(Vec<f32>, Vec<f32>)> {
     check_len("x", x, rows, cols)?;
     Ok(kernels::column_sum_sumsq(x, rows, cols))
 }

@@ -239,8 +239,9 @@ fn channel_sums_match_naive() {
 #[test]
 fn bad_input_is_rejected_with_field_name() {
     let w = vec![1.0f32; 12];
-    let err = |r: Result<Vec<f32>, ScoreError>| match r {
-        Err(ScoreError::InvalidInput(m)) => m,
+    let err = |r: Result<Vec<f32>, Error>| match r {
+        Err(Error::InvalidInput(m)) => m,
+        Err(e) => panic!("expected invalid input, got {e:?}"),
         Ok(_) => panic!("expected an error"),
     };
     assert!(err(weight_scores(
