@@ -105,7 +105,7 @@ def child(folder: Path, out: Path, samples: int, seq_len: int, threads: int) -> 
     config = PruneConfig(ratio=0.25, mode="unbalanced", solver="dp", layer_importance="activation",
                          importance="activation", calib_samples=samples, calib_seq_len=seq_len)
     t0 = time.perf_counter()
-    folder_out, result = prune_checkpoint(folder, out, config, dtype=torch.bfloat16, calib_ids=calib,
+    folder_out, result = prune_checkpoint(folder, config, out, dtype=torch.bfloat16, calib_ids=calib,
                                           progress=False)
     seconds = time.perf_counter() - t0
     report = result.report

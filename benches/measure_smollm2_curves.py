@@ -25,7 +25,8 @@ from layerprune.arch import decoder_layers
 from layerprune.atomic import json_safe, write_text_atomic
 from layerprune.models import load_model
 from layerprune.provenance import command_line, versions
-from layerprune.pruning.pipeline import PruneConfig, build_allocation_spec, prune
+from layerprune.pruning.config import PruneConfig
+from layerprune.pruning.pipeline import build_allocation_spec, prune
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "instances" / "source" / "smollm2-135m-sensitivity.json"
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from families import plain_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -116,13 +117,13 @@ def pruned_plans() -> dict[str, Any]:
     """What ``prune`` keeps (data-parallel inside a job), with sensitivity curves after an lstsq refit, and
     with the Taylor scores on an FSDP-sharded copy."""
     from layerprune import distributed
-    from layerprune.pruning import PruneConfig, prune
+    from layerprune.pruning import prune
 
     out: dict[str, Any] = {}
     sharded = distributed.active() is not None  # the one-process reference scores the plain model
     for name, extra in (("refit", {"refit": "lstsq", "layer_importance": "sensitivity"}),
                         ("fsdp", {"fsdp": sharded, "layer_importance": "removal"})):
-        config = PruneConfig(ratio=0.3, mode="unbalanced", solver="dp", calib_samples=N_SAMPLES, **extra)
+        config = plain_config(ratio=0.3, mode="unbalanced", solver="dp", calib_samples=N_SAMPLES, **extra)
         result = prune(tiny_model(), None, config, calib_ids=batch(), refit_ids=batch(4, seed=2), progress=False)
         out[name] = {
             "kv": [layer["kv_heads_kept"] for layer in result.report["layers"]],

@@ -130,3 +130,15 @@ def token_ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits
+
+
+# The plain method (removal layer importance, Taylor scores, no refit): what the tests of one stage run, so that a
+# tiny model needs no refit batch. PruneConfig's own defaults are the best measured method (tests/test_config.py).
+PLAIN_METHOD = dict(importance="taylor", layer_importance="removal", refit="none")
+
+
+def plain_config(**fields: Any) -> Any:
+    """A PruneConfig of ``fields``, the plain method where they say nothing."""
+    from layerprune.pruning import PruneConfig
+
+    return PruneConfig(**{**PLAIN_METHOD, **fields})

@@ -9,7 +9,7 @@ from families import CASES, make_model, make_tokenizer
 from layerprune.arch import layer_shapes
 from layerprune.export import save_pruned
 from layerprune.models import load_pruned
-from layerprune.pruning import prune_model
+from layerprune.pruning import pruned_copy
 from layerprune.scoring.selection import LayerKeep
 
 CASE_BY_NAME = {c.name: c for c in CASES}
@@ -44,7 +44,7 @@ def pruned_folder(tmp: Path, case_name: str, homogeneous: bool = False, seed: in
     tokenizer is the folder's, as it reloads (a family's tokenizer class may change its pre-tokenizer)."""
     dense = make_model(CASE_BY_NAME[case_name], seed=seed)
     keep = (homogeneous_keep if homogeneous else heterogeneous_keep)(dense)
-    pruned = prune_model(dense, keep)
+    pruned = pruned_copy(dense, keep)
     folder = save_pruned(pruned, make_tokenizer(), tmp / f"{case_name}-{'homo' if homogeneous else 'hetero'}")
     return folder, pruned, load_pruned(folder)[1]
 

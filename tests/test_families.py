@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from families import BLOCK_LAYERPRUNE, CASE_IDS, CASES, SAMPLE_TEXT, FamilyCase, logits, make_model, make_tokenizer, token_ids
+from families import BLOCK_LAYERPRUNE, CASE_IDS, CASES, SAMPLE_TEXT, FamilyCase, logits, make_model, make_tokenizer, token_ids, plain_config
 
 from layerprune.allocation import spec_from_model_config
 from layerprune.arch import adapter_for, layer_shapes
 from layerprune.errors import ModelError
 from layerprune.export import save_pruned
 from layerprune.models import count_parameters, load_model, load_pruned
-from layerprune.pruning import PruneConfig, masked_dense_forward, prune, prune_model
+from layerprune.pruning import masked_dense_forward, prune, pruned_copy
 from layerprune.scoring.selection import LayerKeep
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,7 +59,7 @@ def case(request) -> FamilyCase:
 def pruned_pair(case):
     dense = make_model(case)
     keep = _keep(dense)
-    return dense, keep, prune_model(dense, keep)
+    return dense, keep, pruned_copy(dense, keep)
 
 
 def test_pruned_logits_equal_masked_dense(pruned_pair):
@@ -78,7 +78,7 @@ def test_budget_formula_is_the_models_count(case):
     counts = count_parameters(dense)
     assert spec.params_layers == counts["decoder_layers"] and spec.params_total == counts["total"]
     # and it stays exact after pruning: the formula at the kept widths is the pruned model's count
-    pruned = prune_model(dense, _keep(dense))
+    pruned = pruned_copy(dense, _keep(dense))
     kept = sum(shape.params(len(k.kv_heads), len(k.mlp_channels)) for shape, k in zip(spec.layers, _keep(dense)))
     assert kept + spec.extra_params == count_parameters(pruned)["total"]
 
@@ -86,7 +86,7 @@ def test_budget_formula_is_the_models_count(case):
 def test_prune_lands_on_the_allocation_exactly(case):
     dense = make_model(case)
     calib = token_ids(batch=4, length=16, seed=3)
-    result = prune(dense, None, PruneConfig(ratio=0.2, layer_importance="removal", calib_samples=4), calib_ids=calib,
+    result = prune(dense, None, plain_config(ratio=0.2, layer_importance="removal", calib_samples=4), calib_ids=calib,
                    progress=False)
     after = count_parameters(result.model)["total"]
     assert after == result.allocation.params_after
@@ -125,7 +125,7 @@ def test_sliding_window_is_in_force_after_reload(tmp_path):
     """The Mistral case's window (4) is shorter than the test sequence: dropping it changes the logits."""
     case = next(c for c in CASES if "sliding_window" in c.settings)
     dense = make_model(case)
-    pruned = prune_model(dense, _keep(dense))
+    pruned = pruned_copy(dense, _keep(dense))
     loaded, _ = load_pruned(save_pruned(pruned, None, tmp_path / "m"))
     ids = token_ids(length=16)
     assert loaded.config.sliding_window == case.settings["sliding_window"]
@@ -159,7 +159,7 @@ def test_plain_transformers_reload_every_family(tmp_path):
     jobs, expected = [], {}
     for case in CASES:
         dense = make_model(case)
-        pruned = prune_model(dense, _keep(dense))
+        pruned = pruned_copy(dense, _keep(dense))
         folder = save_pruned(pruned, make_tokenizer(), tmp_path / case.name)
         ids = token_ids(seed=11)
         torch.save(ids, tmp_path / f"{case.name}.ids.pt")
@@ -208,7 +208,7 @@ def test_unsupported_family_is_refused_by_every_entry_point(tmp_path, family):
     message = (f"(?i){family}.*, which layerprune does not support; supported architectures: "
                "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM$")
     calls = {
-        "prune": lambda: prune(model, None, PruneConfig(ratio=0.2), calib_ids=ids, progress=False),
+        "prune": lambda: prune(model, None, plain_config(ratio=0.2), calib_ids=ids, progress=False),
         "layer_importance": lambda: layer_importance(model, ids, "removal", progress=False),
         "element_group_scores": lambda: element_group_scores(model, ids, "l1", progress=False),
         "spec_from_model_config": lambda: spec_from_model_config(model.config, 0.2),

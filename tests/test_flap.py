@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from families import CASE_IDS, CASES, logits, make_model, token_ids
+from families import CASE_IDS, CASES, logits, make_model, token_ids, plain_config
 
 from layerprune.allocation import spec_from_model_config
 from layerprune.arch import layer_shapes
 from layerprune.export import save_pruned
 from layerprune.models import count_parameters, load_pruned
-from layerprune.pruning import PruneConfig, prune
+from layerprune.pruning import prune
 from layerprune.pruning.flap import flap_allocation, fluctuation_scores
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -74,7 +74,7 @@ def test_global_threshold_removes_the_lowest_standardised_scores(ratio):
 def test_flap_run_lands_on_its_budget_and_reloads(tmp_path, case):
     dense = make_model(case)
     calib, stats_ids = token_ids(batch=4, length=16, seed=3), token_ids(batch=8, length=24, seed=4)
-    config = PruneConfig(ratio=0.2, mode="flap", refit="bias", refit_error_correction=False)
+    config = plain_config(ratio=0.2, mode="flap", refit="bias", refit_error_correction=False)
     result = prune(dense, None, config, calib_ids=calib, refit_ids=stats_ids, progress=False)
     before, after = count_parameters(dense)["total"], count_parameters(result.model)["total"]
     assert after == result.allocation.params_after and result.report["method"] == "flap+bias"

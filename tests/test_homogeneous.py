@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from families import CASES, logits, make_model, make_tokenizer, token_ids
+from families import CASES, logits, make_model, make_tokenizer, token_ids, plain_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,8 +22,8 @@ from layerprune.arch import layer_shapes
 from layerprune.cli import main
 from layerprune.errors import InfeasibleError, InvalidInputError
 from layerprune.export import MODELING_FILE, save_pruned
-from layerprune.pruning import PruneConfig, prune
-from layerprune.pruning.pipeline import method_name, solver_for, validate_against_model, validate_config
+from layerprune.pruning import prune
+from layerprune.pruning.config import method_name, solver_for, validate_against_model, validate_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FAMILIES = {c.name: c for c in CASES}
@@ -191,7 +191,7 @@ def check_homogeneous_folder(folder, pruned, case, report):
 @pytest.mark.parametrize("mode,refit", [("uniform", "none"), ("unbalanced", "lstsq")])
 def test_prune_homogeneous_saves_the_family_config(tmp_path, case, mode, refit):
     dense = make_model(case)
-    config = PruneConfig(ratio=0.3, mode=mode, match_params=True, homogeneous=True, layer_importance="removal",
+    config = plain_config(ratio=0.3, mode=mode, match_params=True, homogeneous=True, layer_importance="removal",
                          calib_samples=4, calib_seq_len=16, refit=refit, refit_samples=4, refit_seq_len=16)
     result = prune(dense, None, config, calib_ids=token_ids(batch=4, length=16, seed=3),
                    refit_ids=token_ids(batch=4, length=16, seed=4) if refit != "none" else None, progress=False)
@@ -207,18 +207,18 @@ def test_config_refusals_are_one_line():
                           ({"match_params": False}, "match_params:"),
                           ({"mode": "unbalanced", "solver": "seed"}, "solver:"), ({"homogeneous": 1}, "homogeneous:")):
         with pytest.raises(InvalidInputError) as err:
-            validate_config(PruneConfig(**{**base, **change}))
+            validate_config(plain_config(**{**base, **change}))
         assert str(err.value).startswith(field) and "\n" not in str(err.value), err.value
     for change, field in (({"layer_start": 1}, "attn_layer_start/end:"), ({"mlp_layer_end": 2}, "mlp_layer_start/end:"),
                           ({"attn_layer_start": 0, "attn_layer_end": 3}, None)):
         if field is None:
-            validate_against_model(PruneConfig(**{**base, **change}), 3)  # a range over every layer is fine
+            validate_against_model(plain_config(**{**base, **change}), 3)  # a range over every layer is fine
             continue
         with pytest.raises(InvalidInputError, match=field):
-            validate_against_model(PruneConfig(**{**base, **change}), 3)
-    config = PruneConfig(**base)
+            validate_against_model(plain_config(**{**base, **change}), 3)
+    config = plain_config(**base)
     assert solver_for(config) == "homogeneous" and method_name(config) == "uniform-homogeneous"
-    assert solver_for(PruneConfig(ratio=0.3, homogeneous=True)) == "homogeneous"
+    assert solver_for(plain_config(ratio=0.3, homogeneous=True)) == "homogeneous"
 
 
 # ---------------------------------------------------------------- `layerprune prune --homogeneous`

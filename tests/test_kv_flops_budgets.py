@@ -12,7 +12,8 @@ from conftest import make_tiny_llama
 from layerprune.arch import per_token_costs
 from layerprune.errors import InfeasibleError, InvalidInputError
 from layerprune.models import count_parameters
-from layerprune.pruning.pipeline import PruneConfig, check_feasible, prune, summary_table
+from layerprune.pruning.pipeline import check_feasible, prune, summary_table
+from families import plain_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,7 +60,7 @@ def test_formulas_equal_the_measured_counts_of_a_dense_model():
 def test_pruned_model_meets_the_bounds_and_its_counts_are_measured(solver, mode):
     model = _model()
     extra = {"solver": solver} if solver else {"match_params": True}
-    config = PruneConfig(ratio=0.2, mode=mode, layer_importance="removal", kv_cache_ratio=0.5, flops_ratio=0.22,
+    config = plain_config(ratio=0.2, mode=mode, layer_importance="removal", kv_cache_ratio=0.5, flops_ratio=0.22,
                          flops_seq_len=SEQ, **extra)
     result = prune(model, None, config, calib_ids=_ids(), progress=False)
     rep, alloc, pruned = result.report, result.allocation, result.model
@@ -82,10 +83,10 @@ def test_pruned_model_meets_the_bounds_and_its_counts_are_measured(solver, mode)
 
 def test_bounds_change_the_allocation_at_the_same_size():
     model = _model()
-    plain = prune(model, None, PruneConfig(ratio=0.2, layer_importance="removal", flops_seq_len=SEQ),
+    plain = prune(model, None, plain_config(ratio=0.2, layer_importance="removal", flops_seq_len=SEQ),
                   calib_ids=_ids(), progress=False)
     kv_goal = min(0.75, round(plain.report["actual_kv_cache_ratio"] + 0.25, 2))
-    bounded = prune(model, None, PruneConfig(ratio=0.2, layer_importance="removal", kv_cache_ratio=kv_goal,
+    bounded = prune(model, None, plain_config(ratio=0.2, layer_importance="removal", kv_cache_ratio=kv_goal,
                                              flops_seq_len=SEQ), calib_ids=_ids(), progress=False)
     assert bounded.report["actual_kv_cache_ratio"] >= kv_goal > plain.report["actual_kv_cache_ratio"]
     assert abs(bounded.allocation.params_after - plain.allocation.params_after) <= bounded.allocation.granule
@@ -93,7 +94,7 @@ def test_bounds_change_the_allocation_at_the_same_size():
 
 def test_an_infeasible_combination_fails_before_any_work_in_one_line():
     model = _model()
-    config = PruneConfig(ratio=0.05, layer_importance="removal", kv_cache_ratio=0.7)
+    config = plain_config(ratio=0.05, layer_importance="removal", kv_cache_ratio=0.7)
     with pytest.raises(InfeasibleError) as err:
         check_feasible(model.config, config)
     assert "\n" not in str(err.value) and "ratio 0.05 and kv_cache_ratio 0.7 cannot hold together" in str(err.value)
@@ -107,10 +108,10 @@ def test_an_infeasible_combination_fails_before_any_work_in_one_line():
     (dict(flops_ratio=0.2, flops_seq_len=0), "flops_seq_len"),
 ])  # fmt: skip
 def test_bounds_are_refused_where_a_method_cannot_meet_them(config, match):
-    from layerprune.pruning.pipeline import validate_config
+    from layerprune.pruning.config import validate_config
 
     with pytest.raises(InvalidInputError, match=match):
-        validate_config(PruneConfig(ratio=0.2, **config))
+        validate_config(plain_config(ratio=0.2, **config))
 
 
 def test_compare_passes_the_bounds_to_the_methods_on_an_exact_budget():

@@ -262,7 +262,7 @@ def test_folder_written_by_pruning_loads(tmp_path, tiny_llama, smollm2_tokenizer
     """End to end with the real pruning modules: non-uniform per-layer shapes survive save and load."""
     from layerprune.evaluation import perplexity
     from layerprune.export import save_pruned
-    from layerprune.pruning import prune_model as prune_llama
+    from layerprune.pruning import pruned_copy as prune_llama
     from layerprune.scoring.selection import LayerKeep
 
     dense = tiny_llama(vocab=len(smollm2_tokenizer), hidden=32, num_heads=4, num_kv_heads=2, layers=2)

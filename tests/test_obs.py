@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from families import CASE_IDS, CASES, logits, make_model, token_ids
+from families import CASE_IDS, CASES, logits, make_model, token_ids, plain_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,8 +19,8 @@ from layerprune.arch import gqa, layer_shapes
 from layerprune.errors import InvalidInputError
 from layerprune.export import save_pruned
 from layerprune.models import count_parameters, load_pruned
-from layerprune.pruning import PruneConfig, prune
-from layerprune.pruning.refit import refit_kept_weights
+from layerprune.pruning import prune
+from layerprune.pruning.refit_loop import refit_kept_weights
 from layerprune.refit import InputGram, reconstruction_error
 from layerprune.refit.obs import structured_obs
 from layerprune.scoring.selection import LayerKeep
@@ -152,7 +152,7 @@ def test_layer_obs_choice_is_the_best_single_kv_group_removal():
 def test_obs_pruned_model_lands_on_budget_and_reloads(tmp_path, case):
     dense = make_model(case)
     calib, refit_ids, test = token_ids(4, 16, 3), token_ids(8, 24, 4), token_ids(3, 24, 9)
-    config = PruneConfig(ratio=0.25, layer_importance="sensitivity", importance="obs", refit="lstsq")
+    config = plain_config(ratio=0.25, layer_importance="sensitivity", importance="obs", refit="lstsq")
     result = prune(dense, None, config, calib_ids=calib, refit_ids=refit_ids, progress=False)
     assert count_parameters(result.model)["total"] == result.allocation.params_after
     assert result.report["method"].endswith("+lstsq+obs") and result.report["refit"]["select"] == "obs"
@@ -166,10 +166,10 @@ def test_obs_pruned_model_lands_on_budget_and_reloads(tmp_path, case):
 @pytest.mark.parametrize("config", [dict(refit="none"), dict(refit="bias"), dict(mode="flap", refit="lstsq"),
                                     dict(refit="lstsq", iterative_steps=2)])
 def test_obs_refuses_what_it_cannot_do(config):
-    from layerprune.pruning.pipeline import validate_config
+    from layerprune.pruning.config import validate_config
 
     with pytest.raises(InvalidInputError, match="importance obs"):
-        validate_config(PruneConfig(ratio=0.2, importance="obs", **config))
+        validate_config(plain_config(ratio=0.2, importance="obs", **config))
 
 
 def test_cli_refuses_obs_without_refit_in_one_line():

@@ -14,10 +14,12 @@ from conftest import make_tiny_llama
 from layerprune.errors import InvalidInputError
 from layerprune.importance import removal_importance
 from layerprune.models import count_parameters
-from layerprune.pruning.pipeline import PruneConfig, prune, validate_against_model
+from layerprune.pruning.config import validate_against_model
+from layerprune.pruning.pipeline import prune
 from layerprune.arch import layer_shapes
 from layerprune.pruning import masked_dense_forward
 from layerprune.scoring.selection import LayerKeep
+from families import plain_config
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,7 +37,7 @@ def _calib(n=4, seq=16, vocab=64, seed=0):
 
 
 def _run(model, calib=None, **kw):
-    config = PruneConfig(**{"ratio": 0.2, **kw})
+    config = plain_config(**{"ratio": 0.2, **kw})
     return prune(model, None, config, calib_ids=_calib() if calib is None else calib, progress=False)
 
 
@@ -159,10 +161,10 @@ def test_reused_layer_importance_gives_the_same_model():
     calib = _calib()
     li = removal_importance(model, calib, progress=False)
     a = _run(model, calib)
-    b = prune(model, None, PruneConfig(ratio=0.2), layer_importance=li, calib_ids=calib, progress=False)
+    b = prune(model, None, plain_config(ratio=0.2), layer_importance=li, calib_ids=calib, progress=False)
     assert a.report["layers"] == b.report["layers"]
     with pytest.raises(InvalidInputError, match="layer_importance"):
-        prune(model, None, PruneConfig(ratio=0.2, layer_importance="sensitivity"), layer_importance=li,
+        prune(model, None, plain_config(ratio=0.2, layer_importance="sensitivity"), layer_importance=li,
               calib_ids=calib, progress=False)
 
 
@@ -186,7 +188,7 @@ def test_reused_layer_importance_gives_the_same_model():
     ],
 )
 def test_bad_config_is_rejected(field, value, match):
-    config = dataclasses.replace(PruneConfig(ratio=0.2), **{field: value})
+    config = dataclasses.replace(plain_config(ratio=0.2), **{field: value})
     with pytest.raises(InvalidInputError, match=match):
         validate_against_model(config, num_layers=4, num_kv_heads=2)
 

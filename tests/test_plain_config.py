@@ -8,13 +8,13 @@ import json
 
 import pytest
 import torch
-from families import CASE_IDS, CASES, logits, make_model, make_tokenizer, token_ids
+from families import CASE_IDS, CASES, logits, make_model, make_tokenizer, token_ids, plain_config
 from gguf_models import heterogeneous_keep, homogeneous_keep
 
 from layerprune.arch import layer_shapes
 from layerprune.export import MODELING_FILE, save_pruned
 from layerprune.models import load_model, load_pruned
-from layerprune.pruning import PruneConfig, prune, prune_model
+from layerprune.pruning import prune, pruned_copy
 from layerprune.scoring.selection import LayerKeep
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -28,7 +28,7 @@ def test_homogeneous_model_gets_the_family_config(tmp_path, case):
     from transformers import AutoModelForCausalLM
 
     dense = make_model(case)
-    pruned = prune_model(dense, homogeneous_keep(dense))
+    pruned = pruned_copy(dense, homogeneous_keep(dense))
     folder = save_pruned(pruned, make_tokenizer(), tmp_path / "plain")
 
     saved = json.loads((folder / "config.json").read_text())
@@ -53,7 +53,7 @@ def test_homogeneous_model_gets_the_family_config(tmp_path, case):
 
 def test_heterogeneous_model_keeps_the_remote_code_layout(tmp_path):
     dense = make_model(CASES[0])
-    pruned = prune_model(dense, heterogeneous_keep(dense))
+    pruned = pruned_copy(dense, heterogeneous_keep(dense))
     folder = save_pruned(pruned, make_tokenizer(), tmp_path / "hetero")
     saved = json.loads((folder / "config.json").read_text())
     assert "auto_map" in saved and (folder / MODELING_FILE).is_file()
@@ -64,7 +64,7 @@ def test_heads_that_do_not_divide_the_hidden_size_keep_the_remote_code(tmp_path,
     """transformers' family configs refuse hidden_size % num_attention_heads != 0, even with head_dim set."""
     dense = tiny_llama(num_heads=12, num_kv_heads=4, head_dim=8, hidden=48, vocab=320)
     keep = [LayerKeep(kv_heads=(0, 1, 3), mlp_channels=tuple(range(0, 96, 2)))] * 3  # 9 query heads: 48 % 9 != 0
-    pruned = prune_model(dense, keep)
+    pruned = pruned_copy(dense, keep)
     folder = save_pruned(pruned, make_tokenizer(), tmp_path / "nine")
     assert "auto_map" in json.loads((folder / "config.json").read_text())
     torch.testing.assert_close(logits(load_pruned(folder)[0], token_ids()), logits(pruned, token_ids()))
@@ -72,7 +72,7 @@ def test_heads_that_do_not_divide_the_hidden_size_keep_the_remote_code(tmp_path,
 
 def test_plain_config_can_be_turned_off(tmp_path):
     dense = make_model(CASES[0])
-    pruned = prune_model(dense, homogeneous_keep(dense))
+    pruned = pruned_copy(dense, homogeneous_keep(dense))
     folder = save_pruned(pruned, make_tokenizer(), tmp_path / "remote", plain_config=False)
     assert "auto_map" in json.loads((folder / "config.json").read_text())
 
@@ -81,7 +81,7 @@ def test_uniform_mode_over_all_layers_saves_a_plain_config(tmp_path):
     """`--mode uniform` (LLM-Pruner floors) over every layer gives equal widths, hence the family's config."""
     dense = make_model(CASES[0])
     calib = token_ids(batch=4, length=16, seed=3)
-    result = prune(dense, None, PruneConfig(ratio=0.5, mode="uniform", calib_samples=4),
+    result = prune(dense, None, plain_config(ratio=0.5, mode="uniform", calib_samples=4),
                    calib_ids=calib, progress=False)
     assert len({tuple(s.values()) for s in layer_shapes(result.model)}) == 1
     folder = save_pruned(result.model, make_tokenizer(), tmp_path / "uniform", report=result.report)

@@ -22,7 +22,7 @@ from layerprune.errors import InvalidInputError, ModelError
 from layerprune.export import save_pruned
 from layerprune.models import is_pruned_folder, load_pruned
 from layerprune.arch import layer_shapes
-from layerprune.pruning import prune_model as prune_llama
+from layerprune.pruning import pruned_copy as prune_llama
 from layerprune.scoring.selection import LayerKeep
 
 VOCAB = 128

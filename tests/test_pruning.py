@@ -13,7 +13,7 @@ from layerprune.errors import InternalError, InvalidInputError, ModelError
 from layerprune.arch import check_consistency, layer_shapes
 from layerprune.pruning import StructuredPruner as LlamaStructuredPruner
 from layerprune.pruning import masked_dense_forward
-from layerprune.pruning import prune_model as prune_llama
+from layerprune.pruning import pruned_copy as prune_llama
 from layerprune.scoring.selection import LayerKeep, select_keep
 
 ATOL = 1e-5

@@ -8,14 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from families import CASES, make_model, token_ids
+from families import CASES, make_model, token_ids, plain_config
 from test_obs import _brute
 
 from layerprune.arch import gqa, layer_shapes
 from layerprune.importance import depth_importance, reconstruction_importance
 from layerprune.importance.depth import depth_weight
 from layerprune.importance.reconstruction import grams_and_fisher
-from layerprune.pruning import PruneConfig, prune
+from layerprune.pruning import prune
 from layerprune.refit import output_projection_grams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -90,7 +90,7 @@ def test_depth_schedule_rates_rise_like_the_log_of_depth():
                       num_key_value_heads=32, head_dim=2, vocab_size=512)
     model = LlamaForCausalLM(cfg)
     li = depth_importance(model)
-    result = prune(model, None, PruneConfig(ratio=0.3, layer_importance="depth", importance="l1"),
+    result = prune(model, None, plain_config(ratio=0.3, layer_importance="depth", importance="l1"),
                    calib_ids=token_ids(2, 8, 0), progress=False, layer_importance=li)
     rates = np.array([1 - a.mlp_kept / 1024 for a in result.allocation.layers])
     attn = np.array([1 - a.kv_groups_kept / 32 for a in result.allocation.layers])

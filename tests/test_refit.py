@@ -8,15 +8,15 @@ import json
 
 import pytest
 import torch
-from families import CASE_IDS, CASES, logits, make_model, token_ids
+from families import CASE_IDS, CASES, logits, make_model, token_ids, plain_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from layerprune.arch import OUTPUT_BIAS_KEY, layer_shapes
 from layerprune.export import save_pruned
 from layerprune.models import count_parameters, load_pruned
-from layerprune.pruning import PruneConfig, masked_dense_forward, prune, prune_model
-from layerprune.pruning.refit import refit_kept_weights
+from layerprune.pruning import masked_dense_forward, prune, pruned_copy
+from layerprune.pruning.refit_loop import refit_kept_weights
 from layerprune.refit import InputGram, compensation_bias, reconstruction_error, refit_output_projection
 from layerprune.refit.lstsq import symmetric_gram
 from layerprune.scoring.selection import LayerKeep
@@ -105,7 +105,7 @@ def test_refit_model_prunes_saves_and_reloads(tmp_path, case, mode):
     for layer in report["layers"]:
         for name in ("o_proj", "down_proj"):
             assert layer[f"{name}_refit"] <= layer[f"{name}_masked"] * (1 + 1e-6) + 1e-9, (layer, name)
-    pruned = prune_model(work, keep)
+    pruned = pruned_copy(work, keep)
     # the refit (masked) model already computes the pruned one
     torch.testing.assert_close(logits(pruned, test), logits(work, test), atol=2e-5, rtol=0)
     if mode != "lstsq":
@@ -138,7 +138,7 @@ def test_prune_with_refit_keeps_the_budget_exact(mode):
     case = CASES[4]  # Qwen2: q/k/v biases but none on o_proj, so lstsq-bias adds two per layer
     dense = make_model(case)
     calib, refit_ids = token_ids(batch=4, length=16, seed=3), token_ids(batch=8, length=24, seed=4)
-    result = prune(dense, None, PruneConfig(ratio=0.2, layer_importance="activation", refit=mode), calib_ids=calib,
+    result = prune(dense, None, plain_config(ratio=0.2, layer_importance="activation", refit=mode), calib_ids=calib,
                    refit_ids=refit_ids, progress=False)
     assert count_parameters(result.model)["total"] == result.allocation.params_after
     assert result.report["method"].endswith(f"+{mode}")

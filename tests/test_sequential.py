@@ -25,13 +25,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from families import BLOCK_LAYERPRUNE, CASE_IDS, CASES, logits, make_model, make_tokenizer, token_ids
+from families import BLOCK_LAYERPRUNE, CASE_IDS, CASES, logits, make_model, make_tokenizer, token_ids, plain_config
 
 from layerprune.errors import InternalError, InvalidInputError, ModelError
 from layerprune.export import prune_checkpoint, save_pruned
 from layerprune.models import load_model, load_pruned
 from layerprune.models.checkpoint import SafetensorsCheckpoint
-from layerprune.pruning import PruneConfig, prune
+from layerprune.pruning import prune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -106,10 +106,10 @@ def _comparable(report: dict) -> dict:
 def test_sequential_equals_in_memory(tmp_path, dense_dirs, case, setting):
     dense_dir = dense_dirs[case.name]
     calib, refit_ids = _batches()
-    config = PruneConfig(**SETTINGS[setting], calib_samples=4)
+    config = plain_config(**SETTINGS[setting], calib_samples=4)
     model, _ = load_model(dense_dir, require_tokenizer=False)
     memory = prune(model, None, config, calib_ids=calib, refit_ids=refit_ids, progress=False)
-    out, result = prune_checkpoint(dense_dir, tmp_path / "seq", config, calib_ids=calib, refit_ids=refit_ids,
+    out, result = prune_checkpoint(dense_dir, config, tmp_path / "seq", calib_ids=calib, refit_ids=refit_ids,
                                    progress=False, max_shard_bytes=60_000)
 
     assert _comparable(result.report) == _comparable(memory.report)
@@ -182,12 +182,12 @@ def test_head_read_in_row_blocks_changes_nothing(tmp_path, monkeypatch, setting)
     monkeypatch.setattr(sequential, "RESIDENT_HEAD_LAYERS", 0)
     monkeypatch.setattr(sequential, "ROW_BLOCK_BYTES", 1000)
     calib, _ = _batches()
-    config = PruneConfig(**SETTINGS[setting], calib_samples=4)
+    config = plain_config(**SETTINGS[setting], calib_samples=4)
     for case in (c for c in CASES if c.name in ("llama2-mha", "qwen2-bias")):  # an untied head, a tied one
         dense_dir = _separated_layers(case, tmp_path / f"{case.name}-dense")
         model, _ = load_model(dense_dir, require_tokenizer=False)
         memory = prune(model, None, config, calib_ids=calib, progress=False)
-        _, result = prune_checkpoint(dense_dir, tmp_path / f"{case.name}-{setting}", config, calib_ids=calib,
+        _, result = prune_checkpoint(dense_dir, config, tmp_path / f"{case.name}-{setting}", calib_ids=calib,
                                      progress=False)
         got, want = _comparable(result.report), _comparable(memory.report)
         assert _close_floats(got.pop("layer_importance"), 1e-5) == want.pop("layer_importance"), case.name
@@ -199,10 +199,10 @@ def test_spilled_hidden_states_change_nothing(tmp_path, dense_dirs):
     calib, refit_ids = _batches()
     dense_dir = dense_dirs["llama3-gqa"]
     for setting in ("removal", "sensitivity-refit"):
-        config = PruneConfig(**SETTINGS[setting], calib_samples=4)
+        config = plain_config(**SETTINGS[setting], calib_samples=4)
         runs = []
         for budget in (None, 0):
-            out, result = prune_checkpoint(dense_dir, tmp_path / f"{setting}-{budget}", config, calib_ids=calib,
+            out, result = prune_checkpoint(dense_dir, config, tmp_path / f"{setting}-{budget}", calib_ids=calib,
                                            refit_ids=refit_ids, hidden_budget_bytes=budget, progress=False)
             runs.append((_folder_tensors(out), result.report["sequential"]["hidden_states"]))
             assert not list(out.rglob(".scratch")) and not list(out.rglob("*.bin"))
@@ -282,11 +282,11 @@ def test_never_more_than_two_layers_of_parameters_alive(tmp_path, monkeypatch):
     LlamaForCausalLM(config).save_pretrained(tmp_path / "dense", max_shard_size="100KB")
     layer_bytes = sum(t.numel() * 4 for n, t in LlamaForCausalLM(config).state_dict().items() if ".layers.0." in n)
     calib, refit_ids = token_ids(batch=2, length=8, seed=1) % 96, token_ids(batch=3, length=8, seed=2) % 96
-    prune_config = PruneConfig(ratio=0.3, layer_importance="activation", importance="activation", calib_samples=2,
+    prune_config = plain_config(ratio=0.3, layer_importance="activation", importance="activation", calib_samples=2,
                                refit="lstsq", refit_samples=3, refit_seq_len=8)
     counter = _LiveParameters(monkeypatch, excluded_shape=(96, 32))
     try:
-        prune_checkpoint(tmp_path / "dense", tmp_path / "out", prune_config, calib_ids=calib, refit_ids=refit_ids,
+        prune_checkpoint(tmp_path / "dense", prune_config, tmp_path / "out", calib_ids=calib, refit_ids=refit_ids,
                          progress=False)
         sequential_peak = counter.peak
         # the same counter on the in-memory path sees all four layers (twice: the model and its copy)
@@ -455,7 +455,7 @@ def test_prune_copies_unless_inplace():
     case = CASES[0]
     model = make_model(case)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = PruneConfig(ratio=0.2, layer_importance="activation", importance="activation", calib_samples=4)
+    config = plain_config(ratio=0.2, layer_importance="activation", importance="activation", calib_samples=4)
     calib, _ = _batches()
     result = prune(model, None, config, calib_ids=calib, progress=False)
     assert result.model is not model
@@ -489,12 +489,12 @@ _STANDALONE = BLOCK_LAYERPRUNE + textwrap.dedent(
 def test_plain_transformers_loads_sequential_folders(tmp_path, dense_dirs):
     """Sharded sequential outputs of every family load with trust_remote_code where layerprune cannot be imported."""
     calib, _ = _batches()
-    config = PruneConfig(**SETTINGS["activation"], calib_samples=4)
+    config = plain_config(**SETTINGS["activation"], calib_samples=4)
     jobs, expected = [], {}
     ids = token_ids(seed=11)
     torch.save(ids, tmp_path / "ids.pt")
     for case in CASES:
-        out, _ = prune_checkpoint(dense_dirs[case.name], tmp_path / case.name, config, calib_ids=calib,
+        out, _ = prune_checkpoint(dense_dirs[case.name], config, tmp_path / case.name, calib_ids=calib,
                                   progress=False, max_shard_bytes=60_000)
         jobs.append([str(out), str(tmp_path / "ids.pt"), str(tmp_path / f"{case.name}.pt")])
         expected[case.name] = logits(load_pruned(out)[0], ids)
@@ -575,11 +575,12 @@ def test_checkpoint_reader_reads_what_transformers_wrote(tmp_path):
 def test_prune_checkpoint_refuses_what_it_cannot_run(tmp_path, dense_dirs):
     calib, _ = _batches()
     with pytest.raises(InvalidInputError, match="distributed Taylor path"):
-        prune_checkpoint(dense_dirs["llama3-gqa"], tmp_path / "o", PruneConfig(ratio=0.2), calib_ids=calib)
+        prune_checkpoint(dense_dirs["llama3-gqa"], plain_config(ratio=0.2, importance="taylor"), tmp_path / "o",
+                         calib_ids=calib)
     with pytest.raises(InvalidInputError, match="reads a local folder"):
-        prune_checkpoint("org/not-here", tmp_path / "o", PruneConfig(ratio=0.2, importance="l1"), calib_ids=calib)
-    pruned, _ = prune_checkpoint(dense_dirs["llama3-gqa"], tmp_path / "p", PruneConfig(ratio=0.2, importance="l1",
-                                 layer_importance="activation"), calib_ids=calib, progress=False)
+        prune_checkpoint("org/not-here", plain_config(ratio=0.2, importance="l1"), tmp_path / "o", calib_ids=calib)
+    pruned, _ = prune_checkpoint(dense_dirs["llama3-gqa"], plain_config(ratio=0.2, importance="l1",
+                                 layer_importance="activation"), tmp_path / "p", calib_ids=calib, progress=False)
     with pytest.raises(ModelError, match="already pruned by layerprune"):
-        prune_checkpoint(pruned, tmp_path / "again", PruneConfig(ratio=0.2, importance="l1"), calib_ids=calib)
+        prune_checkpoint(pruned, plain_config(ratio=0.2, importance="l1"), tmp_path / "again", calib_ids=calib)
     assert not (tmp_path / "o").exists() and not (tmp_path / "again").exists()

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch_pruning as real_tp
 from conftest import make_tiny_llama
-from families import CASE_IDS, CASES, logits, make_model, token_ids
+from families import CASE_IDS, CASES, logits, make_model, token_ids, plain_config
 from torch import nn
 
 import layerprune.torch_pruning as tp
@@ -26,7 +26,7 @@ from layerprune.allocation.ratio_dict import ATTENTION, MLP, Structure
 from layerprune.arch import layer_shapes
 from layerprune.errors import InvalidInputError, ModelError
 from layerprune.models import count_parameters, load_pruned
-from layerprune.pruning import PruneConfig, prune
+from layerprune.pruning import prune
 from layerprune.scoring.groups import element_group_scores
 from layerprune.torch_pruning import GroupBuilder
 
@@ -212,7 +212,7 @@ def test_uniform_range_equals_layerprune_prune(case):
     """LLM-Pruner's llama3.py block-wise call (layers 1.. only) = prune(mode="uniform", layer_start=1)."""
     dense = make_model(case)
     ids = token_ids(batch=4, length=16, seed=3)
-    result = prune(dense, None, PruneConfig(ratio=0.5, mode="uniform", layer_start=1), calib_ids=ids, progress=False)
+    result = prune(dense, None, plain_config(ratio=0.5, mode="uniform", layer_start=1), calib_ids=ids, progress=False)
     model = copy.deepcopy(dense)
     backward(model, ids)
     pruner = tp.pruner.MetaPruner(model, ids, importance=tp.importance.GroupTaylorImportance(group_reduction="sum"),
@@ -230,7 +230,7 @@ def test_unbalanced_plan_through_the_rate_dictionary_equals_layerprune_prune(cas
     """prune(unbalanced, dp) -> to_pruning_ratio_dict -> MetaPruner gives prune's model, weight for weight."""
     dense = make_model(case)
     ids = token_ids(batch=4, length=16, seed=3)
-    result = prune(dense, None, PruneConfig(ratio=0.3, layer_importance="removal", solver="dp"), calib_ids=ids,
+    result = prune(dense, None, plain_config(ratio=0.3, layer_importance="removal", solver="dp"), calib_ids=ids,
                    progress=False)
     model = copy.deepcopy(dense)
     rates = to_pruning_ratio_dict(model, result.allocation)

@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 from conftest import REPO_ROOT, make_tiny_llama
-from families import CASES, make_model, make_tokenizer
+from families import CASES, make_model, make_tokenizer, plain_config
 
 from layerprune.allocation import allocate, spec_from_model_config
 from layerprune.data import calibration_batch
 from layerprune.importance import layer_importance
 from layerprune.models import count_parameters, load_model, load_pruned
-from layerprune.pruning import PruneConfig, prune
+from layerprune.pruning import prune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 GQA = next(c for c in CASES if c.name == "llama31-rope")  # 6 query heads on 3 KV heads, 3 layers
@@ -55,7 +55,7 @@ def test_uniform_example_is_llm_pruners_block_wise_setting(tiny_folder, wikitext
     dense, tokenizer = load_model(tiny_folder)
     calib = calibration_batch(tokenizer, 4, 64, seed=42, data_dir=wikitext_dir)
     last = len(dense.model.layers) - 1
-    reference = prune(dense, tokenizer, PruneConfig(ratio=0.5, mode="uniform", layer_start=1, layer_end=last),
+    reference = prune(dense, tokenizer, plain_config(ratio=0.5, mode="uniform", layer_start=1, layer_end=last),
                       calib_ids=calib, progress=False)
     assert result["params_after"] == count_parameters(reference.model)["total"] < result["params_before"]
     assert result["kv_heads"] == [3, 2, 3] and result["intermediate"] == [64, 32, 64]

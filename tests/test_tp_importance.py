@@ -10,7 +10,9 @@ import torch_pruning as tp
 from conftest import make_tiny_llama
 
 from layerprune.scoring import GradientScorer
-from layerprune.scoring.torch_pruning_importance import ActivationImportance, MagnitudeImportance, TaylorImportance
+from layerprune.torch_pruning.kernel_importance import ActivationStatsImportance as ActivationImportance
+from layerprune.torch_pruning.kernel_importance import KernelMagnitudeImportance as MagnitudeImportance
+from layerprune.torch_pruning.kernel_importance import KernelTaylorImportance as TaylorImportance
 
 
 @functools.cache

@@ -51,7 +51,7 @@ def failure(command: str, exc: BaseException, where: str = "") -> tuple[int, str
     if isinstance(exc, KeyboardInterrupt):
         return 130, f"layerprune: {at}interrupted"
     user_error = isinstance(exc, (LayerpruneError, *USER_OS_ERRORS)) or (
-        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES))
+        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES))
     if user_error and not isinstance(exc, InternalError):
         return EXIT_USER_ERROR, f"layerprune {command}: error: {at}{exc} ({type(exc).__name__})"
     traceback.print_exception(exc)

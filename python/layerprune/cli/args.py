@@ -20,8 +20,11 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
                    help="also remove at least this fraction of the KV-cache bytes per token, in (0, 1)")
     p.add_argument("--flops-ratio", type=float, default=None,
                    help="also remove at least this fraction of the FLOPs per token, in (0, 1)")
-    p.add_argument("--flops-seq-len", type=int, default=2048,
-                   help="positions a token attends to in the FLOPs count (default: 2048)")
+    from layerprune.pruning.config import PruneConfig
+
+    default = PruneConfig.__dataclass_fields__["flops_seq_len"].default
+    p.add_argument("--flops-seq-len", type=int, default=default,
+                   help=f"positions a token attends to in the FLOPs count (default: {default})")
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser, *, device: bool = True, threads: bool = True) -> None:
@@ -67,10 +70,3 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a size such as 24GB, 512MiB or 1000000, got {text!r}")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
-
-def format_size(nbytes: int) -> str:
-    """``6.4 GB`` (powers of 1000, one decimal)."""
-    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} B"

@@ -4,6 +4,7 @@ test tokens, and write DIR/report.md, DIR/report.json and PNG plots (finished ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
@@ -11,7 +12,9 @@ from layerprune.cli.args import add_budget_arguments, add_model_argument, add_ru
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from layerprune.compare import DEFAULT_MAX_TOKENS, METHODS
+    from layerprune.compare import DEFAULT_MAX_TOKENS, METHODS, CompareSettings
+
+    default = {f.name: f.default for f in dataclasses.fields(CompareSettings)}  # the library's (PruneConfig's)
 
     p = subparsers.add_parser(
         "compare",
@@ -30,7 +33,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(METHODS)} (default: all; dense is always run)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help=f"evaluate the first N test tokens (default: {DEFAULT_MAX_TOKENS}; 0 = the whole split)")
-    p.add_argument("--seq-len", type=int, default=128, help="evaluation window in tokens (default: 128)")
+    p.add_argument("--seq-len", type=int, default=default["seq_len"],
+                   help=f"evaluation window in tokens (default: {default['seq_len']})")
     p.add_argument("--dataset", default="wikitext2",
                    help="evaluated text: 'wikitext2' (its test split) or a path to a .txt file (default: wikitext2)")
     p.add_argument("--calib-dataset", default="wikitext2",
@@ -38,10 +42,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "evaluated text (default: wikitext2)")
     p.add_argument("--fresh", action="store_true", help="recompute every run and layer importance stored in --out")
     p.add_argument("--data-dir", default=None, help="folder with WikiText-2 raw test.txt / valid.txt")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default: 0)")
-    p.add_argument("--calib-samples", type=int, default=10, help="calibration windows (default: 10)")
-    p.add_argument("--calib-seq-len", type=int, default=64, help="tokens per calibration window (default: 64)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per prompt (default: 16)")
+    p.add_argument("--seed", type=int, default=default["seed"],
+                   help=f"seed of the calibration sample (default: {default['seed']})")
+    p.add_argument("--calib-samples", type=int, default=default["calib_samples"],
+                   help=f"calibration windows (default: {default['calib_samples']})")
+    p.add_argument("--calib-seq-len", type=int, default=default["calib_seq_len"],
+                   help=f"tokens per calibration window (default: {default['calib_seq_len']})")
+    p.add_argument("--max-new-tokens", type=int, default=default["max_new_tokens"],
+                   help=f"greedy tokens per prompt (default: {default['max_new_tokens']})")
     p.add_argument("--no-generate", action="store_true", help="skip the greedy generations")
     p.add_argument("--no-save-models", action="store_true",
                    help="do not keep DIR/models/<ratio>/<method> (sizes are still measured through a temporary save)")

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from layerprune.cli.args import (
-    add_budget_arguments,
-    add_model_argument,
-    add_runtime_arguments,
-    apply_threads,
-    format_size,
-    parse_size,
-)
+from layerprune.cli.args import add_budget_arguments, add_model_argument, add_runtime_arguments, apply_threads, parse_size
 from layerprune.errors import InvalidInputError
 
 
@@ -30,9 +24,10 @@ def _protected(text: str) -> tuple[int, ...]:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from layerprune.cli.torchrun import add_distributed_arguments
     from layerprune.importance import METHODS
-    from layerprune.pruning.pipeline import IMPORTANCES, MODES, SOLVERS
-    from layerprune.pruning.refit import REFIT_MODES
-    from layerprune.refit import DEFAULT_DAMPING
+    from layerprune.pruning.config import DEFAULT_METHOD, FALLBACK_METHOD, IMPORTANCES, MODES, SOLVERS, PruneConfig
+    from layerprune.refit import REFIT_MODES
+
+    default = {f.name: f.default for f in dataclasses.fields(PruneConfig)}  # every default is the library's
 
     p = subparsers.add_parser(
         "prune",
@@ -46,53 +41,63 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_budget_arguments(p)
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--mode", choices=MODES, default="unbalanced", help="uniform or unbalanced (default: unbalanced)")
-    p.add_argument("--solver", choices=SOLVERS, default="dp", help="allocation solver for unbalanced (default: dp)")
+    p.add_argument("--mode", choices=MODES, default=default["mode"],
+                   help=f"uniform, unbalanced or flap (default: {default['mode']})")
+    p.add_argument("--solver", choices=SOLVERS, default=default["solver"],
+                   help=f"allocation solver for unbalanced (default: {default['solver']})")
     p.add_argument("--layer-importance", choices=METHODS, default=None,
-                   help="layer importance for unbalanced (default: reconstruction with --importance obs, the best "
-                   "measured, else sensitivity; see README)")
-    p.add_argument("--removal-metric", choices=("loss", "ppl"), default="loss",
+                   help=f"layer importance for unbalanced (default: {DEFAULT_METHOD['layer_importance']}, the best "
+                   f"measured, where the run can take it, else {FALLBACK_METHOD['layer_importance']}; docs/methods.md)")
+    p.add_argument("--removal-metric", choices=("loss", "ppl"), default=default["removal_metric"],
                    help="removal importance measures the calibration loss increase (default) or the perplexity increase")
     p.add_argument("--importance", choices=IMPORTANCES, default=None,
                    help="what chooses the heads/channels kept: an element score, or obs (structured OBS on the refit's "
-                   "Gram matrices: the least error after the refit, SlimGPT; needs --refit lstsq) (default: obs when "
-                   "the run can take it, i.e. --refit lstsq, mode unbalanced or uniform, one step, in memory; else taylor)")
+                   "Gram matrices: the least error after the refit, SlimGPT; needs --refit lstsq) (default: "
+                   f"{DEFAULT_METHOD['importance']} where the run can take it, i.e. --refit lstsq, mode unbalanced or "
+                   f"uniform, one step; else {FALLBACK_METHOD['importance']})")
     p.add_argument("--match-params", action="store_true",
                    help="uniform: one rate chosen to remove exactly --ratio of ALL parameters (else --ratio is the "
                    "per-layer rate, LLM-Pruner style)")
-    p.add_argument("--calib-samples", type=int, default=10, help="calibration windows (default: 10)")
-    p.add_argument("--calib-seq-len", type=int, default=64, help="tokens per calibration window (default: 64)")
+    p.add_argument("--calib-samples", type=int, default=default["calib_samples"],
+                   help=f"calibration windows (default: {default['calib_samples']})")
+    p.add_argument("--calib-seq-len", type=int, default=default["calib_seq_len"],
+                   help=f"tokens per calibration window (default: {default['calib_seq_len']})")
     p.add_argument("--curve-samples", type=int, default=None,
                    help="measure the curves on the first N windows: sensitivity of the calibration batch, "
                    "reconstruction of the refit batch (default: all)")
-    p.add_argument("--iterative-steps", type=int, default=1, help="prune in N steps, rescoring between (default: 1)")
+    p.add_argument("--iterative-steps", type=int, default=default["iterative_steps"],
+                   help=f"prune in N steps, rescoring between (default: {default['iterative_steps']})")
     for name, what in (("layer", "attention and MLP"), ("attn-layer", "attention"), ("mlp-layer", "MLP")):
         p.add_argument(f"--{name}-start", type=int, default=None, help=f"first prunable layer for {what} (default: 0)")
         p.add_argument(f"--{name}-end", type=int, default=None, help=f"end (exclusive) of the {what} range (default: all)")
-    p.add_argument("--min-effective-rate", type=float, default=0.0,
-                   help="seed solver: per-layer rates below this become 0 (default: 0)")
+    p.add_argument("--min-effective-rate", type=float, default=default["min_effective_rate"],
+                   help=f"seed solver: per-layer rates below this become 0 (default: {default['min_effective_rate']:g})")
     p.add_argument("--protected", type=_protected, default=(), help="comma-separated layers never pruned")
-    p.add_argument("--mlp-step", type=int, default=1, help="MLP channels are kept in multiples of this (default: 1)")
-    p.add_argument("--min-kv-groups", type=int, default=1, help="KV groups every layer keeps at least (default: 1)")
+    p.add_argument("--mlp-step", type=int, default=default["mlp_step"],
+                   help=f"MLP channels are kept in multiples of this (default: {default['mlp_step']})")
+    p.add_argument("--min-kv-groups", type=int, default=default["min_kv_groups"],
+                   help=f"KV groups every layer keeps at least (default: {default['min_kv_groups']})")
     p.add_argument("--tie", action="store_true", help="one rate for attention and MLP in each layer")
     p.add_argument("--homogeneous", action="store_true",
                    help="the same KV groups and MLP channels in every layer, at the exact budget (to one step per "
                    "layer), so the model saves under the family's own config (no remote code): with --mode unbalanced "
                    "the best equal widths by the layer importance, with --mode uniform --match-params flat")
-    p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
-    p.add_argument("--refit", choices=REFIT_MODES, default="lstsq",
+    p.add_argument("--seed", type=int, default=default["seed"], help=f"seed for every random choice (default: {default['seed']})")
+    p.add_argument("--refit", choices=REFIT_MODES, default=default["refit"],
                    help="refit the kept o_proj / down_proj columns by least squares on calibration activations "
-                   "(lstsq, the default: the best measured), with a compensation bias (lstsq-bias), or the bias "
-                   "alone (bias, FLAP); none keeps them as they are")
-    p.add_argument("--refit-damping", type=float, default=DEFAULT_DAMPING,
-                   help=f"refit damping, a fraction of the Gram matrix's mean diagonal (default: {DEFAULT_DAMPING})")
+                   "(lstsq), with a compensation bias (lstsq-bias), or the bias alone (bias, FLAP); none keeps them "
+                   f"as they are (default: {default['refit']})")
+    p.add_argument("--refit-damping", type=float, default=default["refit_damping"],
+                   help=f"refit damping, a fraction of the Gram matrix's mean diagonal (default: {default['refit_damping']})")
     p.add_argument("--no-error-correction", action="store_true",
                    help="refit every layer on the dense model's inputs instead of the refit layers' outputs")
-    p.add_argument("--refit-samples", type=int, default=64, help="calibration windows of the refit (default: 64)")
-    p.add_argument("--refit-seq-len", type=int, default=256, help="tokens per refit window (default: 256)")
-    p.add_argument("--fisher-samples", type=int, default=4,
-                   help="reconstruction curves: the Fisher from the first n refit windows (default: 4)")
-    p.add_argument("--calib-dataset", "--dataset", dest="calib_dataset", default="wikitext2",
+    p.add_argument("--refit-samples", type=int, default=default["refit_samples"],
+                   help=f"calibration windows of the refit (default: {default['refit_samples']})")
+    p.add_argument("--refit-seq-len", type=int, default=default["refit_seq_len"],
+                   help=f"tokens per refit window (default: {default['refit_seq_len']})")
+    p.add_argument("--fisher-samples", type=int, default=default["fisher_samples"],
+                   help=f"reconstruction curves: the Fisher from the first n refit windows (default: {default['fisher_samples']})")
+    p.add_argument("--calib-dataset", "--dataset", dest="calib_dataset", default=default["calib_dataset"],
                    help="calibration text: 'wikitext2' (its train, else valid split; never test) or a .txt file")
     p.add_argument("--data-dir", default=None, help="folder with WikiText-2 raw valid.txt (calibration; never test.txt)")
     add_runtime_arguments(p, device=False)
@@ -120,38 +125,6 @@ def add_sequential_arguments(p: argparse.ArgumentParser) -> None:
                    help="--sequential: largest safetensors shard written (default: 50GB, as transformers)")
 
 
-def available_memory() -> int:
-    """Bytes the system could give this process now (MemAvailable; free pages where /proc is missing)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _choose_sequential(args: argparse.Namespace, dtype: Any) -> tuple[bool, str | None]:
-    """(layer by layer?, why it was chosen when not asked for): the weights at ``dtype`` against --max-memory."""
-    from layerprune.models import resolve_model
-    from layerprune.models.checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint
-
-    if args.sequential:
-        return True, None
-    resolved = resolve_model(args.model)
-    if not isinstance(resolved, Path) or not any((resolved / f).is_file() for f in (INDEX_FILE, SINGLE_FILE)):
-        return False, None  # a GGUF file or a hub id: loaded whole, as before
-    limit = args.max_memory if args.max_memory is not None else available_memory()
-    with SafetensorsCheckpoint(resolved) as checkpoint:
-        weights = checkpoint.nbytes(dtype=dtype)
-    if weights <= limit:
-        return False, None
-    source = "--max-memory" if args.max_memory is not None else "the available memory"
-    dtype_name = str(dtype).removeprefix("torch.")
-    return True, f"the weights ({format_size(weights)} in {dtype_name}) exceed {source} ({format_size(limit)})"
-
-
 def _run_sequential(args: argparse.Namespace, config: Any, why: str | None, progress: bool, start: float) -> int:
     """`prune --sequential`: the checkpoint pruned layer by layer into --out (layerprune.export.prune_checkpoint)."""
     import torch
@@ -160,11 +133,13 @@ def _run_sequential(args: argparse.Namespace, config: Any, why: str | None, prog
     from layerprune.export.streamed import DEFAULT_MAX_SHARD_BYTES, prune_checkpoint
     from layerprune.models import load_config, resolve_model
     from layerprune.models.checkpoint import SafetensorsCheckpoint, empty_model, expected_tensors
+    from layerprune.pruning.config import resolve_config
+    from layerprune.pruning.executor import format_size, hidden_state_budget
     from layerprune.pruning.pipeline import summary_table
-    from layerprune.pruning.sequential import check_sequential, layer_bytes
+    from layerprune.pruning.sequential import layer_bytes
 
     try:
-        check_sequential(config)
+        config = resolve_config(config, "layers")
         if distributed.active() is not None:
             raise InvalidInputError("--sequential prunes in one process; run it without torchrun")
     except InvalidInputError as err:
@@ -181,13 +156,11 @@ def _run_sequential(args: argparse.Namespace, config: Any, why: str | None, prog
         largest, outside = layer_bytes(checkpoint, model_config, dtype)
     if why is not None:
         print(f"layerprune prune: {why}: pruning layer by layer (--sequential)", file=sys.stderr)
-    limit = args.max_memory if args.max_memory is not None else available_memory()
-    # the hidden states get half of what two layers and the larger of the embeddings / head leave
-    hidden_budget = max(0, limit - 2 * largest - outside) // 2
     out, result = prune_checkpoint(
-        resolved, args.out, config, dtype=dtype, device=args.device or "cpu", hidden_budget_bytes=hidden_budget,
-        overwrite=args.overwrite, max_shard_bytes=args.max_shard_size or DEFAULT_MAX_SHARD_BYTES,
-        report_extra={"model": os.fspath(args.model)}, progress=progress)
+        resolved, config, args.out, dtype=dtype, device=args.device or "cpu",
+        hidden_budget_bytes=hidden_state_budget(args.max_memory, largest, outside), overwrite=args.overwrite,
+        max_shard_bytes=args.max_shard_size or DEFAULT_MAX_SHARD_BYTES, report_extra={"model": os.fspath(args.model)},
+        progress=progress)
     report = result.report
     seq = report["sequential"]
     wall = time.perf_counter() - start
@@ -199,41 +172,32 @@ def _run_sequential(args: argparse.Namespace, config: Any, why: str | None, prog
     return 0
 
 
-def default_importance(args: argparse.Namespace) -> tuple[str, str]:
-    """The element importance and layer importance a run gets when not given: the best measured method
-    (structured OBS with the reconstruction curves, README "Refit") where it applies, else taylor / sensitivity."""
-    obs_fits = (args.refit == "lstsq" and args.mode in ("unbalanced", "uniform") and args.iterative_steps == 1
-                and not args.fsdp)
-    importance = args.importance or ("obs" if obs_fits else "taylor")
-    # the reconstruction curves need a backward pass through the whole model, which --sequential never holds
-    sequential = getattr(args, "sequential", False)
-    default_li = "reconstruction" if importance == "obs" and not sequential else "sensitivity"
-    return importance, args.layer_importance or default_li
-
-
 def config_from_args(args: argparse.Namespace):
-    from layerprune.pruning.pipeline import PruneConfig
+    """The PruneConfig the flags describe; what they leave open (importance, layer importance) the library fills."""
+    from layerprune.pruning.config import PruneConfig
 
-    importance, layer_importance = default_importance(args)
     return PruneConfig(
-        ratio=args.ratio, mode=args.mode, solver=args.solver, layer_importance=layer_importance,
-        removal_metric=args.removal_metric,
-        importance=importance, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-        iterative_steps=args.iterative_steps, match_params=args.match_params, layer_start=args.layer_start,
-        layer_end=args.layer_end, attn_layer_start=args.attn_layer_start, attn_layer_end=args.attn_layer_end,
-        mlp_layer_start=args.mlp_layer_start, mlp_layer_end=args.mlp_layer_end,
+        ratio=args.ratio, mode=args.mode, solver=args.solver, layer_importance=args.layer_importance,
+        removal_metric=args.removal_metric, importance=args.importance, calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len, iterative_steps=args.iterative_steps, match_params=args.match_params,
+        layer_start=args.layer_start, layer_end=args.layer_end, attn_layer_start=args.attn_layer_start,
+        attn_layer_end=args.attn_layer_end, mlp_layer_start=args.mlp_layer_start, mlp_layer_end=args.mlp_layer_end,
         min_effective_rate=args.min_effective_rate, protected=tuple(args.protected), mlp_step=args.mlp_step,
-        min_kv_groups=args.min_kv_groups, tie=args.tie, seed=args.seed, calib_dataset=args.calib_dataset, data_dir=args.data_dir,
-        homogeneous=args.homogeneous,
-        curve_samples=args.curve_samples, refit=args.refit, refit_damping=args.refit_damping,
-        refit_error_correction=not args.no_error_correction, refit_samples=args.refit_samples,
-        fisher_samples=args.fisher_samples, refit_seq_len=args.refit_seq_len, kv_cache_ratio=args.kv_cache_ratio, flops_ratio=args.flops_ratio,
-        flops_seq_len=args.flops_seq_len, fsdp=args.fsdp,
+        min_kv_groups=args.min_kv_groups, tie=args.tie, seed=args.seed, calib_dataset=args.calib_dataset,
+        data_dir=args.data_dir, homogeneous=args.homogeneous, curve_samples=args.curve_samples, refit=args.refit,
+        refit_damping=args.refit_damping, refit_error_correction=not args.no_error_correction,
+        refit_samples=args.refit_samples, fisher_samples=args.fisher_samples, refit_seq_len=args.refit_seq_len,
+        kv_cache_ratio=args.kv_cache_ratio, flops_ratio=args.flops_ratio, flops_seq_len=args.flops_seq_len,
+        fsdp=args.fsdp,
     )
 
 
-def _check_out(out: str, overwrite: bool) -> None:
+def _check_out(out: str, overwrite: bool, model: str) -> None:
     path = Path(out).expanduser()
+    source = Path(model).expanduser()
+    if source.is_dir() and (path.resolve() == source.resolve() or path.resolve().is_relative_to(source.resolve())):
+        raise InvalidInputError(f"--out {out} is inside the input model's folder {model}: inputs are never modified; "
+                                "write the pruned model elsewhere")
     if path.exists():
         if not path.is_dir():
             raise InvalidInputError(f"--out {out} exists and is not a folder")
@@ -281,18 +245,19 @@ def run(args: argparse.Namespace) -> int:
     from layerprune.data import calibration_source
     from layerprune.models import check_supported, load_config
     from layerprune.pruning import pipeline
-    from layerprune.pruning.pipeline import check_feasible, summary_table, validate_against_model, validate_config
+    from layerprune.pruning.config import resolve_config, validate_against_model
+    from layerprune.pruning.executor import choose_executor
+    from layerprune.pruning.pipeline import check_feasible, summary_table
     from layerprune.export import save_pruned
     from layerprune.export.save import WIDTHS_DIFFER, plain_config_obstacle
 
     progress = not args.no_progress and distributed.is_rank0()  # under torchrun: rank 0's bars only
     start = time.perf_counter()
-    # Everything that can be checked without the weights is checked first.
-    config = config_from_args(args)
-    validate_config(config)
+    # Everything that can be checked without the weights is checked first, once, for the executor asked for.
+    config = resolve_config(config_from_args(args), "layers" if args.sequential else "memory")
     apply_threads(args)
     if distributed.is_rank0():  # rank 0 alone writes (under torchrun the others may not see its --out)
-        _check_out(args.out, args.overwrite)
+        _check_out(args.out, args.overwrite, args.model)
     _check_shares(config)
     calibration_source(config.calib_dataset, config.data_dir)  # the calibration text exists and is readable
     model_config = first_on_local_rank0(load_config, args.model)  # the embedded model is converted once per node
@@ -302,12 +267,12 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"model '{args.model}': its config has no num_hidden_layers")
     validate_against_model(config, layers, getattr(model_config, "num_key_value_heads", None))
     check_feasible(model_config, config)
-    sequential, why = _choose_sequential(args, getattr(torch, args.dtype))
-    if sequential:
-        args.sequential = True
-        config = config_from_args(args)  # the defaults of a layer-by-layer run
-        validate_config(config)
-        return _run_sequential(args, config, why, progress, start)
+    # the library chooses the executor from the weights' size; --sequential forces layer by layer
+    executor, why = choose_executor(args.model, getattr(torch, args.dtype), args.max_memory, args.sequential,
+                                    limit_name="--max-memory")
+    if executor == "layers":
+        # left open, the importance and layer importance are the layer-by-layer executor's defaults
+        return _run_sequential(args, config_from_args(args), why, progress, start)
 
     t0 = time.perf_counter()
     model, tokenizer = _load_quietly(args.model, getattr(torch, args.dtype), progress)

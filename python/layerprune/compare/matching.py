@@ -17,7 +17,8 @@ from layerprune.arch import adapter_for, decoder_layers
 from layerprune.compare.settings import CompareSettings, prune_config
 from layerprune.errors import InfeasibleError, InvalidInputError
 from layerprune.models import count_parameters
-from layerprune.pruning.pipeline import solver_for, spec_for_model
+from layerprune.pruning.config import solver_for
+from layerprune.pruning.pipeline import spec_for_model
 
 def allocated_params(model: torch.nn.Module, config: Any, importance: Any = None) -> int:
     """Total parameters after the allocation `config` asks for (no data, no pruning); `importance`

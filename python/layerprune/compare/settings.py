@@ -8,7 +8,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from layerprune.errors import InvalidInputError
-from layerprune.pruning.pipeline import PruneConfig
+from layerprune.pruning.config import DEFAULT_METHOD, FALLBACK_METHOD, PruneConfig, resolve_config
+
+# a comparison's shared settings default to the library's (PruneConfig)
+_DEFAULT = {f.name: f.default for f in dataclasses.fields(PruneConfig)}
 
 METHODS = ("dense", "uniform-range", "uniform", "uniform-refit", "uniform-obs", "uniform-homogeneous", "flap",
            "slimgpt", "unbalanced-seed", "unbalanced-norefit", "unbalanced-sensitivity", "unbalanced")
@@ -61,7 +64,8 @@ METHOD_NOTES = {
 }
 # The layer importance each method reads (cached once per key, shared by every ratio).
 LAYER_IMPORTANCE_FOR = {"unbalanced-seed": "removal", "unbalanced-norefit": "sensitivity",
-                        "unbalanced-sensitivity": "sensitivity-obs", "unbalanced": "reconstruction", "slimgpt": "depth"}
+                        "unbalanced-sensitivity": "sensitivity-obs", "unbalanced": DEFAULT_METHOD["layer_importance"],
+                        "slimgpt": "depth"}
 # they read the refit batch
 REFIT_METHODS = ("uniform-refit", "uniform-obs", "uniform-homogeneous", "flap", "slimgpt", "unbalanced-sensitivity",
                  "unbalanced")
@@ -78,22 +82,22 @@ class CompareSettings:
     dataset: str = "wikitext2"  # evaluated text: wikitext2's test split, or a .txt file
     calib_dataset: str = "wikitext2"  # calibration text: wikitext2's train (else valid) split, or a .txt file
     data_dir: str | None = None
-    seed: int = 0
-    calib_samples: int = 10
-    calib_seq_len: int = 64
+    seed: int = _DEFAULT["seed"]
+    calib_samples: int = _DEFAULT["calib_samples"]
+    calib_seq_len: int = _DEFAULT["calib_seq_len"]
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     max_new_tokens: int = 16
     throughput_repeats: int = 3
     save_models: bool = True
-    importance: str = "taylor"
-    mlp_step: int = 1
+    importance: str = FALLBACK_METHOD["importance"]  # the element score of the methods that choose by one
+    mlp_step: int = _DEFAULT["mlp_step"]
     fresh: bool = False  # recompute every run and layer importance instead of reusing stored ones
-    refit: str = "lstsq"  # the refit of the *-refit methods
-    refit_samples: int = 64  # their own calibration windows (more text than the curves need)
-    refit_seq_len: int = 256
+    refit: str = _DEFAULT["refit"]  # the refit of the *-refit methods
+    refit_samples: int = _DEFAULT["refit_samples"]  # their own calibration windows (more text than the curves need)
+    refit_seq_len: int = _DEFAULT["refit_seq_len"]
     kv_cache_ratio: float | None = None  # methods on an exact budget also remove at least this of the KV cache
     flops_ratio: float | None = None  # ... and of the FLOPs per token
-    flops_seq_len: int = 2048  # positions of the FLOPs count (every run reports its FLOPs at this length)
+    flops_seq_len: int = _DEFAULT["flops_seq_len"]  # positions of the FLOPs count (every run reports its FLOPs at this length)
 
 
 def parse_ratios(text: str | Sequence[float]) -> tuple[float, ...]:
@@ -177,13 +181,15 @@ def prune_config(method: str, ratio: float, settings: CompareSettings, num_layer
     config = _method_config(method, ratio, settings, num_layers)
     if takes_bounds(config):
         config = dataclasses.replace(config, kv_cache_ratio=settings.kv_cache_ratio, flops_ratio=settings.flops_ratio)
-    return config
+    return resolve_config(config)
 
 
 def _method_config(method: str, ratio: float, settings: CompareSettings, num_layers: int) -> Any:
+    # every method names what it differs in; refit="none" for the methods that keep the kept weights as they are
     common: dict[str, Any] = dict(importance=settings.importance, calib_samples=settings.calib_samples,
                   calib_seq_len=settings.calib_seq_len, mlp_step=settings.mlp_step, seed=settings.seed,
-                  calib_dataset=settings.calib_dataset, data_dir=settings.data_dir, flops_seq_len=settings.flops_seq_len)
+                  calib_dataset=settings.calib_dataset, data_dir=settings.data_dir, flops_seq_len=settings.flops_seq_len,
+                  refit="none")
     if method == "uniform-range":
         start, end = reference_range(num_layers)
         return PruneConfig(ratio=ratio, mode="uniform", match_params=False, layer_start=start, layer_end=end, **common)
@@ -194,21 +200,20 @@ def _method_config(method: str, ratio: float, settings: CompareSettings, num_lay
                            min_effective_rate=SEED_MIN_EFFECTIVE_RATE, **common)
     if method == "unbalanced-norefit":
         return PruneConfig(ratio=ratio, mode="unbalanced", solver="dp", layer_importance="sensitivity", **common)
-    refit = dict(refit=settings.refit, refit_samples=settings.refit_samples, refit_seq_len=settings.refit_seq_len)
+    refit = dict(common, refit=settings.refit, refit_samples=settings.refit_samples, refit_seq_len=settings.refit_seq_len)
     if method == "uniform-refit":
-        return PruneConfig(ratio=ratio, mode="uniform", match_params=True, **refit, **common)
+        return PruneConfig(ratio=ratio, mode="uniform", match_params=True, **refit)
     if method == "uniform-homogeneous":
-        return PruneConfig(ratio=ratio, mode="uniform", match_params=True, homogeneous=True, **refit, **common)
+        return PruneConfig(ratio=ratio, mode="uniform", match_params=True, homogeneous=True, **refit)
     if method == "flap":
-        return PruneConfig(ratio=ratio, mode="flap", refit="bias", refit_error_correction=False,
-                           refit_samples=settings.refit_samples, refit_seq_len=settings.refit_seq_len, **common)
-    obs = dict(common, importance="obs", **dict(refit, refit="lstsq"))
+        return PruneConfig(ratio=ratio, mode="flap", **dict(refit, refit="bias"), refit_error_correction=False)
+    obs = dict(refit, importance="obs", refit="lstsq")
     if method == "uniform-obs":
         return PruneConfig(ratio=ratio, mode="uniform", match_params=True, **obs)
     if method == "slimgpt":
         return PruneConfig(ratio=ratio, mode="unbalanced", solver="dp", layer_importance="depth", **obs)
     if method == "unbalanced-sensitivity":
         return PruneConfig(ratio=ratio, mode="unbalanced", solver="dp", layer_importance="sensitivity", **obs)
-    if method == "unbalanced":
-        return PruneConfig(ratio=ratio, mode="unbalanced", solver="dp", layer_importance="reconstruction", **obs)
+    if method == "unbalanced":  # the library's default method: PruneConfig's defaults, at the shared settings
+        return PruneConfig(ratio=ratio, **{k: v for k, v in refit.items() if k not in ("importance", "refit")})
     raise InvalidInputError(f"method: unknown '{method}'")

@@ -32,6 +32,7 @@ from layerprune.distributed.group import (
     model_device,
     pick_backend,
     rank,
+    run_environment,
     shutdown,
     world_size,
 )
@@ -40,5 +41,5 @@ __all__ = [
     "BACKENDS", "DataParallel", "ExitAgreement", "active", "all_gather_rows", "all_reduce_sum_", "barrier",
     "broadcast_object", "check_shareable", "data_parallel", "exit_agreement", "global_count", "initialize",
     "is_rank0", "launched_world_size", "local_prefix", "local_samples", "model_device", "on_rank0", "pick_backend",
-    "rank", "ranks_where", "share_indices", "shutdown", "sum_values", "token_share", "wait_for_failure", "world_size",
+    "rank", "ranks_where", "run_environment", "share_indices", "shutdown", "sum_values", "token_share", "wait_for_failure", "world_size",
 ]  # fmt: skip

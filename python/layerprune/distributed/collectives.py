@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from layerprune.distributed.group import DataParallel, _collective_device, active
+from layerprune.distributed.group import DataParallel, collective_device, active
 from layerprune.errors import InvalidInputError, LayerpruneError
 
 T = TypeVar("T")
@@ -29,7 +29,7 @@ def _target(group: Any) -> tuple[Any, torch.device] | None:
     if group is not None:
         import torch.distributed as dist
 
-        return (group, _collective_device(group)) if dist.get_world_size(group) > 1 else None
+        return (group, collective_device(group)) if dist.get_world_size(group) > 1 else None
     dp = active()
     return None if dp is None else (dp.group, dp.device)
 
@@ -186,7 +186,7 @@ def all_gather_rows(local: torch.Tensor, group: Any) -> torch.Tensor:
     world = dist.get_world_size(group)
     if world == 1:
         return local
-    device = _collective_device(group)
+    device = collective_device(group)
     sizes = torch.zeros(world, dtype=torch.float64)
     sizes[dist.get_rank(group)] = float(local.numel())
     all_reduce_sum_([sizes], group=group)

@@ -60,7 +60,7 @@ def is_rank0() -> bool:
     return _ACTIVE is None or _ACTIVE.rank == 0
 
 
-def _collective_device(group: Any) -> torch.device:
+def collective_device(group: Any) -> torch.device:
     import torch.distributed as dist
 
     backend = str(dist.get_backend(group)).lower()
@@ -90,11 +90,23 @@ def data_parallel(group: Any = None) -> Iterator[DataParallel | None]:
         yield _ACTIVE
         return
     saved = _ACTIVE
-    _ACTIVE = DataParallel(rank=dist.get_rank(group), world_size=size, group=group, device=_collective_device(group))
+    _ACTIVE = DataParallel(rank=dist.get_rank(group), world_size=size, group=group, device=collective_device(group))
     try:
         yield _ACTIVE
     finally:
         _ACTIVE = saved
+
+
+def run_environment(executor: str, device: Any) -> dict[str, Any]:
+    """How a run was made: its executor (``memory``: the whole model; ``layers``: layer by layer from disk), the
+    device it computed on, the data-parallel world (size and backend: one process is 1 and None) and the torch
+    threads of each process."""
+    group = active()
+    backend = None
+    if group is not None and torch.distributed.is_initialized():
+        backend = str(torch.distributed.get_backend(group.group))
+    return {"executor": executor, "device": str(device), "world_size": world_size(), "backend": backend,
+            "threads": torch.get_num_threads()}
 
 
 def launched_world_size() -> int:
@@ -148,7 +160,7 @@ def initialize(backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> D
                                     f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r})") from None
     size = dist.get_world_size()
     _ACTIVE = None if size == 1 else DataParallel(rank=dist.get_rank(), world_size=size, group=None,
-                                                  device=_collective_device(None))
+                                                  device=collective_device(None))
     return _ACTIVE
 
 
@@ -170,9 +182,10 @@ def model_device() -> torch.device:
     if _ACTIVE is not None:
         return _ACTIVE.device
     if dist.is_available() and dist.is_initialized():
-        return _collective_device(None)
+        return collective_device(None)
     return torch.device("cpu")
 
 
 __all__ = ["BACKENDS", "DEFAULT_TIMEOUT_S", "DataParallel", "active", "data_parallel", "initialize", "is_rank0",
+           "run_environment",
            "launched_world_size", "model_device", "pick_backend", "rank", "shutdown", "world_size"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def _tied(model: nn.Module) -> bool:
     return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype)
 
 
-def _check_layout(model: Any, adapter: FamilyAdapter) -> None:
+def check_layout(model: Any, adapter: FamilyAdapter) -> None:
     """Every projection's bias presence matches the family's bias flags for this config."""
     flags = adapter.projection_biases(model.config)
     for i, layer in enumerate(adapter.decoder_layers(model)):
@@ -63,7 +64,7 @@ def _check_layout(model: Any, adapter: FamilyAdapter) -> None:
                 raise ModelError(f"model.layers[{i}]: {name} bias presence disagrees with the {adapter.name} config")
 
 
-def _pruned_config(model: Any, adapter: FamilyAdapter, tie: bool) -> dict[str, Any]:
+def pruned_model_config(model: Any, adapter: FamilyAdapter, tie: bool) -> dict[str, Any]:
     shapes = layer_shapes(model)
     config = model.config.to_dict()
     head_dim = shapes[0]["head_dim"] if shapes else config.get("head_dim")
@@ -109,7 +110,7 @@ def plain_config_obstacle(model: Any) -> str | None:
     return None
 
 
-def _plain_config(model: Any, adapter: FamilyAdapter, tie: bool) -> dict[str, Any] | None:
+def plain_family_config(model: Any, adapter: FamilyAdapter, tie: bool) -> dict[str, Any] | None:
     """The family's own config for a pruned model whose layers all have the same widths: the dense config with
     only ``num_attention_heads``, ``num_key_value_heads`` and ``intermediate_size`` changed (``head_dim`` stays
     written out), which transformers, vLLM and llama.cpp's converter load with no remote code. None when
@@ -145,7 +146,7 @@ def _weights(model: nn.Module, tie: bool) -> dict[str, torch.Tensor]:
     return state
 
 
-def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InvalidInputError(f"out_dir: {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -162,7 +163,7 @@ def save_pruned(
 ) -> Path:
     """Write a pruned (or dense) model to out_dir and return its path; the model is not modified.
 
-    A model whose layers all have the same widths is saved under the family's own config (:func:`_plain_config`;
+    A model whose layers all have the same widths is saved under the family's own config (:func:`plain_family_config`;
     ``plain_config=False`` keeps the remote-code layout); any other gets per-layer widths and the remote code.
 
     Everything is written to a temporary folder next to out_dir, fsync'd and renamed (or swapped) into place at
@@ -175,19 +176,19 @@ def save_pruned(
     out = Path(out_dir).expanduser().absolute()
     restore_interrupted(out)  # a crash between two renames left the old folder aside: put it back first
     remove_stale_siblings(out)
-    _prepare_out_dir(out, overwrite)
+    prepare_out_dir(out, overwrite)
     adapter = adapter_for(model, "model")
     check_consistency(model)
-    _check_layout(model, adapter)
+    check_layout(model, adapter)
     tie = _tied(model)  # decided from the tensors, not the config flag, so the reload matches the model
-    plain = _plain_config(model, adapter, tie) if plain_config else None
-    config = plain if plain is not None else _pruned_config(model, adapter, tie)
-    report_text = _report_text(report)
+    plain = plain_family_config(model, adapter, tie) if plain_config else None
+    config = plain if plain is not None else pruned_model_config(model, adapter, tie)
+    report_text = report_json_text(report)
 
     tmp = temp_sibling_dir(out)
     try:
-        save_file(_weights(model, tie), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        _write_folder_files(tmp, config, getattr(model, "generation_config", None), tokenizer, report_text)
+        write_safetensors(save_file, _weights(model, tie), tmp / WEIGHTS_FILE)
+        write_folder_files(tmp, config, getattr(model, "generation_config", None), tokenizer, report_text)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -195,7 +196,24 @@ def save_pruned(
     return out
 
 
-def _report_text(report: dict[str, Any] | None) -> str | None:
+def write_safetensors(save_file: Any, tensors: dict[str, Any], path: Path) -> None:
+    """``save_file(tensors, path)``, with safetensors' I/O failures (``SafetensorError``, not an ``OSError``: "I/O
+    error: File too large (os error 27)" on a full disk or past a file-size limit) raised as the ``OSError`` they
+    are, naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as err:
+        found = re.search(r"os error (\d+)", str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, f"{os.strerror(code)}: the disk or the file-size limit is full while writing", str(path)) \
+            from None
+
+
+def report_json_text(report: dict[str, Any] | None) -> str | None:
     """report.json's text (strict JSON), or None without a report."""
     if report is None:
         return None
@@ -207,7 +225,7 @@ def _report_text(report: dict[str, Any] | None) -> str | None:
         raise InvalidInputError(f"report: {err}") from None
 
 
-def _write_folder_files(tmp: Path, config: dict[str, Any], generation_config: Any, tokenizer: Any,
+def write_folder_files(tmp: Path, config: dict[str, Any], generation_config: Any, tokenizer: Any,
                         report_text: str | None) -> None:
     """Everything of a pruned folder but the weights: config, generation config, the remote-code module, the
     tokenizer and report.json; then every file gets a plain file's mode."""

@@ -32,12 +32,12 @@ from layerprune.atomic import remove_stale_siblings, replace_dir, restore_interr
 from layerprune.errors import InternalError, InvalidInputError
 from layerprune.export.save import (
     WEIGHTS_FILE,
-    _check_layout,
-    _plain_config,
-    _prepare_out_dir,
-    _pruned_config,
-    _report_text,
-    _write_folder_files,
+    check_layout,
+    plain_family_config,
+    prepare_out_dir,
+    pruned_model_config,
+    report_json_text,
+    write_folder_files,
 )
 from layerprune.models.checkpoint import INDEX_FILE, TORCH_TO_SAFETENSORS
 
@@ -272,7 +272,7 @@ class PrunedFolderWriter:
         self.out = Path(out_dir).expanduser().absolute()
         restore_interrupted(self.out)
         remove_stale_siblings(self.out)
-        _prepare_out_dir(self.out, overwrite)
+        prepare_out_dir(self.out, overwrite)
         self.tmp = temp_sibling_dir(self.out)
         self.scratch = self.tmp / ".scratch"
         self.shards = SafetensorsShardWriter(self.tmp, max_shard_bytes=max_shard_bytes, scratch=self.scratch)
@@ -294,17 +294,17 @@ class PrunedFolderWriter:
         unless ``plain_config=False``)."""
         adapter = adapter_for(model, "model")
         check_consistency(model)
-        _check_layout(model, adapter)
+        check_layout(model, adapter)
         embed = model.get_input_embeddings().weight
         tie = adapter.lm_head(model).weight is embed
-        plain = _plain_config(model, adapter, tie) if plain_config else None
-        config = plain if plain is not None else _pruned_config(model, adapter, tie)
-        report_text = _report_text(report)
+        plain = plain_family_config(model, adapter, tie) if plain_config else None
+        config = plain if plain is not None else pruned_model_config(model, adapter, tie)
+        report_text = report_json_text(report)
         self.shards.close()
         shutil.rmtree(self.scratch, ignore_errors=True)
         if generation_config is None:
             generation_config = getattr(model, "generation_config", None)
-        _write_folder_files(self.tmp, config, generation_config, tokenizer, report_text)
+        write_folder_files(self.tmp, config, generation_config, tokenizer, report_text)
         replace_dir(self.tmp, self.out)
         self._done = True
         return self.out
@@ -324,8 +324,8 @@ class PrunedFolderWriter:
 
 def prune_checkpoint(
     model: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
     config: Any,
+    out_dir: str | os.PathLike[str],
     *,
     tokenizer: Any = None,
     dtype: torch.dtype = torch.float32,
@@ -340,23 +340,24 @@ def prune_checkpoint(
     progress: bool = True,
 ) -> tuple[Path, Any]:
     """Prune a safetensors checkpoint folder layer by layer into ``out_dir``: (the folder, the
-    :class:`~layerprune.pruning.sequential.SequentialResult`). ``model`` is a folder or ``smollm2-135m``;
+    :class:`~layerprune.pruning.PruneResult`). ``model`` is a folder or ``smollm2-135m``;
     the tokenizer is read from it unless given. The folder is :func:`save_pruned`'s (sharded past
     ``max_shard_bytes``) and is written atomically; ``report_extra`` is added to its report.json. Only
     forward-only importance (``activation``, ``l1``, ``l2``)."""
     from layerprune.models import resolve_model
     from layerprune.models.checkpoint import SafetensorsCheckpoint
-    from layerprune.models.loading import _load_tokenizer
-    from layerprune.pruning.sequential import SequentialOptions, check_sequential, prune_sequential
+    from layerprune.models.loading import load_tokenizer
+    from layerprune.pruning.config import resolve_config
+    from layerprune.pruning.sequential import SequentialOptions, prune_sequential
 
-    check_sequential(config)
+    config = resolve_config(config, "layers")
     resolved = resolve_model(model)
     if not isinstance(resolved, Path) or not resolved.is_dir():
         raise InvalidInputError(f"model: layer-by-layer pruning reads a local folder of safetensors, got {os.fspath(model)!r}")
     with SafetensorsCheckpoint(resolved) as checkpoint:
         tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
         if tokenizer is None and (calib_ids is None or any((resolved / f).is_file() for f in tokenizer_files)):
-            tokenizer = _load_tokenizer(resolved, os.fspath(model), calib_ids is None)
+            tokenizer = load_tokenizer(resolved, os.fspath(model), calib_ids is None)
         generation_config = _generation_config(resolved)
         with PrunedFolderWriter(out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes) as writer:
             options = SequentialOptions(device=device, hidden_budget_bytes=hidden_budget_bytes, spill_dir=writer.scratch)

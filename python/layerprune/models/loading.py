@@ -98,7 +98,7 @@ def _load_pruned(path: Path, dtype: torch.dtype, device: str | torch.device, req
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
-def _load_tokenizer(source: Path | str, name: str, required: bool, gguf_file: str | None = None) -> Any:
+def load_tokenizer(source: Path | str, name: str, required: bool, gguf_file: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     try:
@@ -144,7 +144,7 @@ def load_model(
         if isinstance(resolved, Path):
             raise ModelError(f"cannot load model weights from {resolved}: {type(exc).__name__}: {_first_line(exc)}") from None
         raise _hub_error(name, exc) from None
-    tokenizer = _load_tokenizer(source, name, require_tokenizer, gguf_file)
+    tokenizer = load_tokenizer(source, name, require_tokenizer, gguf_file)
     torch.nn.Module.to(model, device)  # (transformers wraps .to with a signature mypy misreads)
     return model.eval(), tokenizer
 

@@ -8,7 +8,7 @@
 3. **Global threshold.** All KV groups and channels of all layers are sorted by ``z``; the lowest are
    removed, each counted by its parameter share, until the parameter budget is met (every layer keeps at
    least ``min_kv_groups`` groups and one channel). The per-layer widths follow.
-4. **Bias compensation** of the removed columns' mean contribution (:mod:`layerprune.pruning.refit`, ``bias``).
+4. **Bias compensation** of the removed columns' mean contribution (:mod:`layerprune.pruning.refit_loop`, ``bias``).
 """
 
 from __future__ import annotations

@@ -37,7 +37,6 @@ returns the same model. ``fsdp`` computes the gradient element scores on an FSDP
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import random
 import time
@@ -50,230 +49,40 @@ import torch
 from tqdm.auto import tqdm
 
 from layerprune import distributed
-from layerprune.provenance import command_line, versions
-
-from layerprune.allocation import UNBALANCED_SOLVERS as SOLVERS
 from layerprune.allocation import AllocationSpec, allocate, spec_from_model_config
 from layerprune.arch import OUTPUT_BIAS_KEY, adapter_for, gqa, layer_shapes, per_token_costs
 from layerprune.arch.budget import mlp_grid_size
 from layerprune.errors import InternalError, InvalidInputError, ModelError
-from layerprune.importance import METHODS as LAYER_IMPORTANCE_METHODS
 from layerprune.importance import LayerImportance, depth_importance, reconstruction_importance, sensitivity_importance
 from layerprune.importance import layer_importance as compute_layer_importance
 from layerprune.models import count_parameters
+from layerprune.provenance import command_line, versions
+from layerprune.pruning.config import (
+    PruneConfig,
+    layer_ranges,
+    method_name,
+    resolve_config,
+    solver_for,
+    validate_against_model,
+)
 from layerprune.pruning.flap import flap_allocation, fluctuation_scores
-from layerprune.pruning.refit import BIAS_MODES, REFIT_MODES, refit_kept_weights
+from layerprune.pruning.refit_loop import refit_kept_weights
 from layerprune.pruning.surgery import StructuredPruner
-from layerprune.refit import DEFAULT_DAMPING, output_projection_grams
-from layerprune.scoring.groups import IMPORTANCE_KINDS, element_group_scores
+from layerprune.refit import BIAS_MODES, output_projection_grams
+from layerprune.scoring.groups import element_group_scores
 from layerprune.scoring.selection import LayerKeep, select_keep
-
-MODES = ("unbalanced", "uniform", "flap")
-# What chooses the kept heads and channels: an element score, or structured OBS on the refit's Grams
-# (the error after the refit, :mod:`layerprune.refit.obs`; SlimGPT).
-IMPORTANCES = IMPORTANCE_KINDS + ("obs",)
-
-
-@dataclass
-class PruneConfig:
-    """What to prune and how (see the module docstring and ``layerprune prune --help``)."""
-
-    ratio: float
-    mode: str = "unbalanced"
-    solver: str = "dp"
-    layer_importance: str = "removal"
-    removal_metric: str = "loss"  # removal importance: calibration loss increase, or perplexity increase ("ppl")
-    importance: str = "taylor"
-    calib_samples: int = 10
-    calib_seq_len: int = 64
-    iterative_steps: int = 1
-    match_params: bool = False
-    layer_start: int | None = None
-    layer_end: int | None = None
-    attn_layer_start: int | None = None
-    attn_layer_end: int | None = None
-    mlp_layer_start: int | None = None
-    mlp_layer_end: int | None = None
-    min_effective_rate: float = 0.0
-    protected: tuple[int, ...] = ()
-    mlp_step: int = 1
-    min_kv_groups: int = 1
-    tie: bool = False
-    homogeneous: bool = False  # the same widths in every layer (the `homogeneous` solver): a plain family config
-    seed: int = 0
-    calib_dataset: str = "wikitext2"  # calibration text: 'wikitext2' (its train, else valid split) or a .txt file
-    data_dir: str | None = None
-    curve_samples: int | None = None  # curves on the first n sequences (sensitivity: calibration, reconstruction: refit)
-    refit: str = "none"  # refit the kept o_proj / down_proj columns: none, lstsq, lstsq-bias, bias
-    refit_damping: float = DEFAULT_DAMPING  # λ = refit_damping · mean diagonal of the Gram matrix
-    refit_error_correction: bool = True  # layer l is refit on the outputs of the refit layers 0..l-1
-    refit_samples: int = 64  # calibration windows of the refit (its own batch; 64 x 256: benches/calibration_study.py)
-    refit_seq_len: int = 256
-    fisher_samples: int | None = 4  # reconstruction: the Fisher from the first n refit windows (None: all)
-    kv_cache_ratio: float | None = None  # also remove at least this fraction of the KV-cache bytes per token
-    flops_ratio: float | None = None  # also remove at least this fraction of the FLOPs per token ...
-    flops_seq_len: int = 2048  # ... of a forward over this many positions
-    fsdp: bool = False  # gradient element scores on an FSDP2-sharded copy (layerprune.scoring.sharded)
-
-    def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["protected"] = list(self.protected)
-        return out
 
 
 @dataclass
 class PruneResult:
+    """What both executors return: the pruned model (layer by layer: the skeleton at the pruned widths, every
+    tensor on the meta device, the weights in the output folder), the allocation, the layer importance and the
+    report (``report.json``)."""
+
     model: torch.nn.Module
     allocation: Any
     layer_importance: LayerImportance | None
     report: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation (usable before any model is loaded)
-# ---------------------------------------------------------------------------------------------
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def validate_config(config: PruneConfig) -> None:
-    """Field checks that need no model. Raises InvalidInputError naming the field."""
-    if not isinstance(config, PruneConfig):
-        raise InvalidInputError(f"config: expected a PruneConfig, got {type(config).__name__}")
-    r = config.ratio
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0.0 < r < 1.0:
-        raise InvalidInputError(f"ratio: must be a fraction strictly between 0 and 1, got {r!r}")
-    if config.mode not in MODES:
-        raise InvalidInputError(f"mode: expected one of {', '.join(MODES)}, got {config.mode!r}")
-    if config.solver not in SOLVERS:
-        raise InvalidInputError(f"solver: expected one of {', '.join(SOLVERS)}, got {config.solver!r}")
-    if config.removal_metric not in ("loss", "ppl"):
-        raise InvalidInputError(f"removal_metric: expected 'loss' or 'ppl', got {config.removal_metric!r}")
-    if config.layer_importance not in LAYER_IMPORTANCE_METHODS:
-        raise InvalidInputError(
-            f"layer_importance: expected one of {', '.join(LAYER_IMPORTANCE_METHODS)}, got {config.layer_importance!r}"
-        )
-    if config.importance not in IMPORTANCES:
-        raise InvalidInputError(f"importance: expected one of {', '.join(IMPORTANCES)}, got {config.importance!r}")
-    if config.layer_importance == "reconstruction" and config.mode == "unbalanced" and config.refit != "lstsq":
-        raise InvalidInputError("layer_importance reconstruction: estimates the loss after the least-squares refit, "
-                                "so it needs refit lstsq")
-    if config.importance == "obs" and (config.refit != "lstsq" or config.mode == "flap" or config.iterative_steps != 1
-                                       or config.fsdp):
-        raise InvalidInputError("importance obs: chooses by the error after the least-squares refit, so it needs "
-                                "refit lstsq, one pruning step, and mode unbalanced or uniform (no fsdp)")
-    for name, low in (("calib_samples", 1), ("calib_seq_len", 2), ("iterative_steps", 1), ("mlp_step", 1),
-                      ("min_kv_groups", 1)):
-        v = getattr(config, name)
-        if not _is_int(v) or v < low:
-            raise InvalidInputError(f"{name}: must be an integer >= {low}, got {v!r}")
-    _validate_homogeneous(config)
-    if config.mode == "flap" and config.iterative_steps != 1:
-        raise InvalidInputError("iterative_steps: FLAP prunes in one step (its scores and threshold are global)")
-    if config.fsdp and (config.mode == "flap" or config.importance not in ("taylor", "vectorize")):
-        raise InvalidInputError(
-            "fsdp: shards the backward of the gradient scores taylor and vectorize only (taylor2 / taylor-mix need "
-            "per-sample gradients, which FSDP's reduce-scatter adds together; the other scores need no backward)"
-        )
-    if config.refit not in REFIT_MODES:
-        raise InvalidInputError(f"refit: expected one of {', '.join(REFIT_MODES)}, got {config.refit!r}")
-    d = config.refit_damping
-    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
-        raise InvalidInputError(f"refit_damping: must be in [0, 1), got {d!r}")
-    for name, low in (("refit_samples", 1), ("refit_seq_len", 2)):
-        v = getattr(config, name)
-        if not _is_int(v) or v < low:
-            raise InvalidInputError(f"{name}: must be an integer >= {low}, got {v!r}")
-    if config.curve_samples is not None and (not _is_int(config.curve_samples) or config.curve_samples < 1):
-        raise InvalidInputError(f"curve_samples: must be an integer >= 1, got {config.curve_samples!r}")
-    if config.fisher_samples is not None and (not _is_int(config.fisher_samples) or config.fisher_samples < 1):
-        raise InvalidInputError(f"fisher_samples: must be an integer >= 1, got {config.fisher_samples!r}")
-    if not _is_int(config.seed) or config.seed < 0:
-        raise InvalidInputError(f"seed: must be a non-negative integer, got {config.seed!r}")
-    m = config.min_effective_rate
-    if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m < 1.0:
-        raise InvalidInputError(f"min_effective_rate: must be in [0, 1), got {m!r}")
-    for name in ("layer_start", "layer_end", "attn_layer_start", "attn_layer_end", "mlp_layer_start", "mlp_layer_end"):
-        v = getattr(config, name)
-        if v is not None and (not _is_int(v) or v < 0):
-            raise InvalidInputError(f"{name}: must be a non-negative layer index, got {v!r}")
-    if any(not _is_int(p) or p < 0 for p in config.protected):
-        raise InvalidInputError(f"protected: layer indices must be non-negative integers, got {list(config.protected)}")
-    for name in ("kv_cache_ratio", "flops_ratio"):
-        v = getattr(config, name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                              or not 0.0 < v < 1.0):
-            raise InvalidInputError(f"{name}: must be a fraction strictly between 0 and 1, got {v!r}")
-    if not _is_int(config.flops_seq_len) or config.flops_seq_len < 1:
-        raise InvalidInputError(f"flops_seq_len: must be an integer >= 1, got {config.flops_seq_len!r}")
-    bounded = [n for n in ("kv_cache_ratio", "flops_ratio") if getattr(config, n) is not None]
-    if bounded and config.mode == "uniform" and not config.match_params:
-        raise InvalidInputError(f"{bounded[0]}: uniform mode needs match_params with it (LLM-Pruner's per-layer rate "
-                                "takes no KV-cache or FLOPs budget)")
-    if bounded and config.mode == "unbalanced" and config.solver == "seed":
-        raise InvalidInputError(f"{bounded[0]}: the seed mapping takes no KV-cache or FLOPs budget "
-                                "(use solver greedy, lagrange or dp)")
-    if bounded and config.mode not in ("uniform", "unbalanced"):
-        raise InvalidInputError(f"{bounded[0]}: mode {config.mode} takes no KV-cache or FLOPs budget "
-                                "(use mode unbalanced with solver greedy, lagrange or dp, or uniform with match_params)")
-
-
-def _validate_homogeneous(config: PruneConfig) -> None:
-    """What ``homogeneous`` (one width for every layer) cannot be combined with, refused in one line."""
-    if not isinstance(config.homogeneous, bool):
-        raise InvalidInputError(f"homogeneous: must be True or False, got {config.homogeneous!r}")
-    if not config.homogeneous:
-        return
-    if config.mode == "flap":
-        raise InvalidInputError("mode: homogeneous needs mode uniform (with match_params) or unbalanced; FLAP's "
-                                "global threshold sets its own per-layer widths")
-    if config.mode == "uniform" and not config.match_params:
-        raise InvalidInputError("match_params: homogeneous in uniform mode needs match_params (it removes exactly "
-                                "ratio of all parameters; without it LLM-Pruner's per-layer floors are used)")
-    if config.mode == "unbalanced" and config.solver == "seed":
-        raise InvalidInputError("solver: homogeneous is its own allocation (one width for every layer, by the "
-                                "layer importance); the seed mapping cannot be combined with it")
-    if config.protected:
-        raise InvalidInputError(f"protected: homogeneous keeps the same widths in every layer, so layers "
-                                f"{sorted(set(config.protected))} cannot stay whole (drop protected)")
-
-
-def layer_ranges(config: PruneConfig, num_layers: int) -> dict[str, tuple[int, int]]:
-    """Resolved [start, end) of the attention and MLP ranges; checked against the model depth."""
-    out = {}
-    for part in ("attn", "mlp"):
-        start = getattr(config, f"{part}_layer_start")
-        end = getattr(config, f"{part}_layer_end")
-        start = config.layer_start if start is None else start
-        end = config.layer_end if end is None else end
-        start = 0 if start is None else int(start)
-        end = num_layers if end is None else int(end)
-        if not 0 <= start < end <= num_layers:
-            raise InvalidInputError(
-                f"{part}_layer_start/end: range [{start}, {end}) is outside the model's {num_layers} layers "
-                f"(need 0 <= start < end <= {num_layers})"
-            )
-        out[part] = (start, end)
-    return out
-
-
-def validate_against_model(config: PruneConfig, num_layers: int, num_kv_heads: int | None = None) -> None:
-    """Checks that need the model's depth (from its config: done before the weights are loaded)."""
-    validate_config(config)
-    ranges = layer_ranges(config, num_layers)
-    if config.homogeneous:
-        for part, (start, end) in ranges.items():
-            if (start, end) != (0, num_layers):
-                raise InvalidInputError(
-                    f"{part}_layer_start/end: homogeneous prunes every layer to the same widths; the range "
-                    f"[{start}, {end}) would leave the other layers of the {num_layers} whole")
-    bad = [p for p in config.protected if p >= num_layers]
-    if bad:
-        raise InvalidInputError(f"protected: layers {bad} do not exist (the model has {num_layers} layers)")
-    if num_kv_heads is not None and config.min_kv_groups > num_kv_heads:
-        raise InvalidInputError(f"min_kv_groups: {config.min_kv_groups} exceeds the {num_kv_heads} KV heads per layer")
 
 
 def seed_everything(seed: int) -> None:
@@ -370,18 +179,7 @@ def check_feasible(model_config: Any, config: PruneConfig) -> None:
     allocate(build_allocation_spec(model_config, config, flat, num_layers), solver=solver_for(config))
 
 
-def solver_for(config: PruneConfig) -> str:
-    """The allocation solver a config runs: ``homogeneous`` with ``config.homogeneous``, ``uniform`` in uniform
-    mode, else ``config.solver`` (FLAP's own threshold is checked for feasibility with ``greedy``, which can
-    reach every budget it can)."""
-    if config.mode == "flap":
-        return "greedy"
-    if config.homogeneous:
-        return "homogeneous"
-    return "uniform" if config.mode == "uniform" else config.solver
-
-
-def _check_importance(li: LayerImportance, config: PruneConfig, shapes: Sequence[dict[str, int]]) -> None:
+def check_importance(li: LayerImportance, config: PruneConfig, shapes: Sequence[dict[str, int]]) -> None:
     if li.num_layers != len(shapes):
         raise InvalidInputError(f"layer_importance: has {li.num_layers} layers, the model has {len(shapes)}")
     if li.attn_curves is not None and li.mlp_curves is not None:
@@ -401,7 +199,7 @@ def _check_importance(li: LayerImportance, config: PruneConfig, shapes: Sequence
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_dense(model: torch.nn.Module, shapes: Sequence[dict[str, int]]) -> None:
+def check_dense(model: torch.nn.Module, shapes: Sequence[dict[str, int]]) -> None:
     """The allocation is computed from the config: every layer must still have the config's widths."""
     cfg = model.config
     kv = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
@@ -477,9 +275,20 @@ def measure_layer_importance(
     return compute_layer_importance(model, calib_ids, config.layer_importance, progress=progress, **options)
 
 
-def _step_targets(full: Sequence[int], final: Sequence[int], step: int, steps: int) -> list[int]:
+def step_targets(full: Sequence[int], final: Sequence[int], step: int, steps: int) -> list[int]:
     """Kept counts at ``step`` of ``steps`` on the linear schedule from ``full`` to ``final``."""
     return [int(f - math.floor((f - t) * step / steps + 0.5)) for f, t in zip(full, final)]
+
+
+def checked_calibration(calib_ids: Any, model_config: Any) -> torch.Tensor:
+    """``calib_ids`` as a long tensor, refused in one line unless it is [n_samples, seq_len >= 2] token ids of
+    the model's vocabulary."""
+    if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.shape[1] < 2:
+        raise InvalidInputError("calib_ids: expected a [n_samples, seq_len >= 2] tensor of token ids")
+    vocab = int(getattr(model_config, "vocab_size", 0) or 0)
+    if vocab and (int(calib_ids.min()) < 0 or int(calib_ids.max()) >= vocab):
+        raise InvalidInputError(f"calib_ids: token ids must be in [0, {vocab})")
+    return calib_ids.long()
 
 
 def calibration_ids(tokenizer: Any, config: PruneConfig) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -514,13 +323,13 @@ def prune(
     ``calib_source`` then says where they came from (the report records it). ``refit_ids`` replaces the
     refit's own calibration batch (``config.refit_samples`` windows of ``config.refit_seq_len`` tokens).
     """
-    validate_config(config)
+    config = resolve_config(config, "memory")  # the defaults filled and every field checked, once
     adapter_for(model, "prune: model")  # an unsupported family is refused before any work
     layers = adapter_for(model).decoder_layers(model)
     num_layers = len(layers)
     shapes = layer_shapes(model)
     validate_against_model(config, num_layers, min(s["num_kv_heads"] for s in shapes))
-    _check_dense(model, shapes)
+    check_dense(model, shapes)
     timings: dict[str, float] = {}
     total_start = time.perf_counter()
     seed_everything(config.seed)
@@ -528,12 +337,7 @@ def prune(
     t0 = time.perf_counter()
     if calib_ids is None:
         calib_ids, calib_source = calibration_ids(tokenizer, config)
-    if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.shape[1] < 2:
-        raise InvalidInputError("calib_ids: expected a [n_samples, seq_len >= 2] tensor of token ids")
-    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
-    if vocab and (int(calib_ids.min()) < 0 or int(calib_ids.max()) >= vocab):
-        raise InvalidInputError(f"calib_ids: token ids must be in [0, {vocab})")
-    calib_ids = calib_ids.long().to(next(model.parameters()).device)
+    calib_ids = checked_calibration(calib_ids, model.config).to(next(model.parameters()).device)
     # Data-parallel (layerprune.distributed): every rank holds the whole batch and computes on its share.
     calib_all, calib_ids = calib_ids, distributed.local_samples(calib_ids, "calib_samples")
     if refit_ids is not None:
@@ -567,7 +371,7 @@ def prune(
                 raise InvalidInputError(
                     f"layer_importance: given {layer_importance.method!r} results, the config asks for {config.layer_importance!r}"
                 )
-            _check_importance(layer_importance, config, shapes)
+            check_importance(layer_importance, config, shapes)
             li = layer_importance
         else:
             if config.refit != "none" and refit_ids is None:
@@ -595,8 +399,8 @@ def prune(
     refit_report: dict[str, Any] | None = None
     steps = config.iterative_steps
     for step in tqdm(range(1, steps + 1), desc="pruning steps", disable=not progress or steps == 1, leave=False):
-        want_kv = _step_targets(full_kv, final_kv, step, steps)
-        want_mlp = _step_targets(full_mlp, final_mlp, step, steps)
+        want_kv = step_targets(full_kv, final_kv, step, steps)
+        want_mlp = step_targets(full_mlp, final_mlp, step, steps)
         if step == 1 or config.mode == "flap":
             kv_scores, ch_scores = dense_scores if dense_scores is not None else (None, None)
         else:
@@ -642,14 +446,15 @@ def prune(
         )
     timings["total"] = time.perf_counter() - total_start
     report = build_report(config, params_before, params_after, shapes, alloc, li, kept_kv, kept_mlp, calib_all, timings,
-                          family=adapter_for(model).name, calib_source=calib_source)
+                          family=adapter_for(model).name, calib_source=calib_source, executor="memory",
+                          device=next(work.parameters()).device)
     report["refit"] = refit_report
     report.update(per_token_report(config, costs_before, costs_after))
     return PruneResult(model=work, allocation=alloc, layer_importance=li, report=report)
 
 
 def build_report(config, params_before, params_after, shapes, alloc, li, kept_kv, kept_mlp, calib_ids, timings,
-                 family=None, calib_source=None):
+                 family=None, calib_source=None, executor="memory", device="cpu"):
     """The JSON-ready record of one pruning run (report.json in the output folder)."""
     before, after = params_before["total"], params_after["total"]
     layers_before, layers_after = params_before["decoder_layers"], params_after["decoder_layers"]
@@ -676,6 +481,7 @@ def build_report(config, params_before, params_after, shapes, alloc, li, kept_kv
     return {
         "command": command_line(),
         "versions": versions(),
+        "run": distributed.run_environment(executor, device),
         "config": config.to_json(),
         "method": method_name(config),
         "target_ratio": float(config.ratio),
@@ -708,20 +514,6 @@ def per_token_report(config: PruneConfig, before: dict[str, int], after: dict[st
         "target_kv_cache_ratio": config.kv_cache_ratio,
         "target_flops_ratio": config.flops_ratio,
     }
-
-
-def method_name(config: PruneConfig) -> str:
-    """A short label: uniform-range, uniform-match, uniform-homogeneous, unbalanced-<importance>-<solver> (the
-    solver is ``homogeneous`` with it), then +<refit> if any."""
-    refit = "" if config.refit == "none" else f"+{config.refit}"
-    refit += "+obs" if config.importance == "obs" else ""
-    if config.mode == "flap":
-        return "flap" + refit
-    if config.mode == "uniform":
-        if config.homogeneous:
-            return "uniform-homogeneous" + refit
-        return ("uniform-match" if config.match_params else "uniform-range") + refit
-    return f"unbalanced-{config.layer_importance}-{solver_for(config)}{refit}"
 
 
 def summary_table(report: dict[str, Any], extra: Sequence[tuple[str, str]] = ()) -> str:

@@ -27,7 +27,7 @@ Two passes over the weights when the allocation needs every layer first (``mode=
 channels, the same allocation (tested on every family).
 
 Forward-only importance only: a gradient score (``taylor`` and its variants) needs a backward pass through the
-whole model and is refused (:func:`check_sequential`).
+whole model and is refused (:func:`layerprune.pruning.config.resolve_config` for the ``layers`` executor).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,57 +64,33 @@ from layerprune.models.checkpoint import (
     release_module,
 )
 from layerprune.pruning.hidden_states import HiddenStatePool, StoredHidden
+from layerprune.pruning.config import PruneConfig, resolve_config, solver_for, validate_against_model
 from layerprune.pruning.pipeline import (
-    PruneConfig,
-    _check_dense,
-    _check_importance,
-    _step_targets,
+    PruneResult,
     build_report,
     calibration_ids,
+    check_dense,
     check_feasible,
+    check_importance,
+    checked_calibration,
     per_token_report,
     refit_batch,
     seed_everything,
-    solver_for,
     spec_for_model,
-    validate_against_model,
-    validate_config,
+    step_targets,
 )
-from layerprune.pruning.refit import BIAS_MODES, refit_layer
+from layerprune.pruning.refit_loop import refit_layer
+from layerprune.refit import BIAS_MODES
 from layerprune.pruning.surgery import prune_decoder_layer
 from layerprune.refit import InputGram
 from layerprune.refit.grams import empty_grams, output_projection_hooks
 from layerprune.scoring.dispatch import ActivationStats, wanda_channel_scores, weight_scores
-from layerprune.scoring.groups import GRADIENT_KINDS, fold_layer_scores
+from layerprune.scoring.groups import fold_layer_scores
 from layerprune.scoring.selection import LayerKeep, select_keep
 
-# element scores one layer can compute on its own, and structured OBS (on the layer's own refit Grams)
-SEQUENTIAL_IMPORTANCE = ("activation", "l1", "l2", "obs")
-SEQUENTIAL_MODES = ("unbalanced", "uniform")
-SEQUENTIAL_LAYER_IMPORTANCE = ("removal", "activation", "sensitivity", "depth")
 GRAM_MICRO_BATCH = 8  # output_projection_grams' micro-batch: the refit statistics see the same batches
 ROW_BLOCK_BYTES = 64 * 2**20  # embeddings and lm_head are read and written in blocks of rows of this size
 RESIDENT_HEAD_LAYERS = 2  # the head matrix is held whole for the losses when it weighs at most this many layers
-
-
-def check_sequential(config: PruneConfig) -> None:
-    """Refuse, in one line, what the layer-by-layer engine cannot run: gradient scores and other modes."""
-    validate_config(config)
-    if config.importance in GRADIENT_KINDS:
-        raise InvalidInputError(
-            f"importance {config.importance!r} needs a backward pass through the whole model, which layer-by-layer "
-            f"pruning (--sequential) never holds; use a forward-only importance ({', '.join(SEQUENTIAL_IMPORTANCE)}) "
-            "or, for gradient scores of a model larger than one process's memory, the distributed Taylor path "
-            "(torchrun --nproc-per-node N -m layerprune prune --fsdp: the backward sharded over the ranks)")
-    if config.importance not in SEQUENTIAL_IMPORTANCE:
-        raise InvalidInputError(f"importance {config.importance!r} is not available layer by layer (--sequential); "
-                                f"use one of {', '.join(SEQUENTIAL_IMPORTANCE)}")
-    if config.mode == "unbalanced" and config.layer_importance not in SEQUENTIAL_LAYER_IMPORTANCE:
-        raise InvalidInputError(f"layer importance {config.layer_importance!r} is not available layer by layer "
-                                f"(--sequential); use one of {', '.join(SEQUENTIAL_LAYER_IMPORTANCE)}")
-    if config.mode not in SEQUENTIAL_MODES:
-        raise InvalidInputError(f"mode {config.mode!r} is not available layer by layer (--sequential); "
-                                f"use one of {', '.join(SEQUENTIAL_MODES)}")
 
 
 class TensorSink(Protocol):
@@ -139,17 +115,6 @@ class SequentialOptions:
     hidden_budget_bytes: int | None = None
     device_budget_bytes: int | None = None
     spill_dir: str | Path | None = None
-
-
-@dataclass
-class SequentialResult:
-    """``model``: the skeleton at the pruned widths (every tensor on the meta device; its config carries the
-    widths); the allocation, layer importance and the report (``report.json``)."""
-
-    model: nn.Module
-    allocation: Any
-    layer_importance: LayerImportance | None
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 class _Clock:
@@ -490,7 +455,7 @@ class _Engine:
         full_mlp = [s["intermediate"] for s in shapes]
         final_kv = [int(a.kv_groups_kept) for a in alloc.layers]
         final_mlp = [int(a.mlp_kept) for a in alloc.layers]
-        targets = {k: (_step_targets(full_kv, final_kv, k, steps), _step_targets(full_mlp, final_mlp, k, steps))
+        targets = {k: (step_targets(full_kv, final_kv, k, steps), step_targets(full_mlp, final_mlp, k, steps))
                    for k in range(1, steps + 1)}
         # streams[k]: the calibration batch through the layers as step k leaves them (k = 0: dense), where the
         # activation scores of step k + 1 are measured
@@ -607,14 +572,14 @@ def prune_sequential(
     layer_importance: LayerImportance | None = None,
     options: SequentialOptions | None = None,
     progress: bool = True,
-) -> SequentialResult:
+) -> PruneResult:
     """Prune the checkpoint folder (or open ``checkpoint``) as ``config`` says, one decoder layer in memory at
     a time, writing the pruned tensors to ``sink``; ``dtype`` is the weights' dtype while pruning and in the
     output. The other arguments are :func:`layerprune.pruning.prune`'s. Returns the pruned skeleton, the
     allocation, the layer importance and the report (the in-memory report plus ``sequential``)."""
     from layerprune.models import load_config
 
-    check_sequential(config)
+    config = resolve_config(config, "layers")  # the defaults filled and every field checked, once
     options = options or SequentialOptions()
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InvalidInputError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
@@ -627,7 +592,7 @@ def prune_sequential(
         model, adapter = engine.model, engine.adapter
         shapes = layer_shapes(model)
         validate_against_model(config, len(shapes), min(s["num_kv_heads"] for s in shapes))
-        _check_dense(model, shapes)
+        check_dense(model, shapes)
         ckpt.check_covers(expected_tensors(model))
         check_feasible(model.config, config)
         seed_everything(config.seed)
@@ -638,12 +603,7 @@ def prune_sequential(
             with clock("calibration"):
                 if calib_ids is None:
                     calib_ids, calib_source = calibration_ids(tokenizer, config)
-                if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.shape[1] < 2:
-                    raise InvalidInputError("calib_ids: expected a [n_samples, seq_len >= 2] tensor of token ids")
-                vocab = int(getattr(model.config, "vocab_size", 0) or 0)
-                if vocab and (int(calib_ids.min()) < 0 or int(calib_ids.max()) >= vocab):
-                    raise InvalidInputError(f"calib_ids: token ids must be in [0, {vocab})")
-                calib_ids = calib_ids.long()
+                calib_ids = checked_calibration(calib_ids, model.config)
                 if config.refit != "none" and refit_ids is None:
                     refit_ids = refit_batch(tokenizer, config)
                 # the batches embedded (the rows of their tokens read), the embeddings copied to the output
@@ -666,7 +626,7 @@ def prune_sequential(
                     if layer_importance.method != config.layer_importance:
                         raise InvalidInputError(f"layer_importance: given {layer_importance.method!r} results, the "
                                                 f"config asks for {config.layer_importance!r}")
-                    _check_importance(layer_importance, config, shapes)
+                    check_importance(layer_importance, config, shapes)
                     li = layer_importance
                 else:
                     li, dense_scores = engine.importance_pass(calib_x0, kwargs, labels, refit_x0, refit_kwargs)
@@ -714,7 +674,8 @@ def prune_sequential(
         timings["write"] = clock.totals.get("write", 0.0)
         timings["total"] = time.perf_counter() - total_start
         report = build_report(config, params_before, params_after, shapes, alloc, li, kept_kv, kept_mlp, calib_ids,
-                              timings, family=adapter.name, calib_source=calib_source)
+                              timings, family=adapter.name, calib_source=calib_source, executor="layers",
+                              device=engine.device)
         report["refit"] = refit_report
         report.update(per_token_report(config, costs_before, costs_after))
         stats = engine.pool.stats
@@ -730,7 +691,7 @@ def prune_sequential(
                               "spilled_streams": stats.spilled_streams, "peak_spilled_bytes": stats.peak_spilled_bytes},
             "layers": engine.records,
         }
-        return SequentialResult(model=model, allocation=alloc, layer_importance=li, report=report)
+        return PruneResult(model=model, allocation=alloc, layer_importance=li, report=report)
     finally:
         if ckpt is not checkpoint:
             ckpt.close()
@@ -744,5 +705,4 @@ def layer_bytes(checkpoint: SafetensorsCheckpoint, model_config: Any, dtype: tor
     return max(per_layer, default=0), checkpoint.nbytes(dtype=dtype) - sum(per_layer)
 
 
-__all__ = ["SEQUENTIAL_IMPORTANCE", "SEQUENTIAL_MODES", "SequentialOptions", "SequentialResult", "TensorSink",
-           "check_sequential", "layer_bytes", "prune_sequential"]
+__all__ = ["SequentialOptions", "TensorSink", "layer_bytes", "prune_sequential"]

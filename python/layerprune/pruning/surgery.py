@@ -29,7 +29,7 @@ from layerprune.arch import LayerGeometry, adapter_for, check_consistency, gqa, 
 from layerprune.errors import InternalError, InvalidInputError, ModelError
 from layerprune.scoring.selection import LayerKeep
 
-__all__ = ["StructuredPruner", "masked_dense_forward", "prune_decoder_layer", "prune_model"]
+__all__ = ["StructuredPruner", "masked_dense_forward", "prune_decoder_layer", "pruned_copy"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,8 +288,9 @@ def prune_decoder_layer(adapter: Any, layer: nn.Module, geometry: LayerGeometry,
     return new
 
 
-def prune_model(model: nn.Module, keep: Sequence[LayerKeep], example_input_ids: torch.Tensor | None = None) -> nn.Module:
-    """Return a pruned deep copy of model; the input model is left unchanged."""
+def pruned_copy(model: nn.Module, keep: Sequence[LayerKeep], example_input_ids: torch.Tensor | None = None) -> nn.Module:
+    """A deep copy of ``model`` with only the KV groups and MLP channels ``keep`` names (the surgery of a plan made
+    elsewhere); the input model is left unchanged."""
     pruned = copy.deepcopy(model)
     StructuredPruner(pruned, example_input_ids).prune(keep)
     return pruned

@@ -171,11 +171,11 @@ def _lm_loss(model: torch.nn.Module, ids: torch.Tensor, agree: bool = True) -> t
 
 def _shard_group(model: torch.nn.Module):
     """The process group the model's decoder weights are sharded over (FSDP2), or None."""
-    from layerprune.scoring.hooks import _row_shard_group
+    from layerprune.scoring.hooks import row_shard_group
 
     for layer in adapter_for(model).decoder_layers(model):
         for name, linear in adapter_for(model).projections(layer).items():
-            group = _row_shard_group(name, linear.weight)
+            group = row_shard_group(name, linear.weight)
             if group is not None:
                 return group
     return None

@@ -58,7 +58,7 @@ from layerprune.scoring.reference import NEEDS_FISHER, NEEDS_GRAD, SCORE_KINDS
 MODES: tuple[str, ...] = ("batch", "accumulate", "per_sample")
 
 
-def _row_shard_group(name: str, weight: torch.Tensor):
+def row_shard_group(name: str, weight: torch.Tensor):
     """The process group ``weight`` is sharded over by rows (a DTensor placed ``Shard(0)`` on a 1-D mesh, as
     FSDP2 leaves it), or None for a plain tensor."""
     try:
@@ -135,7 +135,7 @@ class GradientScorer:
                 raise InvalidInputError(f"module_filter: module {n!r} has no 2-D weight")
         if not modules:
             raise InvalidInputError("module_filter: selected no module")
-        self._shard_groups = {n: g for n, m in modules.items() if (g := _row_shard_group(n, m.weight)) is not None}
+        self._shard_groups = {n: g for n, m in modules.items() if (g := row_shard_group(n, m.weight)) is not None}
         if self._shard_groups and mode == "per_sample":
             raise InvalidInputError(
                 "mode: per_sample cannot score FSDP-sharded weights (the reduce-scatter adds the ranks' samples into "

@@ -2,7 +2,7 @@
 
 Torch-Pruning's importances under their own names (the same classes), and layerprune's kernel-backed ones,
 which give the same scores as Torch-Pruning's Taylor and magnitude importances
-(:mod:`layerprune.scoring.torch_pruning_importance`).
+(:mod:`layerprune.torch_pruning.kernel_importance`).
 """
 
 from torch_pruning.pruner.importance import (
@@ -19,9 +19,11 @@ from torch_pruning.pruner.importance import (
 )
 from torch_pruning.pruner.importance import ActivationImportance as ActivationImportance
 
-from layerprune.scoring.torch_pruning_importance import ActivationImportance as ActivationStatsImportance
-from layerprune.scoring.torch_pruning_importance import MagnitudeImportance as KernelMagnitudeImportance
-from layerprune.scoring.torch_pruning_importance import TaylorImportance as KernelTaylorImportance
+from layerprune.torch_pruning.kernel_importance import (
+    ActivationStatsImportance,
+    KernelMagnitudeImportance,
+    KernelTaylorImportance,
+)
 
 __all__ = [
     "ActivationImportance",

@@ -34,13 +34,12 @@ from layerprune import distributed
 from layerprune.arch import adapter_for, gqa
 from layerprune.errors import InvalidInputError
 from layerprune.importance.cache import batch_slice, capture_layer_inputs, check_ids, layer_arguments, model_device
-from layerprune.refit import DEFAULT_DAMPING, InputGram, compensation_bias, refit_output_projection
+from layerprune.refit import DEFAULT_DAMPING, REFIT_MODES, InputGram, compensation_bias, refit_output_projection
 from layerprune.refit.obs import DEFAULT_BATCH_FRACTION, structured_obs
 from layerprune.scoring.selection import LayerKeep
 
-REFIT_MODES = ("none", "lstsq", "lstsq-bias", "bias")
-SELECTIONS = ("given", "obs")
-BIAS_MODES = ("lstsq-bias", "bias")
+SELECTIONS = ("given", "obs")  # the kept columns as given, or chosen by structured OBS
+
 
 
 @contextmanager
@@ -212,4 +211,4 @@ def _output_error(dense_w: torch.Tensor, dense_b: torch.Tensor | None, new_w: to
     return float(value)
 
 
-__all__ = ["BIAS_MODES", "REFIT_MODES", "SELECTIONS", "refit_kept_weights", "refit_layer"]
+__all__ = ["SELECTIONS", "refit_kept_weights", "refit_layer"]

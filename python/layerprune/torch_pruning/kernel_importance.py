@@ -1,6 +1,6 @@
 """Drop-in Torch-Pruning importances computed with the layerprune kernels.
 
-`TaylorImportance` and `MagnitudeImportance` subclass Torch-Pruning's GroupTaylorImportance /
+`KernelTaylorImportance` and `KernelMagnitudeImportance` subclass Torch-Pruning's GroupTaylorImportance /
 GroupMagnitudeImportance and return the SAME group scores as TP 1.6.1 for the same group,
 group_reduction and normalizer (TP's own `_reduce` / `_normalize` are reused). Only the
 per-layer term changes: for an nn.Linear, TP's
@@ -13,7 +13,7 @@ With `scorer=` (a finished GradientScorer) Taylor terms come from its accumulate
 scores, so the gradients need not be kept. Other layer types (conv, batch/layer/group norm)
 use the same formulas as TP in plain torch.
 
-`ActivationImportance` scores input channels of linear layers from activation statistics:
+`ActivationStatsImportance` scores input channels of linear layers from activation statistics:
 `wanda` ‖X_j‖₂·Σ_i|W_ij| (structured Wanda) or `flap` Var(X_j)·‖W[:, j]‖² (FLAP).
 """
 
@@ -52,7 +52,7 @@ def _repeat_for_groups(imp: torch.Tensor, layer, prune_fn) -> torch.Tensor:
     return imp
 
 
-class TaylorImportance(tp.importance.GroupTaylorImportance):
+class KernelTaylorImportance(tp.importance.GroupTaylorImportance):
     """First-order Taylor |W·G| (multivariable=True: |Σ W·G| per channel), TP-compatible."""
 
     def __init__(
@@ -122,7 +122,7 @@ class TaylorImportance(tp.importance.GroupTaylorImportance):
         return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
 
 
-class MagnitudeImportance(tp.importance.GroupMagnitudeImportance):
+class KernelMagnitudeImportance(tp.importance.GroupMagnitudeImportance):
     """Group Lp magnitude Σ|W|^p per channel (p = 1 or 2 through the kernels), TP-compatible."""
 
     def __init__(
@@ -180,13 +180,13 @@ class MagnitudeImportance(tp.importance.GroupMagnitudeImportance):
         return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
 
 
-class ActivationImportance(tp.importance.GroupMagnitudeImportance):
+class ActivationStatsImportance(tp.importance.GroupMagnitudeImportance):
     """Input-channel importance of linear layers from activation statistics.
 
     metric="wanda": ‖X_j‖₂·Σ_i |W_ij| (structured Wanda); metric="flap": Var(X_j)·‖W[:, j]‖²
     (FLAP fluctuation). Collect statistics with `with imp.collect(model): model(calib)`.
     Output-channel dependencies carry no activation term and are skipped (as TP's
-    ActivationImportance does); group_reduction / normalizer as in TP.
+    ActivationStatsImportance does); group_reduction / normalizer as in TP.
     """
 
     def __init__(self, metric: str = "wanda", group_reduction: str = "mean", normalizer: str = "mean",
@@ -232,4 +232,4 @@ class ActivationImportance(tp.importance.GroupMagnitudeImportance):
         return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
 
 
-__all__ = ["ActivationImportance", "MagnitudeImportance", "TaylorImportance"]
+__all__ = ["ActivationStatsImportance", "KernelMagnitudeImportance", "KernelTaylorImportance"]

@@ -1,0 +1,68 @@
+"""Which executor runs a pruning: the whole model in memory, or layer by layer from its checkpoint on disk.
+
+The library's policy (the CLI only passes the flags): a local safetensors checkpoint whose weights, at the run's
+dtype, exceed the memory the run may use goes layer by layer; everything else is loaded whole. A flag can force
+layer by layer. The layer-by-layer executor keeps its calibration hidden states within half of what two decoder
+layers and the larger of the embeddings / head leave of that memory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from layerprune.models import resolve_model
+from layerprune.models.checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint
+
+
+def available_memory() -> int:
+    """Bytes the system could give this process now (MemAvailable; free pages where /proc is missing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def format_size(nbytes: int) -> str:
+    """``6.4 GB`` (powers of 1000, one decimal)."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def choose_executor(model: str | os.PathLike[str], dtype: torch.dtype, max_memory: int | None = None,
+                    layer_by_layer: bool = False, limit_name: str = "max_memory") -> tuple[str, str | None]:
+    """(``"memory"`` or ``"layers"``, why ``"layers"`` was chosen when it was not asked for): ``model``'s weights at
+    ``dtype`` against ``max_memory`` (default: the memory available now). A GGUF file, a hub id or a folder
+    without safetensors is always loaded whole."""
+    if layer_by_layer:
+        return "layers", None
+    resolved = resolve_model(model)
+    if not isinstance(resolved, Path) or not any((resolved / f).is_file() for f in (INDEX_FILE, SINGLE_FILE)):
+        return "memory", None
+    limit = max_memory if max_memory is not None else available_memory()
+    with SafetensorsCheckpoint(resolved) as checkpoint:
+        weights = checkpoint.nbytes(dtype=dtype)
+    if weights <= limit:
+        return "memory", None
+    source = limit_name if max_memory is not None else "the available memory"
+    dtype_name = str(dtype).removeprefix("torch.")
+    return "layers", (f"the weights ({format_size(weights)} in {dtype_name}) exceed {source} "
+                      f"({format_size(limit)})")
+
+
+def hidden_state_budget(max_memory: int | None, largest_layer_bytes: int, outside_layers_bytes: int) -> int:
+    """Bytes the layer-by-layer executor may keep its calibration hidden states in before spilling them to disk:
+    half of what two decoder layers and the larger of the embeddings / head leave of ``max_memory``."""
+    limit = max_memory if max_memory is not None else available_memory()
+    return max(0, limit - 2 * largest_layer_bytes - outside_layers_bytes) // 2
+
+
+__all__ = ["available_memory", "choose_executor", "format_size", "hidden_state_budget"]
