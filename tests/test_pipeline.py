@@ -14,7 +14,7 @@ from conftest import make_tiny_llama
 from layerprune.errors import InvalidInputError
 from layerprune.importance import removal_importance
 from layerprune.models import count_parameters
-from layerprune.pruning.config import validate_against_model
+from layerprune.pruning.config import resolve_config, validate_against_model
 from layerprune.pruning.pipeline import prune
 from layerprune.arch import layer_shapes
 from layerprune.pruning import masked_dense_forward
@@ -190,7 +190,7 @@ def test_reused_layer_importance_gives_the_same_model():
 def test_bad_config_is_rejected(field, value, match):
     config = dataclasses.replace(plain_config(ratio=0.2), **{field: value})
     with pytest.raises(InvalidInputError, match=match):
-        validate_against_model(config, num_layers=4, num_kv_heads=2)
+        validate_against_model(resolve_config(config), num_layers=4, num_kv_heads=2)
 
 
 def test_infeasible_budget_and_bad_calibration():

@@ -261,8 +261,9 @@ def resolve_config(config: PruneConfig, executor: str = "memory") -> PruneConfig
             continue
         object.__setattr__(candidate, "_resolved_for", executor)
         return candidate
-    _check_fields(candidates[0], executor)  # raises the default's reason, in one line
-    raise AssertionError("unreachable: the first candidate failed its check above")
+    # none can run: the fallback-most candidate's reason is about what was asked, not about the default's needs
+    _check_fields(candidates[-1], executor)
+    raise AssertionError("unreachable: the last candidate failed its check above")
 
 
 def validate_config(config: PruneConfig, executor: str = "memory") -> None:
