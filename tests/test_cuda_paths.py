@@ -1,0 +1,253 @@
+"""The CUDA-only branches, run on the CPU.
+
+No GPU has been lent to this project's tasks, so what only happens on a GPU is checked here with stand-ins: a
+fake CUDA device (torch's FakeTensorMode: tensors that carry a device and shapes but no data, and that raise the
+same device-mismatch error as real CUDA tensors mixed with CPU ones), the meta device, and recorded calls in place
+of torch.cuda's. `benches/gpu_check.sh` runs the real thing on a GPU."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import make_tiny_llama
+
+
+@contextlib.contextmanager
+def fake_cuda():
+    """Tensors created inside may live on "cuda" without a GPU; mixing them with CPU tensors raises."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield mode
+
+
+class _OpLog(TorchDispatchMode):
+    """Records every aten op with its dtype / device keyword arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, dict]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops.append((str(func), {k: v for k, v in kwargs.items() if k in ("dtype", "device")}))
+        return func(*args, **kwargs)
+
+
+# ---- refit Grams and the reconstruction Fisher: on the model's device --------------------------------------
+
+
+def test_fake_cuda_catches_a_cpu_gram_fed_cuda_activations():
+    """The stand-in is faithful: a CPU float64 Gram updated with CUDA rows fails as on a GPU (what
+    `layerprune prune --device cuda` hit with the default method before the Grams followed the model)."""
+    from layerprune.refit.lstsq import InputGram
+
+    with fake_cuda():
+        stats = InputGram.empty(8, device="cpu")
+        rows = torch.randn(5, 8, device="cuda")
+        stats.update(rows)  # the product is moved to where the Gram is: no error
+        assert stats.gram.device.type == "cpu" and stats.count == 5
+        with pytest.raises(RuntimeError, match="same device"):
+            torch.zeros(8, 8, dtype=torch.float64).add_(rows.T @ rows)
+
+
+def test_empty_grams_follow_the_layer():
+    from layerprune.refit.grams import empty_grams
+
+    model = make_tiny_llama(layers=1)
+    layer = model.model.layers[0]
+    assert {g.gram.device.type for g in empty_grams(layer).values()} == {"cpu"}
+    layer.to("meta")
+    grams = empty_grams(layer)
+    assert {g.gram.device.type for g in grams.values()} == {"meta"}
+    assert {g.total.device.type for g in grams.values()} == {"meta"}
+    assert {g.gram.device.type for g in empty_grams(layer, "cpu").values()} == {"cpu"}
+
+
+def test_output_projection_grams_on_a_cuda_model():
+    from layerprune.refit.grams import output_projection_grams
+
+    model = make_tiny_llama()
+    ids = torch.randint(0, 128, (3, 12))
+    with fake_cuda():
+        cuda_model = model.to("cuda")
+        grams = output_projection_grams(cuda_model, ids.to("cuda"), progress=False)
+    assert len(grams) == 3
+    for layer_grams in grams:
+        for stats in layer_grams.values():
+            assert stats.gram.device.type == "cuda" and stats.total.device.type == "cuda"
+            assert stats.count == 3 * 12
+
+
+def test_reconstruction_grams_and_fisher_on_a_cuda_model(monkeypatch):
+    """The forward-only windows of `grams_and_fisher` (the default method's curves) on a CUDA model: the Grams and
+    the Fisher buffers are on the device. (The backward windows need a real CUDA context: left to the GPU check.)"""
+    from layerprune.importance import reconstruction
+
+    monkeypatch.setattr(reconstruction, "_fisher_windows", lambda fisher_samples, n_local: 0)
+    model = make_tiny_llama()
+    ids = torch.randint(0, 128, (3, 12))
+    with fake_cuda():
+        cuda_model = model.to("cuda")
+        grams, fisher, _ = reconstruction.grams_and_fisher(cuda_model, ids.to("cuda"), progress=False)
+    assert {s.gram.device.type for layer_grams in grams for s in layer_grams.values()} == {"cuda"}
+    assert {f.device.type for layer_fisher in fisher for f in layer_fisher.values()} == {"cuda"}
+    assert all(s.count == 3 * 12 for layer_grams in grams for s in layer_grams.values())
+
+
+def test_grams_on_the_cpu_are_unchanged():
+    """On the CPU the Grams are what they were: Σ xᵀx in float64 of float32 micro-batch products."""
+    from layerprune.refit.grams import output_projection_grams
+
+    torch.manual_seed(0)
+    model = make_tiny_llama()
+    ids = torch.randint(0, 128, (3, 12))
+    seen = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    try:
+        grams = output_projection_grams(model, ids, micro_batch=2, progress=False)
+    finally:
+        handle.remove()
+    expected = sum((x.reshape(-1, x.shape[-1]).T @ x.reshape(-1, x.shape[-1])).double() for x in seen)
+    torch.testing.assert_close(grams[1]["down_proj"].gram, expected, rtol=1e-6, atol=1e-6)
+    assert grams[1]["down_proj"].gram.dtype == torch.float64
+
+
+# ---- checkpoint reads bound for a GPU: page-locked, moved first, converted there ----------------------------
+
+
+def test_host_buffer_is_pinned_only_for_cuda():
+    from layerprune.models.checkpoint import host_buffer
+
+    plain = host_buffer((2, 3), torch.bfloat16, "cpu")
+    assert plain.shape == (2, 3) and plain.dtype == torch.bfloat16 and not plain.is_pinned()
+    # bound for CUDA: page-locked where a driver is there; without one a plain buffer still works
+    bound = host_buffer((2, 3), torch.float32, "cuda")
+    assert bound.device.type == "cpu" and bound.shape == (2, 3)
+    assert bound.is_pinned() == torch.cuda.is_available()
+
+
+def test_a_read_for_cuda_moves_the_stored_bytes_then_converts():
+    """bf16 stored, float32 wanted on CUDA: the copy carries the 2-byte values and the device widens them."""
+    from layerprune.models.checkpoint import SafetensorsCheckpoint
+
+    stored = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)
+    with fake_cuda(), _OpLog() as log:
+        out = SafetensorsCheckpoint._finish(stored, torch.float32, "cuda")
+    assert out.device.type == "cuda" and out.dtype == torch.float32
+    copies = [kw for op, kw in log.ops if op.startswith("aten._to_copy")]
+    assert copies[0].get("device") is not None and copies[0].get("dtype") == torch.bfloat16  # moved as stored
+    assert copies[-1] == {"dtype": torch.float32}  # converted on the device
+    # on the CPU: converted there, values exact
+    cpu = SafetensorsCheckpoint._finish(stored, torch.float32, "cpu")
+    assert cpu.dtype == torch.float32 and torch.equal(cpu, stored.float())
+    assert SafetensorsCheckpoint._finish(stored, None, "cpu") is stored
+
+
+def test_checkpoint_read_to_cpu_is_unchanged(tmp_path):
+    from safetensors.torch import save_file
+
+    from layerprune.models.checkpoint import SafetensorsCheckpoint
+
+    tensors = {"a": torch.randn(5, 7).to(torch.bfloat16), "b": torch.randn(4, 3)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with SafetensorsCheckpoint(tmp_path) as ckpt:
+        assert torch.equal(ckpt.read("a"), tensors["a"])
+        assert torch.equal(ckpt.read("a", torch.float32), tensors["a"].float())
+        assert torch.equal(ckpt.read_rows("b", 1, 3, torch.bfloat16), tensors["b"][1:3].to(torch.bfloat16))
+        assert torch.equal(ckpt.read_row_set("a", torch.tensor([0, 4])), tensors["a"][[0, 4]])
+
+
+# ---- Triton launches on the tensors' GPU, timings wait for the model's GPU --------------------------------
+
+
+def test_kernels_launch_on_the_tensors_device():
+    from layerprune.kernels import launch_device
+
+    guard = launch_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # entered only on a GPU
+    assert isinstance(launch_device(torch.device("cuda", 0)), torch.cuda.device)
+    assert isinstance(launch_device(torch.device("cpu")), contextlib.nullcontext)
+    with launch_device(torch.device("cpu")):
+        pass
+
+
+def test_kernel_launchers_use_the_device_guard():
+    """Both launchers enter the guard around the launch (the interpreter on CPU gets a null context)."""
+    import inspect
+
+    from layerprune.kernels import activation_stats, weight_scores
+
+    for launcher in (weight_scores.weight_scores_triton, activation_stats.channel_sums_triton):
+        assert "with launch_device(" in inspect.getsource(launcher), launcher.__name__
+
+
+def test_throughput_synchronizes_the_models_device(monkeypatch):
+    import importlib
+
+    perplexity = importlib.import_module("layerprune.evaluation.perplexity")
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    perplexity._synchronizer(torch.device("cuda", 1))()
+    assert calls == [torch.device("cuda", 1)]
+    perplexity._synchronizer(torch.device("cpu"))()
+    assert calls == [torch.device("cuda", 1)]
+
+
+# ---- data-parallel gradients in 16 bits: summed in float32 -------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gradients_are_summed_over_ranks_in_float32(monkeypatch, dtype):
+    from layerprune import distributed
+    from layerprune.scoring import hooks
+
+    seen = []
+
+    def fake_all_reduce(tensors, *, group=None):  # two ranks holding the same gradient
+        for t in tensors:
+            seen.append(t.dtype)
+            t.mul_(2)
+
+    monkeypatch.setattr(distributed, "all_reduce_sum_", fake_all_reduce)
+    g = (torch.randn(6, 5) * 3).to(dtype)
+    expected = g.float() * 2
+    summed = hooks._sum_over_ranks(g)
+    assert seen == [torch.float32]
+    assert summed.dtype == torch.float32 and torch.equal(summed, expected)
+    assert torch.equal(g, expected.to(dtype))  # .grad holds the sum, as an in-place all-reduce leaves it
+
+
+def test_scorer_scores_the_float32_sum_of_bf16_gradients(monkeypatch):
+    """GradientScorer under data parallelism (two simulated ranks): a bf16 model's gradients reach the scores as
+    their float32 sum, so the scores are twice one rank's."""
+    from layerprune import distributed
+    from layerprune.scoring import GradientScorer
+    from layerprune.scoring.reference import weight_scores_reference
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False)).to(torch.bfloat16)
+    dtypes = []
+
+    def fake_all_reduce(tensors, *, group=None):
+        for t in tensors:
+            dtypes.append(t.dtype)
+            t.mul_(2)
+
+    monkeypatch.setattr(distributed, "active", lambda: object())
+    monkeypatch.setattr(distributed, "all_reduce_sum_", fake_all_reduce)
+    x = torch.randn(3, 6).to(torch.bfloat16)
+    with GradientScorer(model, kinds=("taylor",), module_filter=lambda n, m: isinstance(m, torch.nn.Linear),
+                        free_grads=False) as scorer:
+        model(x).float().pow(2).sum().backward()
+        grad = model[0].weight.grad.clone()
+        scorer.step()
+    rows = scorer.row_scores("0", "taylor")
+    assert dtypes == [torch.float32]
+    assert grad.dtype == torch.bfloat16
+    # the hook saw the local gradient g; the scores are of 2g in float32 (.grad holds 2g rounded to bf16)
+    local = grad.float() / 2
+    torch.testing.assert_close(rows, weight_scores_reference(model[0].weight.detach(), local * 2, kind="taylor", axis=0))
