@@ -2,18 +2,21 @@
 
 No GPU has been lent to this project's tasks, so what only happens on a GPU is checked here with stand-ins: a
 fake CUDA device (torch's FakeTensorMode: tensors that carry a device and shapes but no data, and that raise the
-same device-mismatch error as real CUDA tensors mixed with CPU ones), the meta device, and recorded calls in place
-of torch.cuda's. `benches/gpu_check.sh` runs the real thing on a GPU."""
+same device-mismatch error as real CUDA tensors mixed with CPU ones), a simulated one that computes
+(`tests/simulated_cuda.py`: the forward-only pipeline and the layer-by-layer engine run on it end to end), the meta
+device, and recorded calls in place of torch.cuda's. `benches/gpu_check.sh` runs the real thing on a GPU."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import simulated_cuda
 from conftest import make_tiny_llama
 
 
@@ -251,3 +254,98 @@ def test_scorer_scores_the_float32_sum_of_bf16_gradients(monkeypatch):
     # the hook saw the local gradient g; the scores are of 2g in float32 (.grad holds 2g rounded to bf16)
     local = grad.float() / 2
     torch.testing.assert_close(rows, weight_scores_reference(model[0].weight.detach(), local * 2, kind="taylor", axis=0))
+
+
+# ---- the whole forward-only pipeline on a simulated CUDA device ---------------------------------------------
+
+simulated = pytest.mark.skipif(not simulated_cuda.available(),
+                               reason="a real GPU is visible (benches/gpu_check.sh runs the real thing), or this "
+                                      "torch lacks the hooks of tests/simulated_cuda.py")
+SIM_CONFIGS = {
+    # the sensitivity curves after a refit, chosen by OBS: what --sequential and compare run by default
+    "sensitivity-obs-lstsq": dict(layer_importance="sensitivity", importance="obs", refit="lstsq"),
+    "activation-lstsq-bias": dict(layer_importance="activation", importance="activation", refit="lstsq-bias"),
+    "removal-l1-bias": dict(layer_importance="removal", importance="l1", refit="bias"),
+}
+
+
+def _sim_config(**extra):
+    from layerprune import PruneConfig
+
+    return PruneConfig(ratio=0.25, calib_samples=4, calib_seq_len=16, refit_samples=8, refit_seq_len=24, **extra)
+
+
+def _sim_batches():
+    return (torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0)),
+            torch.randint(0, 64, (8, 24), generator=torch.Generator().manual_seed(1)))
+
+
+def _sim_model():
+    return make_tiny_llama(num_heads=4, num_kv_heads=2, head_dim=8, hidden=32, intermediate=64, layers=3, vocab=64)
+
+
+def _kept(report):
+    return [(layer["kv_heads_kept"], layer["mlp_channels_kept"]) for layer in report["layers"]]
+
+
+@simulated
+def test_the_simulated_device_raises_where_cuda_does():
+    with simulated_cuda.simulated_cuda():
+        x = torch.ones(3, 4, device="cuda")
+        assert isinstance(x, simulated_cuda.SimCuda) and x.device.type == "cuda"
+        assert (x + torch.tensor(2.0)).device.type == "cuda"  # a CPU scalar is fine
+        assert x[torch.tensor([0, 2])].shape == (2, 4)  # so are CPU indices
+        with pytest.raises(simulated_cuda.DeviceMixError):
+            x + torch.ones(3, 4)
+        with pytest.raises(TypeError, match="numpy"):
+            x.numpy()
+        back = x.to("cpu")
+        assert not isinstance(back, simulated_cuda.SimCuda) and torch.equal(back, torch.ones(3, 4))
+        model = torch.nn.Linear(4, 2).to("cuda")
+        assert isinstance(model.weight, simulated_cuda.SimCuda) and isinstance(model.weight, torch.nn.Parameter)
+        assert model(x).device.type == "cuda"
+
+
+@simulated
+@pytest.mark.parametrize("name", [*SIM_CONFIGS, "flap"])
+def test_prune_on_cuda_keeps_what_the_cpu_keeps(name):
+    """`layerprune.prune` with the model on (simulated) CUDA: no tensor of the pipeline lands on the CPU next to
+    the model's, and the kept heads and channels are the CPU run's."""
+    import layerprune
+
+    config = _sim_config(mode="flap", importance="l2") if name == "flap" else _sim_config(**SIM_CONFIGS[name])
+    calib, refit = _sim_batches()
+    model = _sim_model()
+    reference = layerprune.prune(model, None, config, calib_ids=calib, refit_ids=refit, progress=False)
+    with simulated_cuda.simulated_cuda():
+        on_cuda = model.to("cuda")
+        result = layerprune.prune(on_cuda, None, config, calib_ids=calib, refit_ids=refit, progress=False)
+        assert next(result.model.parameters()).device.type == "cuda"
+    assert _kept(result.report) == _kept(reference.report)
+
+
+@simulated
+@pytest.mark.parametrize("name", list(SIM_CONFIGS))
+def test_layer_by_layer_on_cuda_writes_what_the_cpu_writes(tmp_path, name):
+    """The layer-by-layer engine with device="cuda": layers, hidden states, refit Grams and head on the device,
+    the same kept heads and channels as on the CPU, the same tensors to float rounding."""
+    from safetensors.torch import load_file
+
+    from layerprune.export import prune_checkpoint
+
+    _sim_model().save_pretrained(tmp_path / "dense")
+    config = _sim_config(**SIM_CONFIGS[name])
+    calib, refit = _sim_batches()
+    prune_checkpoint(tmp_path / "dense", tmp_path / "cpu", config, calib_ids=calib, refit_ids=refit, progress=False)
+    with simulated_cuda.simulated_cuda():
+        _, result = prune_checkpoint(tmp_path / "dense", tmp_path / "cuda", config, calib_ids=calib, refit_ids=refit,
+                                     device="cuda", progress=False)
+    assert result.report["sequential"]["device"] == "cuda"
+    hidden = result.report["sequential"]["hidden_states"]
+    assert hidden["peak_device_bytes"] > 0 and hidden["peak_ram_bytes"] == 0 and hidden["spilled_bytes"] == 0
+    cpu_report = json.loads((tmp_path / "cpu" / "report.json").read_text())
+    assert _kept(result.report) == _kept(cpu_report)
+    expected, got = load_file(str(tmp_path / "cpu" / "model.safetensors")), load_file(str(tmp_path / "cuda" / "model.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-3, atol=1e-4 * float(expected[key].abs().max()))
