@@ -106,20 +106,28 @@ class SimCudaMode(TorchDispatchMode):
             where = "".join(traceback.format_stack(limit=12)[:-2])
             raise DeviceMixError(f"Expected all tensors to be on the same device, but found at least two devices, "
                                  f"cuda:0 and cpu! ({func})\n{where}")
-        uargs, ukwargs = tree_map(_unwrap, (args, kwargs))
+        targets: list[torch.device] = []
+
+        def to_host(v):  # a device argument (keyword or positional, as aten.to.device has it) names the target
+            if isinstance(v, torch.device):
+                targets.append(v)
+                return torch.device("cpu")
+            return _unwrap(v)
+
+        uargs, ukwargs = tree_map(to_host, (args, kwargs))
         wrap = "cuda" in devices
-        target = kwargs.get("device")
+        target = targets[-1] if targets else None
         if target is not None:
-            ukwargs = dict(ukwargs)
-            wrap = torch.device(target).type == "cuda"
-            ukwargs["device"] = torch.device("cpu") if wrap else torch.device(target)
+            wrap = target.type == "cuda"
+            if not wrap:
+                uargs, ukwargs = tree_map(lambda v: target if isinstance(v, torch.device) else v, (uargs, ukwargs))
         if ukwargs.get("pin_memory"):
             ukwargs = {**ukwargs, "pin_memory": False}
         out = func(*uargs, **ukwargs)
         first = func._schema.arguments[0] if func._schema.arguments else None
         if first is not None and first.alias_info is not None and first.alias_info.is_write:
             return args[0]  # in place: the tensor written to, whatever its device
-        if name == "_to_copy" and target is None and not isinstance(args[0], SimCuda):
+        if name in ("_to_copy", "to") and target is None and not isinstance(args[0], SimCuda):
             wrap = False
         if wrap:
             out = tree_map(lambda t: SimCuda(t) if isinstance(t, torch.Tensor) and not isinstance(t, SimCuda) else t,

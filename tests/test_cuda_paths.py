@@ -325,10 +325,13 @@ def test_prune_on_cuda_keeps_what_the_cpu_keeps(name):
 
 
 @simulated
-@pytest.mark.parametrize("name", list(SIM_CONFIGS))
-def test_layer_by_layer_on_cuda_writes_what_the_cpu_writes(tmp_path, name):
-    """The layer-by-layer engine with device="cuda": layers, hidden states, refit Grams and head on the device,
-    the same kept heads and channels as on the CPU, the same tensors to float rounding."""
+@pytest.mark.parametrize(("name", "tier"), [("sensitivity-obs-lstsq", "device"), ("sensitivity-obs-lstsq", "ram"),
+                                            ("sensitivity-obs-lstsq", "mmap"), ("activation-lstsq-bias", "device"),
+                                            ("removal-l1-bias", "mmap")])
+def test_layer_by_layer_on_cuda_writes_what_the_cpu_writes(tmp_path, name, tier):
+    """The layer-by-layer engine with device="cuda": layers, refit Grams and head on the device, the hidden states
+    on the device, in RAM (no device memory free) or spilled to files (no RAM budget either); the same kept heads
+    and channels as on the CPU, the same tensors to float rounding."""
     from safetensors.torch import load_file
 
     from layerprune.export import prune_checkpoint
@@ -338,14 +341,44 @@ def test_layer_by_layer_on_cuda_writes_what_the_cpu_writes(tmp_path, name):
     calib, refit = _sim_batches()
     prune_checkpoint(tmp_path / "dense", tmp_path / "cpu", config, calib_ids=calib, refit_ids=refit, progress=False)
     with simulated_cuda.simulated_cuda():
+        if tier != "device":
+            torch.cuda.mem_get_info = lambda device=None: (0, 80 * 2**30)  # put back on leaving
         _, result = prune_checkpoint(tmp_path / "dense", tmp_path / "cuda", config, calib_ids=calib, refit_ids=refit,
-                                     device="cuda", progress=False)
+                                     device="cuda", progress=False, hidden_budget_bytes=0 if tier == "mmap" else None)
     assert result.report["sequential"]["device"] == "cuda"
     hidden = result.report["sequential"]["hidden_states"]
-    assert hidden["peak_device_bytes"] > 0 and hidden["peak_ram_bytes"] == 0 and hidden["spilled_bytes"] == 0
+    used = {"device": hidden["peak_device_bytes"], "ram": hidden["peak_ram_bytes"], "mmap": hidden["spilled_bytes"]}
+    assert used[tier] > 0 and sum(used.values()) == used[tier]
     cpu_report = json.loads((tmp_path / "cpu" / "report.json").read_text())
     assert _kept(result.report) == _kept(cpu_report)
-    expected, got = load_file(str(tmp_path / "cpu" / "model.safetensors")), load_file(str(tmp_path / "cuda" / "model.safetensors"))
+    expected = load_file(str(tmp_path / "cpu" / "model.safetensors"))
+    got = load_file(str(tmp_path / "cuda" / "model.safetensors"))
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-3, atol=1e-4 * float(expected[key].abs().max()))
+
+
+@simulated
+def test_perplexity_throughput_and_generation_on_cuda():
+    from layerprune.evaluation.perplexity import generate_greedy, perplexity, throughput
+
+    model = _sim_model()
+    tokens = torch.randint(0, 64, (300,), generator=torch.Generator().manual_seed(2))
+    reference = perplexity(model, tokens, seq_len=32, batch_size=3, progress=False)
+
+    class Tokenizer:
+        eos_token_id = None
+
+        def __call__(self, text, return_tensors=None):
+            return type("Encoded", (), {"input_ids": torch.tensor([[1, 2, 3]])})()
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    expected = generate_greedy(model, Tokenizer(), ["x"], max_new_tokens=3)
+    with simulated_cuda.simulated_cuda():
+        on_cuda = model.to("cuda")
+        got = perplexity(on_cuda, tokens, seq_len=32, batch_size=3, progress=False)
+        assert throughput(on_cuda, seq_len=16, repeats=1) > 0
+        assert generate_greedy(on_cuda, Tokenizer(), ["x"], max_new_tokens=3) == expected
+    assert got["tokens"] == reference["tokens"] and got["ppl"] == pytest.approx(reference["ppl"], rel=1e-5)
