@@ -59,7 +59,8 @@ esac
 
 mkdir -p "$OUT"
 STEPS="$OUT/steps" LOGS="$OUT/logs" MODELS="$OUT/models" EVALS="$OUT/eval"
-rm -rf "$STEPS" "$LOGS" "$EVALS"
+rm -rf "$STEPS" "$LOGS" "$EVALS"  # what an earlier run left must not pass for this one's
+rm -f "$OUT/compare.json" "$OUT/sequential.json" "$OUT/bench_scoring.json" "$OUT/tune_triton.json" "$OUT/summary.json"
 mkdir -p "$STEPS" "$LOGS" "$MODELS" "$EVALS"
 exec > >(tee "$OUT/gpu_check.txt") 2>&1
 

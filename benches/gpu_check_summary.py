@@ -158,8 +158,13 @@ def _plain(artifacts: list[str], log: str) -> tuple[dict, str]:
     return {}, ""
 
 
+def _last_line(artifacts: list[str], log: str) -> tuple[dict, str]:
+    lines = [l.strip() for l in log.splitlines() if l.strip() and not l.startswith("$ ")]
+    return {}, (lines[-1][:160] if lines else "")
+
+
 KINDS = {"prune": _prune, "eval": _eval, "compare": _compare, "sequential": _sequential, "pytest": _pytest,
-         "bench_scoring": _bench_scoring, "tune": _tune, "plain": _plain, "heal": _plain, "model": _plain}
+         "bench_scoring": _bench_scoring, "tune": _tune, "plain": _plain, "heal": _plain, "model": _last_line}
 
 
 def record(args: argparse.Namespace) -> int:
