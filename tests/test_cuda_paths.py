@@ -382,3 +382,33 @@ def test_perplexity_throughput_and_generation_on_cuda():
         assert throughput(on_cuda, seq_len=16, repeats=1) > 0
         assert generate_greedy(on_cuda, Tokenizer(), ["x"], max_new_tokens=3) == expected
     assert got["tokens"] == reference["tokens"] and got["ppl"] == pytest.approx(reference["ppl"], rel=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+@pytest.mark.parametrize("command", ["eval", "compare"])
+def test_a_missing_cuda_device_is_one_error_line(command, capsys, tmp_path, wikitext_dir):
+    """`--device cuda` on a machine without one: one line and exit 2, as bad input is, not torch's traceback and
+    the exit of a bug (70); checked before any model is read."""
+    from layerprune.cli import main
+
+    extra = ["--data-dir", str(wikitext_dir)]
+    extra += ["--out", str(tmp_path / "cmp"), "--ratio", "0.2"] if command == "compare" else []
+    for device, message in (("cuda", "no CUDA device is visible"), ("cuda:3", "no CUDA device is visible"),
+                            ("gpu", "is not a torch device")):
+        code = main([command, "--model", str(tmp_path / "never-read"), "--device", device, "--no-progress", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], (device, err)
+
+
+def test_check_device_counts_the_visible_gpus(monkeypatch):
+    from layerprune.cli.args import check_device
+    from layerprune.errors import InvalidInputError
+
+    check_device(None)
+    check_device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda")
+    check_device("cuda:1")
+    with pytest.raises(InvalidInputError, match="only 2 CUDA device"):
+        check_device("cuda:2")
