@@ -1,17 +1,19 @@
-"""Layer-by-layer pruning (`layerprune prune --sequential`) of a random checkpoint with Llama-3.2-3B's shapes.
+"""Layer-by-layer pruning (`layerprune prune --sequential`) of a random checkpoint with a Llama model's shapes.
 
-Writes a random-weight checkpoint with Llama-3.2-3B's shapes to a temporary folder: 28 layers, hidden 3072,
-head_dim 128, 24 query / 8 KV heads, MLP 8192, vocabulary 128256 (tied), llama3 rope scaling, bfloat16, in
-shards of at most 5 GB (6.4 GB in all). Then, in a child process, prunes it 25% layer by layer on the CPU
-(`layerprune.export.prune_checkpoint`, what `prune --sequential` runs: Block Influence, Wanda scores, dp)
+Writes a random-weight bf16 checkpoint with the shapes of `--shape` (default Llama-3.2-3B: 28 layers, hidden 3072,
+head_dim 128, 24 query / 8 KV heads, MLP 8192, vocabulary 128256 (tied), llama3 rope scaling) to a temporary
+folder, in shards of at most 5 GB. Then, in a child process, prunes it 25% layer by layer on `--device`
+(`layerprune.export.prune_checkpoint`, what `prune --sequential` runs: Block Influence, Wanda scores, dp, no refit)
 with a small calibration set of random token ids (time and memory do not depend on the text).
 
-Prints the wall time of every layer in both passes, the child's peak RSS and peak RSS / checkpoint bytes
-next to the RSS of the imports alone, and the same figures projected for Llama-3-8B and Llama-3-70B from the
-measured per-layer figures. `--layers N` (N >= 2) runs a shorter checkpoint of the same shapes. Never asserts.
+Prints the wall time of every layer in both passes, the child's peak RSS and peak RSS / checkpoint bytes next to
+the RSS of the imports alone, on CUDA the peak device memory (`torch.cuda.max_memory_allocated`), and the same
+figures projected for Llama-3-8B and Llama-3-70B from the measured per-layer figures. `--layers N` (N >= 2) runs
+a shorter checkpoint of the same shapes; `--shape tiny` is a toy shape for dry runs (benches/gpu_check.sh --quick).
+With `--device cuda` the random weights are drawn on the GPU (faster to write). Never asserts.
 
-    python benches/bench_sequential.py [--layers 28] [--calib-samples 10] [--calib-seq-len 64] [--threads 1]
-        [--workdir DIR] [--keep] [--json OUT]
+    python benches/bench_sequential.py [--shape Llama-3.2-3B|Llama-3.1-8B|...|tiny] [--layers N] [--device cpu|cuda]
+        [--calib-samples 10] [--calib-seq-len 64] [--threads 1] [--workdir DIR] [--keep] [--json OUT]
 """
 
 from __future__ import annotations
@@ -38,47 +40,64 @@ GB = 10**9
 SHAPES = {
     "Llama-3.2-3B": (28, 3072, 24, 8, 128, 8192, 128256, True),
     "Llama-3-8B": (32, 4096, 32, 8, 128, 14336, 128256, False),
+    "Llama-3.1-8B": (32, 4096, 32, 8, 128, 14336, 128256, False),
     "Llama-3-70B": (80, 8192, 64, 8, 128, 28672, 128256, False),
+    "tiny": (4, 64, 8, 2, 8, 224, 512, False),  # a toy of the 8B's proportions, for dry runs
 }
+# rope of each shape (Llama 3: no scaling, 8k positions; 3.1 / 3.2: llama3 scaling to 128k)
+_LLAMA3_SCALING = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+ROPE = {
+    "Llama-3.2-3B": (131072, {**_LLAMA3_SCALING, "factor": 32.0}),
+    "Llama-3-8B": (8192, {"rope_type": "default", "rope_theta": 500000.0}),
+    "Llama-3.1-8B": (131072, {**_LLAMA3_SCALING, "factor": 8.0}),
+    "Llama-3-70B": (8192, {"rope_type": "default", "rope_theta": 500000.0}),
+    "tiny": (2048, {**_LLAMA3_SCALING, "factor": 8.0, "original_max_position_embeddings": 256}),
+}
+# the projections' rows (the measured shape is added when it is not one of them)
+PROJECTED = ("Llama-3.2-3B", "Llama-3-8B", "Llama-3-70B")
+DEFAULT_SHAPE = "Llama-3.2-3B"
 DTYPE_BYTES = 2  # bfloat16
 
 
-def _config(layers: int):
+def _config(layers: int, shape: str = DEFAULT_SHAPE):
     from transformers import LlamaConfig
 
-    _, hidden, heads, kv, head_dim, mlp, vocab, tied = SHAPES["Llama-3.2-3B"]
+    _, hidden, heads, kv, head_dim, mlp, vocab, tied = SHAPES[shape]
+    positions, rope = ROPE[shape]
+    bos, eos = (128000, 128001) if vocab > 128001 else (1, 2)
     return LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, tie_word_embeddings=tied,
-        max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        dtype="bfloat16",
+        max_position_embeddings=positions, rms_norm_eps=1e-5, bos_token_id=bos, eos_token_id=eos,
+        rope_parameters=dict(rope), dtype="bfloat16",
     )
 
 
-def write_checkpoint(folder: Path, layers: int) -> int:
-    """A random bf16 checkpoint of the 3B shapes, written tensor by tensor (never whole in memory); its bytes."""
+def write_checkpoint(folder: Path, layers: int, shape: str = DEFAULT_SHAPE, device: str = "cpu") -> int:
+    """A random bf16 checkpoint of ``shape``, written tensor by tensor in blocks of rows (never whole in memory);
+    its bytes. ``device="cuda"`` draws the random numbers on the GPU (other values than on the CPU)."""
     import torch
 
     from layerprune.export import SafetensorsShardWriter
     from layerprune.models.checkpoint import empty_model, expected_tensors
 
-    config = _config(layers)
+    config = _config(layers, shape)
     folder.mkdir(parents=True)
     config.save_pretrained(folder)
     shapes = expected_tensors(empty_model(config, torch.bfloat16))
     writer = SafetensorsShardWriter(folder, max_shard_bytes=5 * GB)
     writer.plan({name: (torch.bfloat16, shape) for name, shape in shapes.items()})
-    generator = torch.Generator().manual_seed(0)
-    for name, shape in shapes.items():
-        if len(shape) == 1:
-            writer.write(name, torch.ones(shape, dtype=torch.bfloat16))
+    generator = torch.Generator(device=device).manual_seed(0)
+    for name, tensor_shape in shapes.items():
+        if len(tensor_shape) == 1:
+            writer.write(name, torch.ones(tensor_shape, dtype=torch.bfloat16))
             continue
-        step = max(1, (64 * 2**20) // (shape[1] * DTYPE_BYTES))
-        for start in range(0, shape[0], step):
-            rows = torch.randn((min(step, shape[0] - start), shape[1]), generator=generator, dtype=torch.bfloat16)
-            writer.write_rows(name, rows.mul_(0.02), start, shape)
+        step = max(1, (64 * 2**20) // (tensor_shape[1] * DTYPE_BYTES))
+        for start in range(0, tensor_shape[0], step):
+            rows = torch.randn((min(step, tensor_shape[0] - start), tensor_shape[1]), generator=generator,
+                               dtype=torch.bfloat16, device=device)
+            writer.write_rows(name, rows.mul_(0.02).cpu(), start, tensor_shape)
     writer.close()
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
@@ -88,8 +107,10 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(folder: Path, out: Path, samples: int, seq_len: int, threads: int) -> dict:
-    """Prune in this process; the peak RSS (ru_maxrss) covers the whole run, imports included."""
+def child(folder: Path, out: Path, samples: int, seq_len: int, threads: int, shape: str = DEFAULT_SHAPE,
+          device: str = "cpu") -> dict:
+    """Prune in this process; the peak RSS (ru_maxrss) covers the whole run, imports included (and, on CUDA, the
+    context, created before the baseline); the peak device memory is torch's allocator's over the pruning run."""
     import torch
 
     torch.set_num_threads(threads)
@@ -99,17 +120,27 @@ def child(folder: Path, out: Path, samples: int, seq_len: int, threads: int) -> 
     import layerprune.pruning.sequential  # noqa: F401  (every import the run needs, before the baseline)
     from transformers import LlamaForCausalLM  # noqa: F401
 
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.zeros(1, device=device)  # the CUDA context belongs to the baseline, not to the run
+        torch.cuda.reset_peak_memory_stats(device)
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    vocab = SHAPES["Llama-3.2-3B"][6]
+    vocab = SHAPES[shape][6]
     calib = torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(0))
     config = PruneConfig(ratio=0.25, mode="unbalanced", solver="dp", layer_importance="activation",
                          importance="activation", calib_samples=samples, calib_seq_len=seq_len)
     t0 = time.perf_counter()
     folder_out, result = prune_checkpoint(folder, config, out, dtype=torch.bfloat16, calib_ids=calib,
-                                          progress=False)
+                                          device=device, progress=False)
+    if cuda:
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     report = result.report
     return {
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "peak_device_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "peak_device_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_after_imports_bytes": rss_imports,
         "rss_at_end_bytes": _rss_now(),
@@ -144,7 +175,10 @@ def _stats(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=28, help="decoder layers of the checkpoint (default: 28, the 3B's)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=DEFAULT_SHAPE,
+                    help=f"shapes of the random checkpoint (default: {DEFAULT_SHAPE}; tiny: a toy for dry runs)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers of the checkpoint (default: the shape's)")
+    ap.add_argument("--device", default="cpu", help="where the layers run: cpu, cuda, cuda:N (default: cpu)")
     ap.add_argument("--calib-samples", type=int, default=10)
     ap.add_argument("--calib-seq-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the pruning run (default: 1)")
@@ -153,24 +187,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--child", nargs=2, metavar=("CHECKPOINT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.layers < 2:
-        ap.error("--layers: at least 2 (with one layer the 3B's embeddings leave less than 25% to remove)")
+    measured = args.shape
+    layers_measured = SHAPES[measured][0] if args.layers is None else args.layers
+    if layers_measured < 2:
+        ap.error("--layers: at least 2 (with one layer the embeddings leave less than 25% to remove)")
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
+        ap.error(f"--device: cpu or cuda[:N], got {args.device!r}")
     if args.child:
-        result = child(Path(args.child[0]), Path(args.child[1]), args.calib_samples, args.calib_seq_len, args.threads)
+        result = child(Path(args.child[0]), Path(args.child[1]), args.calib_samples, args.calib_seq_len, args.threads,
+                       shape=measured, device=args.device)
         print(json.dumps(result))
         return 0
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"bench_sequential: --device {args.device}, but no CUDA device is visible", file=sys.stderr)
+            return 2
 
     work = Path(tempfile.mkdtemp(prefix="bench-sequential-", dir=args.workdir))
     try:
         t0 = time.perf_counter()
-        ckpt_bytes = write_checkpoint(work / "checkpoint", args.layers)
+        ckpt_bytes = write_checkpoint(work / "checkpoint", layers_measured, measured, args.device if cuda else "cpu")
         write_seconds = time.perf_counter() - t0
-        print(f"checkpoint: Llama-3.2-3B shapes, {args.layers} layers, bfloat16, {ckpt_bytes / GB:.2f} GB "
+        print(f"checkpoint: {measured} shapes, {layers_measured} layers, bfloat16, {ckpt_bytes / GB:.2f} GB "
               f"(written in {write_seconds:.0f} s to {work})", flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "RAYON_NUM_THREADS": str(args.threads)}
         cmd = [sys.executable, __file__, "--child", str(work / "checkpoint"), str(work / "pruned"),
                "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--shape", measured, "--layers", str(layers_measured),
+               "--device", args.device]
         run = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if run.returncode != 0:
             print(run.stderr[-4000:], file=sys.stderr)
@@ -184,60 +231,72 @@ def main(argv: list[str] | None = None) -> int:
     for rec in r["layers"]:
         per_pass[rec["pass"]].append(rec["seconds"])
     seconds_per_layer = [a + b for a, b in zip(per_pass["importance"], per_pass["prune"])]
+    where = f"on {r['device_name']}" if cuda else f"on the CPU, {args.threads} thread(s)"
     print(f"\npruned 25% layer by layer (Block Influence + Wanda scores + dp; {args.calib_samples} x "
-          f"{args.calib_seq_len} calibration tokens; {args.threads} thread(s)) in {r['seconds']:.0f} s; "
+          f"{args.calib_seq_len} calibration tokens; {where}) in {r['seconds']:.1f} s; "
           f"actual ratio {r['actual_ratio']:.4f}")
     print("\nlayer | importance pass (s) | prune + write pass (s) | both (s)")
     for l, (a, b) in enumerate(zip(per_pass["importance"], per_pass["prune"])):
         print(f"{l:5d} | {a:19.2f} | {b:22.2f} | {a + b:8.2f}")
     print(f"\nimportance pass per layer: {_stats(per_pass['importance'])}")
     print(f"prune pass per layer:      {_stats(per_pass['prune'])}")
-    print(f"stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()))
+    print("stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()))
 
     peak, base = r["peak_rss_bytes"], r["rss_after_imports_bytes"]
     layer_bytes = r["max_layer_bytes"]
     print(f"\npeak RSS {peak / GB:.2f} GB = {peak / ckpt_bytes:.3f} x the checkpoint's {ckpt_bytes / GB:.2f} GB "
-          f"(goal: at most 0.25 x); the imports alone (torch, transformers, layerprune) {base / GB:.2f} GB, "
-          f"so the run adds {(peak - base) / GB:.2f} GB = {(peak - base) / layer_bytes:.2f} layers of "
-          f"{layer_bytes / GB:.3f} GB")
+          f"(goal: at most 0.25 x); the imports alone (torch, transformers, layerprune"
+          f"{', the CUDA context' if cuda else ''}) {base / GB:.2f} GB, so the run adds {(peak - base) / GB:.2f} GB "
+          f"= {(peak - base) / layer_bytes:.2f} layers of {layer_bytes / GB:.3f} GB")
+    peak_device = r.get("peak_device_bytes")
+    if peak_device is not None:
+        print(f"peak device memory (torch.cuda.max_memory_allocated) {peak_device / GB:.3f} GB = "
+              f"{peak_device / layer_bytes:.2f} layers (reserved {r['peak_device_reserved_bytes'] / GB:.3f} GB)")
 
     # Projections: time per layer scales with the layer's parameters (its matmuls and its bytes read, at a
     # fixed number of calibration tokens); the memory above the imports with the two layers the engine holds.
-    measured = "Llama-3.2-3B"
+    # Device memory: measured on CUDA, scaled by the layer's size; from a CPU run, the RSS the run adds.
     sec_layer = statistics.median(seconds_per_layer)
     extra_per_layer_byte = (peak - base) / layer_bytes
+    device_per_layer_byte = extra_per_layer_byte if peak_device is None else peak_device / layer_bytes
+    device_tag = "device GB (measured, scaled)" if peak_device is not None else "device GB (--device cuda, estimated)"
     print("\nshape                   | layers | layer GB | checkpoint GB | s / layer | total min | peak RSS GB | "
-          "RSS / checkpoint | device GB (--device cuda)")
+          f"RSS / checkpoint | {device_tag}")
     projections = {}
-    for name, shape in SHAPES.items():
-        layers = shape[0] if name != measured else args.layers
+    rows = list(PROJECTED) + ([measured] if measured not in PROJECTED else [])
+    for name in rows:
+        is_measured = name == measured
+        layers = SHAPES[name][0] if not is_measured else layers_measured
         scale = layer_params(name) / layer_params(measured)
         this_layer = layer_params(name) * DTYPE_BYTES
-        ckpt = checkpoint_bytes(name) if name != measured else ckpt_bytes
-        rss = base + extra_per_layer_byte * this_layer if name != measured else peak
-        # on a GPU: the layer, its pruned copy and the activations (the measured extra) move there
-        device = extra_per_layer_byte * this_layer
+        ckpt = checkpoint_bytes(name) if not is_measured else ckpt_bytes
+        rss = base + extra_per_layer_byte * this_layer if not is_measured else peak
+        # on a GPU: the layer, its pruned copy and the activations move there
+        device = device_per_layer_byte * this_layer if not (is_measured and peak_device is not None) else peak_device
         seconds = sec_layer * scale
         projections[name] = {"layers": layers, "layer_bytes": this_layer, "checkpoint_bytes": ckpt,
                              "seconds_per_layer": seconds, "total_seconds": seconds * layers, "peak_rss_bytes": rss,
                              "rss_over_checkpoint": rss / ckpt, "device_bytes": device,
-                             "measured": name == measured}
-        tag = " (measured)" if name == measured else ""
+                             "measured": is_measured}
+        tag = " (measured)" if is_measured else ""
         print(f"{name + tag:23s} | {layers:6d} | {this_layer / GB:8.3f} | {ckpt / GB:13.1f} | {seconds:9.2f} | "
               f"{seconds * layers / 60:9.1f} | {rss / GB:11.2f} | {rss / ckpt:16.3f} | {device / GB:.1f}")
     big = projections["Llama-3-70B"]
-    print(f"\nLlama-3-70B with --device cuda holds about {big['device_bytes'] / GB:.1f} GB on the device (two layers "
-          f"of {big['layer_bytes'] / GB:.2f} GB and their activations): it fits on one 80 GB GPU "
+    source = f"measured on {r['device_name']}" if cuda else "projected from this CPU run"
+    print(f"\nLlama-3-70B with --device cuda holds about {big['device_bytes'] / GB:.1f} GB on the device (a layer "
+          f"of {big['layer_bytes'] / GB:.2f} GB, its pruned copy and the activations): it fits on one 80 GB GPU "
           f"{'with room to spare' if big['device_bytes'] < 40 * GB else 'only just' if big['device_bytes'] < 80 * GB else 'NOT'}; "
-          f"the host keeps about {big['peak_rss_bytes'] / GB:.1f} GB (projected from this CPU run).")
+          f"the host keeps about {big['peak_rss_bytes'] / GB:.1f} GB; {big['total_seconds'] / 60:.0f} min in all "
+          f"({source}, scaled by the layer's size).")
     if args.json:
         write_json_atomic(args.json, {
-            "command": [sys.executable, *sys.argv], "layers": args.layers, "threads": args.threads,
+            "command": [sys.executable, *sys.argv], "shape": measured, "device": args.device,
+            "device_name": r["device_name"], "layers": layers_measured, "threads": args.threads,
             "calibration": [args.calib_samples, args.calib_seq_len],
             "peak_rss_bytes": peak, "checkpoint_bytes": ckpt_bytes, "rss_after_imports_bytes": base,
-            "peak_rss_over_checkpoint": peak / ckpt_bytes, "seconds_per_layer": seconds_per_layer,
-            "seconds_per_layer_by_pass": per_pass, "write_checkpoint_seconds": write_seconds, "run": r,
-            "projections": projections,
+            "peak_rss_over_checkpoint": peak / ckpt_bytes, "peak_device_bytes": peak_device,
+            "seconds_per_layer": seconds_per_layer, "seconds_per_layer_by_pass": per_pass,
+            "write_checkpoint_seconds": write_seconds, "run": r, "projections": projections,
         })
     return 0
 

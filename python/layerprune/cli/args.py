@@ -56,6 +56,24 @@ def apply_threads(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
 
 
+def check_device(device: str | None) -> None:
+    """--device names a torch device this machine has: one error line (exit 2) instead of torch's traceback when
+    it is not a device, or when it is CUDA and no CUDA device (or not that many) is visible."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InvalidInputError(f"--device {device} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"--device {device}: no CUDA device is visible (torch.cuda.is_available() is False)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InvalidInputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+
+
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 

@@ -8,7 +8,7 @@ import dataclasses
 import sys
 from typing import Any
 
-from layerprune.cli.args import add_budget_arguments, add_model_argument, add_runtime_arguments, apply_threads
+from layerprune.cli.args import add_budget_arguments, add_model_argument, add_runtime_arguments, apply_threads, check_device
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     evaluated = text_source(settings.dataset, None if is_text_file_dataset(settings.dataset) else "test",
                             settings.data_dir)
     check_disjoint(calibration_source(settings.calib_dataset, settings.data_dir), evaluated)
+    check_device(args.device)
     apply_threads(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = models.load_model(args.model, dtype=getattr(torch, args.dtype), device=device)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from layerprune.atomic import write_json_atomic
-from layerprune.cli.args import add_model_argument, add_runtime_arguments, apply_threads
+from layerprune.cli.args import add_model_argument, add_runtime_arguments, apply_threads, check_device
 from layerprune.errors import InvalidInputError
 
 
@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from layerprune import data, evaluation, models
 
     _validate(args)
+    check_device(args.device)
     apply_threads(args)
     started = time.perf_counter()
     out: TextIO = sys.stderr if args.json_out == "-" else sys.stdout

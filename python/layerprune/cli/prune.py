@@ -10,7 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from layerprune.cli.args import add_budget_arguments, add_model_argument, add_runtime_arguments, apply_threads, parse_size
+from layerprune.cli.args import (
+    add_budget_arguments,
+    add_model_argument,
+    add_runtime_arguments,
+    apply_threads,
+    check_device,
+    parse_size,
+)
 from layerprune.errors import InvalidInputError
 
 
@@ -256,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
     # Everything that can be checked without the weights is checked first, once, for the executor asked for.
     config = resolve_config(config_from_args(args), "layers" if args.sequential else "memory")
     apply_threads(args)
+    check_device(args.device)
     if distributed.is_rank0():  # rank 0 alone writes (under torchrun the others may not see its --out)
         _check_out(args.out, args.overwrite, args.model)
     _check_shares(config)

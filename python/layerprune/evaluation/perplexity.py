@@ -92,6 +92,14 @@ def perplexity(
     }
 
 
+def _synchronizer(device: torch.device):
+    """A call that waits for ``device``'s queued work: ``torch.cuda.synchronize(device)`` on CUDA (that device, not
+    the current one), nothing on the CPU, whose work is done when the call returns."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
 def throughput(
     model: torch.nn.Module,
     seq_len: int = 128,
@@ -108,7 +116,7 @@ def throughput(
     device = _model_device(model)
     generator = torch.Generator().manual_seed(0)
     batch = torch.randint(0, vocab, (batch_size, seq_len), generator=generator).to(device)
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize = _synchronizer(device)
     timings = []
     with torch.inference_mode():
         model(input_ids=batch, use_cache=False)

@@ -54,16 +54,18 @@ def grams_and_fisher(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: 
     never mix the two. The model is only read (its parameters' ``requires_grad`` is restored)."""
     adapter = adapter_for(model)
     layers = adapter.decoder_layers(model)
-    grams = [empty_grams(layer) for layer in layers]
+    device = next(model.parameters()).device
+    # on the model's device: the hooks add the device's activations and gradients into them
+    grams = [empty_grams(layer, device) for layer in layers]
     hidden = adapter.embeddings(model).weight.shape[1]
-    fisher = [{name: torch.zeros(hidden, dtype=torch.float64) for name in PROJECTIONS} for _ in layers]
+    fisher = [{name: torch.zeros(hidden, dtype=torch.float64, device=device) for name in PROJECTIONS} for _ in layers]
     n_fisher = _fisher_windows(fisher_samples, int(ids.shape[0]))
     flags = [(p, p.requires_grad) for p in model.parameters()]
     handles: list[Any] = []
 
     def output_hook(sink: torch.Tensor):
         def accumulate(grad: torch.Tensor) -> None:
-            sink.add_(grad.detach().double().pow(2).sum((0, 1)))
+            sink.add_(grad.detach().double().pow(2).sum((0, 1)).to(sink.device))
 
         def hook(_module, _args, output):
             if output.requires_grad:
@@ -75,7 +77,6 @@ def grams_and_fisher(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: 
 
     fisher_tokens = int(n_fisher * (ids.shape[1] - 1))
     loss_sum = 0.0
-    device = next(model.parameters()).device
     n = int(ids.shape[0])
     chunks = [(s, min(s + micro_batch, n_fisher), True) for s in range(0, n_fisher, micro_batch)]
     chunks += [(s, min(s + micro_batch, n), False) for s in range(n_fisher, n, micro_batch)]
@@ -105,11 +106,11 @@ def grams_and_fisher(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: 
         for p, flag in flags:
             p.requires_grad_(flag)
     InputGram.all_reduce([stats for layer_grams in grams for stats in layer_grams.values()])
-    totals = torch.tensor([float(fisher_tokens), loss_sum], dtype=torch.float64)
-    distributed.all_reduce_sum_([f for layer_fisher in fisher for f in layer_fisher.values()] + [totals])
-    count = max(float(totals[0]), 1.0)
+    distributed.all_reduce_sum_([f for layer_fisher in fisher for f in layer_fisher.values()])
+    fisher_tokens_all, loss_sum = distributed.sum_values(float(fisher_tokens), loss_sum)
+    count = max(fisher_tokens_all, 1.0)
     return (grams, [{name: f / count for name, f in layer_fisher.items()} for layer_fisher in fisher],
-            float(totals[1]) / count)
+            loss_sum / count)
 
 
 def _curve_from_trace(trace: Sequence[tuple[int, float]], units: int, kept_grid: np.ndarray) -> np.ndarray:

@@ -7,13 +7,14 @@ it is available.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 from typing import Any
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-__all__ = ["HAS_TRITON", "target_programs"]
+__all__ = ["HAS_TRITON", "launch_device", "target_programs"]
 
 
 @functools.cache
@@ -31,3 +32,15 @@ def target_programs(device: Any, programs_per_sm: int) -> int:
 
         return programs_per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 1
+
+
+def launch_device(device: Any) -> Any:
+    """The context a kernel is launched in: Triton launches on the *current* CUDA device and its stream, not on the
+    device of the tensors it is given, so a tensor on ``cuda:1`` while ``cuda:0`` is current needs
+    ``torch.cuda.device(1)`` around the launch (else the kernel reads another GPU's addresses). Nothing elsewhere
+    (the CPU interpreter)."""
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

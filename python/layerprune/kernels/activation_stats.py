@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from layerprune.kernels import HAS_TRITON, target_programs
+from layerprune.kernels import HAS_TRITON, launch_device, target_programs
 
 if HAS_TRITON:
     import triton
@@ -62,6 +62,7 @@ def channel_sums_triton(x: torch.Tensor, programs: int | None = None) -> tuple[t
     splits = triton.cdiv(n, span)
     partial_s = torch.empty(splits, c, dtype=torch.float32, device=x.device)
     partial_q = torch.empty_like(partial_s)
-    _channel_sums_kernel[(lines, splits)](x, partial_s, partial_q, n, c, x.stride(0), span, BLOCK_N=block_n,
-                                          BLOCK_C=block_c)
+    with launch_device(x.device):
+        _channel_sums_kernel[(lines, splits)](x, partial_s, partial_q, n, c, x.stride(0), span, BLOCK_N=block_n,
+                                              BLOCK_C=block_c)
     return partial_s.sum(0), partial_q.sum(0)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from layerprune.kernels import HAS_TRITON, target_programs
+from layerprune.kernels import HAS_TRITON, launch_device, target_programs
 
 KIND_IDS = {"taylor": 0, "vectorize": 1, "taylor2": 2, "taylor-mix": 3, "l1": 4, "l2": 5}
 _USES_G = {"taylor", "vectorize", "taylor-mix"}
@@ -169,12 +169,13 @@ def weight_scores_triton(
     span = triton.cdiv(red_blocks, splits) * block_red
     splits = triton.cdiv(reduced, span)
     partial = torch.empty(splits, n_out, dtype=torch.float32, device=w.device)
-    _weight_scores_kernel[(lines, splits)](
-        w, g_arg, h_arg, partial,
-        rows, cols, w.stride(0), g_arg.stride(0), h_arg.stride(0), span,
-        KIND=KIND_IDS[kind], USES_G=uses_g, USES_H=uses_h, AXIS=axis,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=cfg.num_warps,
-    )
+    with launch_device(w.device):
+        _weight_scores_kernel[(lines, splits)](
+            w, g_arg, h_arg, partial,
+            rows, cols, w.stride(0), g_arg.stride(0), h_arg.stride(0), span,
+            KIND=KIND_IDS[kind], USES_G=uses_g, USES_H=uses_h, AXIS=axis,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=cfg.num_warps,
+        )
     out = partial.sum(0).view(-1, group_size).sum(1)
     if kind == "vectorize":
         out.abs_()

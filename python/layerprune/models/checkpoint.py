@@ -113,6 +113,19 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[st
     return entries, {str(k): str(v) for k, v in metadata.items()}
 
 
+def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """An empty host tensor that a read fills: page-locked (pinned) when it is bound for a CUDA device, so that
+    the copy to the device runs without waiting and without the driver's staging through a pageable buffer; a
+    plain one otherwise, or when no page-locked memory can be had. The caching host allocator keeps a pinned block
+    from reuse until the copy that reads it has finished, so the buffer may be dropped right after the copy."""
+    if torch.device(device).type == "cuda":
+        try:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        except RuntimeError:  # no driver, or the page-locked memory exhausted: a plain buffer works too
+            pass
+    return torch.empty(shape, dtype=dtype)
+
+
 class SafetensorsCheckpoint:
     """The tensors of a checkpoint folder, read one at a time (see the module docstring)."""
 
@@ -215,14 +228,18 @@ class SafetensorsCheckpoint:
 
     @staticmethod
     def _finish(out: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:
-        if dtype is not None and dtype != out.dtype:
-            out = out.to(dtype)
-        return out if torch.device(device).type == "cpu" else out.to(device)
+        """``out`` (read on the host) converted to ``dtype`` and moved to ``device``. On the CPU it is converted
+        there. Elsewhere the stored bytes are moved as they are (from page-locked memory, :func:`host_buffer`,
+        without waiting) and converted on the device: no host-side conversion, and no wider copy over the bus."""
+        if torch.device(device).type == "cpu":
+            return out if dtype is None or dtype == out.dtype else out.to(dtype)
+        moved = out.to(device, non_blocking=out.is_pinned())
+        return moved if dtype is None or dtype == moved.dtype else moved.to(dtype)
 
     def read(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """Tensor ``name`` as a new tensor of its own (converted to ``dtype``, moved to ``device``)."""
         entry = self._entry(name)
-        out = torch.empty(entry.shape, dtype=entry.dtype)
+        out = host_buffer(entry.shape, entry.dtype, device)
         self._pread(entry, name, out, 0)
         return self._finish(out, dtype, device)
 
@@ -232,7 +249,7 @@ class SafetensorsCheckpoint:
         entry = self._entry(name)
         if not entry.shape or not 0 <= start <= end <= entry.shape[0]:
             raise InternalError(f"checkpoint: rows {start}:{end} of {name} {list(entry.shape)}")
-        out = torch.empty((end - start, *entry.shape[1:]), dtype=entry.dtype)
+        out = host_buffer((end - start, *entry.shape[1:]), entry.dtype, device)
         self._pread(entry, name, out, start * (entry.nbytes // entry.shape[0]))
         return self._finish(out, dtype, device)
 
@@ -240,7 +257,7 @@ class SafetensorsCheckpoint:
                      device: str | torch.device = "cpu") -> torch.Tensor:
         """The rows ``rows`` (sorted, unique indices) of tensor ``name`` (an embedding's rows of some tokens)."""
         entry = self._entry(name)
-        out = torch.empty((rows.numel(), *entry.shape[1:]), dtype=entry.dtype)
+        out = host_buffer((rows.numel(), *entry.shape[1:]), entry.dtype, device)
         row_bytes = entry.nbytes // entry.shape[0]
         for i, row in enumerate(rows.tolist()):
             self._pread(entry, name, out[i], int(row) * row_bytes)
@@ -327,5 +344,5 @@ def check_materialized(module: nn.Module, where: str) -> None:
 
 
 __all__ = ["INDEX_FILE", "SAFETENSORS_DTYPES", "SINGLE_FILE", "TORCH_TO_SAFETENSORS", "SafetensorsCheckpoint",
-           "TensorEntry", "check_materialized", "empty_model", "expected_tensors", "load_module",
+           "TensorEntry", "check_materialized", "empty_model", "expected_tensors", "host_buffer", "load_module",
            "read_safetensors_header", "release_module", "tensor_bytes"]

@@ -45,8 +45,11 @@ def observe_output_projection_inputs(model: torch.nn.Module, ids: torch.Tensor, 
             adapter_for(model).inner_model(model)(input_ids=ids[start:start + micro_batch].to(device), use_cache=False)
 
 
-def empty_grams(layer: torch.nn.Module, device: torch.device | str = "cpu") -> dict[str, InputGram]:
-    """``{"o_proj": InputGram, "down_proj": InputGram}`` of one decoder layer, empty, sized to the inputs."""
+def empty_grams(layer: torch.nn.Module, device: torch.device | str | None = None) -> dict[str, InputGram]:
+    """``{"o_proj": InputGram, "down_proj": InputGram}`` of one decoder layer, empty, sized to the inputs, on
+    ``device`` (default: where the layer's projections are, so that a model on CUDA keeps its Grams there)."""
+    if device is None:
+        device = layer.self_attn.o_proj.weight.device
     return {"o_proj": InputGram.empty(layer.self_attn.o_proj.in_features, device=device),
             "down_proj": InputGram.empty(layer.mlp.down_proj.in_features, device=device)}
 
@@ -57,7 +60,7 @@ def output_projection_grams(model: torch.nn.Module, ids: torch.Tensor, *, micro_
 
     ``o_proj``'s input is the attention output (heads as blocks of ``head_dim`` columns), ``down_proj``'s the
     gated intermediate. One forward pass in micro-batches; the model is only read. Data-parallel: ``ids`` are
-    this rank's samples and the Grams are summed over the ranks.
+    this rank's samples and the Grams are summed over the ranks. The Grams are on the model's device.
     """
     grams = [empty_grams(layer) for layer in adapter_for(model).decoder_layers(model)]
     observe_output_projection_inputs(model, ids, grams, micro_batch=micro_batch, desc="refit statistics",

@@ -59,11 +59,12 @@ class InputGram:
 
     def update(self, x: torch.Tensor) -> None:
         """Add the rows of ``x`` (``[..., features]``): one matmul per micro-batch in float32 (float64 inputs
-        in float64), summed in float64."""
+        in float64), summed in float64. The product is computed where ``x`` is and added where the Gram is."""
         rows = x.detach().reshape(-1, x.shape[-1])
         rows = rows.to(torch.float64) if rows.dtype == torch.float64 else rows.float()
-        self.gram += symmetric_gram(rows)
-        self.total += rows.sum(0)  # in the rows' dtype (a float64 reduction of float32 rows is 10× slower)
+        self.gram += symmetric_gram(rows).to(self.gram.device)
+        # in the rows' dtype (a float64 reduction of float32 rows is 10× slower)
+        self.total += rows.sum(0).to(self.total.device)
         self.count += rows.shape[0]
 
     @staticmethod

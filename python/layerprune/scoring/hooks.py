@@ -81,6 +81,19 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
+def _sum_over_ranks(g: torch.Tensor) -> torch.Tensor:
+    """``g`` summed over the data-parallel ranks, in place, and returned in float32 at least: a bfloat16 / float16
+    gradient is summed in float32 (an all-reduce in its own dtype, as NCCL does it, rounds at every rank it adds)
+    and the float32 sum is what gets scored; ``g`` receives the rounded sum, as a plain all-reduce leaves it."""
+    if g.dtype in (torch.float32, torch.float64):
+        distributed.all_reduce_sum_([g])
+        return g
+    wide = g.float()
+    distributed.all_reduce_sum_([wide])
+    g.copy_(wide)
+    return wide
+
+
 def shard_rows(rows: int, world: int) -> list[int]:
     """Rows each rank holds when ``rows`` are split as ``torch.chunk`` does (FSDP2 / DTensor ``Shard(0)``)."""
     size = -(-rows // world)
@@ -203,7 +216,7 @@ class GradientScorer:
         if name in self._shard_groups:
             g = _local(g)
         elif self._data_parallel and self.mode == "batch":
-            distributed.all_reduce_sum_([g])
+            g = _sum_over_ranks(g)
         if self.mode == "batch":
             if not self.free_grads and name in self._seen:
                 raise InvalidInputError(
@@ -255,7 +268,7 @@ class GradientScorer:
                 continue
             g = _local(g)
             if self._data_parallel and name not in self._shard_groups:
-                distributed.all_reduce_sum_([g])
+                g = _sum_over_ranks(g)
             for k in self._grad_kinds:
                 self._add(name, k, w if w.dtype == g.dtype else w.float(), g, None)
 
