@@ -105,3 +105,21 @@ def test_prune_checks_the_config_once_and_records_how_it_ran(monkeypatch):
     assert run == {"executor": "memory", "device": "cpu", "world_size": 1, "backend": None,
                    "threads": torch.get_num_threads()}
     assert result.report["config"]["importance"] == "taylor" and "_resolved_for" not in result.report["config"]
+
+
+def test_timings_wait_for_the_device(monkeypatch):
+    """CUDA runs asynchronously: every stage clock of both executors synchronises a CUDA device, never the CPU."""
+    from layerprune.pruning import pipeline
+    from layerprune.pruning.sequential import _Clock
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(str(device)))
+    pipeline.device_time("cpu")
+    pipeline.device_time(None)
+    assert synced == []
+    pipeline.device_time("cuda:1")
+    assert synced == ["cuda:1"]
+    clock = _Clock(torch.device("cuda", 0))
+    with clock("outer"), clock("inner"):
+        pass
+    assert synced == ["cuda:1"] + ["cuda:0"] * 4 and set(clock.totals) == {"outer", "inner"}

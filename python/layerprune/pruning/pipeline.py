@@ -85,6 +85,14 @@ class PruneResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def device_time(device: torch.device | str | None = None) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` is done: CUDA runs asynchronously, and a clock read
+    without waiting charges a stage's kernels to the stage after it."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def seed_everything(seed: int) -> None:
     """torch, numpy and random seeded; deterministic algorithms where torch has them."""
     random.seed(seed)
@@ -331,10 +339,11 @@ def prune(
     validate_against_model(config, num_layers, min(s["num_kv_heads"] for s in shapes))
     check_dense(model, shapes)
     timings: dict[str, float] = {}
-    total_start = time.perf_counter()
+    device = next(model.parameters()).device  # every timing waits for the work queued there (CUDA is asynchronous)
+    total_start = device_time(device)
     seed_everything(config.seed)
 
-    t0 = time.perf_counter()
+    t0 = device_time(device)
     if calib_ids is None:
         calib_ids, calib_source = calibration_ids(tokenizer, config)
     calib_ids = checked_calibration(calib_ids, model.config).to(next(model.parameters()).device)
@@ -342,7 +351,7 @@ def prune(
     calib_all, calib_ids = calib_ids, distributed.local_samples(calib_ids, "calib_samples")
     if refit_ids is not None:
         refit_ids = distributed.local_samples(refit_ids, "refit_samples")
-    timings["calibration"] = time.perf_counter() - t0
+    timings["calibration"] = device_time(device) - t0
 
     work = model.eval() if inplace else copy.deepcopy(model).eval()
     params_before = count_parameters(work)
@@ -351,7 +360,7 @@ def prune(
 
     # Dense element scores: needed by the sensitivity curves and by the first pruning step. FLAP scores by
     # its fluctuation metric on the refit batch (its statistics need more text than the curves).
-    t0 = time.perf_counter()
+    t0 = device_time(device)
     if config.mode == "flap":
         if refit_ids is None:
             refit_ids = _refit_share(tokenizer, config)
@@ -361,10 +370,10 @@ def prune(
         dense_scores = None  # chosen after the allocation, layer by layer, from the refit's Grams
     else:
         dense_scores = _element_scores(work, calib_ids, config, progress)
-    timings["element_scores"] = time.perf_counter() - t0
+    timings["element_scores"] = device_time(device) - t0
 
     li = None
-    t0 = time.perf_counter()
+    t0 = device_time(device)
     if config.mode == "unbalanced":
         if layer_importance is not None:
             if layer_importance.method != config.layer_importance:
@@ -377,15 +386,15 @@ def prune(
             if config.refit != "none" and refit_ids is None:
                 refit_ids = _refit_share(tokenizer, config)
             li = measure_layer_importance(work, calib_ids, config, dense_scores, progress=progress, refit_ids=refit_ids)
-    timings["layer_importance"] = time.perf_counter() - t0
+    timings["layer_importance"] = device_time(device) - t0
 
-    t0 = time.perf_counter()
+    t0 = device_time(device)
     spec = spec_for_model(work, config, li)
     if config.mode == "flap":
         alloc = distributed.on_rank0(flap_allocation, spec, dense_scores[0], dense_scores[1], config.min_kv_groups)
     else:
         alloc = distributed.on_rank0(allocate, spec, solver=solver_for(config))  # the same plan on every rank
-    timings["allocation"] = time.perf_counter() - t0
+    timings["allocation"] = device_time(device) - t0
 
     full_kv = [s["num_kv_heads"] for s in shapes]
     full_mlp = [s["intermediate"] for s in shapes]
@@ -394,7 +403,7 @@ def prune(
     kept_kv = [list(range(n)) for n in full_kv]  # indices into the ORIGINAL model
     kept_mlp = [list(range(n)) for n in full_mlp]
     example = calib_ids[:1, : min(16, calib_ids.shape[1])]
-    t0 = time.perf_counter()
+    t0 = device_time(device)
     rescoring = 0.0
     refit_report: dict[str, Any] | None = None
     steps = config.iterative_steps
@@ -404,27 +413,27 @@ def prune(
         if step == 1 or config.mode == "flap":
             kv_scores, ch_scores = dense_scores if dense_scores is not None else (None, None)
         else:
-            r0 = time.perf_counter()
+            r0 = device_time(device)
             kv_scores, ch_scores = _element_scores(work, calib_ids, config, progress)
-            rescoring += time.perf_counter() - r0
+            rescoring += device_time(device) - r0
         if kv_scores is None:  # obs: the counts only; refit_kept_weights chooses which
             keep = [LayerKeep(tuple(range(g)), tuple(range(f))) for g, f in zip(want_kv, want_mlp)]
         else:
             keep = select_keep(kv_scores, ch_scores, want_kv, want_mlp)
         if step == steps and config.refit != "none":
-            r0 = time.perf_counter()
+            r0 = device_time(device)
             if refit_ids is None:
                 refit_ids = _refit_share(tokenizer, config)
             refit_report, keep = refit_kept_weights(
                 work, keep, refit_ids.long().to(calib_ids.device), mode=config.refit, damping=config.refit_damping,
                 error_correction=config.refit_error_correction, progress=progress,
                 select="obs" if config.importance == "obs" else "given")
-            timings["refit"] = time.perf_counter() - r0
+            timings["refit"] = device_time(device) - r0
             rescoring += timings["refit"]  # kept apart from the surgery's time
         StructuredPruner(work, example).prune(keep)
         kept_kv = [[prev[i] for i in k.kv_heads] for prev, k in zip(kept_kv, keep)]
         kept_mlp = [[prev[i] for i in k.mlp_channels] for prev, k in zip(kept_mlp, keep)]
-    timings["pruning"] = time.perf_counter() - t0 - rescoring
+    timings["pruning"] = device_time(device) - t0 - rescoring
     if steps > 1:
         timings["element_scores"] += rescoring - timings.get("refit", 0.0)
 
@@ -444,7 +453,7 @@ def prune(
             f"pruned model has {costs_after['kv_cache_bytes']:,} KV-cache bytes and {costs_after['flops']:,} FLOPs per "
             f"token, the allocation planned {alloc.kv_cache_bytes_after:,} and {alloc.flops_after:,}"
         )
-    timings["total"] = time.perf_counter() - total_start
+    timings["total"] = device_time(device) - total_start
     report = build_report(config, params_before, params_after, shapes, alloc, li, kept_kv, kept_mlp, calib_all, timings,
                           family=adapter_for(model).name, calib_source=calib_source, executor="memory",
                           device=next(work.parameters()).device)

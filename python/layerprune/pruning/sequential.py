@@ -73,6 +73,7 @@ from layerprune.pruning.pipeline import (
     check_feasible,
     check_importance,
     checked_calibration,
+    device_time,
     per_token_report,
     refit_batch,
     seed_everything,
@@ -118,15 +119,17 @@ class SequentialOptions:
 
 
 class _Clock:
-    """Exclusive wall time per stage: a nested stage pauses the one around it."""
+    """Exclusive wall time per stage: a nested stage pauses the one around it. Every read waits for the work queued
+    on ``device`` (:func:`~layerprune.pruning.pipeline.device_time`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
         self.totals: dict[str, float] = {}
         self._stack: list[tuple[str, float]] = []
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
-        now = time.perf_counter()
+        now = device_time(self.device)
         if self._stack:
             outer, since = self._stack[-1]
             self.totals[outer] = self.totals.get(outer, 0.0) + now - since
@@ -134,7 +137,7 @@ class _Clock:
         try:
             yield
         finally:
-            end = time.perf_counter()
+            end = device_time(self.device)
             _, since = self._stack.pop()
             self.totals[stage] = self.totals.get(stage, 0.0) + end - since
             if self._stack:
@@ -154,7 +157,7 @@ class _Engine:
         self.adapter = adapter_for(self.model)
         self.layers = self.adapter.decoder_layers(self.model)
         self.names = _qualified_names(self.model)
-        self.clock = _Clock()
+        self.clock = _Clock(self.device)
         self.records: list[dict[str, Any]] = []
         self.max_layer_bytes = 0
         device_budget = options.device_budget_bytes
@@ -313,7 +316,7 @@ class _Engine:
         try:
             for l, layer in enumerate(tqdm(self.layers, desc=f"layer by layer: {method} importance",
                                            disable=not self.progress, leave=False)):
-                t0, read0 = time.perf_counter(), self.clock.totals.get("read", 0.0)
+                t0, read0 = device_time(self.device), self.clock.totals.get("read", 0.0)
                 self.max_layer_bytes = max(self.max_layer_bytes, self.load(layer))
                 geometry = adapter.geometry(self.model, layer)
                 geometries.append(geometry)
@@ -471,7 +474,7 @@ class _Engine:
         try:
             for l, layer in enumerate(tqdm(self.layers, desc="layer by layer: prune and write",
                                            disable=not self.progress, leave=False)):
-                t0, read0 = time.perf_counter(), self.clock.totals.get("read", 0.0)
+                t0, read0 = device_time(self.device), self.clock.totals.get("read", 0.0)
                 self.max_layer_bytes = max(self.max_layer_bytes, self.load(layer))
                 geometry = adapter.geometry(self.model, layer)
                 kv_idx, mlp_idx = list(range(full_kv[l])), list(range(full_mlp[l]))
@@ -532,7 +535,7 @@ class _Engine:
         return errors, entry
 
     def _record(self, l: int, stage: str, t0: float, read0: float) -> None:
-        self.records.append({"layer": l, "pass": stage, "seconds": round(time.perf_counter() - t0, 4),
+        self.records.append({"layer": l, "pass": stage, "seconds": round(device_time(self.device) - t0, 4),
                              "read_seconds": round(self.clock.totals.get("read", 0.0) - read0, 4)})
 
 
