@@ -128,7 +128,7 @@ def child(folder: Path, out: Path, samples: int, seq_len: int, threads: int, sha
     vocab = SHAPES[shape][6]
     calib = torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(0))
     config = PruneConfig(ratio=0.25, mode="unbalanced", solver="dp", layer_importance="activation",
-                         importance="activation", calib_samples=samples, calib_seq_len=seq_len)
+                         importance="activation", refit="none", calib_samples=samples, calib_seq_len=seq_len)
     t0 = time.perf_counter()
     folder_out, result = prune_checkpoint(folder, config, out, dtype=torch.bfloat16, calib_ids=calib,
                                           device=device, progress=False)

@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, tokenizer = load_model("smollm2-135m")
-    config = PruneConfig(ratio=0.25, mode="unbalanced", solver="dp", layer_importance="sensitivity",
-                         mlp_step=args.mlp_step, data_dir=args.data_dir, seed=0)
+    config = PruneConfig(ratio=0.25, mode="unbalanced", solver="dp", layer_importance="sensitivity", importance="taylor",
+                         refit="none", mlp_step=args.mlp_step, data_dir=args.data_dir, seed=0)
     result = prune(model, tokenizer, config, progress=False)
     spec = build_allocation_spec(model.config, config, result.layer_importance, len(decoder_layers(model)))
     data = spec_to_json(spec)

@@ -55,7 +55,7 @@ def main() -> int:
         return ppl
 
     t0 = time.perf_counter()
-    base = PruneConfig(ratio=0.25, mode="unbalanced", solver="dp", layer_importance="sensitivity", refit="lstsq",
+    base = PruneConfig(ratio=0.25, mode="unbalanced", solver="dp", layer_importance="sensitivity", importance="taylor", refit="lstsq",
                        data_dir=args.data_dir)
     li = pipeline.measure_layer_importance(model, calib, base, progress=False, refit_ids=refit_ids(32))
     out["layer_importance_seconds"] = time.perf_counter() - t0
@@ -78,7 +78,8 @@ def main() -> int:
     for ratio in (0.2, 0.25):
         unbalanced = PruneConfig(**{**base.to_json(), **change, "ratio": ratio, "protected": ()})
         run(f"unbalanced-refit ({best})", unbalanced, li, ids, test, "test")
-        uniform = PruneConfig(ratio=ratio, mode="uniform", match_params=True, data_dir=args.data_dir, **change)
+        uniform = PruneConfig(ratio=ratio, mode="uniform", match_params=True, importance="taylor",
+                               data_dir=args.data_dir, **change)
         run(f"uniform-refit ({best})", uniform, None, ids, test, "test")
         flap = PruneConfig(ratio=ratio, mode="flap", refit="bias", refit_error_correction=False, data_dir=args.data_dir)
         run("flap", flap, None, ids, test, "test")
