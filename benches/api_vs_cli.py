@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out or tempfile.mkdtemp(prefix="api_vs_cli-"))
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     cli = subprocess.run([sys.executable, "-m", "layerprune", "prune", "--model", "smollm2-135m", "--ratio",
                           str(args.ratio), "--data-dir", args.data_dir, "--out", str(out / "cli"), "--threads",
