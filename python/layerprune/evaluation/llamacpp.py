@@ -7,8 +7,11 @@ a window's NLL is that of transformers' forward over the same ids.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,19 @@ def llama_cpp_module() -> Any:
         import llama_cpp
     except ImportError as err:
         raise ModelError(f"running a GGUF file needs llama-cpp-python ({err}); {INSTALL_HINT}") from None
+    _close_null_files_at_exit()
     return llama_cpp
+
+
+@functools.cache
+def _close_null_files_at_exit() -> None:
+    """llama-cpp-python (0.3.36) opens /dev/null twice when it is imported (``llama_cpp._utils``, to silence
+    llama.cpp's logs) and never closes it: a ResourceWarning at every exit. Closed at exit, after any use."""
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        handle = getattr(utils, name, None)
+        if handle is not None and hasattr(handle, "close"):
+            atexit.register(handle.close)
 
 
 class LlamaCppModel:
