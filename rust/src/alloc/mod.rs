@@ -108,33 +108,3 @@ pub(crate) fn solve_with(spec: &Spec, solver: Solver, monotone: bool) -> Result<
         }
     }
 }
-
-/// `uniform`: [`allocate`] with [`Solver::Uniform`], untimed.
-pub fn solve_uniform(spec: &Spec) -> Result<Allocation> {
-    solve_with(spec, Solver::Uniform, true)
-}
-
-/// `seed`: [`allocate`] with [`Solver::Seed`], untimed.
-pub fn solve_seed(spec: &Spec) -> Result<Allocation> {
-    solve_with(spec, Solver::Seed, true)
-}
-
-/// `greedy`: [`allocate`] with [`Solver::Greedy`], untimed.
-pub fn solve_greedy(spec: &Spec) -> Result<Allocation> {
-    solve_with(spec, Solver::Greedy, true)
-}
-
-/// `lagrange`: [`allocate`] with [`Solver::Lagrange`], untimed.
-pub fn solve_lagrange(spec: &Spec) -> Result<Allocation> {
-    solve_with(spec, Solver::Lagrange, true)
-}
-
-/// `dp`: [`allocate`] with [`Solver::Dp`], untimed.
-pub fn solve_dp(spec: &Spec) -> Result<Allocation> {
-    solve_with(spec, Solver::Dp, true)
-}
-
-/// `homogeneous`: [`allocate`] with [`Solver::Homogeneous`], untimed.
-pub fn solve_homogeneous(spec: &Spec) -> Result<Allocation> {
-    solve_with(spec, Solver::Homogeneous, true)
-}
