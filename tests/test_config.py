@@ -16,6 +16,7 @@ from layerprune.compare.settings import prune_config
 from layerprune.errors import InvalidInputError
 from layerprune.pruning import DEFAULT_METHOD, PruneConfig, prune, resolve_config
 from layerprune.pruning import config as config_module
+from layerprune.pruning.config import EXECUTORS, FLAP_IMPORTANCE
 
 
 def _cli_config(*flags: str) -> PruneConfig:
@@ -74,12 +75,17 @@ def test_what_cannot_run_is_refused_in_one_line_for_its_executor():
         resolve_config(PruneConfig(ratio=0.25, importance="taylor"), "layers")
     with pytest.raises(InvalidInputError, match="backward pass through the whole model.*--fsdp"):
         resolve_config(PruneConfig(ratio=0.25, layer_importance="reconstruction"), "layers")
-    with pytest.raises(InvalidInputError, match="mode 'flap' is not available layer by layer"):
-        resolve_config(PruneConfig(ratio=0.25, mode="flap"), "layers")
+    with pytest.raises(InvalidInputError, match="importance 'taylor2' is not available layer by layer|backward"):
+        resolve_config(PruneConfig(ratio=0.25, importance="taylor2"), "layers")
     with pytest.raises(InvalidInputError, match="executor"):
         resolve_config(PruneConfig(ratio=0.25), "gpu")
     with pytest.raises(InvalidInputError, match="ratio"):
         resolve_config(PruneConfig(ratio=1.5))
+
+
+def test_flap_runs_in_both_executors_with_the_same_resolved_config():
+    memory, layers = (resolve_config(PruneConfig(ratio=0.25, mode="flap", refit="bias"), e) for e in EXECUTORS)
+    assert memory == layers and memory.importance == FLAP_IMPORTANCE  # the field FLAP never reads, one value
 
 
 def test_a_resolved_config_is_checked_once_and_a_changed_one_again(monkeypatch):

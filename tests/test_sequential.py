@@ -54,6 +54,10 @@ SETTINGS = {
     "depth-obs": dict(ratio=0.25, layer_importance="depth", importance="obs", refit="lstsq", **REFIT_BATCH),
     # one pass: uniform, OBS selection and refit
     "uniform-obs": dict(ratio=0.25, mode="uniform", match_params=True, importance="obs", refit="lstsq", **REFIT_BATCH),
+    # two passes: FLAP's fluctuation scores on the refit batch, its global threshold, bias compensation
+    "flap": dict(ratio=0.25, mode="flap", refit="bias", refit_error_correction=False, **REFIT_BATCH),
+    # two passes: FLAP without compensation (the scores still come from the refit batch)
+    "flap-plain": dict(ratio=0.2, mode="flap", refit="none", **REFIT_BATCH),
     # one pass: LLM-Pruner's per-layer rate, the same widths everywhere (saved under the family's own config)
     "uniform-rate": dict(ratio=0.4, mode="uniform", importance="l2"),
 }

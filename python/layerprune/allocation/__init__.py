@@ -32,6 +32,7 @@ __all__ = [
     "load_spec",
     "spec_from_json",
     "spec_from_model_config",
+    "target_count",
     "spec_to_json",
     "to_pruning_ratio_dict",
 ]

@@ -205,7 +205,7 @@ class AllocationResult:
             "params_after": self.params_after,
             "actual_ratio": self.actual_ratio,
             "actual_ratio_layers": self.actual_ratio_layers,
-            "objective": self.objective,
+            "objective": self.objective if math.isfinite(self.objective) else None,  # FLAP has none: null, not NaN
             "solver": self.solver,
             "solve_seconds": self.solve_seconds,
             "binding": list(self.binding),

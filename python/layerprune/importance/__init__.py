@@ -1,7 +1,7 @@
 """Layer importance: how much each decoder layer (and each of its two sub-blocks) matters.
 
 Three methods, all measured on a calibration batch and all reusing ONE cached forward pass
-(:mod:`layerprune.importance.cache`):
+(:func:`layerprune.models.layer_calls.capture_layer_inputs`; the losses in :mod:`layerprune.importance.losses`):
 
 * ``removal`` (:mod:`~layerprune.importance.removal`): the calibration-loss (or perplexity) increase when
   a layer, its attention or its MLP is the identity;
@@ -25,7 +25,8 @@ import torch
 from layerprune.arch import adapter_for
 from layerprune.errors import InvalidInputError
 from layerprune.importance.block_influence import activation_importance
-from layerprune.importance.cache import METRICS, LayerInputs, capture_layer_inputs, check_ids, head_loss, loss_from_layer
+from layerprune.importance.losses import METRICS, loss_from_layer
+from layerprune.models.layer_calls import LayerInputs, capture_layer_inputs, check_ids, head_loss
 from layerprune.importance.depth import depth_importance
 from layerprune.importance.reconstruction import reconstruction_importance
 from layerprune.importance.removal import removal_importance

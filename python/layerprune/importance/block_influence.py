@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from layerprune import distributed
 from layerprune.arch import adapter_for
 from layerprune.errors import NumericalError
-from layerprune.importance.cache import LayerInputs, capture_layer_inputs
+from layerprune.models.layer_calls import LayerInputs, capture_layer_inputs
 from layerprune.importance.result import LayerImportance
 
 

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from layerprune import distributed
 from layerprune.arch import adapter_for
 from layerprune.errors import InvalidInputError
-from layerprune.importance.cache import METRICS, LayerInputs, capture_layer_inputs, increase, loss_from_layer
+from layerprune.importance.losses import METRICS, increase, loss_from_layer
+from layerprune.models.layer_calls import LayerInputs, capture_layer_inputs
 from layerprune.importance.result import LayerImportance
 
 

@@ -23,7 +23,8 @@ from layerprune import distributed
 from layerprune.arch import adapter_for, gqa
 from layerprune.arch.budget import mlp_grid_size
 from layerprune.errors import InvalidInputError
-from layerprune.importance.cache import METRICS, LayerInputs, capture_layer_inputs, increase, loss_from_layer, subset_cache
+from layerprune.importance.losses import METRICS, increase, loss_from_layer, subset_cache
+from layerprune.models.layer_calls import LayerInputs, capture_layer_inputs
 from layerprune.importance.result import LayerImportance
 from layerprune.refit import DEFAULT_DAMPING, InputGram, compensation_bias, refit_output_projection
 from layerprune.refit.obs import DEFAULT_BATCH_FRACTION, structured_obs

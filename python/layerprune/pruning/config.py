@@ -33,8 +33,9 @@ FALLBACK_METHOD = {"importance": "taylor", "layer_importance": "sensitivity"}
 EXECUTORS = ("memory", "layers")
 # element scores one layer can compute on its own, and structured OBS (on the layer's own refit Grams)
 SEQUENTIAL_IMPORTANCE = ("activation", "l1", "l2", "obs")
-SEQUENTIAL_MODES = ("unbalanced", "uniform")
 SEQUENTIAL_LAYER_IMPORTANCE = ("removal", "activation", "sensitivity", "depth")
+# FLAP scores by its fluctuation metric (pruning/flap.py); its config's importance, never read, resolves to this
+FLAP_IMPORTANCE = "activation"
 
 MODES = ("unbalanced", "uniform", "flap")
 # What chooses the kept heads and channels: an element score, or structured OBS on the refit's Grams
@@ -253,6 +254,8 @@ def resolve_config(config: PruneConfig, executor: str = "memory") -> PruneConfig
         [getattr(config, name)] if getattr(config, name) is not None else [DEFAULT_METHOD[name], FALLBACK_METHOD[name]]
         for name in ("importance", "layer_importance")
     ]
+    if config.mode == "flap" and config.importance is None:
+        choices[0] = [FLAP_IMPORTANCE]  # FLAP chooses by its own fluctuation metric: the field is not read
     candidates = [dataclasses.replace(config, importance=i, layer_importance=li) for i in choices[0] for li in choices[1]]
     for candidate in candidates:
         try:
@@ -272,17 +275,14 @@ def validate_config(config: PruneConfig, executor: str = "memory") -> None:
 
 
 def _check_layer_by_layer(config: PruneConfig) -> None:
-    """Refuse, in one line, what the layer-by-layer executor cannot run: other modes and whole-model backwards."""
-    if config.mode not in SEQUENTIAL_MODES:
-        raise InvalidInputError(f"mode {config.mode!r} is not available layer by layer (--sequential); "
-                                f"use one of {', '.join(SEQUENTIAL_MODES)}")
-    if config.importance in GRADIENT_KINDS:
+    """Refuse, in one line, what the layer-by-layer executor cannot run: whole-model backwards. Every mode runs."""
+    if config.mode != "flap" and config.importance in GRADIENT_KINDS:
         raise InvalidInputError(
             f"importance {config.importance!r} needs a backward pass through the whole model, which layer-by-layer "
             f"pruning (--sequential) never holds; use a forward-only importance ({', '.join(SEQUENTIAL_IMPORTANCE)}) "
             "or, for gradient scores of a model larger than one process's memory, the distributed Taylor path "
             "(torchrun --nproc-per-node N -m layerprune prune --fsdp: the backward sharded over the ranks)")
-    if config.importance not in SEQUENTIAL_IMPORTANCE:
+    if config.mode != "flap" and config.importance not in SEQUENTIAL_IMPORTANCE:
         raise InvalidInputError(f"importance {config.importance!r} is not available layer by layer (--sequential); "
                                 f"use one of {', '.join(SEQUENTIAL_IMPORTANCE)}")
     if config.mode == "unbalanced" and config.layer_importance == "reconstruction":

@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from layerprune import distributed
 from layerprune.allocation import AllocationResult, AllocationSpec, LayerAllocation
 from layerprune.arch import adapter_for, gqa
 from layerprune.errors import InfeasibleError
@@ -45,18 +45,21 @@ def fluctuation_scores(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch
     observe_output_projection_inputs(model, ids, [{"o_proj": o, "down_proj": d} for o, d in stats],
                                      micro_batch=micro_batch, desc="fluctuation", progress=progress)
     ActivationStats.all_reduce([s for pair in stats for s in pair])  # data-parallel: every rank's samples
-    kv_scores, channel_scores = [], []
-    for layer, (o_stats, d_stats) in zip(layers, stats):
-        geometry = adapter.geometry(model, layer)
-        o_proj, down = layer.self_attn.o_proj.weight.detach(), layer.mlp.down_proj.weight.detach()
-        per_column = weight_scores(o_proj, kind="l2", axis=1) * o_stats.var.to(o_proj.device)
-        per_head = per_column.view(geometry.num_q_heads, geometry.head_dim).sum(1)
-        group_of = torch.tensor(gqa.kv_group_of_query_head(geometry.num_q_heads, geometry.ratio))
-        kv = torch.zeros(geometry.num_kv_heads).index_add_(0, group_of, per_head.float().cpu())
-        channels = (weight_scores(down, kind="l2", axis=1) * d_stats.var.to(down.device)).float().cpu()
-        kv_scores.append(kv)
-        channel_scores.append(channels)
-    return kv_scores, channel_scores
+    scores = [layer_fluctuation(adapter.geometry(model, layer), layer, o, d) for layer, (o, d) in zip(layers, stats)]
+    return [kv for kv, _ in scores], [ch for _, ch in scores]
+
+
+def layer_fluctuation(geometry: Any, layer: torch.nn.Module, o_stats: ActivationStats,
+                      d_stats: ActivationStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's (KV-group, channel) fluctuation from its o_proj and down_proj input statistics:
+    ``Var(X_j) · ‖W[:, j]‖²`` per column, summed over the columns of a KV group's query heads."""
+    o_proj, down = layer.self_attn.o_proj.weight.detach(), layer.mlp.down_proj.weight.detach()
+    per_column = weight_scores(o_proj, kind="l2", axis=1) * o_stats.var.to(o_proj.device)
+    per_head = per_column.view(geometry.num_q_heads, geometry.head_dim).sum(1)
+    group_of = torch.tensor(gqa.kv_group_of_query_head(geometry.num_q_heads, geometry.ratio))
+    kv = torch.zeros(geometry.num_kv_heads).index_add_(0, group_of, per_head.float().cpu())
+    channels = (weight_scores(down, kind="l2", axis=1) * d_stats.var.to(down.device)).float().cpu()
+    return kv, channels
 
 
 def _standardise(scores: torch.Tensor) -> torch.Tensor:
@@ -122,4 +125,4 @@ def flap_plan(model: torch.nn.Module, ids: torch.Tensor, spec: AllocationSpec, *
     return FlapPlan(kv, ch, flap_allocation(spec, kv, ch, min_kv_groups))
 
 
-__all__ = ["FlapPlan", "flap_allocation", "flap_plan", "fluctuation_scores"]
+__all__ = ["FlapPlan", "flap_allocation", "flap_plan", "fluctuation_scores", "layer_fluctuation"]

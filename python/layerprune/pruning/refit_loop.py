@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from layerprune import distributed
 from layerprune.arch import adapter_for, gqa
 from layerprune.errors import InvalidInputError
-from layerprune.importance.cache import batch_slice, capture_layer_inputs, check_ids, layer_arguments, model_device
+from layerprune.models.layer_calls import batch_slice, capture_layer_inputs, check_ids, layer_arguments, model_device
 from layerprune.refit import DEFAULT_DAMPING, REFIT_MODES, InputGram, compensation_bias, refit_output_projection
 from layerprune.refit.obs import DEFAULT_BATCH_FRACTION, structured_obs
 from layerprune.scoring.selection import LayerKeep

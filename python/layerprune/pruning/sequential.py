@@ -22,6 +22,8 @@ Two passes over the weights when the allocation needs every layer first (``mode=
    (error correction: that batch comes through the refit layers), the GQA surgery, and the layer's tensors
    are written to the output shards.
 
+``mode="flap"``: the first pass measures FLAP's fluctuation scores on the refit batch
+(:func:`layerprune.pruning.flap.layer_fluctuation`), its global threshold sets the widths, the second prunes.
 ``mode="uniform"`` needs no importance: one pass. With the same settings the result is the in-memory
 :func:`layerprune.pruning.prune`'s: the same batches through the same module code, the same kept heads and
 channels, the same allocation (tested on every family).
@@ -53,7 +55,8 @@ from layerprune.errors import InternalError, InvalidInputError, ModelError, Nume
 from layerprune.importance import LayerImportance
 from layerprune.importance.block_influence import block_influence
 from layerprune.importance.depth import depth_importance
-from layerprune.importance.cache import batch_slice, head_loss, increase, layer_arguments, layer_call
+from layerprune.importance.losses import increase
+from layerprune.models.layer_calls import batch_slice, head_loss, layer_arguments, layer_call
 from layerprune.importance.sensitivity import curve_points, pruned_layer_outputs, sensitivity_result
 from layerprune.models import count_parameters
 from layerprune.models.checkpoint import (
@@ -63,6 +66,7 @@ from layerprune.models.checkpoint import (
     load_module,
     release_module,
 )
+from layerprune.pruning.flap import flap_allocation, layer_fluctuation
 from layerprune.pruning.hidden_states import HiddenStatePool, StoredHidden
 from layerprune.pruning.config import PruneConfig, resolve_config, solver_for, validate_against_model
 from layerprune.pruning.pipeline import (
@@ -241,7 +245,7 @@ class _Engine:
 
     def capture_inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """The hidden state entering layer 0 and the keyword arguments every layer is passed
-        (:func:`layerprune.importance.cache.layer_arguments` on the embeddings read from the checkpoint)."""
+        (:func:`layerprune.models.layer_calls.layer_arguments` on the embeddings read from the checkpoint)."""
         return layer_arguments(self.model, inputs_embeds=self.embed(ids))
 
     # ---- element scores ------------------------------------------------------------------------------
@@ -280,18 +284,49 @@ class _Engine:
                 lambda n: wanda_channel_scores(projections[n].weight.detach(), stats[n], axis=1))
         return y, kv, ch
 
-    def refit_grams(self, layer: nn.Module, stream: StoredHidden, kwargs: dict[str, Any]) -> dict[str, InputGram]:
-        """The dense layer's o_proj / down_proj input Grams on the refit batch (as
-        :func:`layerprune.refit.output_projection_grams`, same micro-batches); advances ``stream``."""
-        grams = empty_grams(layer, device=self.device)
+    def observe(self, layer: nn.Module, stream: StoredHidden, kwargs: dict[str, Any],
+                sinks: Mapping[str, Any]) -> None:
+        """Run ``stream`` through the layer in the micro-batches of
+        :func:`layerprune.refit.grams.observe_output_projection_inputs`, handing the o_proj / down_proj inputs to
+        ``sinks``; advances ``stream``."""
         x = stream.get()
         n = x.shape[0]
-        with output_projection_hooks([layer], [grams]):
+        with output_projection_hooks([layer], [sinks]):
             out = torch.cat([layer_call(layer, x[s:s + GRAM_MICRO_BATCH],
                                         {k: batch_slice(v, s, min(s + GRAM_MICRO_BATCH, n), n) for k, v in kwargs.items()})
                              for s in range(0, n, GRAM_MICRO_BATCH)])
         stream.set(out)
+
+    def refit_grams(self, layer: nn.Module, stream: StoredHidden, kwargs: dict[str, Any]) -> dict[str, InputGram]:
+        """The dense layer's o_proj / down_proj input Grams on the refit batch (as
+        :func:`layerprune.refit.output_projection_grams`); advances ``stream``."""
+        grams = empty_grams(layer, device=self.device)
+        self.observe(layer, stream, kwargs, grams)
         return grams
+
+    # ---- FLAP's pass: fluctuation scores ---------------------------------------------------------
+
+    def fluctuation_pass(self, refit_x0: StoredHidden,
+                         refit_kwargs: list[dict[str, Any]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer FLAP's (KV-group, channel) fluctuation on the refit batch through the dense layers
+        (:func:`layerprune.pruning.flap.fluctuation_scores` on the same batches)."""
+        stream = self.pool.store(refit_x0.get())
+        scores = []
+        try:
+            for l, layer in enumerate(tqdm(self.layers, desc="layer by layer: fluctuation", disable=not self.progress,
+                                           leave=False)):
+                t0, read0 = device_time(self.device), self.clock.totals.get("read", 0.0)
+                self.max_layer_bytes = max(self.max_layer_bytes, self.load(layer))
+                stats = {"o_proj": ActivationStats(), "down_proj": ActivationStats()}
+                with torch.no_grad(), self.clock("element_scores"):
+                    self.observe(layer, stream, refit_kwargs[l], stats)
+                    scores.append(layer_fluctuation(self.adapter.geometry(self.model, layer), layer, stats["o_proj"],
+                                                    stats["down_proj"]))
+                self.release(layer)
+                self._record(l, "importance", t0, read0)
+        finally:
+            stream.free()
+        return scores
 
     # ---- pass 1: element scores and layer importance ---------------------------------------------
 
@@ -607,14 +642,15 @@ def prune_sequential(
                 if calib_ids is None:
                     calib_ids, calib_source = calibration_ids(tokenizer, config)
                 calib_ids = checked_calibration(calib_ids, model.config)
-                if config.refit != "none" and refit_ids is None:
+                needs_refit_batch = config.refit != "none" or config.mode == "flap"  # FLAP scores on it
+                if needs_refit_batch and refit_ids is None:
                     refit_ids = refit_batch(tokenizer, config)
                 # the batches embedded (the rows of their tokens read), the embeddings copied to the output
                 with torch.no_grad():
                     x0, kwargs = engine.capture_inputs(calib_ids)
                     calib_x0 = engine.pool.store(x0, copy=False)
                     refit_x0, refit_kwargs = None, None
-                    if refit_ids is not None and config.refit != "none":
+                    if refit_ids is not None and needs_refit_batch:
                         r0, refit_kwargs = engine.capture_inputs(refit_ids.long())
                         refit_x0 = engine.pool.store(r0, copy=False)
                     del x0
@@ -622,7 +658,9 @@ def prune_sequential(
             labels = calib_ids.to(engine.device)
 
             li, dense_scores, importance_pass = None, None, False
-            if config.mode == "unbalanced":
+            if config.mode == "flap":
+                dense_scores = engine.fluctuation_pass(refit_x0, refit_kwargs)
+            elif config.mode == "unbalanced":
                 if config.layer_importance == "depth" and layer_importance is None:
                     li = depth_importance(model, mlp_step=config.mlp_step)  # no data: no importance pass
                 elif layer_importance is not None:
@@ -637,12 +675,16 @@ def prune_sequential(
 
             with clock("allocation"):
                 spec = spec_for_model(model, config, li)
-                alloc = allocate(spec, solver=solver_for(config))
+                if config.mode == "flap":
+                    alloc = flap_allocation(spec, [kv for kv, _ in dense_scores], [ch for _, ch in dense_scores],
+                                            config.min_kv_groups)
+                else:
+                    alloc = allocate(spec, solver=solver_for(config))
                 manifest = _manifest(model, alloc, config.refit in BIAS_MODES)
                 with clock("write"):  # the shards are laid out, the staged embeddings copied in
                     sink.plan(manifest)
-            kept_kv, kept_mlp, refit_report = engine.prune_pass(alloc, dense_scores, calib_x0, kwargs, refit_x0,
-                                                                refit_kwargs)
+            kept_kv, kept_mlp, refit_report = engine.prune_pass(
+                alloc, dense_scores, calib_x0, kwargs, refit_x0 if config.refit != "none" else None, refit_kwargs)
             for slot in (calib_x0, refit_x0):
                 if slot is not None:
                     slot.free()

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from layerprune.atomic import write_json_atomic, write_text_atomic
-from layerprune.provenance import command_line, versions
 
 SCHEMA = "layerprune.compare/1"
 DENSE = "dense"
@@ -109,7 +108,7 @@ def verdict_lines(entries: Sequence[Mapping[str, Any]]) -> list[str]:
         elif "unbalanced_vs_seed" in v:
             lines.append(f"  - `{BEST_METHOD}` PPL is {_pct(v['unbalanced_vs_seed'])} than `{SEED_METHOD}`.")
         if "unbalanced_vs_peers" in v:
-            lines.append(f"  - Against the published methods: " + "; ".join(
+            lines.append("  - Against the published methods: " + "; ".join(
                 f"{_pct(d)} than `{m}` (PPL {v['peer_ppl'][m]:.3f})" for m, d in v["unbalanced_vs_peers"].items()) + ".")
         if v["winner"] != BEST_METHOD and any(k.startswith("unbalanced_vs") for k in v):
             lines.append(f"  - The expected winner `{BEST_METHOD}` did NOT win at this ratio.")

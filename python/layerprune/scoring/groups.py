@@ -182,8 +182,6 @@ def _shard_group(model: torch.nn.Module):
 
 
 def _gradient_scores(model, calib_ids, importance, progress):
-    from layerprune.scoring.hooks import GradientScorer
-
     group = _shard_group(model)
     # the ranks of an FSDP model share the samples
     shared = distributed.data_parallel(group) if group is not None and distributed.active() is None \

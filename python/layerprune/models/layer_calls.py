@@ -1,9 +1,8 @@
-"""One cached forward pass: the hidden state entering every decoder layer, and the loss from any layer on.
+"""Running a decoder one layer at a time: the hidden state entering every decoder layer, the keyword arguments
+(causal or sliding-window mask, position embeddings) the model passes each layer, one layer called again on
+its captured input, and the loss from the hidden state entering the final norm.
 
-Every layer-importance method reuses it: evaluating a change to layer ``l`` runs only layer ``l`` and
-layers ``l+1 .. L-1`` plus the final norm and ``lm_head`` on the cached input of layer ``l``. Each layer
-is called again with the exact keyword arguments (causal or sliding-window mask, position embeddings)
-that its model passed it, captured by a forward pre-hook.
+Layer importance, the refit and the layer-by-layer executor all run layers this way.
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ import torch
 from layerprune import distributed
 from layerprune.arch import LAYER_KWARGS, adapter_for
 from layerprune.errors import InvalidInputError, ModelError, NumericalError
-
-METRICS = ("loss", "ppl")
 
 
 @dataclass
@@ -37,6 +34,23 @@ def check_ids(calib_ids: torch.Tensor) -> torch.Tensor:
     if calib_ids.shape[1] < 2 or calib_ids.shape[0] < 1:
         raise InvalidInputError(f"calib_ids: need at least 1 sample of >= 2 tokens, got shape {tuple(calib_ids.shape)}")
     return calib_ids.long()
+
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+
+def _dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+
+def layer_call(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
 
 
 def head_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 4,
@@ -59,10 +73,6 @@ def head_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
     total, count = distributed.sum_values(total, count)
     return total / count
 
-
-def layer_call(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def capture_layer_inputs(model: torch.nn.Module, calib_ids: torch.Tensor, progress: bool = True) -> LayerInputs:
@@ -106,8 +116,10 @@ def capture_layer_inputs(model: torch.nn.Module, calib_ids: torch.Tensor, progre
     return LayerInputs(hidden=hidden, layer_kwargs=kwargs_seen, labels=labels, base_loss=base)  # type: ignore[arg-type]
 
 
+
 class _Probed(Exception):
     """Ends a probing forward once the last decoder layer's arguments are captured."""
+
 
 
 def layer_arguments(model: torch.nn.Module, *, input_ids: torch.Tensor | None = None,
@@ -147,25 +159,6 @@ def layer_arguments(model: torch.nn.Module, *, input_ids: torch.Tensor | None = 
     return first[0], seen  # type: ignore[return-value]
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-def loss_from_layer(model: torch.nn.Module, cache: LayerInputs, start: int, hidden: torch.Tensor) -> float:
-    """Calibration loss when ``hidden`` enters layer ``start`` (runs layers start..L-1 + head)."""
-    layers = adapter_for(model).decoder_layers(model)
-    with torch.no_grad():
-        for i in range(start, len(layers)):
-            hidden = layer_call(layers[i], hidden, cache.layer_kwargs[i])
-        loss = head_loss(model, hidden, cache.labels)
-    if not math.isfinite(loss):
-        raise NumericalError(f"calibration loss became {loss} after perturbing layer {start - 1}")
-    return loss
-
 
 def batch_slice(value: Any, start: int, end: int, batch: int) -> Any:
     """Samples ``start:end`` of a layer argument: tensors (and tuples of them) whose first dimension is the
@@ -177,28 +170,5 @@ def batch_slice(value: Any, start: int, end: int, batch: int) -> Any:
     return value
 
 
-def subset_cache(model: torch.nn.Module, cache: LayerInputs, n_samples: int) -> LayerInputs:
-    """The first ``n_samples`` calibration sequences of a cache (per-sample tensors sliced on dim 0); of the
-    whole batch when data-parallel (each rank keeps its samples among them)."""
-    n_all = cache.labels.shape[0]
-    if n_samples >= distributed.global_count(n_all):
-        return cache
-    distributed.check_shareable(n_samples, "curve_samples")
-    n_local = distributed.local_prefix(n_samples, n_all)
-    hidden = [h[:n_local] for h in cache.hidden]
-    kwargs = [{k: batch_slice(v, 0, n_local, n_all) for k, v in kw.items()} for kw in cache.layer_kwargs]
-    labels = cache.labels[:n_local]
-    sub = LayerInputs(hidden=hidden, layer_kwargs=kwargs, labels=labels, base_loss=0.0)
-    with torch.no_grad():
-        sub.base_loss = head_loss(model, hidden[-1], labels)
-    return sub
-
-
-def increase(loss: float, base: float, metric: str) -> float:
-    if metric == "ppl":
-        return math.exp(min(loss, 700.0)) - math.exp(base)
-    return loss - base
-
-
-__all__ = ["METRICS", "LayerInputs", "batch_slice", "capture_layer_inputs", "check_ids", "head_loss", "increase", "layer_arguments", "layer_call",
-           "loss_from_layer", "model_device", "subset_cache"]
+__all__ = ["LayerInputs", "batch_slice", "capture_layer_inputs", "check_ids", "head_loss", "layer_arguments",
+           "layer_call", "model_device"]
