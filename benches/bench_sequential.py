@@ -38,6 +38,7 @@ from layerprune.atomic import write_json_atomic  # noqa: E402
 GB = 10**9
 # (layers, hidden, query heads, KV heads, head_dim, MLP, vocabulary, tied embeddings)
 SHAPES = {
+    "Llama-3.2-1B": (16, 2048, 32, 8, 64, 8192, 128256, True),
     "Llama-3.2-3B": (28, 3072, 24, 8, 128, 8192, 128256, True),
     "Llama-3-8B": (32, 4096, 32, 8, 128, 14336, 128256, False),
     "Llama-3.1-8B": (32, 4096, 32, 8, 128, 14336, 128256, False),
@@ -48,6 +49,7 @@ SHAPES = {
 _LLAMA3_SCALING = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 8192}
 ROPE = {
+    "Llama-3.2-1B": (131072, {**_LLAMA3_SCALING, "factor": 32.0}),
     "Llama-3.2-3B": (131072, {**_LLAMA3_SCALING, "factor": 32.0}),
     "Llama-3-8B": (8192, {"rope_type": "default", "rope_theta": 500000.0}),
     "Llama-3.1-8B": (131072, {**_LLAMA3_SCALING, "factor": 8.0}),
@@ -58,6 +60,17 @@ ROPE = {
 PROJECTED = ("Llama-3.2-3B", "Llama-3-8B", "Llama-3-70B")
 DEFAULT_SHAPE = "Llama-3.2-3B"
 DTYPE_BYTES = 2  # bfloat16
+# What the layer-by-layer executor runs, by name (--method): PruneConfig fields. "activation" is the bench's first
+# method (Block Influence, Wanda, no refit); "default" is PruneConfig's defaults resolved for the executor.
+METHODS = {
+    "activation": dict(layer_importance="activation", importance="activation", refit="none"),
+    "activation-lstsq": dict(layer_importance="activation", importance="activation"),
+    "default": {},
+    "removal": dict(layer_importance="removal", importance="l2", refit="none"),
+    "uniform-obs": dict(mode="uniform", match_params=True, importance="obs"),
+    "flap": dict(mode="flap", refit="bias", refit_error_correction=False),
+}
+DEFAULT_METHOD = "activation"
 
 
 def _config(layers: int, shape: str = DEFAULT_SHAPE):
@@ -108,7 +121,7 @@ def _rss_now() -> int:
 
 
 def child(folder: Path, out: Path, samples: int, seq_len: int, threads: int, shape: str = DEFAULT_SHAPE,
-          device: str = "cpu") -> dict:
+          device: str = "cpu", method: str = DEFAULT_METHOD, refit_samples: int | None = None) -> dict:
     """Prune in this process; the peak RSS (ru_maxrss) covers the whole run, imports included (and, on CUDA, the
     context, created before the baseline); the peak device memory is torch's allocator's over the pruning run."""
     import torch
@@ -127,11 +140,13 @@ def child(folder: Path, out: Path, samples: int, seq_len: int, threads: int, sha
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     vocab = SHAPES[shape][6]
     calib = torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(0))
-    config = PruneConfig(ratio=0.25, mode="unbalanced", solver="dp", layer_importance="activation",
-                         importance="activation", refit="none", calib_samples=samples, calib_seq_len=seq_len)
+    refit = {} if refit_samples is None else {"refit_samples": refit_samples}
+    config = PruneConfig(ratio=0.25, calib_samples=samples, calib_seq_len=seq_len, **refit, **METHODS[method])
+    refit_ids = torch.randint(0, vocab, (config.refit_samples, config.refit_seq_len),
+                              generator=torch.Generator().manual_seed(1))
     t0 = time.perf_counter()
     folder_out, result = prune_checkpoint(folder, config, out, dtype=torch.bfloat16, calib_ids=calib,
-                                          device=device, progress=False)
+                                          refit_ids=refit_ids, device=device, progress=False)
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -147,6 +162,8 @@ def child(folder: Path, out: Path, samples: int, seq_len: int, threads: int, sha
         "seconds": seconds,
         "layers": report["sequential"]["layers"],
         "timings": report["timings"],
+        "method": method,
+        "config": report["config"] if "config" in report else None,
         "max_layer_bytes": report["sequential"]["max_layer_bytes"],
         "bytes_read": report["sequential"]["bytes_read"],
         "hidden_states": report["sequential"]["hidden_states"],
@@ -179,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"shapes of the random checkpoint (default: {DEFAULT_SHAPE}; tiny: a toy for dry runs)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers of the checkpoint (default: the shape's)")
     ap.add_argument("--device", default="cpu", help="where the layers run: cpu, cuda, cuda:N (default: cpu)")
+    ap.add_argument("--method", choices=sorted(METHODS), default=DEFAULT_METHOD,
+                    help=f"what the run prunes with (default: {DEFAULT_METHOD}: Block Influence, Wanda, no refit)")
+    ap.add_argument("--refit-samples", type=int, default=None, help="refit windows of 256 tokens (default: the config's)")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="prune this checkpoint (written earlier with --keep) instead of writing one")
     ap.add_argument("--calib-samples", type=int, default=10)
     ap.add_argument("--calib-seq-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the pruning run (default: 1)")
@@ -195,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--device: cpu or cuda[:N], got {args.device!r}")
     if args.child:
         result = child(Path(args.child[0]), Path(args.child[1]), args.calib_samples, args.calib_seq_len, args.threads,
-                       shape=measured, device=args.device)
+                       shape=measured, device=args.device, method=args.method, refit_samples=args.refit_samples)
         print(json.dumps(result))
         return 0
     cuda = args.device.startswith("cuda")
@@ -209,12 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-sequential-", dir=args.workdir))
     try:
         t0 = time.perf_counter()
-        ckpt_bytes = write_checkpoint(work / "checkpoint", layers_measured, measured, args.device if cuda else "cpu")
+        checkpoint = work / "checkpoint" if args.checkpoint is None else args.checkpoint
+        if args.checkpoint is None:
+            ckpt_bytes = write_checkpoint(checkpoint, layers_measured, measured, args.device if cuda else "cpu")
+        else:
+            ckpt_bytes = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
         write_seconds = time.perf_counter() - t0
         print(f"checkpoint: {measured} shapes, {layers_measured} layers, bfloat16, {ckpt_bytes / GB:.2f} GB "
               f"(written in {write_seconds:.0f} s to {work})", flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "RAYON_NUM_THREADS": str(args.threads)}
-        cmd = [sys.executable, __file__, "--child", str(work / "checkpoint"), str(work / "pruned"),
+        cmd = [sys.executable, __file__, "--child", str(checkpoint), str(work / "pruned"), "--method", args.method,
+               *(["--refit-samples", str(args.refit_samples)] if args.refit_samples else []),
                "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len),
                "--threads", str(args.threads), "--shape", measured, "--layers", str(layers_measured),
                "--device", args.device]
@@ -230,9 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     per_pass: dict[str, list[float]] = {"importance": [], "prune": []}
     for rec in r["layers"]:
         per_pass[rec["pass"]].append(rec["seconds"])
+    if not per_pass["importance"]:  # one pass (uniform, depth)
+        per_pass["importance"] = [0.0] * len(per_pass["prune"])
     seconds_per_layer = [a + b for a, b in zip(per_pass["importance"], per_pass["prune"])]
     where = f"on {r['device_name']}" if cuda else f"on the CPU, {args.threads} thread(s)"
-    print(f"\npruned 25% layer by layer (Block Influence + Wanda scores + dp; {args.calib_samples} x "
+    print(f"\npruned 25% layer by layer (--method {args.method}: {METHODS[args.method] or 'the defaults'}; {args.calib_samples} x "
           f"{args.calib_seq_len} calibration tokens; {where}) in {r['seconds']:.1f} s; "
           f"actual ratio {r['actual_ratio']:.4f}")
     print("\nlayer | importance pass (s) | prune + write pass (s) | both (s)")

@@ -160,9 +160,9 @@ def _inject(where: str, failing_rank: int) -> None:
         return
     if where == "loss":
         from layerprune.errors import InvalidInputError
-        from layerprune.importance import cache
+        from layerprune.importance import losses
 
-        original, calls = cache.head_loss, [0]
+        original, calls = losses.head_loss, [0]
 
         def failing_head_loss(*args, **kwargs):
             calls[0] += 1
@@ -170,7 +170,7 @@ def _inject(where: str, failing_rank: int) -> None:
                 raise InvalidInputError(f"injected failure on rank {rank}")
             return original(*args, **kwargs)
 
-        cache.head_loss = failing_head_loss
+        losses.head_loss = failing_head_loss
     elif where == "save":
         import layerprune.export
 

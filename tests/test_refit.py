@@ -18,7 +18,7 @@ from layerprune.models import count_parameters, load_pruned
 from layerprune.pruning import masked_dense_forward, prune, pruned_copy
 from layerprune.pruning.refit_loop import refit_kept_weights
 from layerprune.refit import InputGram, compensation_bias, reconstruction_error, refit_output_projection
-from layerprune.refit.lstsq import symmetric_gram
+from layerprune.refit.lstsq import add_symmetric_gram_
 from layerprune.scoring.selection import LayerKeep
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -26,9 +26,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 40), features=st.integers(1, 70), block=st.integers(1, 32), seed=st.integers(0, 10_000))
-def test_symmetric_gram_equals_the_full_product(rows, features, block, seed):
+def test_symmetric_gram_adds_the_full_product(rows, features, block, seed):
     x = torch.randn(rows, features, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(symmetric_gram(x, block), x.T @ x, rtol=1e-12, atol=1e-12)
+    start = torch.randn(features, features, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    got = add_symmetric_gram_(start.clone(), x, block)
+    torch.testing.assert_close(got, start + x.T @ x, rtol=1e-12, atol=1e-12)
 
 
 def _stats(x: torch.Tensor, chunks: int = 3) -> InputGram:

@@ -9,6 +9,7 @@ import math
 import pytest
 
 from layerprune.errors import InvalidInputError
+from layerprune.provenance import versions
 from layerprune.report import plots
 from layerprune.report import tables as report
 
@@ -78,7 +79,7 @@ def test_markdown_has_table_verdict_layers_generations():
     runs = _runs()
     rep = {
         "schema": report.SCHEMA, "model": "tiny", "command": ["layerprune", "compare"],
-        "versions": report.versions(), "settings": {"seed": 0}, "runs": runs,
+        "versions": versions(), "settings": {"seed": 0}, "runs": runs,
         "methods": ["dense", "uniform-range", "uniform", "unbalanced-seed", "unbalanced"],
         "layer_importance": {"removal": {"attn": [0.1, 0.2, 0.3], "mlp": [1, 2, 3], "combined": [1.1, 2.2, 3.3]}},
         "prompts": ["p1", "p2"],
@@ -97,7 +98,7 @@ def test_markdown_has_table_verdict_layers_generations():
 
 
 def test_write_report_atomic_and_schema(tmp_path):
-    rep = {"schema": report.SCHEMA, "command": ["x"], "versions": report.versions(), "runs": _runs(),
+    rep = {"schema": report.SCHEMA, "command": ["x"], "versions": versions(), "runs": _runs(),
            "extra": float("nan")}
     json_path, md_path = report.write_report(tmp_path, rep)
     loaded = json.loads(json_path.read_text())

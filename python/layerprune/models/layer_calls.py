@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -53,26 +54,61 @@ def layer_call(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, A
 
 
 
-def head_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 4,
-              lm_head: Any = None) -> float:
+LOGITS_BYTES = 64 * 2**20  # float32 logits a loss holds at a time: [positions, vocabulary] in chunks of positions
+
+HeadBlocks = Callable[[], Iterator[tuple[int, torch.Tensor]]]
+
+
+def head_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+              head_blocks: HeadBlocks | None = None) -> float:
     """Mean next-token cross-entropy from the hidden state entering the final norm.
 
     ``loss = mean_{b,t<T-1} CE(lm_head(norm(h))[b,t], labels[b,t+1])`` (what HF's ``labels=input_ids``
-    computes), evaluated ``chunk`` samples at a time to bound the logits' memory. Data-parallel: the sum and
-    the token count of every rank's samples (:mod:`layerprune.distributed`). ``lm_head``: a callable that
-    stands in for the model's (the layer-by-layer engine's, which reads the head matrix in row blocks).
+    computes), over chunks of positions whose float32 logits take at most ``LOGITS_BYTES`` (a 128k vocabulary
+    holds 130 positions at a time, not the whole batch). Data-parallel: the sum and the token count of every
+    rank's samples (:mod:`layerprune.distributed`). ``head_blocks``: the head matrix in row blocks, ``(first
+    vocabulary row, rows)`` (the layer-by-layer engine's, which never holds it whole); each block is read once
+    and the loss is a streaming log-sum-exp over the blocks (Milakov and Gimelshein 2018, "Online normalizer
+    calculation for softmax"), equal to the whole head's to float rounding.
     """
     adapter = adapter_for(model)
-    norm, lm_head = adapter.final_norm(model), adapter.lm_head(model) if lm_head is None else lm_head
-    total, count = 0.0, 0
-    for s in range(0, hidden.shape[0], chunk):
-        logits = lm_head(norm(hidden[s : s + chunk, :-1])).float()
-        target = labels[s : s + chunk, 1:]
-        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
-        count += target.numel()
+    norm = adapter.final_norm(model)
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    target = labels[:, 1:].reshape(-1).to(states.device)
+    count = target.numel()
+    if head_blocks is not None:
+        total = _streamed_cross_entropy(norm(states), target, head_blocks)
+    else:
+        head = adapter.lm_head(model)
+        rows = max(1, LOGITS_BYTES // (4 * head.weight.shape[0]))
+        total = 0.0
+        for s in range(0, count, rows):
+            logits = head(norm(states[s:s + rows])).float()
+            total += float(torch.nn.functional.cross_entropy(logits, target[s:s + rows], reduction="sum"))
     total, count = distributed.sum_values(total, count)
     return total / count
 
+
+def _streamed_cross_entropy(normed: torch.Tensor, target: torch.Tensor, head_blocks: HeadBlocks) -> float:
+    """``Σ_i logsumexp(z_i) − z_i[target_i]`` with ``z = normed Wᵀ`` and ``W`` arriving in row blocks: a running
+    maximum ``m`` and ``s = Σ exp(z − m)`` per position, rescaled when ``m`` grows."""
+    n = normed.shape[0]
+    peak = torch.full((n,), -math.inf, dtype=torch.float32, device=normed.device)
+    scaled = torch.zeros(n, dtype=torch.float32, device=normed.device)
+    picked = torch.zeros(n, dtype=torch.float32, device=normed.device)
+    for first, weight in head_blocks():
+        last = first + weight.shape[0]
+        rows = max(1, LOGITS_BYTES // (4 * weight.shape[0]))
+        for p in range(0, n, rows):
+            q = min(p + rows, n)
+            z = torch.nn.functional.linear(normed[p:q], weight).float()
+            grown = torch.maximum(peak[p:q], z.amax(1))
+            scaled[p:q] = scaled[p:q] * torch.exp(peak[p:q] - grown) + torch.exp(z - grown[:, None]).sum(1)
+            peak[p:q] = grown
+            t = target[p:q]
+            inside = torch.nonzero((t >= first) & (t < last)).flatten()
+            picked[p + inside] = z[inside, t[inside] - first]
+    return float((peak + torch.log(scaled) - picked).double().sum())
 
 
 def capture_layer_inputs(model: torch.nn.Module, calib_ids: torch.Tensor, progress: bool = True) -> LayerInputs:
@@ -170,5 +206,5 @@ def batch_slice(value: Any, start: int, end: int, batch: int) -> Any:
     return value
 
 
-__all__ = ["LayerInputs", "batch_slice", "capture_layer_inputs", "check_ids", "head_loss", "layer_arguments",
+__all__ = ["LOGITS_BYTES", "HeadBlocks", "LayerInputs", "batch_slice", "capture_layer_inputs", "check_ids", "head_loss", "layer_arguments",
            "layer_call", "model_device"]

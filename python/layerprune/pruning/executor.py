@@ -8,6 +8,7 @@ layers and the larger of the embeddings / head leave of that memory.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -15,6 +16,26 @@ import torch
 
 from layerprune.models import resolve_model
 from layerprune.models.checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint
+
+
+# glibc's mallopt parameter, and the size from which the layer-by-layer executor's allocations are mapped pages
+M_MMAP_THRESHOLD = -3
+MAPPED_ALLOCATION_BYTES = 4 * 2**20
+
+
+def return_freed_memory_to_the_system(threshold: int = MAPPED_ALLOCATION_BYTES) -> bool:
+    """Make glibc serve every allocation of at least ``threshold`` bytes from pages of its own, unmapped when freed.
+
+    By default glibc raises this threshold as large blocks are freed (up to 32 MiB), so a layer's tensors, freed
+    before the next layer's arrive, stay in the heap and count in the resident set; measured on a
+    Llama-3.2-1B-shaped checkpoint layer by layer, they held 1.0 GiB more at the peak. Setting the threshold
+    turns that adjustment off for the process. False where the C library has no ``mallopt`` (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 def available_memory() -> int:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from layerprune import distributed
 from layerprune.arch import adapter_for, gqa
-from layerprune.errors import InvalidInputError
+from layerprune.errors import InternalError, InvalidInputError
 from layerprune.models.layer_calls import batch_slice, capture_layer_inputs, check_ids, layer_arguments, model_device
 from layerprune.refit import DEFAULT_DAMPING, REFIT_MODES, InputGram, compensation_bias, refit_output_projection
 from layerprune.refit.obs import DEFAULT_BATCH_FRACTION, structured_obs
@@ -42,14 +42,31 @@ SELECTIONS = ("given", "obs")  # the kept columns as given, or chosen by structu
 
 
 
+class _SeenInputs:
+    """A projection's inputs kept for its refit output (no second pass through the block), up to ``budget``
+    bytes (None: all); past it they are dropped and the block is run again."""
+
+    def __init__(self, budget: int | None) -> None:
+        self.budget, self.inputs, self.bytes, self.complete = budget, [], 0, True
+
+    def add(self, x: torch.Tensor) -> None:
+        if not self.complete:
+            return
+        self.bytes += x.numel() * x.element_size()
+        if self.budget is not None and self.bytes > self.budget:
+            self.inputs, self.complete = [], False
+        else:
+            self.inputs.append(x.detach())
+
+
 @contextmanager
-def _observing(linear: nn.Linear, stats: InputGram, seen: list[torch.Tensor]) -> Iterator[None]:
+def _observing(linear: nn.Linear, stats: InputGram, seen: _SeenInputs) -> Iterator[None]:
     """While active, ``linear`` only records its inputs (Gram and the tensors) and returns zeros: the block around
     it is run for those inputs alone, the projection's own product is computed once, after the refit."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         stats.update(x)
-        seen.append(x.detach())
+        seen.add(x)
         return x.new_zeros(*x.shape[:-1], linear.out_features)
 
     linear.forward = forward
@@ -143,6 +160,7 @@ def refit_layer(
     damping: float = DEFAULT_DAMPING,
     micro_batch: int = 8,
     select: str = "given",
+    kept_inputs_bytes: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], LayerKeep]:
     """Refit one decoder layer in place (about to be pruned to ``entry``) on its calibration inputs ``x``
     ``[n, T, d]``, called with ``layer_kwargs`` (the whole batch's; sliced per micro-batch).
@@ -150,7 +168,9 @@ def refit_layer(
     o_proj is refit on the attention inputs of ``x``, then down_proj on the MLP inputs of the refit
     attention's output. Returns the refit layer's output on ``x``, the two projections' output errors
     (masked and refit, see :func:`refit_kept_weights`; with OBS "masked" is the OBS choice unrefit) and the
-    keep (``entry``, or the OBS choice of its counts with ``select="obs"``).
+    keep (``entry``, or the OBS choice of its counts with ``select="obs"``). ``kept_inputs_bytes``: how much of a
+    projection's inputs is kept for its refit output (None: all); past it the block runs a second time.
+    The bias compensation (``mode="bias"``, given columns) collects the Gram of the removed columns only.
     """
     adapter = adapter_for(model)
     n = x.shape[0]
@@ -163,12 +183,21 @@ def refit_layer(
     def run(block, inputs, target: nn.Linear, name: str, groups: list[list[int]], kept_units: Sequence[int],
             batch_fraction: float | None) -> torch.Tensor:
         """Collect target's input Gram over the chunks, choose (OBS) and refit, return the block's refit output."""
-        stats = InputGram.empty(target.in_features, device=target.weight.device)
+        removed = None
+        if mode == "bias" and select == "given":
+            kept_set = {c for i in kept_units for c in groups[i]}
+            removed = [c for c in range(target.in_features) if c not in kept_set]
+        stats = InputGram.empty(target.in_features, device=target.weight.device, columns=removed)
         dense_w = target.weight.detach().clone()
-        seen: list[torch.Tensor] = []  # target's inputs: its refit output is computed from them, no second pass
-        with _observing(target, stats, seen):
+        seen = _SeenInputs(kept_inputs_bytes)  # target's inputs: its refit output is computed from them
+
+        def run_block():
             for s, e in chunks:
-                block(inputs[s:e], {k: batch_slice(v, s, e, n) for k, v in layer_kwargs.items()})
+                yield block(inputs[s:e], {k: batch_slice(v, s, e, n) for k, v in layer_kwargs.items()})
+
+        with _observing(target, stats, seen):
+            for _ in run_block():
+                pass
         InputGram.all_reduce([stats])  # data-parallel: every rank's calibration rows
         dense_b = None if target.bias is None else target.bias.detach().clone()
         if select == "obs":
@@ -187,7 +216,9 @@ def refit_layer(
         else:
             _apply(target, stats, kept, mode, damping)
         layer_errors[f"{name}_refit"] = _output_error(dense_w, dense_b, target.weight, target.bias, stats)
-        return torch.cat([target(x_in) for x_in in seen])
+        if seen.complete:
+            return torch.cat([target(x_in) for x_in in seen.inputs])
+        return torch.cat(list(run_block()))  # the block again, the refit projection in it: the same inputs
 
     head_groups = [gqa.q_rows([j], ratio, head_dim) for j in range(geometry.num_kv_heads)]
     channel_groups = [[c] for c in range(geometry.intermediate)]
@@ -202,9 +233,18 @@ def refit_layer(
 def _output_error(dense_w: torch.Tensor, dense_b: torch.Tensor | None, new_w: torch.Tensor,
                   new_b: torch.Tensor | None, stats: InputGram) -> float:
     """``mean ‖(W x + b) − (W' x + b')‖²`` over the collected inputs, from their Gram ``H/n`` and mean ``μ``:
-    ``tr(D H/n Dᵀ) + 2 δᵀ D μ + ‖δ‖²`` with ``D = W − W'``, ``δ = b − b'`` (a missing bias is zero)."""
+    ``tr(D H/n Dᵀ) + 2 δᵀ D μ + ‖δ‖²`` with ``D = W − W'``, ``δ = b − b'`` (a missing bias is zero). A Gram of
+    some columns only (``stats.columns``) serves when ``D`` is zero outside them."""
     d = (dense_w - new_w).to(torch.float64)
-    value = torch.einsum("ij,jk,ik->", d, stats.gram / max(stats.count, 1), d)
+    moment = d
+    if stats.columns is not None:
+        columns = stats.columns.to(d.device)
+        outside = torch.ones(d.shape[1], dtype=torch.bool, device=d.device)
+        outside[columns] = False
+        if bool(d[:, outside].any()):
+            raise InternalError("refit error: the weights changed outside the columns whose Gram was collected")
+        moment = d[:, columns]
+    value = torch.einsum("ij,jk,ik->", moment, stats.gram, moment) / max(stats.count, 1)
     zero = torch.zeros(d.shape[0], dtype=torch.float64, device=d.device)
     delta = (zero if dense_b is None else dense_b.to(torch.float64)) - (zero if new_b is None else new_b.to(torch.float64))
     value = value + 2 * delta @ (d @ stats.mean) + delta @ delta

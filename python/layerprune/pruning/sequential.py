@@ -8,7 +8,8 @@ as hidden states and go through the layers one layer at a time; they live in a
 The embedding matrix is never held whole: the batches are embedded from the rows of their tokens, and the
 matrix goes to the output in blocks of rows. The final norm and ``lm_head`` are read where the losses need
 them; a head matrix heavier than two layers (Llama-3.2-3B's tied 128k vocabulary weighs four) is read in
-row blocks for each four samples' logits, which equal the whole matrix's.
+row blocks, once per loss, and the loss is a streaming log-sum-exp over the blocks
+(:func:`layerprune.models.layer_calls.head_loss`), equal to the whole matrix's to float rounding.
 
 Two passes over the weights when the allocation needs every layer first (``mode="unbalanced"``):
 
@@ -37,7 +38,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ from layerprune.importance import LayerImportance
 from layerprune.importance.block_influence import block_influence
 from layerprune.importance.depth import depth_importance
 from layerprune.importance.losses import increase
-from layerprune.models.layer_calls import batch_slice, head_loss, layer_arguments, layer_call
+from layerprune.models.layer_calls import HeadBlocks, batch_slice, head_loss, layer_arguments, layer_call
 from layerprune.importance.sensitivity import curve_points, pruned_layer_outputs, sensitivity_result
 from layerprune.models import count_parameters
 from layerprune.models.checkpoint import (
@@ -66,6 +67,7 @@ from layerprune.models.checkpoint import (
     load_module,
     release_module,
 )
+from layerprune.pruning.executor import return_freed_memory_to_the_system
 from layerprune.pruning.flap import flap_allocation, layer_fluctuation
 from layerprune.pruning.hidden_states import HiddenStatePool, StoredHidden
 from layerprune.pruning.config import PruneConfig, resolve_config, solver_for, validate_against_model
@@ -96,6 +98,7 @@ from layerprune.scoring.selection import LayerKeep, select_keep
 GRAM_MICRO_BATCH = 8  # output_projection_grams' micro-batch: the refit statistics see the same batches
 ROW_BLOCK_BYTES = 64 * 2**20  # embeddings and lm_head are read and written in blocks of rows of this size
 RESIDENT_HEAD_LAYERS = 2  # the head matrix is held whole for the losses when it weighs at most this many layers
+KEPT_INPUT_LAYERS = 1  # the refit keeps a projection's inputs up to this many layers' bytes, else runs the block again
 
 
 class TensorSink(Protocol):
@@ -214,24 +217,21 @@ class _Engine:
             with self.clock("write"):
                 self.sink.write_rows(name, block, start, entry.shape)
 
-    def blocked_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``lm_head`` computed with its matrix read in row blocks: the logits of every block of the vocabulary
-        written into one output. Equal to the whole matmul to float rounding, not bit for bit: the BLAS picks its
-        kernel, and so each dot product's order of summation, by the shape of the block."""
+    def head_blocks(self) -> HeadBlocks:
+        """The ``lm_head`` matrix read in row blocks of ``ROW_BLOCK_BYTES``, ``(first row, rows)`` each, for
+        :func:`layerprune.models.layer_calls.head_loss` (which reads each block once per loss)."""
         entry = self.ckpt.entries[self._head_name]
         vocab = entry.shape[0]
         step = max(1, ROW_BLOCK_BYTES // max(1, entry.nbytes // vocab))
 
-        def lm_head(hidden: torch.Tensor) -> torch.Tensor:
-            out = torch.empty((*hidden.shape[:-1], vocab), dtype=hidden.dtype, device=hidden.device)
+        def blocks() -> Iterator[tuple[int, torch.Tensor]]:
             for start in range(0, vocab, step):
-                end = min(start + step, vocab)
                 with self.clock("read"):
-                    block = self.ckpt.read_rows(self._head_name, start, end, self.dtype, self.device)
-                out[..., start:end] = torch.nn.functional.linear(hidden, block)
-            return out
+                    block = self.ckpt.read_rows(self._head_name, start, min(start + step, vocab), self.dtype,
+                                                self.device)
+                yield start, block
 
-        return lm_head
+        return blocks
 
     # ---- the calibration batches enter -----------------------------------------------------------
 
@@ -435,25 +435,25 @@ class _Engine:
         # The head matrix is held whole only when it weighs at most two layers (a 128k vocabulary outweighs
         # four Llama-3.2-3B layers); otherwise it is read in row blocks for every four samples' logits.
         resident = self.ckpt.nbytes([self._head_name], self.dtype) <= RESIDENT_HEAD_LAYERS * self.max_layer_bytes
-        lm_head = None
+        head_blocks = None
         if resident:
             self.load(head)
         else:
             if getattr(self.adapter.lm_head(self.model), "bias", None) is not None:
                 raise ModelError("model: lm_head has a bias, which layerprune's families never have")
-            lm_head = self.blocked_head()
+            head_blocks = self.head_blocks()
         with self.clock("layer_importance"):
             final = main.get()
-            base = head_loss(self.model, final, labels, lm_head=lm_head)
+            base = head_loss(self.model, final, labels, head_blocks=head_blocks)
             if not math.isfinite(base):
                 raise NumericalError(f"calibration loss of the dense model is {base} (overflow in {self.dtype}?)")
             base_sub = base if n_sub == final.shape[0] else head_loss(self.model, final[:n_sub], labels[:n_sub],
-                                                                      lm_head=lm_head)
+                                                                      head_blocks=head_blocks)
             losses = []
             for origin, _part, _kept, slot in tqdm(probes, desc="losses of the perturbed layers",
                                                    disable=not self.progress or not probes, leave=False):
                 hidden = slot.get()
-                loss = head_loss(self.model, hidden, labels[:hidden.shape[0]], lm_head=lm_head)
+                loss = head_loss(self.model, hidden, labels[:hidden.shape[0]], head_blocks=head_blocks)
                 if not math.isfinite(loss):
                     raise NumericalError(f"calibration loss became {loss} after perturbing layer {origin}")
                 losses.append(loss)
@@ -564,6 +564,7 @@ class _Engine:
         x = stream.get()
         following = None if self.config.refit_error_correction else layer_call(layer, x, kwargs)
         out, errors, entry = refit_layer(self.model, layer, entry, x, kwargs, mode=self.config.refit,
+                                         kept_inputs_bytes=KEPT_INPUT_LAYERS * self.max_layer_bytes,
                                          damping=self.config.refit_damping,
                                          select="obs" if self.config.importance == "obs" else "given")
         stream.set(out if following is None else following)
@@ -619,6 +620,7 @@ def prune_sequential(
 
     config = resolve_config(config, "layers")  # the defaults filled and every field checked, once
     options = options or SequentialOptions()
+    return_freed_memory_to_the_system()  # a freed layer leaves the resident set (pruning/executor.py)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InvalidInputError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
     ckpt = checkpoint if isinstance(checkpoint, SafetensorsCheckpoint) else SafetensorsCheckpoint(checkpoint)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from layerprune import distributed
-from layerprune.errors import InvalidInputError, NumericalError
+from layerprune.errors import InternalError, InvalidInputError, NumericalError
 
 DEFAULT_DAMPING = 0.01
 
@@ -29,43 +29,53 @@ DEFAULT_DAMPING = 0.01
 GRAM_BLOCK = 256
 
 
-def symmetric_gram(rows: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
-    """``rowsᵀ rows`` from its upper block triangle only (the lower blocks are mirrored): about ``(k+1)/2k`` of
-    the full product's work for ``k`` column blocks of ``block`` columns."""
+def add_symmetric_gram_(out: torch.Tensor, rows: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """``out += rowsᵀ rows`` from its upper block triangle only (the lower blocks are mirrored): about ``(k+1)/2k``
+    of the full product's work for ``k`` column blocks of ``block`` columns. Added a strip at a time, computed
+    where ``rows`` are and added where ``out`` is: never a whole product beside ``out``."""
     features = rows.shape[1]
-    if features <= block:
-        return rows.T @ rows
-    out = torch.empty(features, features, dtype=rows.dtype, device=rows.device)
     for start in range(0, features, block):
         end = min(start + block, features)
-        strip = rows[:, start:end].T @ rows[:, start:]
-        out[start:end, start:] = strip
-        out[end:, start:end] = strip[:, end - start:].T
+        strip = (rows[:, start:end].T @ rows[:, start:]).to(out.device)
+        out[start:end, start:] += strip
+        out[end:, start:end] += strip[:, end - start:].T
     return out
 
 
 @dataclass
 class InputGram:
-    """Running ``H = Σ xᵀx``, ``Σ x`` and the row count of a projection's inputs, in float64."""
+    """Running ``H = Σ xᵀx``, ``Σ x`` and the row count of a projection's inputs, in float64. With ``columns``
+    the Gram is that of those input columns only (``H[C, C]``; ``Σ x`` stays whole): what FLAP's bias
+    compensation and its errors need, the removed columns' second moments."""
 
     gram: torch.Tensor
     total: torch.Tensor
     count: int = 0
+    columns: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, features: int, device: torch.device | str = "cpu") -> "InputGram":
-        return cls(torch.zeros(features, features, dtype=torch.float64, device=device),
-                   torch.zeros(features, dtype=torch.float64, device=device))
+    def empty(cls, features: int, device: torch.device | str = "cpu",
+              columns: Sequence[int] | None = None) -> "InputGram":
+        index = None if columns is None else torch.as_tensor(list(columns), dtype=torch.long, device=device)
+        size = features if index is None else index.numel()
+        return cls(torch.zeros(size, size, dtype=torch.float64, device=device),
+                   torch.zeros(features, dtype=torch.float64, device=device), columns=index)
 
     def update(self, x: torch.Tensor) -> None:
         """Add the rows of ``x`` (``[..., features]``): one matmul per micro-batch in float32 (float64 inputs
         in float64), summed in float64. The product is computed where ``x`` is and added where the Gram is."""
         rows = x.detach().reshape(-1, x.shape[-1])
         rows = rows.to(torch.float64) if rows.dtype == torch.float64 else rows.float()
-        self.gram += symmetric_gram(rows).to(self.gram.device)
+        add_symmetric_gram_(self.gram, rows if self.columns is None else rows[:, self.columns.to(rows.device)])
         # in the rows' dtype (a float64 reduction of float32 rows is 10× slower)
         self.total += rows.sum(0).to(self.total.device)
         self.count += rows.shape[0]
+
+    def whole(self, who: str) -> "InputGram":
+        """Itself, when its Gram covers every input column (what a refit solves with)."""
+        if self.columns is not None:
+            raise InternalError(f"{who}: needs the Gram of every input column, this one covers {self.columns.numel()}")
+        return self
 
     @staticmethod
     def all_reduce(grams: Sequence[InputGram]) -> None:
@@ -95,16 +105,19 @@ def _kept_index(kept: Sequence[int] | torch.Tensor, features: int) -> torch.Tens
     return index
 
 
-def damped_cholesky(a: torch.Tensor, damping: float, who: str = "refit") -> torch.Tensor:
-    """The Cholesky factor of ``a + λI`` for symmetric ``a``, ``λ = damping · mean diag a``; the damping grows
-    tenfold until it factors (the one damping rule of the refit and of structured OBS)."""
-    diag = torch.diagonal(a)
-    scale = float(diag.mean()) if diag.numel() else 0.0
+def damped_cholesky(a: torch.Tensor, damping: float, who: str = "refit", divisor: float | None = None) -> torch.Tensor:
+    """The Cholesky factor of ``m + λI`` for symmetric ``m = a / divisor`` (``a`` without a divisor),
+    ``λ = damping · mean diag m``; the damping grows tenfold until it factors (the one damping rule of the refit
+    and of structured OBS). Holds one copy of ``a`` besides the factor: the damping goes onto its diagonal."""
+    m = a / divisor if divisor is not None else a.clone()
+    diag = torch.diagonal(m)
+    plain = diag.clone()
+    scale = float(plain.mean()) if plain.numel() else 0.0
     scale = scale if scale > 0 else 1.0
     lam = damping * scale
-    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     for _ in range(8):
-        factor, info = torch.linalg.cholesky_ex(a + lam * eye)
+        diag.copy_(plain + lam)
+        factor, info = torch.linalg.cholesky_ex(m)
         if int(info) == 0:
             return factor
         lam = max(lam * 10.0, 1e-8 * scale)
@@ -114,6 +127,15 @@ def damped_cholesky(a: torch.Tensor, damping: float, who: str = "refit") -> torc
 def _solve_damped(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
     """``rhs (a + λI)⁻¹`` for symmetric ``a`` (:func:`damped_cholesky`)."""
     return torch.cholesky_solve(rhs.T, damped_cholesky(a, damping)).T
+
+
+COLUMN_BLOCK = 1024  # columns of a Gram slice taken at a time (a [in, |S|] slice of an 8192-wide MLP is 384 MiB)
+
+
+def _times_gram_columns(w: torch.Tensor, gram: torch.Tensor, s: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``w (gram[:, s] / divisor)``, ``COLUMN_BLOCK`` columns of ``s`` at a time."""
+    return torch.cat([w @ (gram[:, s[b:b + COLUMN_BLOCK]] / divisor) for b in range(0, s.numel(), COLUMN_BLOCK)],
+                     dim=1)
 
 
 def refit_output_projection(
@@ -130,14 +152,19 @@ def refit_output_projection(
     ``weight`` is the dense ``[out, in]`` matrix; ``stats`` the Gram of its dense inputs. Without ``affine``
     the returned bias is ``bias`` unchanged.
     """
+    stats = stats.whole("refit")
     if weight.dim() != 2 or stats.gram.shape != (weight.shape[1], weight.shape[1]):
         raise InvalidInputError(f"refit: weight {tuple(weight.shape)} does not match the Gram {tuple(stats.gram.shape)}")
     if stats.count < 1:
         raise InvalidInputError("refit: no calibration rows were collected")
     s = _kept_index(kept, weight.shape[1]).to(stats.gram.device)
     w = weight.detach().to(stats.gram.device, torch.float64)
-    second = stats.covariance() if affine else stats.gram / stats.count
-    new_w = _solve_damped(second[s][:, s], w @ second[:, s], damping)
+    if affine:
+        second = stats.covariance()
+        new_w = _solve_damped(second[s][:, s], w @ second[:, s], damping)
+    else:  # never a whole copy of the Gram: its kept block, and its kept columns in blocks
+        kept_block = stats.gram[s[:, None], s] / stats.count
+        new_w = _solve_damped(kept_block, _times_gram_columns(w, stats.gram, s, stats.count), damping)
     if not affine:
         return new_w.to(weight.dtype).to(weight.device), bias
     mean = stats.mean
@@ -174,4 +201,4 @@ def reconstruction_error(weight: torch.Tensor, stats: InputGram, kept: Sequence[
 
 
 __all__ = ["DEFAULT_DAMPING", "InputGram", "compensation_bias", "reconstruction_error", "refit_output_projection",
-           "symmetric_gram"]
+           "add_symmetric_gram_"]

@@ -46,7 +46,7 @@ def damped_inverse(stats: InputGram, damping: float = DEFAULT_DAMPING) -> torch.
     """``(H/n + λI)⁻¹`` with ``λ = damping · mean diag(H/n)``; the damping grows tenfold until it factors."""
     if stats.count < 1:
         raise InvalidInputError("obs: no calibration rows were collected")
-    return torch.cholesky_inverse(damped_cholesky(stats.gram / stats.count, damping, "obs"))  # exactly symmetric
+    return torch.cholesky_inverse(damped_cholesky(stats.gram, damping, "obs", divisor=stats.count))  # symmetric
 
 
 def _group_errors(w: torch.Tensor, blocks: torch.Tensor, cols: torch.Tensor,
