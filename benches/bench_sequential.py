@@ -44,6 +44,7 @@ SHAPES = {
     "Llama-3.1-8B": (32, 4096, 32, 8, 128, 14336, 128256, False),
     "Llama-3-70B": (80, 8192, 64, 8, 128, 28672, 128256, False),
     "tiny": (4, 64, 8, 2, 8, 224, 512, False),  # a toy of the 8B's proportions, for dry runs
+    "mini": (12, 1024, 16, 4, 64, 2816, 32000, True),  # 0.34 GB: tests/test_sequential_memory.py
 }
 # rope of each shape (Llama 3: no scaling, 8k positions; 3.1 / 3.2: llama3 scaling to 128k)
 _LLAMA3_SCALING = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -55,6 +56,7 @@ ROPE = {
     "Llama-3.1-8B": (131072, {**_LLAMA3_SCALING, "factor": 8.0}),
     "Llama-3-70B": (8192, {"rope_type": "default", "rope_theta": 500000.0}),
     "tiny": (2048, {**_LLAMA3_SCALING, "factor": 8.0, "original_max_position_embeddings": 256}),
+    "mini": (4096, {"rope_type": "default", "rope_theta": 500000.0}),
 }
 # the projections' rows (the measured shape is added when it is not one of them)
 PROJECTED = ("Llama-3.2-3B", "Llama-3-8B", "Llama-3-70B")
@@ -120,10 +122,33 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its RSS now (Linux: ``/proc/self/clear_refs``), so that the peak
+    read at the end is the run's, not an import's transient; False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """VmHWM where /proc has it, else ru_maxrss (the process's whole-life peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(folder: Path, out: Path, samples: int, seq_len: int, threads: int, shape: str = DEFAULT_SHAPE,
           device: str = "cpu", method: str = DEFAULT_METHOD, refit_samples: int | None = None) -> dict:
-    """Prune in this process; the peak RSS (ru_maxrss) covers the whole run, imports included (and, on CUDA, the
-    context, created before the baseline); the peak device memory is torch's allocator's over the pruning run."""
+    """Prune in this process. The baseline is the RSS once every import (and, on CUDA, the context) is in; the peak
+    RSS is reset there (VmHWM), so it is the run's; the peak device memory is torch's allocator's over the run."""
     import torch
 
     torch.set_num_threads(threads)
@@ -137,7 +162,10 @@ def child(folder: Path, out: Path, samples: int, seq_len: int, threads: int, sha
     if cuda:
         torch.zeros(1, device=device)  # the CUDA context belongs to the baseline, not to the run
         torch.cuda.reset_peak_memory_stats(device)
-    rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import gc
+
+    gc.collect()
+    rss_imports = _rss_now() if reset_peak_rss() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     vocab = SHAPES[shape][6]
     calib = torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(0))
     refit = {} if refit_samples is None else {"refit_samples": refit_samples}
@@ -156,7 +184,7 @@ def child(folder: Path, out: Path, samples: int, seq_len: int, threads: int, sha
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
         "peak_device_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
         "peak_device_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss(),
         "rss_after_imports_bytes": rss_imports,
         "rss_at_end_bytes": _rss_now(),
         "seconds": seconds,

@@ -326,8 +326,8 @@ def test_prune_on_cuda_keeps_what_the_cpu_keeps(name):
 
 @simulated
 @pytest.mark.parametrize(("name", "tier"), [("sensitivity-obs-lstsq", "device"), ("sensitivity-obs-lstsq", "ram"),
-                                            ("sensitivity-obs-lstsq", "mmap"), ("activation-lstsq-bias", "device"),
-                                            ("removal-l1-bias", "mmap")])
+                                            ("sensitivity-obs-lstsq", "disk"), ("activation-lstsq-bias", "device"),
+                                            ("removal-l1-bias", "disk")])
 def test_layer_by_layer_on_cuda_writes_what_the_cpu_writes(tmp_path, name, tier):
     """The layer-by-layer engine with device="cuda": layers, refit Grams and head on the device, the hidden states
     on the device, in RAM (no device memory free) or spilled to files (no RAM budget either); the same kept heads
@@ -344,10 +344,10 @@ def test_layer_by_layer_on_cuda_writes_what_the_cpu_writes(tmp_path, name, tier)
         if tier != "device":
             torch.cuda.mem_get_info = lambda device=None: (0, 80 * 2**30)  # put back on leaving
         _, result = prune_checkpoint(tmp_path / "dense", config, tmp_path / "cuda", calib_ids=calib, refit_ids=refit,
-                                     device="cuda", progress=False, hidden_budget_bytes=0 if tier == "mmap" else None)
+                                     device="cuda", progress=False, hidden_budget_bytes=0 if tier == "disk" else 2**40)
     assert result.report["sequential"]["device"] == "cuda"
     hidden = result.report["sequential"]["hidden_states"]
-    used = {"device": hidden["peak_device_bytes"], "ram": hidden["peak_ram_bytes"], "mmap": hidden["spilled_bytes"]}
+    used = {"device": hidden["peak_device_bytes"], "ram": hidden["peak_ram_bytes"], "disk": hidden["spilled_bytes"]}
     assert used[tier] > 0 and sum(used.values()) == used[tier]
     cpu_report = json.loads((tmp_path / "cpu" / "report.json").read_text())
     assert _kept(result.report) == _kept(cpu_report)

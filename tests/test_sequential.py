@@ -216,13 +216,14 @@ def test_head_read_in_row_blocks_changes_nothing(tmp_path, monkeypatch, setting)
 
 
 def test_spilled_hidden_states_change_nothing(tmp_path, dense_dirs):
-    """A zero RAM budget puts every hidden-state stream in a memory-mapped file: the same tensors come out."""
+    """A zero RAM budget puts every hidden-state stream in a file: the same tensors come out. The default budget
+    (half of what two layers and the head leave of a quarter of the checkpoint) spills a tiny model's too."""
     calib, refit_ids = _batches()
     dense_dir = dense_dirs["llama3-gqa"]
     for setting in ("removal", "sensitivity-refit"):
         config = plain_config(**SETTINGS[setting], calib_samples=4)
         runs = []
-        for budget in (None, 0):
+        for budget in (2**40, 0):
             out, result = prune_checkpoint(dense_dir, config, tmp_path / f"{setting}-{budget}", calib_ids=calib,
                                            refit_ids=refit_ids, hidden_budget_bytes=budget, progress=False)
             runs.append((_folder_tensors(out), result.report["sequential"]["hidden_states"]))
@@ -231,6 +232,9 @@ def test_spilled_hidden_states_change_nothing(tmp_path, dense_dirs):
         assert ram_stats["spilled_bytes"] == 0 and spill_stats["peak_ram_bytes"] == 0
         assert spill_stats["spilled_streams"] > 4 and spill_stats["spilled_bytes"] > 0
         assert ram.keys() == spilled.keys() and all(torch.equal(ram[k], spilled[k]) for k in ram)
+        _, default = prune_checkpoint(dense_dir, config, tmp_path / f"{setting}-default", calib_ids=calib,
+                                      refit_ids=refit_ids, progress=False)
+        assert default.report["sequential"]["hidden_states"]["spilled_bytes"] > 0
 
 
 # ---------------------------------------------------------------------------------------------------------

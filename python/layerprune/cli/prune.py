@@ -141,9 +141,8 @@ def _run_sequential(args: argparse.Namespace, config: Any, why: str | None, prog
     from layerprune.models import load_config, resolve_model
     from layerprune.models.checkpoint import SafetensorsCheckpoint, empty_model, expected_tensors
     from layerprune.pruning.config import resolve_config
-    from layerprune.pruning.executor import format_size, hidden_state_budget
+    from layerprune.pruning.executor import format_size
     from layerprune.pruning.pipeline import summary_table
-    from layerprune.pruning.sequential import layer_bytes
 
     try:
         config = resolve_config(config, "layers")
@@ -160,12 +159,11 @@ def _run_sequential(args: argparse.Namespace, config: Any, why: str | None, prog
     model_config = load_config(resolved)
     with SafetensorsCheckpoint(resolved) as checkpoint:  # every shard there, whole, with every tensor
         checkpoint.check_covers(expected_tensors(empty_model(model_config, dtype)))
-        largest, outside = layer_bytes(checkpoint, model_config, dtype)
     if why is not None:
         print(f"layerprune prune: {why}: pruning layer by layer (--sequential)", file=sys.stderr)
     out, result = prune_checkpoint(
         resolved, config, args.out, dtype=dtype, device=args.device or "cpu",
-        hidden_budget_bytes=hidden_state_budget(args.max_memory, largest, outside), overwrite=args.overwrite,
+        max_memory=args.max_memory, overwrite=args.overwrite,
         max_shard_bytes=args.max_shard_size or DEFAULT_MAX_SHARD_BYTES, report_extra={"model": os.fspath(args.model)},
         progress=progress)
     report = result.report

@@ -331,6 +331,7 @@ def prune_checkpoint(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     hidden_budget_bytes: int | None = None,
+    max_memory: int | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     calib_ids: torch.Tensor | None = None,
@@ -360,7 +361,8 @@ def prune_checkpoint(
             tokenizer = load_tokenizer(resolved, os.fspath(model), calib_ids is None)
         generation_config = _generation_config(resolved)
         with PrunedFolderWriter(out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes) as writer:
-            options = SequentialOptions(device=device, hidden_budget_bytes=hidden_budget_bytes, spill_dir=writer.scratch)
+            options = SequentialOptions(device=device, hidden_budget_bytes=hidden_budget_bytes, max_memory=max_memory,
+                                        spill_dir=writer.scratch)
             result = prune_sequential(checkpoint, tokenizer, config, writer, dtype=dtype, calib_ids=calib_ids,
                                       calib_source=calib_source, refit_ids=refit_ids, options=options, progress=progress)
             result.report.update(report_extra or {})

@@ -3,7 +3,8 @@
 The library's policy (the CLI only passes the flags): a local safetensors checkpoint whose weights, at the run's
 dtype, exceed the memory the run may use goes layer by layer; everything else is loaded whole. A flag can force
 layer by layer. The layer-by-layer executor keeps its calibration hidden states within half of what two decoder
-layers and the larger of the embeddings / head leave of that memory.
+layers and the head's working set leave of that memory (by default of a quarter of the checkpoint), and spills the
+rest to disk.
 """
 
 from __future__ import annotations
@@ -79,11 +80,20 @@ def choose_executor(model: str | os.PathLike[str], dtype: torch.dtype, max_memor
                       f"({format_size(limit)})")
 
 
-def hidden_state_budget(max_memory: int | None, largest_layer_bytes: int, outside_layers_bytes: int) -> int:
+# The layer-by-layer executor's goal: its peak memory above the imports at most this share of the checkpoint
+LAYER_BY_LAYER_SHARE = 0.25
+
+
+def hidden_state_budget(max_memory: int | None, largest_layer_bytes: int, head_working_bytes: int,
+                        checkpoint_bytes: int) -> int:
     """Bytes the layer-by-layer executor may keep its calibration hidden states in before spilling them to disk:
-    half of what two decoder layers and the larger of the embeddings / head leave of ``max_memory``."""
-    limit = max_memory if max_memory is not None else available_memory()
-    return max(0, limit - 2 * largest_layer_bytes - outside_layers_bytes) // 2
+    half of what two decoder layers and the head's working set (the head matrix where it is held whole, else a
+    row block and the losses' logits) leave of ``max_memory``, by default the smaller of the memory available
+    and ``LAYER_BY_LAYER_SHARE`` of the checkpoint."""
+    limit = max_memory if max_memory is not None else min(available_memory(),
+                                                          int(LAYER_BY_LAYER_SHARE * checkpoint_bytes))
+    return max(0, limit - 2 * largest_layer_bytes - head_working_bytes) // 2
 
 
-__all__ = ["available_memory", "choose_executor", "format_size", "hidden_state_budget"]
+__all__ = ["LAYER_BY_LAYER_SHARE", "available_memory", "choose_executor", "format_size", "hidden_state_budget",
+           "return_freed_memory_to_the_system"]

@@ -1,34 +1,31 @@
-"""Calibration hidden states of the layer-by-layer engine: on the device, in RAM, or in memory-mapped files.
+"""Calibration hidden states of the layer-by-layer engine: on the device, in RAM, or in files on disk.
 
 Each stream (the calibration batch through the layers so far, the refit batch, one perturbed copy per
 layer-importance probe) is a ``[n, T, d]`` tensor that the engine overwrites layer after layer. A pool hands
 out slots in three tiers, filled in order: the compute device (CUDA only, up to ``device_budget_bytes``),
-host RAM (up to ``ram_budget_bytes``), then a memory-mapped file in ``spill_dir``, which the kernel may write
-back and evict. The pool records how much went where.
+host RAM (up to ``ram_budget_bytes``), then a file in ``spill_dir``, written and read whole with
+``pwrite`` / ``pread`` (not mapped: a spilled stream is in the process's memory only while a layer uses it; between
+layers its bytes are the page cache's, which the kernel writes back and evicts). The pool records how much went
+where.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from layerprune.errors import InternalError
-
-# numpy has no bfloat16: its bits are stored as uint16 and viewed back
-_NUMPY_STORAGE = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
-                  torch.bfloat16: np.uint16}
-
 
 @dataclass
 class PoolStats:
     peak_device_bytes: int = 0
     peak_ram_bytes: int = 0
-    spilled_bytes: int = 0  # total bytes ever written to memory-mapped files
+    spilled_bytes: int = 0  # total bytes ever spilled to files
     spilled_streams: int = 0
     live_spilled_bytes: int = 0
     peak_spilled_bytes: int = 0
@@ -44,7 +41,7 @@ class StoredHidden:
     tier: str
     tensor: torch.Tensor | None
     path: Path | None = None
-    _mmap: np.memmap | None = field(default=None, repr=False)
+    _fd: int | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -53,17 +50,33 @@ class StoredHidden:
             n *= s
         return n
 
+    def _check(self, verb: str) -> None:
+        if self.tensor is None and self._fd is None:
+            raise InternalError(f"hidden states: {verb} after free")
+
     def get(self) -> torch.Tensor:
-        if self.tensor is None:
-            raise InternalError("hidden states: read after free")
-        return self.tensor.to(self.pool.device)
+        self._check("read")
+        if self._fd is None:
+            return self.tensor.to(self.pool.device)
+        out = torch.empty(self.shape, dtype=self.dtype)
+        view, done = memoryview(out.view(-1).view(torch.uint8).numpy()), 0
+        while done < self.nbytes:
+            got = os.preadv(self._fd, [view[done:]], done)
+            if got <= 0:
+                raise InternalError(f"hidden states: {self.path} ended after {done} of {self.nbytes} bytes")
+            done += got
+        return out.to(self.pool.device)
 
     def set(self, value: torch.Tensor) -> None:
-        if self.tensor is None:
-            raise InternalError("hidden states: write after free")
+        self._check("write")
         if tuple(value.shape) != self.shape:
             raise InternalError(f"hidden states: shape {tuple(value.shape)} written to a slot of {self.shape}")
-        if value.data_ptr() != self.tensor.data_ptr():
+        if self._fd is not None:
+            data = value.detach().to("cpu", self.dtype).contiguous()
+            view, done = memoryview(data.view(-1).view(torch.uint8).numpy()), 0
+            while done < self.nbytes:
+                done += os.pwrite(self._fd, view[done:], done)
+        elif value.data_ptr() != self.tensor.data_ptr():
             self.tensor.copy_(value)
 
     def free(self) -> None:
@@ -71,7 +84,7 @@ class StoredHidden:
 
 
 class HiddenStatePool:
-    """Slots for hidden-state streams within a device budget, a RAM budget, then memory-mapped files."""
+    """Slots for hidden-state streams within a device budget, a RAM budget, then files on disk."""
 
     def __init__(self, device: str | torch.device = "cpu", *, ram_budget_bytes: int | None = None,
                  device_budget_bytes: int = 0, spill_dir: str | Path | None = None) -> None:
@@ -111,16 +124,15 @@ class HiddenStatePool:
         return StoredHidden(self, shape, dtype, tier, tensor.contiguous())
 
     def _spill(self, value: torch.Tensor) -> StoredHidden:
-        if value.dtype not in _NUMPY_STORAGE:
-            raise InternalError(f"hidden states: cannot spill dtype {value.dtype}")
         self._count += 1
         path = self._folder() / f"stream-{self._count}.bin"
-        mapped = np.memmap(path, dtype=_NUMPY_STORAGE[value.dtype], mode="w+", shape=tuple(value.shape))
-        tensor = torch.from_numpy(mapped)
-        if value.dtype == torch.bfloat16:
-            tensor = tensor.view(torch.bfloat16)
-        tensor.copy_(value)
-        slot = StoredHidden(self, tuple(value.shape), value.dtype, "mmap", tensor, path, mapped)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        slot = StoredHidden(self, tuple(value.shape), value.dtype, "disk", None, path, fd)
+        try:
+            slot.set(value)
+        except BaseException:
+            self._release(slot)
+            raise
         self.stats.spilled_bytes += slot.nbytes
         self.stats.spilled_streams += 1
         self.stats.live_spilled_bytes += slot.nbytes
@@ -128,16 +140,17 @@ class HiddenStatePool:
         return slot
 
     def _release(self, slot: StoredHidden) -> None:
-        if slot.tensor is None:
-            return
-        slot.tensor = None
-        if slot.tier == "mmap":
-            slot._mmap = None
+        if slot._fd is not None:
+            os.close(slot._fd)
+            slot._fd = None
             if slot.path is not None:
                 slot.path.unlink(missing_ok=True)
             self.stats.live_spilled_bytes -= slot.nbytes
-        else:
-            self._used[slot.tier] -= slot.nbytes
+            return
+        if slot.tensor is None:
+            return
+        slot.tensor = None
+        self._used[slot.tier] -= slot.nbytes
 
     def close(self) -> None:
         """Remove the spill folder (every slot must be freed or unused from here on)."""

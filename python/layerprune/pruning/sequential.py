@@ -4,7 +4,7 @@ The model is a skeleton on the meta device (:func:`layerprune.models.checkpoint.
 layer's tensors are read from the safetensors checkpoint when the engine reaches it and freed before the next
 (SparseGPT's and Wanda's layer loops, llm-compressor's sequential pipeline). The calibration batches enter
 as hidden states and go through the layers one layer at a time; they live in a
-:class:`~layerprune.pruning.hidden_states.HiddenStatePool` (the device, RAM, then memory-mapped files).
+:class:`~layerprune.pruning.hidden_states.HiddenStatePool` (the device, RAM, then files on disk).
 The embedding matrix is never held whole: the batches are embedded from the rows of their tokens, and the
 matrix goes to the output in blocks of rows. The final norm and ``lm_head`` are read where the losses need
 them; a head matrix heavier than two layers (Llama-3.2-3B's tied 128k vocabulary weighs four) is read in
@@ -57,7 +57,7 @@ from layerprune.importance import LayerImportance
 from layerprune.importance.block_influence import block_influence
 from layerprune.importance.depth import depth_importance
 from layerprune.importance.losses import increase
-from layerprune.models.layer_calls import HeadBlocks, batch_slice, head_loss, layer_arguments, layer_call
+from layerprune.models.layer_calls import LOGITS_BYTES, HeadBlocks, batch_slice, head_loss, layer_arguments, layer_call
 from layerprune.importance.sensitivity import curve_points, pruned_layer_outputs, sensitivity_result
 from layerprune.models import count_parameters
 from layerprune.models.checkpoint import (
@@ -67,7 +67,7 @@ from layerprune.models.checkpoint import (
     load_module,
     release_module,
 )
-from layerprune.pruning.executor import return_freed_memory_to_the_system
+from layerprune.pruning.executor import hidden_state_budget, return_freed_memory_to_the_system
 from layerprune.pruning.flap import flap_allocation, layer_fluctuation
 from layerprune.pruning.hidden_states import HiddenStatePool, StoredHidden
 from layerprune.pruning.config import PruneConfig, resolve_config, solver_for, validate_against_model
@@ -115,14 +115,16 @@ class TensorSink(Protocol):
 @dataclass
 class SequentialOptions:
     """``device``: where each layer runs (``cuda`` moves one layer at a time). ``hidden_budget_bytes``: host RAM
-    for the calibration hidden states before they spill to memory-mapped files in ``spill_dir`` (default: a
-    temporary folder); None never spills. ``device_budget_bytes``: on CUDA, device memory they may use
-    (default: a quarter of what is free at the start)."""
+    for the calibration hidden states before they spill to files in ``spill_dir`` (default: a temporary folder);
+    None: :func:`layerprune.pruning.executor.hidden_state_budget` of ``max_memory`` (default: a quarter of the
+    checkpoint). ``device_budget_bytes``: on CUDA, device memory they may use (default: a quarter of what is
+    free at the start)."""
 
     device: str | torch.device = "cpu"
     hidden_budget_bytes: int | None = None
     device_budget_bytes: int | None = None
     spill_dir: str | Path | None = None
+    max_memory: int | None = None
 
 
 class _Clock:
@@ -170,15 +172,21 @@ class _Engine:
         device_budget = options.device_budget_bytes
         if device_budget is None and self.device.type == "cuda":
             device_budget = torch.cuda.mem_get_info(self.device)[0] // 4
-        self.pool = HiddenStatePool(self.device, ram_budget_bytes=options.hidden_budget_bytes,
-                                    device_budget_bytes=device_budget or 0, spill_dir=options.spill_dir)
+        self._tied_model = self._tied()
+        self._embed_name = self._name(self.model.get_input_embeddings()) + ".weight"
+        self._head_name = self._embed_name if self._tied_model else self._name(self.adapter.lm_head(self.model)) + ".weight"
+        ram_budget = options.hidden_budget_bytes
+        if ram_budget is None:
+            largest = layer_bytes(checkpoint, model_config, dtype)[0]
+            head = checkpoint.nbytes([self._head_name], dtype)
+            head_working = head if head <= RESIDENT_HEAD_LAYERS * largest else min(head, ROW_BLOCK_BYTES + 3 * LOGITS_BYTES)
+            ram_budget = hidden_state_budget(options.max_memory, largest, head_working, checkpoint.nbytes(dtype=dtype))
+        self.pool = HiddenStatePool(self.device, ram_budget_bytes=ram_budget, device_budget_bytes=device_budget or 0,
+                                    spill_dir=options.spill_dir)
         for module in self.model.modules():  # the skeleton's buffers (rotary frequencies) are real: to the device
             for key, buffer in module._buffers.items():
                 if buffer is not None and buffer.device.type != "meta":
                     module._buffers[key] = buffer.to(self.device)
-        self._tied_model = self._tied()
-        self._embed_name = self._name(self.model.get_input_embeddings()) + ".weight"
-        self._head_name = self._embed_name if self._tied_model else self._name(self.adapter.lm_head(self.model)) + ".weight"
 
     # ---- weights -----------------------------------------------------------------------------------
 
@@ -733,7 +741,7 @@ def prune_sequential(
             "checkpoint_bytes": ckpt.nbytes(),
             "bytes_read": ckpt.bytes_read,
             "max_layer_bytes": engine.max_layer_bytes,
-            "hidden_states": {"ram_budget_bytes": options.hidden_budget_bytes, "peak_ram_bytes": stats.peak_ram_bytes,
+            "hidden_states": {"ram_budget_bytes": engine.pool.ram_budget, "peak_ram_bytes": stats.peak_ram_bytes,
                               "peak_device_bytes": stats.peak_device_bytes, "spilled_bytes": stats.spilled_bytes,
                               "spilled_streams": stats.spilled_streams, "peak_spilled_bytes": stats.peak_spilled_bytes},
             "layers": engine.records,
