@@ -44,7 +44,7 @@ SHAPES = {
     "Llama-3.1-8B": (32, 4096, 32, 8, 128, 14336, 128256, False),
     "Llama-3-70B": (80, 8192, 64, 8, 128, 28672, 128256, False),
     "tiny": (4, 64, 8, 2, 8, 224, 512, False),  # a toy of the 8B's proportions, for dry runs
-    "mini": (12, 1024, 16, 4, 64, 2816, 32000, True),  # 0.34 GB: tests/test_sequential_memory.py
+    "midi": (16, 1536, 12, 4, 128, 4096, 32000, True),  # 0.9 GB: tests/test_sequential_memory.py
 }
 # rope of each shape (Llama 3: no scaling, 8k positions; 3.1 / 3.2: llama3 scaling to 128k)
 _LLAMA3_SCALING = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -56,7 +56,7 @@ ROPE = {
     "Llama-3.1-8B": (131072, {**_LLAMA3_SCALING, "factor": 8.0}),
     "Llama-3-70B": (8192, {"rope_type": "default", "rope_theta": 500000.0}),
     "tiny": (2048, {**_LLAMA3_SCALING, "factor": 8.0, "original_max_position_embeddings": 256}),
-    "mini": (4096, {"rope_type": "default", "rope_theta": 500000.0}),
+    "midi": (4096, {"rope_type": "default", "rope_theta": 500000.0}),
 }
 # the projections' rows (the measured shape is added when it is not one of them)
 PROJECTED = ("Llama-3.2-3B", "Llama-3-8B", "Llama-3-70B")
@@ -68,6 +68,7 @@ METHODS = {
     "activation": dict(layer_importance="activation", importance="activation", refit="none"),
     "activation-lstsq": dict(layer_importance="activation", importance="activation"),
     "default": {},
+    "default-coarse": dict(mlp_step=256, curve_samples=2),  # the default with fewer, shorter curve points (tests)
     "removal": dict(layer_importance="removal", importance="l2", refit="none"),
     "uniform-obs": dict(mode="uniform", match_params=True, importance="obs"),
     "flap": dict(mode="flap", refit="bias", refit_error_correction=False),

@@ -60,12 +60,12 @@ HeadBlocks = Callable[[], Iterator[tuple[int, torch.Tensor]]]
 
 
 def head_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-              head_blocks: HeadBlocks | None = None) -> float:
+              head_blocks: HeadBlocks | None = None, logits_bytes: int | None = None) -> float:
     """Mean next-token cross-entropy from the hidden state entering the final norm.
 
     ``loss = mean_{b,t<T-1} CE(lm_head(norm(h))[b,t], labels[b,t+1])`` (what HF's ``labels=input_ids``
-    computes), over chunks of positions whose float32 logits take at most ``LOGITS_BYTES`` (a 128k vocabulary
-    holds 130 positions at a time, not the whole batch). Data-parallel: the sum and the token count of every
+    computes), over chunks of positions whose float32 logits take at most ``logits_bytes`` (default
+    ``LOGITS_BYTES``: a 128k vocabulary holds 130 positions at a time, not the whole batch). Data-parallel: the sum and the token count of every
     rank's samples (:mod:`layerprune.distributed`). ``head_blocks``: the head matrix in row blocks, ``(first
     vocabulary row, rows)`` (the layer-by-layer engine's, which never holds it whole); each block is read once
     and the loss is a streaming log-sum-exp over the blocks (Milakov and Gimelshein 2018, "Online normalizer
@@ -76,11 +76,12 @@ def head_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     target = labels[:, 1:].reshape(-1).to(states.device)
     count = target.numel()
+    budget = LOGITS_BYTES if logits_bytes is None else logits_bytes
     if head_blocks is not None:
-        total = _streamed_cross_entropy(norm(states), target, head_blocks)
+        total = _streamed_cross_entropy(norm(states), target, head_blocks, budget)
     else:
         head = adapter.lm_head(model)
-        rows = max(1, LOGITS_BYTES // (4 * head.weight.shape[0]))
+        rows = max(1, budget // (4 * head.weight.shape[0]))
         total = 0.0
         for s in range(0, count, rows):
             logits = head(norm(states[s:s + rows])).float()
@@ -89,7 +90,8 @@ def head_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
     return total / count
 
 
-def _streamed_cross_entropy(normed: torch.Tensor, target: torch.Tensor, head_blocks: HeadBlocks) -> float:
+def _streamed_cross_entropy(normed: torch.Tensor, target: torch.Tensor, head_blocks: HeadBlocks,
+                            logits_bytes: int) -> float:
     """``Σ_i logsumexp(z_i) − z_i[target_i]`` with ``z = normed Wᵀ`` and ``W`` arriving in row blocks: a running
     maximum ``m`` and ``s = Σ exp(z − m)`` per position, rescaled when ``m`` grows."""
     n = normed.shape[0]
@@ -98,7 +100,7 @@ def _streamed_cross_entropy(normed: torch.Tensor, target: torch.Tensor, head_blo
     picked = torch.zeros(n, dtype=torch.float32, device=normed.device)
     for first, weight in head_blocks():
         last = first + weight.shape[0]
-        rows = max(1, LOGITS_BYTES // (4 * weight.shape[0]))
+        rows = max(1, logits_bytes // (4 * weight.shape[0]))
         for p in range(0, n, rows):
             q = min(p + rows, n)
             z = torch.nn.functional.linear(normed[p:q], weight).float()

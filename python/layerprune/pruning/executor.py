@@ -21,7 +21,7 @@ from layerprune.models.checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsChe
 
 # glibc's mallopt parameter, and the size from which the layer-by-layer executor's allocations are mapped pages
 M_MMAP_THRESHOLD = -3
-MAPPED_ALLOCATION_BYTES = 4 * 2**20
+MAPPED_ALLOCATION_BYTES = 2**20
 
 
 def return_freed_memory_to_the_system(threshold: int = MAPPED_ALLOCATION_BYTES) -> bool:

@@ -38,7 +38,8 @@ from layerprune.refit import DEFAULT_DAMPING, REFIT_MODES, InputGram, compensati
 from layerprune.refit.obs import DEFAULT_BATCH_FRACTION, structured_obs
 from layerprune.scoring.selection import LayerKeep
 
-SELECTIONS = ("given", "obs")  # the kept columns as given, or chosen by structured OBS
+SELECTIONS = ("given", "obs")
+ERROR_ROW_BLOCK = 256  # output rows of D at a time in the refit errors' tr(D H Dᵀ)  # the kept columns as given, or chosen by structured OBS
 
 
 
@@ -235,19 +236,23 @@ def _output_error(dense_w: torch.Tensor, dense_b: torch.Tensor | None, new_w: to
     """``mean ‖(W x + b) − (W' x + b')‖²`` over the collected inputs, from their Gram ``H/n`` and mean ``μ``:
     ``tr(D H/n Dᵀ) + 2 δᵀ D μ + ‖δ‖²`` with ``D = W − W'``, ``δ = b − b'`` (a missing bias is zero). A Gram of
     some columns only (``stats.columns``) serves when ``D`` is zero outside them."""
-    d = (dense_w - new_w).to(torch.float64)
-    moment = d
-    if stats.columns is not None:
-        columns = stats.columns.to(d.device)
-        outside = torch.ones(d.shape[1], dtype=torch.bool, device=d.device)
+    if stats.columns is None:
+        d = (dense_w - new_w).to(torch.float64)
+        mean = stats.mean
+    else:  # D is those columns' difference alone (the others checked equal): never a whole float64 copy
+        columns = stats.columns.to(dense_w.device)
+        outside = torch.ones(dense_w.shape[1], dtype=torch.bool, device=dense_w.device)
         outside[columns] = False
-        if bool(d[:, outside].any()):
+        outside_index = torch.nonzero(outside).flatten()
+        if not torch.equal(dense_w.index_select(1, outside_index), new_w.index_select(1, outside_index)):
             raise InternalError("refit error: the weights changed outside the columns whose Gram was collected")
-        moment = d[:, columns]
-    value = torch.einsum("ij,jk,ik->", moment, stats.gram, moment) / max(stats.count, 1)
+        d = (dense_w.index_select(1, columns) - new_w.index_select(1, columns)).to(torch.float64)
+        mean = stats.mean[stats.columns]
+    value = sum(float(((d[r:r + ERROR_ROW_BLOCK] @ stats.gram) * d[r:r + ERROR_ROW_BLOCK]).sum())
+                for r in range(0, d.shape[0], ERROR_ROW_BLOCK)) / max(stats.count, 1)  # tr(D H Dᵀ), rows in blocks
     zero = torch.zeros(d.shape[0], dtype=torch.float64, device=d.device)
     delta = (zero if dense_b is None else dense_b.to(torch.float64)) - (zero if new_b is None else new_b.to(torch.float64))
-    value = value + 2 * delta @ (d @ stats.mean) + delta @ delta
+    value = value + 2 * delta @ (d @ mean.to(d.device)) + delta @ delta
     return float(value)
 
 

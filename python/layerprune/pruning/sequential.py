@@ -57,7 +57,7 @@ from layerprune.importance import LayerImportance
 from layerprune.importance.block_influence import block_influence
 from layerprune.importance.depth import depth_importance
 from layerprune.importance.losses import increase
-from layerprune.models.layer_calls import LOGITS_BYTES, HeadBlocks, batch_slice, head_loss, layer_arguments, layer_call
+from layerprune.models.layer_calls import HeadBlocks, batch_slice, head_loss, layer_arguments, layer_call
 from layerprune.importance.sensitivity import curve_points, pruned_layer_outputs, sensitivity_result
 from layerprune.models import count_parameters
 from layerprune.models.checkpoint import (
@@ -96,8 +96,9 @@ from layerprune.scoring.groups import fold_layer_scores
 from layerprune.scoring.selection import LayerKeep, select_keep
 
 GRAM_MICRO_BATCH = 8  # output_projection_grams' micro-batch: the refit statistics see the same batches
-ROW_BLOCK_BYTES = 64 * 2**20  # embeddings and lm_head are read and written in blocks of rows of this size
-RESIDENT_HEAD_LAYERS = 2  # the head matrix is held whole for the losses when it weighs at most this many layers
+ROW_BLOCK_BYTES = 64 * 2**20  # embeddings and lm_head are read and written in blocks of rows of at most this size ...
+ROW_BLOCK_LAYER_SHARE = 0.5  # ... and of at most this share of the largest layer (as are the losses' logits chunks)
+RESIDENT_HEAD_LAYERS = 1  # the head matrix is held whole for the losses when it weighs at most this many layers
 KEPT_INPUT_LAYERS = 1  # the refit keeps a projection's inputs up to this many layers' bytes, else runs the block again
 
 
@@ -175,11 +176,14 @@ class _Engine:
         self._tied_model = self._tied()
         self._embed_name = self._name(self.model.get_input_embeddings()) + ".weight"
         self._head_name = self._embed_name if self._tied_model else self._name(self.adapter.lm_head(self.model)) + ".weight"
+        largest = layer_bytes(checkpoint, model_config, dtype)[0]
+        # blocks of the embeddings / head and chunks of the losses' logits: a share of a layer, so that the head's
+        # working set scales with the model (a fixed 64 MiB block would outweigh a small model's layers)
+        self.block_bytes = min(ROW_BLOCK_BYTES, max(2**20, int(ROW_BLOCK_LAYER_SHARE * largest)))
         ram_budget = options.hidden_budget_bytes
         if ram_budget is None:
-            largest = layer_bytes(checkpoint, model_config, dtype)[0]
             head = checkpoint.nbytes([self._head_name], dtype)
-            head_working = head if head <= RESIDENT_HEAD_LAYERS * largest else min(head, ROW_BLOCK_BYTES + 3 * LOGITS_BYTES)
+            head_working = head if head <= RESIDENT_HEAD_LAYERS * largest else min(head, 4 * self.block_bytes)
             ram_budget = hidden_state_budget(options.max_memory, largest, head_working, checkpoint.nbytes(dtype=dtype))
         self.pool = HiddenStatePool(self.device, ram_budget_bytes=ram_budget, device_budget_bytes=device_budget or 0,
                                     spill_dir=options.spill_dir)
@@ -218,7 +222,7 @@ class _Engine:
         """Write checkpoint tensor ``name`` to the output in blocks of rows (an embedding never whole in memory)."""
         entry = self.ckpt.entries[name]
         rows = entry.shape[0]
-        step = max(1, ROW_BLOCK_BYTES // max(1, entry.nbytes // rows))
+        step = max(1, self.block_bytes // max(1, entry.nbytes // rows))
         for start in range(0, rows, step):
             with self.clock("read"):
                 block = self.ckpt.read_rows(name, start, min(start + step, rows), self.dtype)
@@ -226,11 +230,11 @@ class _Engine:
                 self.sink.write_rows(name, block, start, entry.shape)
 
     def head_blocks(self) -> HeadBlocks:
-        """The ``lm_head`` matrix read in row blocks of ``ROW_BLOCK_BYTES``, ``(first row, rows)`` each, for
+        """The ``lm_head`` matrix read in row blocks of ``block_bytes``, ``(first row, rows)`` each, for
         :func:`layerprune.models.layer_calls.head_loss` (which reads each block once per loss)."""
         entry = self.ckpt.entries[self._head_name]
         vocab = entry.shape[0]
-        step = max(1, ROW_BLOCK_BYTES // max(1, entry.nbytes // vocab))
+        step = max(1, self.block_bytes // max(1, entry.nbytes // vocab))
 
         def blocks() -> Iterator[tuple[int, torch.Tensor]]:
             for start in range(0, vocab, step):
@@ -452,16 +456,17 @@ class _Engine:
             head_blocks = self.head_blocks()
         with self.clock("layer_importance"):
             final = main.get()
-            base = head_loss(self.model, final, labels, head_blocks=head_blocks)
+            base = head_loss(self.model, final, labels, head_blocks=head_blocks, logits_bytes=self.block_bytes)
             if not math.isfinite(base):
                 raise NumericalError(f"calibration loss of the dense model is {base} (overflow in {self.dtype}?)")
-            base_sub = base if n_sub == final.shape[0] else head_loss(self.model, final[:n_sub], labels[:n_sub],
-                                                                      head_blocks=head_blocks)
+            base_sub = base if n_sub == final.shape[0] else head_loss(
+                self.model, final[:n_sub], labels[:n_sub], head_blocks=head_blocks, logits_bytes=self.block_bytes)
             losses = []
             for origin, _part, _kept, slot in tqdm(probes, desc="losses of the perturbed layers",
                                                    disable=not self.progress or not probes, leave=False):
                 hidden = slot.get()
-                loss = head_loss(self.model, hidden, labels[:hidden.shape[0]], head_blocks=head_blocks)
+                loss = head_loss(self.model, hidden, labels[:hidden.shape[0]], head_blocks=head_blocks,
+                                 logits_bytes=self.block_bytes)
                 if not math.isfinite(loss):
                     raise NumericalError(f"calibration loss became {loss} after perturbing layer {origin}")
                 losses.append(loss)

@@ -105,11 +105,16 @@ def _kept_index(kept: Sequence[int] | torch.Tensor, features: int) -> torch.Tens
     return index
 
 
-def damped_cholesky(a: torch.Tensor, damping: float, who: str = "refit", divisor: float | None = None) -> torch.Tensor:
+def damped_cholesky(a: torch.Tensor, damping: float, who: str = "refit", divisor: float | None = None,
+                    overwrite: bool = False) -> torch.Tensor:
     """The Cholesky factor of ``m + λI`` for symmetric ``m = a / divisor`` (``a`` without a divisor),
     ``λ = damping · mean diag m``; the damping grows tenfold until it factors (the one damping rule of the refit
-    and of structured OBS). Holds one copy of ``a`` besides the factor: the damping goes onto its diagonal."""
-    m = a / divisor if divisor is not None else a.clone()
+    and of structured OBS). Holds one copy of ``a`` besides the factor (none with ``overwrite``: ``a`` itself is
+    divided and damped): the damping goes onto its diagonal."""
+    if overwrite:
+        m = a.div_(divisor) if divisor is not None else a
+    else:
+        m = a / divisor if divisor is not None else a.clone()
     diag = torch.diagonal(m)
     plain = diag.clone()
     scale = float(plain.mean()) if plain.numel() else 0.0
@@ -124,9 +129,18 @@ def damped_cholesky(a: torch.Tensor, damping: float, who: str = "refit", divisor
     raise NumericalError(f"{who}: the calibration Gram matrix is not positive definite even with damping")
 
 
-def _solve_damped(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
-    """``rhs (a + λI)⁻¹`` for symmetric ``a`` (:func:`damped_cholesky`)."""
-    return torch.cholesky_solve(rhs.T, damped_cholesky(a, damping)).T
+def _solve_damped(a: torch.Tensor, rhs: torch.Tensor, damping: float, overwrite: bool = False) -> torch.Tensor:
+    """``rhs (a + λI)⁻¹`` for symmetric ``a`` (:func:`damped_cholesky`; ``overwrite``: ``a`` is the factor's
+    scratch)."""
+    return torch.cholesky_solve(rhs.T, damped_cholesky(a, damping, overwrite=overwrite)).T
+
+
+def _gram_block(gram: torch.Tensor, s: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``gram[s][:, s] / divisor``, ``COLUMN_BLOCK`` rows of ``s`` at a time (no ``[|s|, |s|]`` index arrays)."""
+    out = torch.empty(s.numel(), s.numel(), dtype=gram.dtype, device=gram.device)
+    for b in range(0, s.numel(), COLUMN_BLOCK):
+        out[b:b + COLUMN_BLOCK] = gram.index_select(0, s[b:b + COLUMN_BLOCK]).index_select(1, s) / divisor
+    return out
 
 
 COLUMN_BLOCK = 1024  # columns of a Gram slice taken at a time (a [in, |S|] slice of an 8192-wide MLP is 384 MiB)
@@ -163,8 +177,8 @@ def refit_output_projection(
         second = stats.covariance()
         new_w = _solve_damped(second[s][:, s], w @ second[:, s], damping)
     else:  # never a whole copy of the Gram: its kept block, and its kept columns in blocks
-        kept_block = stats.gram[s[:, None], s] / stats.count
-        new_w = _solve_damped(kept_block, _times_gram_columns(w, stats.gram, s, stats.count), damping)
+        rhs = _times_gram_columns(w, stats.gram, s, stats.count)
+        new_w = _solve_damped(_gram_block(stats.gram, s, stats.count), rhs, damping, overwrite=True)
     if not affine:
         return new_w.to(weight.dtype).to(weight.device), bias
     mean = stats.mean
@@ -180,8 +194,8 @@ def compensation_bias(
     s = _kept_index(kept, weight.shape[1])
     removed = torch.ones(weight.shape[1], dtype=torch.bool)
     removed[s] = False
-    w = weight.detach().to(torch.float64).cpu()
-    out = w[:, removed] @ stats.mean.cpu()[removed]
+    w_removed = weight.detach()[:, removed.to(weight.device)].to(torch.float64).cpu()  # never a whole float64 copy
+    out = w_removed @ stats.mean.cpu()[removed]
     if bias is not None:
         out = out + bias.detach().to(torch.float64).cpu()
     return out.to(weight.dtype).to(weight.device)
