@@ -127,7 +127,8 @@ def add_sequential_arguments(p: argparse.ArgumentParser) -> None:
                    "sensitivity). Chosen by itself when the weights exceed --max-memory")
     g.add_argument("--max-memory", type=parse_size, default=None,
                    help="memory this run may use, e.g. 24GB (default: the memory available now); heavier weights "
-                   "switch to --sequential, which keeps its hidden states within what the layers leave of it")
+                   "switch to --sequential, which keeps its hidden states within what the layers leave of it "
+                   "(default there: of a quarter of the checkpoint) and spills the rest to disk")
     g.add_argument("--max-shard-size", type=parse_size, default=None,
                    help="--sequential: largest safetensors shard written (default: 50GB, as transformers)")
 

@@ -22,6 +22,9 @@ from layerprune.models.checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsChe
 # glibc's mallopt parameter, and the size from which the layer-by-layer executor's allocations are mapped pages
 M_MMAP_THRESHOLD = -3
 MAPPED_ALLOCATION_BYTES = 2**20
+# glibc's own ceiling for its dynamic threshold on 64-bit systems: what a run leaves behind (the dynamic
+# adjustment cannot be turned back on, so the process goes on as glibc's steady state after large frees)
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
 
 
 def return_freed_memory_to_the_system(threshold: int = MAPPED_ALLOCATION_BYTES) -> bool:
@@ -30,7 +33,9 @@ def return_freed_memory_to_the_system(threshold: int = MAPPED_ALLOCATION_BYTES) 
     By default glibc raises this threshold as large blocks are freed (up to 32 MiB), so a layer's tensors, freed
     before the next layer's arrive, stay in the heap and count in the resident set; measured on a
     Llama-3.2-1B-shaped checkpoint layer by layer, they held 1.0 GiB more at the peak. Setting the threshold
-    turns that adjustment off for the process. False where the C library has no ``mallopt`` (not glibc)."""
+    turns that adjustment off for the process; the executor sets ``GLIBC_MMAP_THRESHOLD_MAX`` when it ends, so that
+    the rest of the process is not slowed by page faults. False where the C library has no ``mallopt`` (not
+    glibc)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

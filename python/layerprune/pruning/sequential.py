@@ -67,7 +67,8 @@ from layerprune.models.checkpoint import (
     load_module,
     release_module,
 )
-from layerprune.pruning.executor import hidden_state_budget, return_freed_memory_to_the_system
+from layerprune.pruning.executor import (GLIBC_MMAP_THRESHOLD_MAX, hidden_state_budget,
+                                         return_freed_memory_to_the_system)
 from layerprune.pruning.flap import flap_allocation, layer_fluctuation
 from layerprune.pruning.hidden_states import HiddenStatePool, StoredHidden
 from layerprune.pruning.config import PruneConfig, resolve_config, solver_for, validate_against_model
@@ -629,11 +630,20 @@ def prune_sequential(
     a time, writing the pruned tensors to ``sink``; ``dtype`` is the weights' dtype while pruning and in the
     output. The other arguments are :func:`layerprune.pruning.prune`'s. Returns the pruned skeleton, the
     allocation, the layer importance and the report (the in-memory report plus ``sequential``)."""
-    from layerprune.models import load_config
-
     config = resolve_config(config, "layers")  # the defaults filled and every field checked, once
     options = options or SequentialOptions()
     return_freed_memory_to_the_system()  # a freed layer leaves the resident set (pruning/executor.py)
+    try:
+        return _prune_sequential(checkpoint, tokenizer, config, sink, dtype, calib_ids, calib_source, refit_ids,
+                                 layer_importance, options, progress)
+    finally:
+        return_freed_memory_to_the_system(GLIBC_MMAP_THRESHOLD_MAX)
+
+
+def _prune_sequential(checkpoint, tokenizer, config, sink, dtype, calib_ids, calib_source, refit_ids, layer_importance,
+                      options, progress) -> PruneResult:
+    from layerprune.models import load_config
+
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InvalidInputError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
     ckpt = checkpoint if isinstance(checkpoint, SafetensorsCheckpoint) else SafetensorsCheckpoint(checkpoint)
