@@ -223,19 +223,23 @@ class _Engine:
         """Write checkpoint tensor ``name`` to the output in blocks of rows (an embedding never whole in memory)."""
         entry = self.ckpt.entries[name]
         rows = entry.shape[0]
-        step = max(1, self.block_bytes // max(1, entry.nbytes // rows))
+        step = self.rows_per_block(entry)
         for start in range(0, rows, step):
             with self.clock("read"):
                 block = self.ckpt.read_rows(name, start, min(start + step, rows), self.dtype)
             with self.clock("write"):
                 self.sink.write_rows(name, block, start, entry.shape)
 
+    def rows_per_block(self, entry: Any) -> int:
+        """Rows of checkpoint tensor ``entry`` in one block of at most ``block_bytes`` (at least one)."""
+        return max(1, self.block_bytes // max(1, entry.nbytes // entry.shape[0]))
+
     def head_blocks(self) -> HeadBlocks:
         """The ``lm_head`` matrix read in row blocks of ``block_bytes``, ``(first row, rows)`` each, for
         :func:`layerprune.models.layer_calls.head_loss` (which reads each block once per loss)."""
         entry = self.ckpt.entries[self._head_name]
         vocab = entry.shape[0]
-        step = max(1, self.block_bytes // max(1, entry.nbytes // vocab))
+        step = self.rows_per_block(entry)
 
         def blocks() -> Iterator[tuple[int, torch.Tensor]]:
             for start in range(0, vocab, step):
