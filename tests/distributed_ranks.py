@@ -136,7 +136,29 @@ def pruned_plans() -> dict[str, Any]:
     return out
 
 
-COMPUTATIONS = {"statistics": calibration_statistics, "sharded": sharded_scores, "plans": pruned_plans}
+def healed_weights() -> dict[str, Any]:
+    """A pruned tiny Llama healed for 3 steps of 4 sequences (micro-batches of 1): in one process, or each rank
+    taking its share of every step's sequences with the gradients summed over the ranks."""
+    from conftest import _data_dir
+    from families import CASES, make_model, make_tokenizer
+
+    from layerprune.arch import layer_shapes
+    from layerprune.healing import HealConfig, heal
+    from layerprune.pruning import pruned_copy
+    from layerprune.scoring.selection import LayerKeep
+
+    teacher = make_model(CASES[0])
+    keep = [LayerKeep(kv_heads=(0,), mlp_channels=tuple(range(0, s["intermediate"], 2))) for s in layer_shapes(teacher)]
+    config = HealConfig(tokens=3 * 4 * 32, seq_len=32, batch_size=4, micro_batch_size=1, lr=1e-3, eval_every=1,
+                        data_dir=str(_data_dir()))
+    result = heal(pruned_copy(teacher, keep), teacher, make_tokenizer(), config, progress=False)
+    return {"weights": {k: v.clone() for k, v in result.model.state_dict().items()},
+            "held_out": result.report["heal"]["history"]["held_out"], "steps": result.report["heal"]["steps"],
+            "world_size": result.report["heal"]["run"]["world_size"]}
+
+
+COMPUTATIONS = {"statistics": calibration_statistics, "sharded": sharded_scores, "plans": pruned_plans,
+                "healed": healed_weights}
 
 
 def spawned_rank(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> None:

@@ -117,7 +117,7 @@ def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch, capsys):
     assert main(["eval", "--model", "nowhere"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["layerprune eval: error: eval runs in one process; under torchrun (WORLD_SIZE=2) only prune "
-                   "runs (InvalidInputError)"]
+                   "and heal run (InvalidInputError)"]
 
 
 def test_fsdp_refuses_per_sample_scores(tmp_path, capsys, wikitext_dir):
@@ -167,6 +167,18 @@ def test_prune_plans_equal_one_process(job):
             assert_same(reference[name]["weights"], got[name]["weights"], f"rank {rank} {name}", rtol=weight_rtol)
     for name in ("refit", "fsdp"):  # every rank returns the same model
         assert_same(job["plans"][0][name]["weights"], job["plans"][1][name]["weights"], name, rtol=0.0)
+
+
+def test_healing_on_two_ranks_equals_one_process(job):
+    """Each rank trains on its share of every step's sequences, the gradients summed: the healed weights and the
+    held-out losses are the one-process run's up to the order of float additions."""
+    reference = ranks.healed_weights()
+    assert reference["world_size"] == 1
+    for rank, got in enumerate(job["healed"]):
+        assert got["world_size"] == WORLD and got["steps"] == reference["steps"] == 3
+        assert_same(reference["held_out"], got["held_out"], f"rank {rank} held-out", rtol=1e-5)
+        assert_same(reference["weights"], got["weights"], f"rank {rank} weights", rtol=1e-5)
+    assert_same(job["healed"][0]["weights"], job["healed"][1]["weights"], "ranks", rtol=0.0)
 
 
 # ---- 2 ranks, torchrun: the command line ------------------------------------------------------------------

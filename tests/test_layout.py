@@ -11,9 +11,9 @@ from layerprune.arch import adapters
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "layerprune"
 # The pipeline's stages in data-flow order; a stage may import itself and the stages before it.
 STAGES = ("arch", "data", "models", "scoring", "refit", "importance", "allocation", "pruning", "torch_pruning", "export",
-          "evaluation", "report", "compare", "cli")
+          "evaluation", "report", "healing", "compare", "cli")
 # Shared by every stage; they import nothing of the stages.
-UTILITIES = ("errors", "atomic", "provenance", "_core", "kernels", "distributed")
+UTILITIES = ("errors", "atomic", "provenance", "_core", "kernels", "distributed", "faults")
 # Entry points that may reach every stage (lazily).
 ENTRY_POINTS = ("__init__", "__main__")
 

@@ -46,6 +46,9 @@ _LAZY = {
     "save_pruned": "layerprune.export",
     "prune_checkpoint": "layerprune.export",
     "export_gguf": "layerprune.export",
+    "heal": "layerprune.healing",
+    "HealConfig": "layerprune.healing",
+    "HealResult": "layerprune.healing",
 }
 
 

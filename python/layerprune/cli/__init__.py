@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("eval", "allocate", "prune", "compare", "export")
+SUBCOMMANDS = ("eval", "allocate", "prune", "heal", "compare", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

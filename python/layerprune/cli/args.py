@@ -88,3 +88,26 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a size such as 24GB, 512MiB or 1000000, got {text!r}")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
+
+def check_out(out: str, overwrite: bool, *models: str) -> None:
+    """--out is a writable place for a new folder, outside every input model's folder (inputs are never
+    modified), and empty unless --overwrite."""
+    import os
+    from pathlib import Path
+
+    path = Path(out).expanduser()
+    for model in models:
+        source = Path(model).expanduser()
+        if source.is_dir() and (path.resolve() == source.resolve() or path.resolve().is_relative_to(source.resolve())):
+            raise InvalidInputError(f"--out {out} is inside the input model's folder {model}: inputs are never "
+                                    "modified; write the output elsewhere")
+    if path.exists():
+        if not path.is_dir():
+            raise InvalidInputError(f"--out {out} exists and is not a folder")
+        if any(path.iterdir()) and not overwrite:
+            raise InvalidInputError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise InvalidInputError(f"--out {out}: parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InvalidInputError(f"--out {out}: parent folder {parent} is not writable")

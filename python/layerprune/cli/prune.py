@@ -16,6 +16,7 @@ from layerprune.cli.args import (
     add_runtime_arguments,
     apply_threads,
     check_device,
+    check_out,
     parse_size,
 )
 from layerprune.errors import InvalidInputError
@@ -198,24 +199,6 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
-def _check_out(out: str, overwrite: bool, model: str) -> None:
-    path = Path(out).expanduser()
-    source = Path(model).expanduser()
-    if source.is_dir() and (path.resolve() == source.resolve() or path.resolve().is_relative_to(source.resolve())):
-        raise InvalidInputError(f"--out {out} is inside the input model's folder {model}: inputs are never modified; "
-                                "write the pruned model elsewhere")
-    if path.exists():
-        if not path.is_dir():
-            raise InvalidInputError(f"--out {out} exists and is not a folder")
-        if any(path.iterdir()) and not overwrite:
-            raise InvalidInputError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
-    parent = path.absolute().parent
-    if not parent.is_dir():
-        raise InvalidInputError(f"--out {out}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InvalidInputError(f"--out {out}: parent folder {parent} is not writable")
-
-
 def _load_quietly(name: str, dtype, progress: bool):
     """load_model, with transformers' own progress bars off under --no-progress (restored after)."""
     from transformers.utils import logging as hf_logging
@@ -264,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     check_device(args.device)
     if distributed.is_rank0():  # rank 0 alone writes (under torchrun the others may not see its --out)
-        _check_out(args.out, args.overwrite, args.model)
+        check_out(args.out, args.overwrite, args.model)
     _check_shares(config)
     calibration_source(config.calib_dataset, config.data_dir)  # the calibration text exists and is readable
     model_config = first_on_local_rank0(load_config, args.model)  # the embedded model is converted once per node

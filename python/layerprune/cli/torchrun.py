@@ -19,16 +19,18 @@ from typing import Any
 from layerprune.errors import InvalidInputError
 
 # The commands that run under torchrun; the others refuse a WORLD_SIZE above 1.
-DISTRIBUTED_COMMANDS = ("prune",)
+DISTRIBUTED_COMMANDS = ("prune", "heal")
 
 
-def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+def add_distributed_arguments(p: argparse.ArgumentParser, *, fsdp: bool = True) -> None:
     from layerprune.distributed import BACKENDS
 
     g = p.add_argument_group("several processes (torchrun --nproc-per-node N -m layerprune ...)")
     g.add_argument("--dist-backend", choices=BACKENDS, default="auto",
                    help="collective backend under torchrun: nccl (each rank on cuda:LOCAL_RANK) or gloo (CPU); "
                    "auto: nccl when every local rank has a GPU (default: auto)")
+    if not fsdp:
+        return
     g.add_argument("--fsdp", action="store_true",
                    help="compute the Taylor scores (taylor, vectorize) on a copy of the model sharded with FSDP2 "
                    "over the ranks: each rank holds its shard of the weights and one gradient shard")
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace, failure: Callable[[str, BaseException, str], t
     world = distributed.launched_world_size()
     if args.command not in DISTRIBUTED_COMMANDS:
         raise InvalidInputError(f"{args.command} runs in one process; under torchrun (WORLD_SIZE={world}) only "
-                                f"{', '.join(DISTRIBUTED_COMMANDS)} runs")
+                                f"{' and '.join(DISTRIBUTED_COMMANDS)} run")
     distributed.initialize(getattr(args, "dist_backend", "auto"))
     where = f"rank {int(os.environ.get('RANK', '0') or 0)} of {world}" if world > 1 else ""
     try:

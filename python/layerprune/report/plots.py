@@ -2,7 +2,8 @@
 
 - `plot_importance`: per-layer importance of each layer-importance method (attention, MLP, combined);
 - `plot_allocation`: per-layer kept KV groups and MLP channels of each method at one target ratio;
-- `plot_ppl_vs_ratio`: perplexity against target ratio per method (only meaningful with several ratios).
+- `plot_ppl_vs_ratio`: perplexity against target ratio per method (only meaningful with several ratios);
+- `plot_heal`: a healing run's training and held-out losses, and its held-out perplexity, against tokens seen.
 
 Each function writes through `save_figure` (a temporary file, then a rename), like every other output.
 """
@@ -115,6 +116,30 @@ def plot_ppl_vs_ratio(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_heal(history: Mapping[str, Sequence[Sequence[float]]], path: str | os.PathLike[str]) -> Path:
+    """Two panels against training tokens: the training and held-out distillation losses, and the held-out
+    perplexity. ``history`` is a heal report's: ``train`` rows [step, tokens, loss, lr], ``held_out`` rows
+    [step, tokens, loss, kl, ppl]."""
+    train, held = list(history.get("train", ())), list(history.get("held_out", ()))
+    if not held:
+        raise ValueError("plot_heal: no held-out evaluation to plot")
+    fig, (loss_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        loss_ax.plot([r[1] for r in train], [r[2] for r in train], "-", alpha=0.6, label="training batch")
+    loss_ax.plot([r[1] for r in held], [r[2] for r in held], "o-", label="held-out")
+    loss_ax.set_xlabel("training tokens")
+    loss_ax.set_ylabel("distillation loss per token")
+    loss_ax.set_yscale("log")
+    loss_ax.grid(alpha=0.3, which="both")
+    loss_ax.legend(fontsize=8)
+    ppl_ax.plot([r[1] for r in held], [r[4] for r in held], "s-", color="tab:green")
+    ppl_ax.set_xlabel("training tokens")
+    ppl_ax.set_ylabel("held-out perplexity")
+    ppl_ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path)
 
