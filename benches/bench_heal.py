@@ -22,8 +22,10 @@ the peak is the training's steady state, not a model load's):
 Writes ``--json`` and the plot ``--plot`` (perplexity against healing tokens, one line per method and mode, dense
 as a reference). Never asserts.
 
-    python benches/bench_heal.py [--parts speed,curve] [--methods unbalanced,uniform-obs,dense] [--modes full,lora]
-        [--tokens 262144] [--points 32768,65536,131072,262144] [--precision bfloat16] [--workdir DIR]
+    python benches/bench_heal.py [--parts speed,topk,curve] [--methods unbalanced,uniform-obs,dense] [--modes full,lora]
+        [--tokens 262144] [--points 32768,65536,131072,262144] [--precision bfloat16] [--workdir DIR] [--json OUT]
+        [--plot PNG]
+    python benches/bench_heal.py --replot A.json B.json --plot PNG
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def _pruned_folder(args: argparse.Namespace, method: str) -> Path:
     if (folder / "config.json").is_file():
         return folder
     model, tokenizer = load_model(MODEL, dtype=torch.float32)
-    settings = CompareSettings(data_dir=_data_dir(args))
+    settings = CompareSettings(ratios=(args.ratio,), data_dir=_data_dir(args))
     config = prune_config(method, args.ratio, settings, model.config.num_hidden_layers)
     result = prune(model, tokenizer, config, progress=not args.no_progress, inplace=True)
     save_pruned(result.model, tokenizer, folder, report=result.report)
@@ -267,7 +269,17 @@ def main() -> None:
     p.add_argument("--teacher-cache", default=None, help=argparse.SUPPRESS)
     p.add_argument("--top-k", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--topk-tokens", type=int, default=32_768, help="healing tokens of the top-K against full-KL runs")
+    p.add_argument("--replot", nargs="+", default=None, metavar="JSON",
+                   help="draw --plot from the curves of these result files (no run)")
     args = p.parse_args()
+    if args.replot:
+        merged: dict = {"curve": []}
+        for path in args.replot:
+            loaded = json.loads(Path(path).read_text())
+            merged["curve"] += loaded.get("curve", [])
+            merged["dense_ppl"] = loaded.get("dense_ppl", merged.get("dense_ppl"))
+        plot(merged, Path(args.plot or "heal.png"))
+        return
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.child:
         result = child_speed(args) if args.kind else (child_topk(args) if args.top_k else child_curve(args))
@@ -292,6 +304,8 @@ def main() -> None:
             results["speed"].append(run)
             print(f"speed {kind}: {run['tokens_per_second']:.1f} tokens/s, peak RSS {run['peak_rss'] / 2**30:.2f} GiB",
                   flush=True)
+            if args.json:
+                write_json_atomic(args.json, results)
     if "topk" in parts:
         student = str(_pruned_folder(args, "unbalanced"))
         results["topk"] = []
@@ -300,6 +314,8 @@ def main() -> None:
             results["topk"].append(run)
             print(f"top-k {'full' if run['full'] else k}: held-out PPL {run['held_out_after']['ppl']:.2f}, test PPL "
                   f"{run['test_ppl']:.2f}, {run['tokens_per_second']:.1f} tokens/s", flush=True)
+            if args.json:
+                write_json_atomic(args.json, results)
     if "curve" in parts:
         for method in args.methods.split(","):
             student = MODEL if method == "dense" else str(_pruned_folder(args, method))

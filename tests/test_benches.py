@@ -17,7 +17,8 @@ BENCHES = REPO_ROOT / "benches"
 
 
 @pytest.mark.parametrize("script", ["bench_scoring.py", "bench_scoring_memory.py", "bench_solvers.py",
-                                    "bench_sequential.py", "bench_prune.py", "calibration_study.py", "api_vs_cli.py"])
+                                    "bench_sequential.py", "bench_prune.py", "calibration_study.py", "api_vs_cli.py",
+                                    "bench_heal.py"])
 def test_bench_parses_its_arguments(script):
     out = subprocess.run([sys.executable, str(BENCHES / script), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -140,3 +141,12 @@ def test_plot_quality_draws_the_results_file(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert is_png(tmp_path / "q.png")
+
+
+def test_bench_heal_draws_its_results_file(tmp_path):
+    sys.path.insert(0, str(BENCHES))
+    import bench_heal
+
+    results = json.loads((BENCHES / "results" / "heal-2026-12-07-a.json").read_text())
+    bench_heal.plot(results, tmp_path / "heal.png")
+    assert is_png(tmp_path / "heal.png")

@@ -212,6 +212,32 @@ def _torchrun(target: list[str], logs: Path) -> tuple[subprocess.CompletedProces
     return done, [read(r, "stdout") for r in range(WORLD)], [read(r, "stderr") for r in range(WORLD)]
 
 
+def test_heal_under_torchrun_writes_what_one_process_writes(tiny_dir, wikitext_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    assert main(_prune_args(tiny_dir, tmp_path / "pruned", wikitext_dir)) == 0
+    text = tmp_path / "heal.txt"
+    text.write_text((wikitext_dir / "valid.txt").read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    capsys.readouterr()
+
+    def heal_args(out: Path) -> list[str]:
+        return ["heal", "--model", str(tmp_path / "pruned"), "--teacher", str(tiny_dir), "--out", str(out),
+                "--data", str(text), "--tokens", str(3 * 4 * 24), "--seq-len", "24", "--batch-size", "4",
+                "--lr", "1e-3", "--eval-every", "1", "--no-progress"]
+
+    assert main(heal_args(tmp_path / "one")) == 0
+    capsys.readouterr()
+    done, out, err = _torchrun(["-m", "layerprune", *heal_args(tmp_path / "two")], tmp_path / "logs")
+    assert done.returncode == 0, (done.stderr[-3000:], err)
+    assert "saved:" in out[0] and "saved:" not in out[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heal.txt", "logs", "one", "pruned", "two"]
+    one, two = (json.loads((tmp_path / name / "report.json").read_text())["heal"] for name in ("one", "two"))
+    assert one["run"]["world_size"] == 1 and two["run"]["world_size"] == WORLD and two["run"]["backend"] == "gloo"
+    assert_same(one["history"]["held_out"], two["history"]["held_out"], "held-out", rtol=1e-5)
+    a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("one", "two"))
+    assert_same(a, b, "weights", rtol=1e-5)
+
+
 def _exit_codes(launcher_stderr: str) -> dict[int, int]:
     """The exit code of every failed rank, from torchrun's failure summary."""
     pairs = re.findall(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", launcher_stderr)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from families import CASES, CASE_IDS, logits, make_model, make_tokenizer, token_ids
+from families import CASES, logits, make_model, make_tokenizer, token_ids
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +27,7 @@ from layerprune.errors import DataError, InvalidInputError, ModelError
 from layerprune.export import save_pruned
 from layerprune.healing import HealConfig, full_kl, heal, learning_rate, step_sequences, teacher_top_k, top_k_kl
 from layerprune.healing.lora import add_lora, merge_lora
-from layerprune.healing.trainer import _Trainer
+from layerprune.healing.trainer import HealTrainer
 from layerprune.healing.text import heal_text
 from layerprune.models import load_pruned
 from layerprune.pruning import pruned_copy
@@ -158,7 +158,7 @@ def test_one_step_lowers_the_loss(small_text):
     student = pruned_copy(teacher, _keep(teacher)).train()
     config = HealConfig(tokens=4 * 32, seq_len=32, batch_size=4, lr=1e-3, warmup=0.0, dataset=small_text)
     text = heal_text(tokenizer, config.seq_len, config.held_out_fraction, config.dataset)
-    trainer = _Trainer(student, teacher.eval(), None, text, config)  # the live teacher
+    trainer = HealTrainer(student, teacher.eval(), None, text, config)  # the live teacher
     rows = step_sequences(0, config, int(text.train.shape[0]))
     with torch.no_grad():
         before = float(trainer.loss_sums(text.train[rows], rows)[0])

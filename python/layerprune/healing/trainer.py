@@ -115,7 +115,9 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-class _Trainer:
+class HealTrainer:
+    """One healing run's student, teacher (or cache), text and AdamW: :meth:`train_step` and :meth:`evaluate`."""
+
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None, cache: TeacherCache | None,
                  text: HealText, config: HealConfig):
         self.student, self.teacher, self.cache, self.text, self.config = student, teacher, cache, text, config
@@ -216,7 +218,7 @@ class _Trainer:
                 p.copy_(tensors[n].to(p.device))
 
 
-def _write_checkpoint(state: Path, trainer: _Trainer, progress: dict[str, Any]) -> None:
+def _write_checkpoint(state: Path, trainer: HealTrainer, progress: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     target = state / CHECKPOINT_DIR
@@ -233,7 +235,7 @@ def _write_checkpoint(state: Path, trainer: _Trainer, progress: dict[str, Any]) 
         raise
 
 
-def _read_checkpoint(state: Path, trainer: _Trainer, identity: dict[str, Any]) -> dict[str, Any]:
+def _read_checkpoint(state: Path, trainer: HealTrainer, identity: dict[str, Any]) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     folder = state / CHECKPOINT_DIR
@@ -252,7 +254,7 @@ def _read_checkpoint(state: Path, trainer: _Trainer, identity: dict[str, Any]) -
     return progress
 
 
-def _save_best(state: Path, trainer: _Trainer) -> None:
+def _save_best(state: Path, trainer: HealTrainer) -> None:
     from safetensors.torch import save_file
 
     with atomic_output_file(state / BEST_FILE) as tmp:
@@ -400,7 +402,7 @@ def _run(model: torch.nn.Module, teacher: TeacherSource, tokenizer: Any, config:
             raise InvalidInputError("--gradient-checkpointing: this model class does not support it")
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
-    trainer = _Trainer(student, teacher, cache, text, config)
+    trainer = HealTrainer(student, teacher, cache, text, config)
     identity = {"config": {k: v for k, v in config.to_dict().items() if k not in ("checkpoint_every",)},
                 "text": tokens_fingerprint(text.train), "student": student_fingerprint,
                 "teacher": teacher_fingerprint, "world_size": distributed.world_size()}
@@ -511,4 +513,5 @@ def _run(model: torch.nn.Module, teacher: TeacherSource, tokenizer: Any, config:
     return HealResult(healed, full_report, saved_to)
 
 
-__all__ = ["HealResult", "STATE_SUFFIX", "heal", "learning_rate", "sequences_read", "step_sequences"]
+__all__ = ["HealResult", "HealTrainer", "STATE_SUFFIX", "body_and_head", "heal", "learning_rate", "sequences_read",
+           "step_sequences"]
