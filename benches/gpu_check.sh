@@ -9,7 +9,7 @@
 #      CUDA-pruned model on the CPU;
 #   5. compare: the kept KV heads and MLP channels of the two prunes must be the same, their PPL within 0.5%
 #      (benches/gpu_check_compare.py);
-#   6. heal: `layerprune heal` when it exists (skipped, and said so, until it does);
+#   6. heal: `layerprune heal` of the pruned model from the dense one on the device, then its PPL;
 #   7. sequential: the layer-by-layer engine on CUDA over a random bf16 checkpoint of Llama-3.1-8B's shapes
 #      (4 layers) written to this disk: time per layer, peak device memory, 70B projected (bench_sequential.py);
 #   8. kernel_tests, bench_scoring, tune_triton: the Triton tests without the interpreter, Triton vs eager with
@@ -240,11 +240,14 @@ except LayerpruneError as err:
         --cpu-report "$MODELS/prune_cpu/report.json" --device-eval "$EVALS/device_4k.json" \
         --cpu-eval "$EVALS/cpu_4k.json" --cross-eval "$EVALS/cross_4k.json" --json "$OUT/compare.json"
 
-    # heal: runs the day `layerprune heal` exists (its flags assumed: --model --out --device --data-dir)
+    # heal: distil the pruned model from the dense one on the device, then evaluate it (--quick: 2 short steps)
     if "$PY" -m layerprune heal --help >/dev/null 2>&1; then
-        export HEAL_ARGS="${HEAL_ARGS:-}"
-        run_step heal eval 120 --needs prune_device --artifact "$EVALS/healed_4k.json" -- bash -c '
-            "$PY" -m layerprune heal --model "$0" --device "$1" --data-dir "$DATA_DIR" --no-progress --out "$2" $HEAL_ARGS &&
+        if [ $QUICK -eq 1 ]; then HEAL_DEFAULT="--tokens 256 --seq-len 32 --batch-size 4 --threads 1"
+        else HEAL_DEFAULT="--tokens 65536 --precision bfloat16"; fi
+        export HEAL_ARGS="${HEAL_ARGS:-$HEAL_DEFAULT}"
+        run_step heal eval 300 --needs prune_device --artifact "$EVALS/healed_4k.json" -- bash -c '
+            "$PY" -m layerprune heal --model "$0" --teacher "$MODEL_DIR" --device "$1" --data-dir "$DATA_DIR" \
+                --no-progress --overwrite --out "$2" $HEAL_ARGS &&
             evaluate "$2" "$1" "$3" "$4"' "$MODELS/prune_device" "$DEVICE" "$MODELS/healed" "$CMP_TOKENS" "$EVALS/healed_4k.json"
     else
         echo "gpu_check: heal skipped: \`layerprune heal\` does not exist yet (\`layerprune heal --help\` fails)"

@@ -64,9 +64,8 @@ def test_dry_run_walks_every_step(tmp_path, wikitext_dir):
     assert seq["shape"] == "tiny" and seq["layers"] == 2 and len(seq["seconds_per_layer"]) == 2
     assert seq["projected_70b"]["layers"] == 80
     assert steps["kernel_tests"]["details"]["result"].endswith("deselected")
-    # heal does not exist yet: skipped, and said so
-    assert steps["heal"]["status"] == "skipped" and "layerprune heal does not exist" in steps["heal"]["reason"]
-    assert "heal skipped" in done.stdout
+    # heal: the pruned model distilled from the dense one on the device, then evaluated like the others
+    assert steps["heal"]["status"] == "ok" and steps["heal"]["details"]["tokens"] == 1024
     assert (out / "gpu_check.txt").read_text().count("== GPU check summary") == 1
 
 
