@@ -137,9 +137,9 @@ def _spy_splits(monkeypatch):
     seen = []
     original = data.load_rows
 
-    def spy(dataset, split, data_dir=None):
+    def spy(dataset, split, data_dir=None, max_chars=None):
         seen.append(split)
-        return original(dataset, split, data_dir)
+        return original(dataset, split, data_dir, max_chars)
 
     monkeypatch.setattr(wikitext, "load_rows", spy)
     return seen

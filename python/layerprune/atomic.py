@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from layerprune.errors import InvalidInputError
+from layerprune.faults import fault_point
 
 
 @lru_cache(maxsize=1)
@@ -122,6 +123,7 @@ def replace_dir(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> 
     """
     tmp, target = Path(tmp), Path(target)
     fsync_tree(tmp)
+    fault_point("folder-swap-start")
     if not target.exists():
         os.rename(tmp, target)
     elif _exchange(tmp, target):
@@ -130,6 +132,7 @@ def replace_dir(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> 
         aside = temp_sibling_dir(target, "old")
         aside.rmdir()
         os.replace(target, aside)
+        fault_point("folder-swap")  # between the two renames: the next write puts the old folder back
         try:
             os.replace(tmp, target)
         except BaseException:
@@ -151,6 +154,58 @@ def restore_interrupted(target: str | os.PathLike[str]) -> None:
         if pid.isdigit() and not _pid_alive(int(pid)):
             os.replace(aside, target)
             return
+
+
+_claimed: dict[Path, int] = {}  # outputs this process holds: path -> nesting depth
+
+
+@contextmanager
+def claim_output(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold ``target`` for this process while a run writes it: a second writer of the same path, in another
+    process, is refused at once in one line (InvalidInputError naming the holder's pid) instead of both running
+    and one silently replacing the other's folder. Re-entrant within a process.
+
+    The claim is an exclusive ``flock`` on ``.NAME.lock`` beside ``target``: the kernel drops it when the holder
+    exits, however it dies, so a killed run never blocks the next one. The lock file is removed when the claim
+    ends; one a killed holder left is taken over (a lock on a file that was removed is detected and retried).
+    """
+    import fcntl
+
+    target = Path(target).expanduser().absolute()
+    if target in _claimed:
+        _claimed[target] += 1
+        try:
+            yield target
+        finally:
+            _claimed[target] -= 1
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.parent / f".{target.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise InvalidInputError(f"{target} is being written by another layerprune process (pid {holder}); "
+                                    "wait for it to finish or write elsewhere") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed this file as we opened it: try again on the current one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _claimed[target] = 1
+        yield target
+    finally:
+        _claimed.pop(target, None)
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

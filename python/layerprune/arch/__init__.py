@@ -87,9 +87,37 @@ def adapter_for(model_or_config: Any, where: str = "model") -> FamilyAdapter:
     )
 
 
+# Config fields that size a model: each a positive integer (head_dim and num_key_value_heads may be absent).
+GEOMETRY_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                   "intermediate_size", "vocab_size")
+
+
+def check_geometry(model_or_config: Any, where: str = "model") -> None:
+    """A config's sizes are positive integers and its heads divide: one ModelError naming the field otherwise,
+    before anything is built from it (a negative or zero width, or KV heads that do not divide the heads)."""
+    config = _config_of(model_or_config)
+    values: dict[str, int] = {}
+    for name in GEOMETRY_FIELDS:
+        value = config_value(config, name, None)
+        if value is None and name in ("num_key_value_heads", "head_dim"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelError(f"{where}: config.json's {name} is {value!r}; it must be a positive integer")
+        values[name] = value
+    heads, kv = values["num_attention_heads"], values.get("num_key_value_heads", values["num_attention_heads"])
+    if heads % kv:
+        raise ModelError(f"{where}: config.json's num_attention_heads {heads} is not a multiple of "
+                         f"num_key_value_heads {kv}")
+    if "head_dim" not in values and values["hidden_size"] % heads:
+        raise ModelError(f"{where}: config.json sets no head_dim and hidden_size {values['hidden_size']} is not a "
+                         f"multiple of num_attention_heads {heads}")
+
+
 def check_supported(model_or_config: Any, where: str = "model") -> FamilyAdapter:
-    """:func:`adapter_for` under the name the entry points use before any work starts."""
-    return adapter_for(model_or_config, where)
+    """:func:`adapter_for` and :func:`check_geometry`, under the name the entry points use before any work starts."""
+    adapter = adapter_for(model_or_config, where)
+    check_geometry(model_or_config, where)
+    return adapter
 
 
 def is_pruned_config(config: Any) -> bool:
@@ -194,6 +222,7 @@ __all__ = [
     "adapter_for",
     "adapters",
     "check_consistency",
+    "check_geometry",
     "check_supported",
     "config_value",
     "decoder_layers",

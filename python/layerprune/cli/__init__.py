@@ -7,7 +7,9 @@ this module only dispatches and maps errors to one line on stderr and a non-zero
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = ("eval", "allocate", "prune", "heal", "compare", "export")
@@ -34,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Failures of the user's input or environment, not of layerprune: one line, exit 2.
 USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# A write that found no room: the disk, a quota, or a file-size limit (ulimit -f) is full.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE
 REPORT_BUG = "this is a bug in layerprune: please report it with the traceback above"
@@ -42,7 +46,6 @@ REPORT_BUG = "this is a bug in layerprune: please report it with the traceback a
 def failure(command: str, exc: BaseException, where: str = "") -> tuple[int, str]:
     """The exit code and the one line a command that raised ``exc`` ends with (a bug's traceback is printed
     first). ``where`` names the rank under torchrun ("rank 1 of 4")."""
-    import errno
     import traceback
 
     from layerprune.errors import InternalError, LayerpruneError
@@ -50,8 +53,12 @@ def failure(command: str, exc: BaseException, where: str = "") -> tuple[int, str
     at = f"{where}: " if where else ""
     if isinstance(exc, KeyboardInterrupt):
         return 130, f"layerprune: {at}interrupted"
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        writing = f" while writing {exc.filename}" if exc.filename else ""
+        return EXIT_USER_ERROR, (f"layerprune {command}: error: {at}the disk or the file-size limit is full "
+                                 f"({os.strerror(exc.errno)}){writing}; nothing was left half-written")
     user_error = isinstance(exc, (LayerpruneError, *USER_OS_ERRORS)) or (
-        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES))
+        isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES))
     if user_error and not isinstance(exc, InternalError):
         return EXIT_USER_ERROR, f"layerprune {command}: error: {at}{exc} ({type(exc).__name__})"
     traceback.print_exception(exc)
@@ -74,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         code, line = failure(args.command, exc)
         print(line, file=sys.stderr)
         return code
+    finally:
+        from layerprune.cli.args import release_outputs
+
+        release_outputs()
 
 
 __all__ = ["SUBCOMMANDS", "build_parser", "failure", "main"]

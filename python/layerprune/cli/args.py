@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+from pathlib import Path
 
 from layerprune.errors import InvalidInputError
 
@@ -89,25 +92,47 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
-def check_out(out: str, overwrite: bool, *models: str) -> None:
-    """--out is a writable place for a new folder, outside every input model's folder (inputs are never
-    modified), and empty unless --overwrite."""
-    import os
-    from pathlib import Path
+_held_outputs = contextlib.ExitStack()  # the outputs this command claimed (released when it ends)
+
+
+def hold_output(out: str | os.PathLike[str]) -> None:
+    """Claim ``out`` until the command ends (:func:`layerprune.atomic.claim_output`): a second command writing
+    the same path is refused in one line. Nothing is claimed where the parent folder does not exist."""
+    from layerprune.atomic import claim_output
 
     path = Path(out).expanduser()
+    if path.absolute().parent.is_dir():
+        _held_outputs.enter_context(claim_output(path))
+
+
+def release_outputs() -> None:
+    _held_outputs.close()
+
+
+def check_outside_inputs(out: str, *models: str) -> None:
+    """--out is not an input model's folder nor inside one: inputs are never modified."""
+    path = Path(out).expanduser().resolve()
     for model in models:
         source = Path(model).expanduser()
-        if source.is_dir() and (path.resolve() == source.resolve() or path.resolve().is_relative_to(source.resolve())):
+        if source.is_dir() and (path == source.resolve() or path.is_relative_to(source.resolve())):
             raise InvalidInputError(f"--out {out} is inside the input model's folder {model}: inputs are never "
                                     "modified; write the output elsewhere")
-    if path.exists():
-        if not path.is_dir():
-            raise InvalidInputError(f"--out {out} exists and is not a folder")
-        if any(path.iterdir()) and not overwrite:
-            raise InvalidInputError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+
+
+def check_out(out: str, overwrite: bool, *models: str) -> None:
+    """--out is a writable place for a new folder, outside every input model's folder (inputs are never
+    modified), and empty unless --overwrite; it is claimed for this command (:func:`hold_output`) before its
+    contents are checked, so two commands writing one --out never both pass."""
+    path = Path(out).expanduser()
+    check_outside_inputs(out, *models)
     parent = path.absolute().parent
     if not parent.is_dir():
         raise InvalidInputError(f"--out {out}: parent folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise InvalidInputError(f"--out {out}: parent folder {parent} is not writable")
+    hold_output(path)
+    if path.exists():
+        if not path.is_dir():
+            raise InvalidInputError(f"--out {out} exists and is not a folder")
+        if any(path.iterdir()) and not overwrite:
+            raise InvalidInputError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")

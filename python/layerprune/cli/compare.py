@@ -8,7 +8,8 @@ import dataclasses
 import sys
 from typing import Any
 
-from layerprune.cli.args import add_budget_arguments, add_model_argument, add_runtime_arguments, apply_threads, check_device
+from layerprune.cli.args import (add_budget_arguments, add_model_argument, add_runtime_arguments, apply_threads, check_device,
+                                 check_outside_inputs, hold_output)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -108,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     from layerprune.data import calibration_source, check_disjoint, is_text_file_dataset, text_source
 
     settings = settings_from_args(args)
+    check_outside_inputs(args.out, args.model)
+    hold_output(args.out)  # one compare writes --out at a time (a second would race on its runs)
     # before any model is loaded: both texts exist, and calibration never reads the evaluated text
     evaluated = text_source(settings.dataset, None if is_text_file_dataset(settings.dataset) else "test",
                             settings.data_dir)

@@ -141,7 +141,7 @@ def _run_sequential(args: argparse.Namespace, config: Any, why: str | None, prog
     from layerprune import distributed
     from layerprune.export.streamed import DEFAULT_MAX_SHARD_BYTES, prune_checkpoint
     from layerprune.models import load_config, resolve_model
-    from layerprune.models.checkpoint import SafetensorsCheckpoint, empty_model, expected_tensors
+    from layerprune.models.checkpoint import SafetensorsCheckpoint
     from layerprune.pruning.config import resolve_config
     from layerprune.pruning.executor import format_size
     from layerprune.pruning.pipeline import summary_table
@@ -160,7 +160,7 @@ def _run_sequential(args: argparse.Namespace, config: Any, why: str | None, prog
         raise InvalidInputError(f"--sequential reads a local folder of safetensors, got --model {args.model}")
     model_config = load_config(resolved)
     with SafetensorsCheckpoint(resolved) as checkpoint:  # every shard there, whole, with every tensor
-        checkpoint.check_covers(expected_tensors(empty_model(model_config, dtype)))
+        checkpoint.check_config(model_config)
     if why is not None:
         print(f"layerprune prune: {why}: pruning layer by layer (--sequential)", file=sys.stderr)
     out, result = prune_checkpoint(

@@ -62,6 +62,7 @@ from layerprune.models import count_parameters, model_info
 from layerprune.provenance import command_line, versions
 from layerprune.pruning import pipeline
 from layerprune.report import plots
+from layerprune.faults import fault_point
 
 def layer_table(model: torch.nn.Module) -> list[dict[str, Any]]:
     """Per-layer widths read from the model itself (KV groups, query heads, MLP channels)."""
@@ -302,7 +303,9 @@ def compare(
                 "allocation_params_after": int(getattr(alloc, "params_after", measured["params"])),
                 "allocation_granule": getattr(alloc, "granule", None),
             }
+            fault_point("compare-run")  # before a finished run is stored ...
             store.save_run(run)
+            fault_point("compare-stored")  # ... and after
             runs.append(run)
             log(_pct_line(run))
             del result

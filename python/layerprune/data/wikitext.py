@@ -40,15 +40,32 @@ def rows_from_lines(lines: Any) -> list[str]:
     return [line if line.strip() else "" for line in lines]
 
 
-def read_rows(path: str | os.PathLike[str]) -> list[str]:
-    """Rows of one text file (read as UTF-8 with Python's universal newlines, like the HF loader)."""
+# Calibration and healing read at most this many characters of a .txt file (a few million tokens, far more than
+# either uses): a file far larger than memory, or a pipe that never ends, is streamed up to here, never read whole.
+CALIBRATION_TEXT_CHARS = 64 * 2**20
+_LINE_CHARS = 2**20  # one read: a file without newlines is taken in rows of at most this many characters
+
+
+def read_rows(path: str | os.PathLike[str], max_chars: int | None = None) -> list[str]:
+    """Rows of one text file (UTF-8, Python's universal newlines, like the HF loader), streamed: at most
+    ``max_chars`` characters are read (None: the whole file). A NUL character means a binary file: DataError."""
+    rows: list[str] = []
+    read = 0
     try:
         with open(path, encoding="utf-8") as handle:
-            return rows_from_lines(handle)
+            while max_chars is None or read < max_chars:
+                line = handle.readline(_LINE_CHARS)
+                if not line:
+                    break
+                if "\x00" in line:
+                    raise DataError(f"{path} is not text (a NUL character near character {read + line.index(chr(0)):,})")
+                read += len(line)
+                rows.append(line if line.strip() else "")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason})") from None
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return rows
 
 
 def normalize_split(split: str) -> str:
@@ -89,14 +106,16 @@ def _rows_from_hub(split: str) -> list[str]:
     return list(loaded["text"])
 
 
-def load_rows(dataset: str, split: str, data_dir: str | os.PathLike[str] | None = None) -> list[str]:
-    """Rows of `dataset` ('wikitext2' or a path to a .txt file, whose `split` is ignored)."""
+def load_rows(dataset: str, split: str, data_dir: str | os.PathLike[str] | None = None,
+              max_chars: int | None = None) -> list[str]:
+    """Rows of `dataset` ('wikitext2' or a path to a .txt file, whose `split` is ignored; at most ``max_chars``
+    characters of it are read, :func:`read_rows`)."""
     dataset = os.fspath(dataset)
     if is_text_file_dataset(dataset):
         path = Path(dataset).expanduser()
-        if not path.is_file():
+        if not path.exists() or path.is_dir():
             raise DataError(f"dataset {path} does not exist")
-        return read_rows(path)
+        return read_rows(path, max_chars)
     if dataset.lower() != WIKITEXT2:
         raise DataError(f"unknown --dataset '{dataset}': use 'wikitext2' or a path to a .txt file")
     split = normalize_split(split)
@@ -125,9 +144,10 @@ def calibration_split(data_dir: str | os.PathLike[str] | None = None, dataset: s
     )
 
 
-def load_text(dataset: str, split: str, data_dir: str | os.PathLike[str] | None = None) -> str:
+def load_text(dataset: str, split: str, data_dir: str | os.PathLike[str] | None = None,
+              max_chars: int | None = None) -> str:
     """The rows joined with ``"\\n\\n"`` (LLM-Pruner's PPL text)."""
-    return "\n\n".join(load_rows(dataset, split, data_dir))
+    return "\n\n".join(load_rows(dataset, split, data_dir, max_chars))
 
 
 def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
@@ -181,7 +201,7 @@ def calibration_batch(
         raise InvalidInputError(f"calibration seq_len must be at least 2; got {seq_len}")
     split = calibration_split(data_dir, dataset)
     assert split != "test", "calibration must never read the test split"
-    rows = load_rows(dataset, split or "", data_dir)
+    rows = load_rows(dataset, split or "", data_dir, CALIBRATION_TEXT_CHARS)
     rng = random.Random(seed)
     order = list(range(len(rows)))
     rng.shuffle(order)
@@ -203,7 +223,8 @@ def calibration_batch(
     )
 
 
-def text_source(dataset: str, split: str | None, data_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def text_source(dataset: str, split: str | None, data_dir: str | os.PathLike[str] | None = None,
+                max_chars: int | None = None) -> dict[str, Any]:
     """Exactly which text a dataset and split name: its file (or the `datasets` split), and the sha256 of its rows.
 
     ``{"dataset", "split", "file", "sha256", "rows"}``; ``split`` is None for a text file (read whole).
@@ -215,14 +236,14 @@ def text_source(dataset: str, split: str | None, data_dir: str | os.PathLike[str
         split = normalize_split(split or "")
         folder = resolve_data_dir(data_dir)
         file = str((folder / SPLIT_FILES[split]).resolve()) if folder is not None else f"datasets:wikitext-2-raw-v1/{HF_SPLITS[split]}"
-    rows = load_rows(dataset, split or "", data_dir)
+    rows = load_rows(dataset, split or "", data_dir, max_chars)
     digest = hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()
     return {"dataset": dataset, "split": split, "file": file, "sha256": digest, "rows": len(rows)}
 
 
 def calibration_source(dataset: str = WIKITEXT2, data_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """:func:`text_source` of the calibration text of `dataset` (train, else valid; a text file whole)."""
-    return text_source(dataset, calibration_split(data_dir, dataset), data_dir)
+    return text_source(dataset, calibration_split(data_dir, dataset), data_dir, CALIBRATION_TEXT_CHARS)
 
 
 def check_disjoint(calibration: dict[str, Any], evaluation: dict[str, Any]) -> None:
@@ -235,6 +256,7 @@ def check_disjoint(calibration: dict[str, Any], evaluation: dict[str, Any]) -> N
 
 
 __all__ = [
+    "CALIBRATION_TEXT_CHARS",
     "DATA_DIR_ENV",
     "WIKITEXT2",
     "calibration_batch",

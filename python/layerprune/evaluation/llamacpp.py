@@ -142,9 +142,9 @@ def _component(name: str) -> str | None:
 def gguf_summary(path: str | os.PathLike[str]) -> tuple[dict[str, int], dict[str, Any]]:
     """``(parameters by component, model info)`` of a GGUF file, in the shapes of
     :func:`layerprune.models.count_parameters` and :func:`layerprune.models.model_info`."""
-    import gguf
+    from layerprune.models import read_gguf
 
-    reader = gguf.GGUFReader(path)
+    reader = read_gguf(path)
     counts = dict.fromkeys(("embeddings", "attention", "mlp", "norms", "lm_head", "other", "decoder_layers"), 0)
     for tensor in reader.tensors:
         component = _component(tensor.name)

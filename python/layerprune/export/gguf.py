@@ -24,6 +24,7 @@ and renamed into place (:func:`layerprune.atomic.atomic_output_file`).
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from layerprune.arch import adapter_for, check_consistency, config_value, layer_
 from layerprune.atomic import atomic_output_file
 from layerprune.errors import InvalidInputError, ModelError
 from layerprune.export.gguf_vocab import tokenizer_fields
+from layerprune.faults import fault_point
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 PER_LAYER_ARCHITECTURE = "deci"
@@ -310,6 +312,7 @@ def build_writer(model: Any, tokenizer: Any, outtype: str = "f16", name: str | N
     for tensor_name, array, kind in [*gguf_tensors(model, layout), *extra]:
         if kind not in allowed:
             raise ModelError(f"model: llama.cpp's `{arch}` architecture has no tensor {tensor_name}")
+        fault_point("gguf-tensor")
         data, qtype = _encode(array, outtype)
         writer.add_tensor(tensor_name, data, raw_dtype=qtype)
         types[qtype.name] = types.get(qtype.name, 0) + 1
@@ -342,6 +345,12 @@ def write_gguf(model: Any, tokenizer: Any, out: str | os.PathLike[str], outtype:
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
+        except OSError as err:
+            if err.errno is not None:
+                raise
+            # numpy's tofile reports a short write ("N requested and M written") without an errno: on a regular
+            # file that is a full disk or a file-size limit
+            raise OSError(errno.ENOSPC, f"{err}: the disk or the file-size limit is full", str(path)) from None
         finally:
             writer.close()
     summary.path = path

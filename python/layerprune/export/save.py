@@ -32,6 +32,7 @@ from layerprune.atomic import (
 )
 from layerprune.errors import InvalidInputError, ModelError
 from layerprune.models import FORMAT_VERSION
+from layerprune.faults import fault_point
 
 __all__ = ["MODELING_FILE", "plain_config_obstacle", "save_pruned"]
 
@@ -204,6 +205,7 @@ def write_safetensors(save_file: Any, tensors: dict[str, Any], path: Path) -> No
 
     try:
         save_file(tensors, str(path), metadata={"format": "pt"})
+        fault_point("save-file")
     except SafetensorError as err:
         found = re.search(r"os error (\d+)", str(err))
         if found is None:
@@ -230,14 +232,17 @@ def write_folder_files(tmp: Path, config: dict[str, Any], generation_config: Any
     """Everything of a pruned folder but the weights: config, generation config, the remote-code module, the
     tokenizer and report.json; then every file gets a plain file's mode."""
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    fault_point("save-file")
     if generation_config is not None:
         generation_config.to_json_file(str(tmp / "generation_config.json"))
     if "auto_map" in config:  # a plain config needs no remote code
         shutil.copyfile(modeling.__file__, tmp / MODELING_FILE)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
+        fault_point("save-file")
     if report_text is not None:
         (tmp / "report.json").write_text(report_text)
+        fault_point("save-file")
     for path in tmp.rglob("*"):
         if path.is_file():
             os.chmod(path, file_mode())

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from layerprune.healing.losses import log1m_exp
+from layerprune.healing.losses import log1m_exp, tail_log_mass
 
 CHUNK_POSITIONS = 256  # positions per chunk of logits (256 x 49,152 floats: 48 MiB)
 
@@ -43,7 +43,7 @@ def _chunk_terms(z: torch.Tensor, log_p: torch.Tensor, ids: torch.Tensor, labels
     partial = log_p.shape[-1] < z.shape[-1]
     if partial:
         log_p_t = log1m_exp(torch.logsumexp(log_p, dim=-1))
-        log_q_t = log1m_exp(torch.logsumexp(log_q_k, dim=-1))
+        log_q_t = tail_log_mass(z, ids) - lse  # exact: 1 − Σ_k q_k rounds to 0 where the K tokens hold it all
         p_t = log_p_t.exp()
         kl_rows = kl_rows + torch.where(p_t > 0, p_t * (log_p_t - log_q_t), torch.zeros_like(p_t))
     kl = float(kl_rows.sum()) * temperature**2

@@ -36,6 +36,20 @@ def log1m_exp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+def tail_log_mass(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log Σ_{v ∉ ids} exp(logits_v) over the last dimension, summed over the tokens outside ``ids`` itself rather
+    than as 1 − Σ_{ids} (which rounds to 0, and its log to −inf, once the K tokens hold all but 1e-7 of the mass).
+    A tensor outside autograd is overwritten at ``ids`` and put back (no copy of it is made)."""
+    if logits.requires_grad:
+        return torch.logsumexp(logits.scatter(-1, ids, float("-inf")), dim=-1)
+    kept = torch.gather(logits, -1, ids)
+    logits.scatter_(-1, ids, float("-inf"))
+    try:
+        return torch.logsumexp(logits, dim=-1)
+    finally:
+        logits.scatter_(-1, ids, kept)
+
+
 def top_k_kl(
     student_logits: torch.Tensor,
     teacher_log_probs: torch.Tensor,
@@ -45,7 +59,7 @@ def top_k_kl(
     """Σ over positions of T² · KL(p ‖ q) on the K + 1 outcomes (the teacher's top K tokens, then the rest).
 
     KL = Σ_k p_k (log p_k − log q_k) + p_tail (log p_tail − log q_tail), with p_tail = 1 − Σ_k p_k and
-    q_tail = 1 − Σ_k q_k; p = softmax(z_teacher / T), q = softmax(z_student / T). ``student_logits`` is
+    q_tail = Σ_{v ∉ top K} q_v (:func:`tail_log_mass`); p = softmax(z_teacher / T), q = softmax(z_student / T). ``student_logits`` is
     [..., V], the teacher's arrays [..., K] (as :func:`teacher_top_k` gives them). Returns a 0-d float32 sum;
     divide by the number of positions for the mean.
     """
@@ -56,7 +70,7 @@ def top_k_kl(
     kl = (p * (log_p - log_q)).sum(-1)
     if log_p.shape[-1] < log_q_all.shape[-1]:
         log_p_tail = log1m_exp(torch.logsumexp(log_p, dim=-1))
-        log_q_tail = log1m_exp(torch.logsumexp(log_q, dim=-1))
+        log_q_tail = tail_log_mass(log_q_all, teacher_ids.long())
         p_tail = log_p_tail.exp()
         tail = torch.where(p_tail > 0, p_tail * (log_p_tail - log_q_tail), torch.zeros_like(p_tail))
         kl = kl + tail
@@ -77,4 +91,4 @@ def token_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> t
                            reduction="sum")
 
 
-__all__ = ["full_kl", "log1m_exp", "teacher_top_k", "token_cross_entropy", "top_k_kl"]
+__all__ = ["full_kl", "log1m_exp", "tail_log_mass", "teacher_top_k", "token_cross_entropy", "top_k_kl"]

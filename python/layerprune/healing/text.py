@@ -20,7 +20,7 @@ from layerprune.data import (
     text_source,
     tokenize_text,
 )
-from layerprune.data.wikitext import SPLIT_FILES
+from layerprune.data.wikitext import CALIBRATION_TEXT_CHARS, SPLIT_FILES
 from layerprune.errors import DataError
 
 
@@ -53,7 +53,7 @@ def heal_text(
     source = calibration_source(dataset, data_dir)
     check_not_evaluated(source, data_dir)
     split = calibration_split(data_dir, dataset)
-    ids = tokenize_text(tokenizer, load_text(dataset, split or "", data_dir))
+    ids = tokenize_text(tokenizer, load_text(dataset, split or "", data_dir, CALIBRATION_TEXT_CHARS))
     n = ids.numel() // seq_len
     held = max(1, int(round(n * held_out_fraction)))
     if n - held < 1:

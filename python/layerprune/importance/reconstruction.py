@@ -30,6 +30,7 @@ from layerprune.importance.result import LayerImportance
 from layerprune.refit import DEFAULT_DAMPING, InputGram
 from layerprune.refit.grams import empty_grams, output_projection_hooks
 from layerprune.refit.obs import DEFAULT_BATCH_FRACTION, structured_obs
+from layerprune.faults import fault_point
 
 
 PROJECTIONS = ("o_proj", "down_proj")
@@ -89,6 +90,7 @@ def grams_and_fisher(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: 
         handles.append(adapter.embeddings(model).register_forward_hook(embed_hook))
         with output_projection_hooks(layers, grams):
             for start, end, with_fisher in tqdm(chunks, desc="Grams and Fisher", disable=not progress, leave=False):
+                fault_point("calibration")
                 batch = ids[start:end].to(device)
                 if not with_fisher:
                     with torch.no_grad():

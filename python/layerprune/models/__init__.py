@@ -9,7 +9,7 @@ from layerprune.models.embedded import (
     embedded_model_dir,
     ensure_embedded_model,
 )
-from layerprune.models.loading import load_config, load_model, resolve_model
+from layerprune.models.loading import load_config, load_model, read_gguf, resolve_model
 from layerprune.models.pruned import FORMAT_VERSION, is_pruned_folder, load_pruned, pruned_config, read_config_json
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "model_info",
     "pruned_config",
     "read_config_json",
+    "read_gguf",
     "resolve_model",
     "supported_architectures",
 ]

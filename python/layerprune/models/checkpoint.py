@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from layerprune.arch import check_supported, is_pruned_config
-from layerprune.errors import InternalError, ModelError
+from layerprune.errors import InternalError, ModelError, NumericalError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -190,6 +190,34 @@ class SafetensorsCheckpoint:
                 raise ModelError(f"checkpoint: tensor {name} has shape {list(self.entries[name].shape)}, "
                                  f"the config gives {list(shape)}")
 
+    def layer_indices(self, adapter: Any) -> list[int]:
+        """The decoder layers the tensor names hold (``model.layers.<i>.``), sorted."""
+        base = adapter.layer_prefix(0)[:-1]
+        found = set()
+        for name in self.entries:
+            if name.startswith(base):
+                index = name[len(base):].split(".", 1)[0]
+                if index.isdigit():
+                    found.add(int(index))
+        return sorted(found)
+
+    def check_layers(self, config: Any) -> None:
+        """``config`` (a transformers config or the ``config.json`` dict, read before transformers builds anything
+        from it) has sane sizes (:func:`layerprune.arch.check_geometry`) and the layer count the tensor names hold,
+        so an absurd ``num_hidden_layers`` is refused before a config object or a skeleton is built."""
+        adapter = check_supported(config, "model")
+        layers, found = adapter.num_layers(config), self.layer_indices(adapter)
+        if len(found) != layers or (found and found[-1] != layers - 1):  # sorted, unique: then 0..layers-1
+            held = f"layers 0..{found[-1]}" + (f" with {found[-1] + 1 - len(found)} missing" if
+                                               len(found) != found[-1] + 1 else "") if found else "no layer"
+            raise ModelError(f"checkpoint: config.json of {self.folder} has num_hidden_layers {layers}; "
+                             f"its weights hold {held}")
+
+    def check_config(self, config: Any) -> None:
+        """:meth:`check_layers`, then every tensor ``config`` implies is here with its shape."""
+        self.check_layers(config)
+        self.check_covers(expected_tensors(skeleton(config)))
+
     # ---- reading -----------------------------------------------------------------------------------
 
     def _file(self, path: Path) -> Any:
@@ -279,18 +307,50 @@ class SafetensorsCheckpoint:
 # The skeleton
 
 
-def empty_model(config: Any, dtype: torch.dtype) -> nn.Module:
-    """The causal LM of ``config`` in eval mode, its parameters on the meta device (no memory), tied like a loaded one."""
+def skeleton(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The causal LM of ``config``, dense or pruned, in eval mode with every parameter on the meta device (no
+    memory), tied like a loaded one."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    check_supported(config, "model")
-    if is_pruned_config(config):
-        raise ModelError("model: this folder was already pruned by layerprune; prune the dense model")
+    from layerprune.arch.modeling_layerprune import pruned_classes
+
+    adapter = check_supported(config, "model")
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if is_pruned_config(config) and type(config).__name__ == adapter.pruned_config_class:
+            model = pruned_classes(adapter.transformers_prefix)[1](config).to(dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
     return model.eval()
+
+
+def empty_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    """:func:`skeleton` of a dense model (a pruned one is refused: the executors prune dense models)."""
+    if is_pruned_config(config):
+        raise ModelError("model: this folder was already pruned by layerprune; prune the dense model")
+    return skeleton(config, dtype)
+
+
+def check_checkpoint(folder: str | os.PathLike[str], config: Any, *, tensors: bool = True) -> None:
+    """:meth:`SafetensorsCheckpoint.check_config` (``tensors=False``: only ``check_layers``, for the raw
+    ``config.json``) of a folder that holds safetensors; others are left to their loader."""
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in (INDEX_FILE, SINGLE_FILE)):
+        return
+    with SafetensorsCheckpoint(folder) as checkpoint:
+        if tensors:
+            checkpoint.check_config(config)
+        else:
+            checkpoint.check_layers(config)
+
+
+def check_finite(model: nn.Module, where: str = "model") -> None:
+    """Every floating parameter and buffer of ``model`` is finite: NumericalError naming the first that is not."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NumericalError(f"{where}: tensor {name} holds {bad:,} NaN or infinite value(s)")
 
 
 def expected_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -318,6 +378,9 @@ def load_module(model: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint
         tensor = checkpoint.read(name, dtype if param.dtype.is_floating_point else None, device)
         if tuple(tensor.shape) != tuple(param.shape):
             raise ModelError(f"checkpoint: tensor {name} has shape {list(tensor.shape)}, the model expects {list(param.shape)}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NumericalError(f"checkpoint: tensor {name} holds {int((~torch.isfinite(tensor)).sum()):,} NaN or "
+                                 "infinite value(s)")
         owner, leaf = _owner(module, local)
         owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
         held += tensor.numel() * tensor.element_size()
@@ -344,5 +407,5 @@ def check_materialized(module: nn.Module, where: str) -> None:
 
 
 __all__ = ["INDEX_FILE", "SAFETENSORS_DTYPES", "SINGLE_FILE", "TORCH_TO_SAFETENSORS", "SafetensorsCheckpoint",
-           "TensorEntry", "check_materialized", "empty_model", "expected_tensors", "host_buffer", "load_module",
-           "read_safetensors_header", "release_module", "tensor_bytes"]
+           "TensorEntry", "check_checkpoint", "check_finite", "check_materialized", "empty_model", "expected_tensors",
+           "host_buffer", "load_module", "read_safetensors_header", "release_module", "skeleton", "tensor_bytes"]

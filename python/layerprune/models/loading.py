@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from struct import error as struct_error
 from typing import Any
 
 import torch
 
-from layerprune.arch import check_supported
+from layerprune.arch import check_supported, find_adapter
 from layerprune.errors import ModelError
+from layerprune.models.checkpoint import check_checkpoint, check_finite
 from layerprune.models.embedded import EMBEDDED_MODEL, ensure_embedded_model
-from layerprune.models.pruned import is_pruned_folder, load_pruned, pruned_config
+from layerprune.models.pruned import is_pruned_folder, load_pruned, pruned_config, read_config_json
 
 
 def _looks_like_path(name: str) -> bool:
@@ -56,6 +58,25 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path | str:
     return name
 
 
+def read_gguf(path: str | os.PathLike[str]) -> Any:
+    """``gguf.GGUFReader`` of a file, checked: a truncated header or tensor table, or tensors whose dimensions
+    put their data past the end of the file, are one ModelError (the reader itself fails in many ways)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        size = os.path.getsize(path)
+        for tensor in reader.tensors:
+            if int(tensor.data_offset) + int(tensor.n_bytes) > size or int(tensor.data.nbytes) != int(tensor.n_bytes):
+                raise ValueError(f"tensor {tensor.name} of shape {[int(d) for d in tensor.shape]} does not fit "
+                                 f"in the file's {size:,} bytes")
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct_error, MemoryError) as exc:
+        raise ModelError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {_first_line(exc)})") from None
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return reader
+
+
 def _is_pruned_folder(resolved: Path | str) -> bool:
     return isinstance(resolved, Path) and is_pruned_folder(resolved)
 
@@ -77,6 +98,12 @@ def load_config(name_or_path: str | os.PathLike[str]) -> Any:
     from transformers import AutoConfig
 
     resolved = resolve_model(name_or_path)
+    if isinstance(resolved, Path) and resolved.is_dir():
+        raw = read_config_json(resolved)
+        if raw is not None and find_adapter(raw) is not None:  # sizes checked before transformers builds on them
+            check_checkpoint(resolved, raw, tensors=False)
+    if isinstance(resolved, Path) and resolved.is_file():
+        read_gguf(resolved)  # whole and consistent, before transformers reads it
     try:
         if isinstance(resolved, Path) and resolved.is_file():
             return AutoConfig.from_pretrained(resolved.parent, gguf_file=resolved.name)
@@ -92,7 +119,9 @@ def load_config(name_or_path: str | os.PathLike[str]) -> Any:
 
 
 def _load_pruned(path: Path, dtype: torch.dtype, device: str | torch.device, require_tokenizer: bool) -> tuple[Any, Any]:
+    check_checkpoint(path, pruned_config(path))
     model, tokenizer = load_pruned(path, dtype=dtype, device=device)
+    check_finite(model, f"model '{path}'")
     if tokenizer is None and require_tokenizer:
         raise ModelError(f"pruned model {path} has no tokenizer files")
     return model.to(device=device, dtype=dtype).eval(), tokenizer
@@ -135,6 +164,8 @@ def load_model(
         source, gguf_file = resolved.parent, resolved.name
     config = load_config(name)
     check_supported(config, f"model '{name}'")  # before any weight is read
+    if isinstance(resolved, Path) and gguf_file is None:
+        check_checkpoint(resolved, config)  # the weights are whole and are what config.json says
     try:
         if gguf_file is not None:
             model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=dtype)
@@ -144,9 +175,10 @@ def load_model(
         if isinstance(resolved, Path):
             raise ModelError(f"cannot load model weights from {resolved}: {type(exc).__name__}: {_first_line(exc)}") from None
         raise _hub_error(name, exc) from None
+    check_finite(model, f"model '{name}'")
     tokenizer = load_tokenizer(source, name, require_tokenizer, gguf_file)
     torch.nn.Module.to(model, device)  # (transformers wraps .to with a signature mypy misreads)
     return model.eval(), tokenizer
 
 
-__all__ = ["load_config", "load_model", "resolve_model"]
+__all__ = ["load_config", "load_model", "read_gguf", "resolve_model"]

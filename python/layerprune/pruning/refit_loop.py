@@ -37,6 +37,7 @@ from layerprune.models.layer_calls import batch_slice, capture_layer_inputs, che
 from layerprune.refit import DEFAULT_DAMPING, REFIT_MODES, InputGram, compensation_bias, refit_output_projection
 from layerprune.refit.obs import DEFAULT_BATCH_FRACTION, structured_obs
 from layerprune.scoring.selection import LayerKeep
+from layerprune.faults import fault_point
 
 SELECTIONS = ("given", "obs")
 ERROR_ROW_BLOCK = 256  # output rows of D at a time in the refit errors' tr(D H Dᵀ)  # the kept columns as given, or chosen by structured OBS
@@ -139,6 +140,7 @@ def refit_kept_weights(
     with torch.no_grad():
         for l, (layer, entry) in enumerate(tqdm(list(zip(layers, keep)), desc=f"refit ({mode}, {select})",
                                                 disable=not progress, leave=False)):
+            fault_point("layer")
             x = hidden if error_correction else dense_inputs[l]
             hidden, layer_errors, entry = refit_layer(model, layer, entry, x, layer_kwargs[l], mode=mode,
                                                       damping=damping, micro_batch=micro_batch, select=select)

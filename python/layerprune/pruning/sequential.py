@@ -63,7 +63,6 @@ from layerprune.models import count_parameters
 from layerprune.models.checkpoint import (
     SafetensorsCheckpoint,
     empty_model,
-    expected_tensors,
     load_module,
     release_module,
 )
@@ -95,6 +94,7 @@ from layerprune.refit.grams import empty_grams, output_projection_hooks
 from layerprune.scoring.dispatch import ActivationStats, wanda_channel_scores, weight_scores
 from layerprune.scoring.groups import fold_layer_scores
 from layerprune.scoring.selection import LayerKeep, select_keep
+from layerprune.faults import fault_point
 
 GRAM_MICRO_BATCH = 8  # output_projection_grams' micro-batch: the refit statistics see the same batches
 ROW_BLOCK_BYTES = 64 * 2**20  # embeddings and lm_head are read and written in blocks of rows of at most this size ...
@@ -332,6 +332,7 @@ class _Engine:
         try:
             for l, layer in enumerate(tqdm(self.layers, desc="layer by layer: fluctuation", disable=not self.progress,
                                            leave=False)):
+                fault_point("layer")
                 t0, read0 = device_time(self.device), self.clock.totals.get("read", 0.0)
                 self.max_layer_bytes = max(self.max_layer_bytes, self.load(layer))
                 stats = {"o_proj": ActivationStats(), "down_proj": ActivationStats()}
@@ -368,6 +369,7 @@ class _Engine:
         try:
             for l, layer in enumerate(tqdm(self.layers, desc=f"layer by layer: {method} importance",
                                            disable=not self.progress, leave=False)):
+                fault_point("calibration" if l == 0 else "layer")
                 t0, read0 = device_time(self.device), self.clock.totals.get("read", 0.0)
                 self.max_layer_bytes = max(self.max_layer_bytes, self.load(layer))
                 geometry = adapter.geometry(self.model, layer)
@@ -527,6 +529,7 @@ class _Engine:
         try:
             for l, layer in enumerate(tqdm(self.layers, desc="layer by layer: prune and write",
                                            disable=not self.progress, leave=False)):
+                fault_point("layer")
                 t0, read0 = device_time(self.device), self.clock.totals.get("read", 0.0)
                 self.max_layer_bytes = max(self.max_layer_bytes, self.load(layer))
                 geometry = adapter.geometry(self.model, layer)
@@ -655,12 +658,12 @@ def _prune_sequential(checkpoint, tokenizer, config, sink, dtype, calib_ids, cal
     try:
         model_config = load_config(ckpt.folder)
         adapter_for(model_config, "prune: model")  # an unsupported family is refused before any work
+        ckpt.check_config(model_config)  # sane sizes, its layers and tensors all there, before a skeleton is built
         engine = _Engine(ckpt, model_config, config, sink, dtype, options, progress)
         model, adapter = engine.model, engine.adapter
         shapes = layer_shapes(model)
         validate_against_model(config, len(shapes), min(s["num_kv_heads"] for s in shapes))
         check_dense(model, shapes)
-        ckpt.check_covers(expected_tensors(model))
         check_feasible(model.config, config)
         seed_everything(config.seed)
         clock = engine.clock
