@@ -19,21 +19,12 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
     pass
 
 
-def _data_dir() -> Path | None:
-    for candidate in (
-        os.environ.get("LAYERPRUNE_TEST_DATA_DIR"),
-        os.environ.get("LAYERPRUNE_DATA_DIR"),
-        str(REPO_ROOT.parent / "shared" / "data" / "wikitext-2-raw"),
-    ):
-        if candidate and (Path(candidate) / "test.txt").is_file():
-            return Path(candidate)
-    return None
-
-
 @pytest.fixture(scope="session")
 def wikitext_dir() -> Path:
     """The WikiText-2 raw folder (test.txt, valid.txt). Missing data is a failure, not a skip."""
-    path = _data_dir()
+    from families import find_data_dir
+
+    path = find_data_dir()
     if path is None:
         pytest.fail("WikiText-2 raw data not found: set LAYERPRUNE_TEST_DATA_DIR or provide ../shared/data/wikitext-2-raw")
     return path

@@ -139,7 +139,7 @@ def pruned_plans() -> dict[str, Any]:
 def healed_weights() -> dict[str, Any]:
     """A pruned tiny Llama healed for 3 steps of 4 sequences (micro-batches of 1): in one process, or each rank
     taking its share of every step's sequences with the gradients summed over the ranks."""
-    from conftest import _data_dir
+    from families import find_data_dir
     from families import CASES, make_model, make_tokenizer
 
     from layerprune.arch import layer_shapes
@@ -150,7 +150,7 @@ def healed_weights() -> dict[str, Any]:
     teacher = make_model(CASES[0])
     keep = [LayerKeep(kv_heads=(0,), mlp_channels=tuple(range(0, s["intermediate"], 2))) for s in layer_shapes(teacher)]
     config = HealConfig(tokens=3 * 4 * 32, seq_len=32, batch_size=4, micro_batch_size=1, lr=1e-3, eval_every=1,
-                        data_dir=str(_data_dir()))
+                        data_dir=str(find_data_dir()))
     result = heal(pruned_copy(teacher, keep), teacher, make_tokenizer(), config, progress=False)
     return {"weights": {k: v.clone() for k, v in result.model.state_dict().items()},
             "held_out": result.report["heal"]["history"]["held_out"], "steps": result.report["heal"]["steps"],

@@ -6,13 +6,28 @@ so the family tests can check that it survives pruning, saving and reloading.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from functools import lru_cache
 from typing import Any
 
 import torch
 
 VOCAB = 320
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_data_dir() -> Path | None:
+    """The WikiText-2 raw folder: $LAYERPRUNE_TEST_DATA_DIR, $LAYERPRUNE_DATA_DIR, or ../shared/data/wikitext-2-raw."""
+    for candidate in (
+        os.environ.get("LAYERPRUNE_TEST_DATA_DIR"),
+        os.environ.get("LAYERPRUNE_DATA_DIR"),
+        str(REPO_ROOT.parent / "shared" / "data" / "wikitext-2-raw"),
+    ):
+        if candidate and (Path(candidate) / "test.txt").is_file():
+            return Path(candidate)
+    return None
 SAMPLE_TEXT = " = Robert Boulter is an English film , television and theatre actor ."
 
 
@@ -77,10 +92,9 @@ def make_model(case: FamilyCase, seed: int = 0) -> torch.nn.Module:
 def _trained_bpe() -> Any:
     """A byte-level BPE of ``VOCAB`` tokens trained on the first 50 kB of WikiText-2 valid (every family's
     tokenizer class reads it the same way, so folder reloads can be compared token by token)."""
-    from conftest import _data_dir
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    data = _data_dir()
+    data = find_data_dir()
     if data is None:
         raise RuntimeError("WikiText-2 raw data not found (see conftest.wikitext_dir)")
     text = (data / "valid.txt").read_text(encoding="utf-8")[:50_000]

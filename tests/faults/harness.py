@@ -1,4 +1,4 @@
-"""The fault tests' harness (its fixtures are imported by each test module): the process runner (``runner.py``), a tiny checkpoint, and folder digests.
+"""The fault tests' harness (its fixtures are in conftest.py): the process runner (``runner.py``), a tiny checkpoint, and folder digests.
 
 Every command runs in a process of its own (forked by the runner), so a fault point's SIGKILL, a file-size limit or
 a second writer meets a real process, as a user's command would.
@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 HERE = Path(__file__).resolve().parent
 # The files of a pruned folder that must be identical between two runs of one command (report.json holds timings).
@@ -56,13 +55,6 @@ class Runner:
         self.proc.stdout.close()
 
 
-@pytest.fixture(scope="session")
-def runner(tmp_path_factory, wikitext_dir):
-    r = Runner(tmp_path_factory.mktemp("runner"), wikitext_dir)
-    yield r
-    r.close()
-
-
 def make_checkpoint(folder: Path, seed: int = 0) -> Path:
     """A tiny random Llama (GQA 4:1) with a BPE tokenizer, saved as a Hugging Face folder."""
     from families import CASES, make_model, make_tokenizer
@@ -70,11 +62,6 @@ def make_checkpoint(folder: Path, seed: int = 0) -> Path:
     make_model(CASES[0], seed=seed).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("input") / "tiny")
 
 
 def digest(folder: Path, names: tuple[str, ...] | None = None) -> dict[str, str]:

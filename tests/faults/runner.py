@@ -70,7 +70,7 @@ def run_jobs(jobs: list[dict]) -> list[dict]:
 def main() -> None:
     # Everything the commands import, imported before the first fork (no torch work runs in this process, so no
     # thread pool is started before a fork).
-    import torch  # noqa: F401
+    import torch  # noqa: F401 (imported before the first fork)
     import transformers  # noqa: F401
 
     import layerprune.cli

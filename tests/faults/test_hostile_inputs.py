@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import checkpoint, digest, runner  # noqa: F401 (fixtures)
+from harness import digest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
