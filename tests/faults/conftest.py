@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from harness import Runner, make_checkpoint
+from faults.harness import Runner, make_checkpoint
 
 
 @pytest.fixture(scope="session")

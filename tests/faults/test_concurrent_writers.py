@@ -4,7 +4,7 @@ that claims --out first runs; the other exits at once in one line. And --out in 
 from __future__ import annotations
 
 import pytest
-from harness import RESULT_FILES, digest, leftovers
+from faults.harness import RESULT_FILES, digest, leftovers
 
 CALIB = ["--calib-samples", "4", "--calib-seq-len", "32", "--no-progress"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from harness import digest, leftovers
+from faults.harness import digest, leftovers
 
 LIMIT = 64 * 1024  # bytes: the tiny model's weights are ~300 kB, every small file fits
 CALIB = ["--calib-samples", "4", "--calib-seq-len", "32", "--no-progress"]

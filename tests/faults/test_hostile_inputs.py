@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import digest
+from faults.harness import digest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -11,7 +11,7 @@ import json
 import shutil
 
 import pytest
-from harness import RESULT_FILES, digest, leftovers
+from faults.harness import RESULT_FILES, digest, leftovers
 
 CALIB = ["--calib-samples", "4", "--calib-seq-len", "32", "--no-progress"]
 

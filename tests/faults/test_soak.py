@@ -11,7 +11,7 @@ import gc
 import os
 
 import pytest
-from harness import make_checkpoint
+from faults.harness import make_checkpoint
 
 ROUNDS = 50
 WARM_UP = 5  # rounds before the baseline (first-use caches: tokenizers, kernels, allocator pools)
