@@ -65,6 +65,11 @@ def run(args: argparse.Namespace, failure: Callable[[str, BaseException, str], t
     if args.command not in DISTRIBUTED_COMMANDS:
         raise InvalidInputError(f"{args.command} runs in one process; under torchrun (WORLD_SIZE={world}) only "
                                 f"{' and '.join(DISTRIBUTED_COMMANDS)} run")
+    from layerprune.cli.args import release_outputs
+    from layerprune.distributed.exits import BEFORE_FORCED_EXIT, forced_exit
+
+    if release_outputs not in BEFORE_FORCED_EXIT:  # a rank ended by another's failure releases its claim of --out
+        BEFORE_FORCED_EXIT.append(release_outputs)
     distributed.initialize(getattr(args, "dist_backend", "auto"))
     where = f"rank {int(os.environ.get('RANK', '0') or 0)} of {world}" if world > 1 else ""
     try:
@@ -79,8 +84,7 @@ def run(args: argparse.Namespace, failure: Callable[[str, BaseException, str], t
                 code = agreement.fail(line, code)  # prints the line every rank ends with
                 # End now: torchrun stops the remaining ranks once one has exited, and Python's own shutdown
                 # would meet that SIGTERM with the default action instead of this exit code.
-                sys.stdout.flush()
-                os._exit(code)
+                forced_exit(code)
             if agreement is not None:
                 agreement.finish()
             return code

@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TextIO
 
 POLL_S = 0.05
@@ -35,6 +35,21 @@ _KEY_FAILURE = "failure"
 _KEY_SEEN = "failure_seen"
 _sessions = itertools.count()
 
+
+
+# Callables run before this process ends with os._exit (no finally block or atexit handler runs then): the
+# command line registers the release of the outputs it claimed (layerprune.cli.args.release_outputs).
+BEFORE_FORCED_EXIT: list[Callable[[], None]] = []
+
+
+def forced_exit(code: int) -> NoReturn:
+    """``os._exit(code)`` after the :data:`BEFORE_FORCED_EXIT` callables (each one's failure ignored)."""
+    for callback in BEFORE_FORCED_EXIT:
+        with contextlib.suppress(Exception):
+            callback()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    os._exit(code)
 
 class ExitAgreement:
     """The watcher and the failure and barrier protocol of one job (see the module docstring)."""
@@ -73,7 +88,7 @@ class ExitAgreement:
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if self._agreed_code is not None:
-            os._exit(self._agreed_code)  # the launcher stops a job whose ending is agreed: keep the agreed code
+            forced_exit(self._agreed_code)  # the launcher stops a job whose ending is agreed: keep the agreed code
         raise KeyboardInterrupt("terminated")
 
     def posted_failure(self) -> dict[str, Any] | None:
@@ -102,7 +117,7 @@ class ExitAgreement:
         self._say(str(failure["line"]), int(failure["code"]))
         with contextlib.suppress(Exception):
             self.store.add(_KEY_SEEN, 1)
-        os._exit(int(failure["code"]))
+        forced_exit(int(failure["code"]))
 
     # ---- failing -----------------------------------------------------------------------------------
     def fail(self, line: str, code: int) -> int:
@@ -200,4 +215,5 @@ def wait_for_failure(error: BaseException) -> NoReturn:
     raise error
 
 
-__all__ = ["ACK_TIMEOUT_S", "POLL_S", "ExitAgreement", "barrier", "current", "exit_agreement", "wait_for_failure"]
+__all__ = ["ACK_TIMEOUT_S", "BEFORE_FORCED_EXIT", "POLL_S", "ExitAgreement", "barrier", "current", "exit_agreement",
+           "forced_exit", "wait_for_failure"]
