@@ -55,13 +55,15 @@ def test_export_and_compare_claim_their_out(runner, checkpoint, tmp_path):
     assert sorted([a["exit"], b["exit"]]) == [0, 2], (a["log"][-2000:], b["log"][-2000:])
 
 
-@pytest.mark.parametrize("command", ["prune", "heal", "compare"])
+@pytest.mark.parametrize("command", ["prune", "heal", "compare", "export"])
 @pytest.mark.parametrize("inside", ["", "sub"])
 def test_out_in_the_input_folder_is_refused(runner, checkpoint, command, inside):
     before = digest(checkpoint)
     out = checkpoint / inside if inside else checkpoint
+    if command == "export":  # a file: in the input's folder, or in a folder inside it
+        out = out / "model.gguf"
     extra = {"prune": ["--ratio", "0.2", "--overwrite"], "heal": ["--teacher", checkpoint, "--overwrite"],
-             "compare": ["--ratio", "0.2"]}[command]
+             "compare": ["--ratio", "0.2"], "export": ["--overwrite"]}[command]
     result = runner.one([command, "--model", checkpoint, "--out", out, *extra, "--no-progress"])
     assert result["exit"] == 2 and len(result["error_lines"]) == 1, result["log"][-2000:]
     assert "inside the input model's folder" in result["error_lines"][0]

@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Any
 
-from layerprune.cli.args import add_runtime_arguments, apply_threads, hold_output
+from layerprune.cli.args import add_runtime_arguments, apply_threads, check_outside_inputs, hold_output
 
 FORMATS = ("gguf",)
 
@@ -40,6 +40,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from layerprune.export.gguf import check_output_path, export_gguf
 
+    check_outside_inputs(args.out, args.model)
     hold_output(args.out)  # one writer of --out at a time
     check_output_path(args.out, args.overwrite)  # before the (slow) model load
     apply_threads(args)
