@@ -18,7 +18,7 @@ BENCHES = REPO_ROOT / "benches"
 
 @pytest.mark.parametrize("script", ["bench_scoring.py", "bench_scoring_memory.py", "bench_solvers.py",
                                     "bench_sequential.py", "bench_prune.py", "calibration_study.py", "api_vs_cli.py",
-                                    "bench_heal.py"])
+                                    "empty_blocks_study.py", "bench_heal.py"])
 def test_bench_parses_its_arguments(script):
     out = subprocess.run([sys.executable, str(BENCHES / script), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -87,6 +87,28 @@ def test_uniform_match_params_through_cli(tiny_dir, wikitext_dir, tmp_path):
     assert abs(report["actual_ratio"] - 0.2) <= report["allocation"]["granule"] / report["params_before"]["total"] + 1e-12
 
 
+def test_allocation_search_through_cli(tiny_dir, wikitext_dir, tmp_path, capsys):
+    from layerprune.report.plots import is_png
+
+    out = tmp_path / "searched"
+    argv = _args(tiny_dir, out, wikitext_dir, "--allocation", "search", "--search-generations", "3",
+                 "--search-offspring", "3", "--search-samples", "2", "--refit-samples", "6", "--refit-seq-len", "24")
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "unbalanced-reconstruction-dp+search+lstsq+obs"
+    search = report["search"]
+    assert search["generations"] == 3 and search["fitness"] <= search["seed_fitness"]
+    assert search["kept"] in ("search", "solver") and search["final_model_kl"] > 0
+    assert is_png(out / "search.png") and oct((out / "search.png").stat().st_mode & 0o777) == oct(
+        (out / "report.json").stat().st_mode & 0o777)
+    assert "allocation search" in capsys.readouterr().out
+    refused = tmp_path / "refused"
+    _expect_error(_args(tiny_dir, refused, wikitext_dir, "--allocation", "search", "--sequential"), refused, capsys,
+                  "allocation search: runs in memory only")
+    _expect_error(_args(tiny_dir, refused, wikitext_dir, "--allocation", "search", "--search-samples", "0"), refused,
+                  capsys, "search_samples")
+
+
 def _expect_error(argv, out, capsys, match, code=2):
     capsys.readouterr()
     rc = main(argv)

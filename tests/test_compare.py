@@ -80,7 +80,8 @@ def finished(tmp_path_factory, wikitext_dir):
     out = tmp_path_factory.mktemp("compare")
     model = make_tiny_llama(layers=6, seed=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rep = compare_mod.compare(model, CharTokenizer(), _settings(wikitext_dir), out, model_name="tiny",
+    rep = compare_mod.compare(model, CharTokenizer(), _settings(wikitext_dir, methods=METHODS, search_generations=2),
+                              out, model_name="tiny",
                               command=["layerprune", "compare", "--test"], progress=False)
     return out, rep, model, before
 

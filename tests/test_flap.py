@@ -34,16 +34,21 @@ def test_fluctuation_matches_a_hand_computation():
     kv, ch = fluctuation_scores(model, ids, micro_batch=4, progress=False)
     x_o, x_d = torch.cat(inputs["o"]).double(), torch.cat(inputs["d"]).double()
     w_o, w_d = layer.self_attn.o_proj.weight.detach().double(), layer.mlp.down_proj.weight.detach().double()
-    column_o = x_o.var(0, unbiased=False) * (w_o ** 2).sum(0)
+
+    def z(x):
+        return (x - x.mean()) / x.std(unbiased=False)
+
+    column_o = z((x_o.var(0, unbiased=False) * (w_o ** 2).sum(0)) ** 2)  # the released code squares o_proj's WIFV
     r, hd = 4, 8
-    by_group = [float(column_o[g * r * hd:(g + 1) * r * hd].sum()) for g in range(2)]  # KV head g: heads r*g..r*g+r-1
-    assert kv[1].tolist() == pytest.approx(by_group, rel=1e-4)
-    expected = (x_d.var(0, unbiased=False) * (w_d ** 2).sum(0)).float()
-    torch.testing.assert_close(ch[1], expected, rtol=1e-4, atol=1e-7)
+    by_group = [float(column_o[g * r * hd:(g + 1) * r * hd].mean()) for g in range(2)]  # KV head g: heads r*g..r*g+r-1
+    assert kv[1].tolist() == pytest.approx(by_group, rel=1e-4, abs=1e-6)
+    assert abs(float(column_o.mean())) < 1e-9 and sum(by_group) == pytest.approx(0.0, abs=1e-6)
+    expected = z(x_d.var(0, unbiased=False) * (w_d ** 2).sum(0))
+    torch.testing.assert_close(ch[1], expected, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.4])
-def test_global_threshold_removes_the_lowest_standardised_scores(ratio):
+def test_global_threshold_removes_the_lowest_scores(ratio):
     model = make_model(CASES[2])
     spec = spec_from_model_config(model.config, ratio)
     gen = torch.Generator().manual_seed(int(ratio * 100))
@@ -55,14 +60,10 @@ def test_global_threshold_removes_the_lowest_standardised_scores(ratio):
     assert alloc.params_after == spec.extra_params + sum(
         s.params(a.kv_groups_kept, a.mlp_kept) for s, a in zip(spec.layers, alloc.layers))
 
-    def z(x):
-        x = x.double().numpy()
-        return (x - x.mean()) / x.std()
-
     # every removed structure scores at most the threshold, every kept one (not held by a minimum) at least it
     removed_z, kept_z = [], []
     for s, a, k, c in zip(spec.layers, alloc.layers, kv, ch):
-        for scores, kept, floor_ in ((z(k), a.kv_groups_kept, 1), (z(c), a.mlp_kept, 1)):
+        for scores, kept, floor_ in ((k.double().numpy(), a.kv_groups_kept, 1), (c.double().numpy(), a.mlp_kept, 1)):
             order = np.sort(scores)
             removed_z += list(order[: len(order) - kept])
             if kept > floor_:

@@ -2,11 +2,8 @@
 OR-Tools CP-SAT.
 
 Needs the ``bench`` extra (``pip install 'layerprune[bench]'``): ``highspy`` and ``ortools`` are imported
-only when a solve is asked for. The items are enumerated here from the spec's own words, independently of
-the Rust solvers' item lists:
-
-* a layer whose attention and MLP are both prunable under ``tie``: one item over every allowed ``(g, f)``;
-* otherwise an attention item (every allowed ``g``) and an MLP item (every allowed width), when prunable.
+only when a solve is asked for. The items are those of :mod:`layerprune.allocation.knapsack`, enumerated from
+the spec's own words, independently of the Rust solvers' item lists.
 
 With binaries ``x[i, o]`` (one option per item)::
 
@@ -33,43 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from layerprune.allocation.solve import AllocationSpec, target_count
+from layerprune.allocation.knapsack import (Item, Knapsack, Option, build_knapsack, feasible, objective, widths,
+                                            windows)
+from layerprune.allocation.solve import AllocationSpec
 from layerprune.errors import InvalidInputError
 
 CPSAT_OBJECTIVE_SCALE = 1e9
 LINEARIZATION_LEVEL = 2
-_RATE_EPS = 1e-9
-
-
-@dataclass(frozen=True)
-class Option:
-    """One choice of an item: KV groups and MLP channels kept in its layer, amounts removed, loss."""
-
-    kv_groups: int
-    mlp: int
-    params: int
-    kv_cache: int
-    flops: int
-    loss: float
-
-
-@dataclass(frozen=True)
-class Item:
-    layer: int
-    kind: str  # "attn", "mlp" or "tied"
-    options: tuple[Option, ...]
-
-
-@dataclass
-class Knapsack:
-    """The instance: items, and each budget as integer bounds on the summed amounts (None: unbounded)."""
-
-    items: list[Item]
-    params_window: tuple[int, int] | None  # removed params in [lo, hi] (narrow window)
-    params_window_wide: tuple[int, int] | None
-    kv_cache_min: int | None
-    flops_min: int | None
-    constant_loss: float  # loss of the components no item prunes (added to every objective)
 
 
 @dataclass
@@ -86,91 +53,6 @@ class ReferenceResult:
     kv_groups_kept: list[int] = field(default_factory=list)
     mlp_kept: list[int] = field(default_factory=list)
     window: str = "narrow"
-
-
-def _loss(curve: Any, importance: Any, l: int, kept: int, full: int, index: int) -> float:
-    if curve is not None:
-        return float(curve[l][index])
-    if importance is None:
-        return 0.0
-    return float(importance[l]) * (1.0 - kept / full) ** 2
-
-
-def _rate(specific: float | None, shared: float) -> float:
-    return float(shared if specific is None else specific)
-
-
-def build_knapsack(spec: AllocationSpec) -> Knapsack:
-    """The multiple-choice knapsack of ``spec`` (its constraints, objective and budgets)."""
-    n = len(spec.layers)
-    attn_imp = spec.attn_importance if spec.attn_importance is not None else spec.importance
-    mlp_imp = spec.mlp_importance if spec.mlp_importance is not None else spec.importance
-    lo_a, hi_a = _rate(spec.min_attn_rate, spec.min_rate), _rate(spec.max_attn_rate, spec.max_rate)
-    lo_m, hi_m = _rate(spec.min_mlp_rate, spec.min_rate), _rate(spec.max_mlp_rate, spec.max_rate)
-    items: list[Item] = []
-    constant = 0.0
-    granule, granule_max = math.inf, 0
-    seq, kvb = spec.flops_seq_len, spec.kv_cache_dtype_bytes
-    for l, s in enumerate(spec.layers):
-        h, i, step = s.num_kv_heads, s.intermediate, spec.mlp_step
-        prot = l in spec.protected
-        attn_on = not prot and (spec.attn_layer_start or 0) <= l < (n if spec.attn_layer_end is None else spec.attn_layer_end)
-        mlp_on = not prot and (spec.mlp_layer_start or 0) <= l < (n if spec.mlp_layer_end is None else spec.mlp_layer_end)
-        gs = [g for g in range(h + 1) if g >= spec.min_kv_groups and lo_a - _RATE_EPS <= 1 - g / h <= hi_a + _RATE_EPS] if attn_on else [h]
-        min_mlp = spec.min_mlp if spec.min_mlp is not None else min(step, i)
-        widths = [*range(0, i, step), i]
-        fs = [f for f in widths if f >= min_mlp and lo_m - _RATE_EPS <= 1 - f / i <= hi_m + _RATE_EPS] if mlp_on else [i]
-        if not gs or not fs:
-            raise InvalidInputError(f"layer {l}: no allowed KV groups or MLP width")
-
-        def option(g: int, f: int, a_loss: float, m_loss: float) -> Option:
-            return Option(g, f, s.params() - s.params(g, f), s.kv_cache_bytes(dtype_bytes=kvb) - s.kv_cache_bytes(g, kvb),
-                          s.flops(seq_len=seq) - s.flops(g, f, seq), a_loss + m_loss)
-
-        def a_loss(g: int) -> float:
-            return _loss(spec.attn_curves, attn_imp, l, g, h, g)
-
-        def m_loss(f: int) -> float:
-            return _loss(spec.mlp_curves, mlp_imp, l, f, i, -(-i // step) if f == i else f // step)
-
-        group = s.params() - s.params(kv_groups=h - 1)
-        channels = s.params() - s.params(mlp=i - min(step, i))
-        if attn_on and len(gs) > 1:
-            granule, granule_max = min(granule, group), max(granule_max, group)
-        if mlp_on and len(fs) > 1:
-            granule, granule_max = min(granule, channels), max(granule_max, channels)
-        if spec.tie and attn_on and mlp_on:
-            pairs = [(g, f) for g in gs for f in fs if abs(f / i - g / h) <= 0.5 / h + 1e-12]
-            if not pairs:
-                raise InvalidInputError(f"layer {l}: tie leaves no (KV groups, MLP width) pair")
-            opts = tuple(sorted((option(g, f, a_loss(g), m_loss(f)) for g, f in pairs), key=lambda o: (o.params, -o.kv_groups)))
-            items.append(Item(l, "tied", opts))
-            continue
-        if attn_on:
-            items.append(Item(l, "attn", tuple(option(g, i, a_loss(g), 0.0) for g in reversed(gs))))
-        else:
-            constant += a_loss(h)
-        if mlp_on:
-            items.append(Item(l, "mlp", tuple(option(h, f, 0.0, m_loss(f)) for f in reversed(fs))))
-        else:
-            constant += m_loss(i)
-    for it in items:
-        amounts = sorted(o.params for o in it.options)
-        granule_max = max([granule_max, *(b - a for a, b in zip(amounts, amounts[1:]))])
-    granule = 0 if granule == math.inf else int(granule)
-    granule_max = max(granule_max, granule)
-    windows: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None)
-    if spec.ratio is not None:
-        t = target_count(spec.ratio, spec.params_total)
-        windows = ((t, t + granule), (t, t + granule_max))
-    return Knapsack(
-        items=items,
-        params_window=windows[0],
-        params_window_wide=windows[1],
-        kv_cache_min=None if spec.kv_cache_ratio is None else target_count(spec.kv_cache_ratio, spec.kv_cache_bytes_total),
-        flops_min=None if spec.flops_ratio is None else target_count(spec.flops_ratio, spec.flops_total),
-        constant_loss=constant,
-    )
 
 
 @dataclass
@@ -206,40 +88,6 @@ def _rows(ks: Knapsack, window: tuple[int, int] | None) -> _Rows:
     return _Rows(names, amounts, lo, hi)
 
 
-def _objective(ks: Knapsack, choice: list[int]) -> float:
-    return ks.constant_loss + sum(it.options[j].loss for it, j in zip(ks.items, choice))
-
-
-def _feasible(ks: Knapsack, choice: list[int], window: tuple[int, int] | None) -> bool:
-    def total(attr: str) -> int:
-        return sum(getattr(it.options[j], attr) for it, j in zip(ks.items, choice))
-
-    return ((window is None or window[0] <= total("params") <= window[1])
-            and (ks.kv_cache_min is None or total("kv_cache") >= ks.kv_cache_min)
-            and (ks.flops_min is None or total("flops") >= ks.flops_min))
-
-
-def _widths(spec: AllocationSpec, ks: Knapsack, choice: list[int]) -> tuple[list[int], list[int]]:
-    g = [s.num_kv_heads for s in spec.layers]
-    f = [s.intermediate for s in spec.layers]
-    for it, j in zip(ks.items, choice):
-        o = it.options[j]
-        if it.kind in ("attn", "tied"):
-            g[it.layer] = o.kv_groups
-        if it.kind in ("mlp", "tied"):
-            f[it.layer] = o.mlp
-    return g, f
-
-
-def _windows(ks: Knapsack) -> list[tuple[str, tuple[int, int] | None]]:
-    if ks.params_window is None:
-        return [("none", None)]
-    out = [("narrow", ks.params_window)]
-    if ks.params_window_wide != ks.params_window:
-        out.append(("wide", ks.params_window_wide))
-    return out
-
-
 def _need(module: str) -> Any:
     try:
         return __import__(module, fromlist=["_"])
@@ -253,7 +101,7 @@ def solve_highs(spec: AllocationSpec, time_limit: float = 60.0, threads: int = 1
     ks = build_knapsack(spec)
     start = time.perf_counter()
     result = ReferenceResult("highs", 0.0, "infeasible", None, None, False)
-    for label, window in _windows(ks):
+    for label, window in windows(ks):
         rows = _rows(ks, window)
         h = highspy.Highs()
         for key, value in (("output_flag", False), ("time_limit", float(time_limit)), ("threads", int(threads)),
@@ -297,11 +145,11 @@ def solve_highs(spec: AllocationSpec, time_limit: float = 60.0, threads: int = 1
             if v > 0.5:
                 choice[i] = j
         optimal = status == highspy.HighsModelStatus.kOptimal
-        ok = _feasible(ks, choice, window)
-        g, f = _widths(spec, ks, choice)
+        ok = feasible(ks, choice, window)
+        g, f = widths(spec, ks, choice)
         bound = float(info.mip_dual_bound) if math.isfinite(info.mip_dual_bound) else None
         result = ReferenceResult("highs", 0.0, "optimal" if optimal else h.modelStatusToString(status).lower(),
-                                 _objective(ks, choice) if ok else None, bound, optimal and ok, g, f, label)
+                                 objective(ks, choice) if ok else None, bound, optimal and ok, g, f, label)
         break
     result.seconds = time.perf_counter() - start
     return result
@@ -315,7 +163,7 @@ def solve_cpsat(spec: AllocationSpec, time_limit: float = 60.0, threads: int = 1
     result = ReferenceResult("cpsat", 0.0, "infeasible", None, None, False)
     span = sum(max(o.loss for o in it.options) - min(o.loss for o in it.options) for it in ks.items)
     scale = CPSAT_OBJECTIVE_SCALE / max(span, 1e-300)
-    for label, window in _windows(ks):
+    for label, window in windows(ks):
         rows = _rows(ks, window)
         m = cp_model.CpModel()
         x = [[m.new_bool_var(f"x{i}_{j}") for j in range(len(it.options))] for i, it in enumerate(ks.items)]
@@ -339,12 +187,12 @@ def solve_cpsat(spec: AllocationSpec, time_limit: float = 60.0, threads: int = 1
             result.status = "infeasible" if status == cp_model.INFEASIBLE else solver.status_name(status).lower()
             continue
         choice = [next(j for j in range(len(xi)) if solver.value(xi[j])) for xi in x]
-        ok = _feasible(ks, choice, window)
-        g, f = _widths(spec, ks, choice)
+        ok = feasible(ks, choice, window)
+        g, f = widths(spec, ks, choice)
         bound = ks.constant_loss + sum(low) + solver.best_objective_bound / scale
         optimal = status == cp_model.OPTIMAL
         result = ReferenceResult("cpsat", 0.0, "optimal" if optimal else "feasible",
-                                 _objective(ks, choice) if ok else None, bound, optimal and ok, g, f, label)
+                                 objective(ks, choice) if ok else None, bound, optimal and ok, g, f, label)
         break
     result.seconds = time.perf_counter() - start
     return result

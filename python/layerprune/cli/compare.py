@@ -14,6 +14,7 @@ from layerprune.cli.args import (add_budget_arguments, add_model_argument, add_r
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from layerprune.compare import DEFAULT_MAX_TOKENS, METHODS, CompareSettings
+    from layerprune.compare.settings import DEFAULT_METHODS
 
     default = {f.name: f.default for f in dataclasses.fields(CompareSettings)}  # the library's (PruneConfig's)
 
@@ -30,8 +31,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--ratios", default=None, help="comma-separated target ratios, e.g. 0.2,0.25 (with or instead of --ratio)")
     add_budget_arguments(p)
     p.add_argument("--out", required=True, help="output folder (created; finished runs in it are reused)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)} (default: all; dense is always run)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: all but unbalanced-search, which "
+                   "takes minutes per run; dense is always run)")
+    p.add_argument("--search-generations", type=int, default=default["search_generations"],
+                   help=f"unbalanced-search: generations of the search (default: {default['search_generations']})")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help=f"evaluate the first N test tokens (default: {DEFAULT_MAX_TOKENS}; 0 = the whole split)")
     p.add_argument("--seq-len", type=int, default=default["seq_len"],
@@ -93,6 +97,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         kv_cache_ratio=args.kv_cache_ratio,
         flops_ratio=args.flops_ratio,
         flops_seq_len=args.flops_seq_len,
+        search_generations=args.search_generations,
     )
     if settings.seed < 0:
         raise InvalidInputError(f"--seed must be non-negative; got {settings.seed}")

@@ -32,7 +32,8 @@ def _protected(text: str) -> tuple[int, ...]:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from layerprune.cli.torchrun import add_distributed_arguments
     from layerprune.importance import METHODS
-    from layerprune.pruning.config import DEFAULT_METHOD, FALLBACK_METHOD, IMPORTANCES, MODES, SOLVERS, PruneConfig
+    from layerprune.pruning.config import (ALLOCATIONS, DEFAULT_METHOD, FALLBACK_METHOD, IMPORTANCES, MODES, SOLVERS,
+                                           PruneConfig)
     from layerprune.refit import REFIT_MODES
 
     default = {f.name: f.default for f in dataclasses.fields(PruneConfig)}  # every default is the library's
@@ -53,6 +54,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"uniform, unbalanced or flap (default: {default['mode']})")
     p.add_argument("--solver", choices=SOLVERS, default=default["solver"],
                    help=f"allocation solver for unbalanced (default: {default['solver']})")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=default["allocation"],
+                   help="solve: the solver's widths; search: an evolutionary search from them, each candidate scored by "
+                   "the KL of the whole pruned model from the dense one on held-out calibration windows (EvoPress, Týr) "
+                   f"(default: {default['allocation']})")
+    p.add_argument("--search-generations", type=int, default=default["search_generations"],
+                   help=f"--allocation search: the most generations (default: {default['search_generations']})")
+    p.add_argument("--search-time", type=float, default=None,
+                   help="--allocation search: seconds after which no new generation starts (default: no limit)")
+    p.add_argument("--search-offspring", type=int, default=default["search_offspring"],
+                   help=f"--allocation search: candidates per generation (default: {default['search_offspring']})")
+    p.add_argument("--search-samples", type=int, default=default["search_samples"],
+                   help="--allocation search: held-out windows of --refit-seq-len tokens the fitness is measured on "
+                   f"(default: {default['search_samples']})")
     p.add_argument("--layer-importance", choices=METHODS, default=None,
                    help=f"layer importance for unbalanced (default: {DEFAULT_METHOD['layer_importance']}, the best "
                    f"measured, where the run can take it, else {FALLBACK_METHOD['layer_importance']}; docs/methods.md)")
@@ -195,7 +209,8 @@ def config_from_args(args: argparse.Namespace):
         refit_damping=args.refit_damping, refit_error_correction=not args.no_error_correction,
         refit_samples=args.refit_samples, fisher_samples=args.fisher_samples, refit_seq_len=args.refit_seq_len,
         kv_cache_ratio=args.kv_cache_ratio, flops_ratio=args.flops_ratio, flops_seq_len=args.flops_seq_len,
-        fsdp=args.fsdp,
+        fsdp=args.fsdp, allocation=args.allocation, search_generations=args.search_generations,
+        search_time=args.search_time, search_offspring=args.search_offspring, search_samples=args.search_samples,
     )
 
 
@@ -276,13 +291,23 @@ def run(args: argparse.Namespace) -> int:
     if not distributed.is_rank0():
         return 0
     t0 = time.perf_counter()
-    out = save_pruned(result.model, tokenizer, args.out, report=report, overwrite=args.overwrite)
+    extra = {}
+    if report.get("search"):
+        from layerprune.report.plots import plot_search
+
+        extra["search.png"] = lambda path: plot_search(report["search"], path)
+    out = save_pruned(result.model, tokenizer, args.out, report=report, overwrite=args.overwrite, extra_files=extra)
     save_seconds = time.perf_counter() - t0
     why = plain_config_obstacle(result.model)
     if why is not None and why != WIDTHS_DIFFER:  # equal widths, yet no plain config: say why
         print(f"layerprune prune: config.json is not the family's own config: {why}; saved with the remote-code "
               "layout (layerprune.load_pruned, or trust_remote_code=True)", file=sys.stderr)
     wall = time.perf_counter() - start
-    print(summary_table(report, extra=[("time: save", f"{save_seconds:.1f} s"), ("time: wall", f"{wall:.1f} s"),
-                                       ("saved to", str(out))]))
+    rows = [("time: save", f"{save_seconds:.1f} s"), ("time: wall", f"{wall:.1f} s"), ("saved to", str(out))]
+    if report.get("search"):
+        s = report["search"]
+        rows.insert(0, ("allocation search", f"KL {s['seed_fitness']:.4f} -> {s['fitness']:.4f} per token, "
+                                             f"{s['accepted']} improvements in {s['generations']} generations, "
+                                             f"{s['seconds']:.0f} s (search.png)"))
+    print(summary_table(report, extra=rows))
     return 0

@@ -14,8 +14,11 @@ from layerprune.pruning.config import DEFAULT_METHOD, FALLBACK_METHOD, PruneConf
 _DEFAULT = {f.name: f.default for f in dataclasses.fields(PruneConfig)}
 
 METHODS = ("dense", "uniform-range", "uniform", "uniform-refit", "uniform-obs", "uniform-homogeneous", "flap",
-           "slimgpt", "unbalanced-seed", "unbalanced-norefit", "unbalanced-sensitivity", "unbalanced")
+           "slimgpt", "unbalanced-seed", "unbalanced-norefit", "unbalanced-sensitivity", "unbalanced",
+           "unbalanced-search")
 PRUNED_METHODS = METHODS[1:]
+# what a comparison runs unless told: every method but the search (minutes per run where the others take seconds)
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "unbalanced-search")
 # LLM-Pruner's llama3.py: block_*_layer_start=3, block_*_layer_end=31 for 32 layers -> [3, L-1)
 REFERENCE_RANGE_START = 3
 REFERENCE_RANGE_END_FROM_LAST = 1
@@ -58,17 +61,23 @@ METHOD_NOTES = {
     "unbalanced": "the project's best method: per-layer curves of the loss estimated from the Fisher-weighted "
                   "reconstruction error after the OBS refit (no pruned evaluations) + exact DP allocation, then "
                   "OBS selection and refit layer by layer with error correction (same budget as `uniform`).",
-    "flap": "FLAP (An et al. 2024), reimplemented: fluctuation metric Var(X)·‖W[:, j]‖², standardised per layer "
-            "and module, one global threshold counting each group and channel by its parameters, bias "
-            "compensation; statistics from the refit batch; same budget as `uniform`.",
+    "flap": "FLAP (An et al. 2024), reimplemented and checked against its released code: fluctuation metric "
+            "Var(X)·‖W[:, j]‖² (squared for o_proj's columns), standardised per layer and module over columns (a KV "
+            "group scores its columns' mean), one global threshold counting each group and channel by its "
+            "parameters, bias compensation; statistics from the refit batch; same budget as `uniform`.",
+    "unbalanced-search": "`unbalanced`, then an evolutionary search over the allocation seeded by its `dp` answer, "
+                         "each candidate scored by the KL of the whole pruned model from the dense one on held-out "
+                         "calibration windows (EvoPress, Týr); the searched widths are kept only when their own refit "
+                         "model scores better than `unbalanced`'s.",
 }
 # The layer importance each method reads (cached once per key, shared by every ratio).
 LAYER_IMPORTANCE_FOR = {"unbalanced-seed": "removal", "unbalanced-norefit": "sensitivity",
                         "unbalanced-sensitivity": "sensitivity-obs", "unbalanced": DEFAULT_METHOD["layer_importance"],
+                        "unbalanced-search": DEFAULT_METHOD["layer_importance"],
                         "slimgpt": "depth"}
 # they read the refit batch
 REFIT_METHODS = ("uniform-refit", "uniform-obs", "uniform-homogeneous", "flap", "slimgpt", "unbalanced-sensitivity",
-                 "unbalanced")
+                 "unbalanced", "unbalanced-search")
 
 
 @dataclasses.dataclass
@@ -76,7 +85,7 @@ class CompareSettings:
     """Everything that decides the numbers of a comparison (the runs' cache key is derived from it)."""
 
     ratios: tuple[float, ...]
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     max_tokens: int | None = DEFAULT_MAX_TOKENS
     seq_len: int = 128
     dataset: str = "wikitext2"  # evaluated text: wikitext2's test split, or a .txt file
@@ -98,6 +107,7 @@ class CompareSettings:
     kv_cache_ratio: float | None = None  # methods on an exact budget also remove at least this of the KV cache
     flops_ratio: float | None = None  # ... and of the FLOPs per token
     flops_seq_len: int = _DEFAULT["flops_seq_len"]  # positions of the FLOPs count (every run reports its FLOPs at this length)
+    search_generations: int = _DEFAULT["search_generations"]  # unbalanced-search: its generations
 
 
 def parse_ratios(text: str | Sequence[float]) -> tuple[float, ...]:
@@ -152,6 +162,9 @@ def validate_settings(settings: CompareSettings) -> CompareSettings:
     for flag, value in (("--kv-cache-ratio", settings.kv_cache_ratio), ("--flops-ratio", settings.flops_ratio)):
         if value is not None and not (math.isfinite(value) and 0.0 < value < 1.0):
             raise InvalidInputError(f"{flag} must be strictly between 0 and 1; got {value:g}")
+    if isinstance(settings.search_generations, bool) or not isinstance(settings.search_generations, int) \
+            or settings.search_generations < 0:
+        raise InvalidInputError(f"--search-generations must be a non-negative integer; got {settings.search_generations}")
     if settings.flops_seq_len < 1:
         raise InvalidInputError(f"--flops-seq-len must be positive; got {settings.flops_seq_len}")
     return dataclasses.replace(settings, ratios=ratios, methods=methods)
@@ -214,6 +227,7 @@ def _method_config(method: str, ratio: float, settings: CompareSettings, num_lay
         return PruneConfig(ratio=ratio, mode="unbalanced", solver="dp", layer_importance="depth", **obs)
     if method == "unbalanced-sensitivity":
         return PruneConfig(ratio=ratio, mode="unbalanced", solver="dp", layer_importance="sensitivity", **obs)
-    if method == "unbalanced":  # the library's default method: PruneConfig's defaults, at the shared settings
-        return PruneConfig(ratio=ratio, **{k: v for k, v in refit.items() if k not in ("importance", "refit")})
+    if method in ("unbalanced", "unbalanced-search"):  # the library's default method, at the shared settings
+        search = dict(allocation="search", search_generations=settings.search_generations) if method.endswith("search") else {}
+        return PruneConfig(ratio=ratio, **{k: v for k, v in refit.items() if k not in ("importance", "refit")}, **search)
     raise InvalidInputError(f"method: unknown '{method}'")

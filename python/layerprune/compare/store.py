@@ -78,6 +78,7 @@ def fingerprint(model: torch.nn.Module, model_name: str, eval_ids: torch.Tensor,
         "mlp_step": settings.mlp_step,
         "prompts": list(settings.prompts),
         "max_new_tokens": settings.max_new_tokens,
+        "search_generations": settings.search_generations if "unbalanced-search" in settings.methods else None,
         # results survive only the code and libraries that made them
         "versions": versions(),
         "source": source_digest(),

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +162,10 @@ def save_pruned(
     report: dict[str, Any] | None = None,
     overwrite: bool = False,
     plain_config: bool = True,
+    extra_files: Mapping[str, Callable[[Path], Any]] | None = None,
 ) -> Path:
-    """Write a pruned (or dense) model to out_dir and return its path; the model is not modified.
+    """Write a pruned (or dense) model to out_dir and return its path; the model is not modified. ``extra_files``:
+    name -> a function writing that file at the path it is given (a plot), inside the folder before it is moved.
 
     A model whose layers all have the same widths is saved under the family's own config (:func:`plain_family_config`;
     ``plain_config=False`` keeps the remote-code layout); any other gets per-layer widths and the remote code.
@@ -190,6 +193,11 @@ def save_pruned(
     try:
         write_safetensors(save_file, _weights(model, tie), tmp / WEIGHTS_FILE)
         write_folder_files(tmp, config, getattr(model, "generation_config", None), tokenizer, report_text)
+        for name, write in (extra_files or {}).items():
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise InvalidInputError(f"extra_files: {name!r} is not a plain file name")
+            write(tmp / name)
+            os.chmod(tmp / name, file_mode())
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -52,8 +52,4 @@ def increase(loss: float, base: float, metric: str) -> float:
     return loss - base
 
 
-__all__ = ["METRICS", "LayerInputs", "batch_slice", "capture_layer_inputs", "check_ids", "head_loss", "increase", "layer_arguments", "layer_call",
-           "loss_from_layer", "model_device", "subset_cache"]
-
-
 __all__ = ["METRICS", "increase", "loss_from_layer", "subset_cache"]

@@ -38,6 +38,9 @@ SEQUENTIAL_LAYER_IMPORTANCE = ("removal", "activation", "sensitivity", "depth")
 FLAP_IMPORTANCE = "activation"
 
 MODES = ("unbalanced", "uniform", "flap")
+# How unbalanced widths are chosen: the solver alone, or an evolutionary search scored by the whole model's KL from
+# the dense model, seeded by the solver's answer (pruning/search.py).
+ALLOCATIONS = ("solve", "search")
 # What chooses the kept heads and channels: an element score, or structured OBS on the refit's Grams
 # (the error after the refit, :mod:`layerprune.refit.obs`; SlimGPT).
 IMPORTANCES = IMPORTANCE_KINDS + ("obs",)
@@ -84,6 +87,12 @@ class PruneConfig:
     flops_ratio: float | None = None  # also remove at least this fraction of the FLOPs per token ...
     flops_seq_len: int = 2048  # ... of a forward over this many positions
     fsdp: bool = False  # gradient element scores on an FSDP2-sharded copy (layerprune.scoring.sharded)
+    allocation: str = "solve"  # "search": an evolutionary search seeded by the solver (pruning/search.py)
+    search_generations: int = 40  # the most generations of the search
+    search_time: float | None = None  # seconds after which the search starts no new generation
+    search_offspring: int = 12  # candidates per generation
+    search_samples: int = 16  # held-out windows of refit_seq_len tokens the KL fitness is measured on (as many
+    # more check the final choice)
 
     # the executor resolve_config checked this config for (not a setting: never compared, copied or saved)
     _resolved_for: str | None = field(default=None, init=False, repr=False, compare=False)
@@ -153,6 +162,7 @@ def _check_fields(config: PruneConfig, executor: str) -> None:
             raise InvalidInputError(f"{name}: must be an integer >= {low}, got {v!r}")
     if config.curve_samples is not None and (not _is_int(config.curve_samples) or config.curve_samples < 1):
         raise InvalidInputError(f"curve_samples: must be an integer >= 1, got {config.curve_samples!r}")
+    _check_search(config)
     if config.fisher_samples is not None and (not _is_int(config.fisher_samples) or config.fisher_samples < 1):
         raise InvalidInputError(f"fisher_samples: must be an integer >= 1, got {config.fisher_samples!r}")
     if not _is_int(config.seed) or config.seed < 0:
@@ -183,6 +193,28 @@ def _check_fields(config: PruneConfig, executor: str) -> None:
     if bounded and config.mode not in ("uniform", "unbalanced"):
         raise InvalidInputError(f"{bounded[0]}: mode {config.mode} takes no KV-cache or FLOPs budget "
                                 "(use mode unbalanced with solver greedy, lagrange or dp, or uniform with match_params)")
+
+
+def _check_search(config: PruneConfig) -> None:
+    """The search's fields, and what it needs: unbalanced widths from a solver, and the widths' variants built the
+    way the final model is (structured OBS and the least-squares refit)."""
+    if config.allocation not in ALLOCATIONS:
+        raise InvalidInputError(f"allocation: expected one of {', '.join(ALLOCATIONS)}, got {config.allocation!r}")
+    for name, low in (("search_generations", 0), ("search_offspring", 1), ("search_samples", 1)):
+        v = getattr(config, name)
+        if not _is_int(v) or v < low:
+            raise InvalidInputError(f"{name}: must be an integer >= {low}, got {v!r}")
+    t = config.search_time
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0):
+        raise InvalidInputError(f"search_time: must be a positive number of seconds, got {t!r}")
+    if config.allocation != "search":
+        return
+    if config.mode != "unbalanced" or config.homogeneous or config.solver == "seed":
+        raise InvalidInputError("allocation search: moves unbalanced widths from a solver's answer; it needs mode "
+                                "unbalanced with solver greedy, lagrange or dp (not homogeneous)")
+    if config.importance != "obs" or config.refit != "lstsq":
+        raise InvalidInputError("allocation search: scores each candidate with the widths pruned by structured OBS and "
+                                "refit by least squares, as the final model is; it needs importance obs and refit lstsq")
 
 
 def _validate_homogeneous(config: PruneConfig) -> None:
@@ -276,6 +308,9 @@ def validate_config(config: PruneConfig, executor: str = "memory") -> None:
 
 def _check_layer_by_layer(config: PruneConfig) -> None:
     """Refuse, in one line, what the layer-by-layer executor cannot run: whole-model backwards. Every mode runs."""
+    if config.allocation == "search":
+        raise InvalidInputError("allocation search: runs in memory only (it swaps every layer's variants in and out of "
+                                "one model); run without --sequential, or use --allocation solve")
     if config.mode != "flap" and config.importance in GRADIENT_KINDS:
         raise InvalidInputError(
             f"importance {config.importance!r} needs a backward pass through the whole model, which layer-by-layer "
@@ -318,4 +353,5 @@ def method_name(config: PruneConfig) -> str:
         if config.homogeneous:
             return "uniform-homogeneous" + refit
         return ("uniform-match" if config.match_params else "uniform-range") + refit
-    return f"unbalanced-{config.layer_importance}-{solver_for(config)}{refit}"
+    search = "+search" if config.allocation == "search" else ""
+    return f"unbalanced-{config.layer_importance}-{solver_for(config)}{search}{refit}"

@@ -1,14 +1,19 @@
-"""FLAP (An et al., AAAI 2024, "Fluctuation-based Adaptive Structured Pruning"), reimplemented from the paper.
+"""FLAP (An et al., AAAI 2024, "Fluctuation-based Adaptive Structured Pruning"), reimplemented from the paper and
+checked point by point against the authors' released code (its AL-AM structure, the paper's default).
 
-1. **Fluctuation metric.** An input column ``j`` of an output projection scores ``Var(X_j) · ‖W[:, j]‖²``:
-   how much the output moves when that input is replaced by its mean. A KV group scores the sum over the
-   ``r · head_dim`` o_proj columns of its query heads; an MLP channel its down_proj column.
-2. **Standardisation.** Scores are standardised per layer and per module (attention / MLP),
-   ``z = (s − mean) / std``, so that one threshold applies to every layer.
-3. **Global threshold.** All KV groups and channels of all layers are sorted by ``z``; the lowest are
-   removed, each counted by its parameter share, until the parameter budget is met (every layer keeps at
-   least ``min_kv_groups`` groups and one channel). The per-layer widths follow.
-4. **Bias compensation** of the removed columns' mean contribution (:mod:`layerprune.pruning.refit_loop`, ``bias``).
+1. **Fluctuation metric.** An input column ``j`` of an output projection scores ``s_j = Var(X_j) · ‖W[:, j]‖²``
+   (the weighted input feature variance, WIFV): how much the output moves when that input is replaced by its
+   mean. The released code squares it for o_proj's columns (``s_j²``), and so does this one.
+2. **Standardisation**, per layer and per module: ``z = (s − mean) / std`` over that layer's o_proj input columns
+   (every query head's ``head_dim`` of them) and over its MLP channels. A KV group then scores the mean ``z`` of
+   its ``r · head_dim`` columns. Standardising per column, not per group, matters: a layer has few KV groups (3 in
+   SmolLM2), and three standardised group sums are always about −1.22, 0 and 1.22, whatever the layer.
+3. **Global threshold.** All KV groups and channels of all layers are sorted by score; the lowest are removed,
+   each counted by its parameter share (the code hard-codes LLaMA-7B's 512/3 channels per head), until the
+   parameter budget is met (every layer keeps at least ``min_kv_groups`` groups and one channel: FLAP has no
+   floor, layerprune plans no empty block). The per-layer widths follow.
+4. **Bias compensation** of the removed columns' mean contribution (:mod:`layerprune.pruning.refit_loop`,
+   ``bias``), from the dense model's inputs (no error correction), as the code does.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ class FlapPlan:
 
 def fluctuation_scores(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: int = 8,
                        progress: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer the fluctuation of every KV group (o_proj columns of its query heads) and MLP channel."""
+    """Per layer the standardised fluctuation of every KV group (o_proj columns of its query heads) and MLP channel
+    (:func:`layer_fluctuation`)."""
     adapter = adapter_for(model)
     layers = adapter.decoder_layers(model)
     stats = [(ActivationStats(), ActivationStats()) for _ in layers]
@@ -51,18 +57,20 @@ def fluctuation_scores(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch
 
 def layer_fluctuation(geometry: Any, layer: torch.nn.Module, o_stats: ActivationStats,
                       d_stats: ActivationStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's (KV-group, channel) fluctuation from its o_proj and down_proj input statistics:
-    ``Var(X_j) · ‖W[:, j]‖²`` per column, summed over the columns of a KV group's query heads."""
+    """One layer's standardised (KV-group, channel) scores from its o_proj and down_proj input statistics: per
+    column ``s_j = Var(X_j) · ‖W[:, j]‖²``; o_proj's ``s_j²`` standardised over the layer's columns and averaged
+    over each KV group's query-head columns; the channels' ``s_j`` standardised over the layer's channels."""
     o_proj, down = layer.self_attn.o_proj.weight.detach(), layer.mlp.down_proj.weight.detach()
-    per_column = weight_scores(o_proj, kind="l2", axis=1) * o_stats.var.to(o_proj.device)
-    per_head = per_column.view(geometry.num_q_heads, geometry.head_dim).sum(1)
+    per_column = (weight_scores(o_proj, kind="l2", axis=1) * o_stats.var.to(o_proj.device)).double().cpu() ** 2
+    per_head = standardise(per_column).view(geometry.num_q_heads, geometry.head_dim).mean(1)
     group_of = torch.tensor(gqa.kv_group_of_query_head(geometry.num_q_heads, geometry.ratio))
-    kv = torch.zeros(geometry.num_kv_heads).index_add_(0, group_of, per_head.float().cpu())
-    channels = (weight_scores(down, kind="l2", axis=1) * d_stats.var.to(down.device)).float().cpu()
+    kv = torch.zeros(geometry.num_kv_heads, dtype=torch.float64).index_add_(0, group_of, per_head) / geometry.ratio
+    channels = standardise((weight_scores(down, kind="l2", axis=1) * d_stats.var.to(down.device)).double().cpu())
     return kv, channels
 
 
-def _standardise(scores: torch.Tensor) -> torch.Tensor:
+def standardise(scores: torch.Tensor) -> torch.Tensor:
+    """``(s − mean) / std`` (population std; 1 when the scores are all equal)."""
     s = scores.double()
     std = float(s.std(unbiased=False)) if s.numel() > 1 else 0.0
     return (s - s.mean()) / (std if std > 0 else 1.0)
@@ -70,14 +78,15 @@ def _standardise(scores: torch.Tensor) -> torch.Tensor:
 
 def flap_allocation(spec: AllocationSpec, kv_scores: list[torch.Tensor], channel_scores: list[torch.Tensor],
                     min_kv_groups: int = 1) -> AllocationResult:
-    """The widths FLAP's global threshold leaves under ``spec``'s budget (``T = ⌊ratio · total + ½⌋`` removed)."""
+    """The widths FLAP's global threshold leaves under ``spec``'s budget (``T = ⌊ratio · total + ½⌋`` removed), from
+    per-layer standardised scores (:func:`layer_fluctuation`): the lowest go first."""
     start = time.perf_counter()
     total = spec.params_total
     target = math.floor(spec.ratio * total + 0.5)
     candidates: list[tuple[float, int, str]] = []  # (z, layer, "kv" | "mlp")
     for l, (kv, ch) in enumerate(zip(kv_scores, channel_scores)):
-        candidates += [(float(z), l, "kv") for z in _standardise(kv)]
-        candidates += [(float(z), l, "mlp") for z in _standardise(ch)]
+        candidates += [(float(z), l, "kv") for z in kv]
+        candidates += [(float(z), l, "mlp") for z in ch]
     candidates.sort(key=lambda c: c[0])
     kept_kv = [s.num_kv_heads for s in spec.layers]
     kept_mlp = [s.intermediate for s in spec.layers]
@@ -125,4 +134,4 @@ def flap_plan(model: torch.nn.Module, ids: torch.Tensor, spec: AllocationSpec, *
     return FlapPlan(kv, ch, flap_allocation(spec, kv, ch, min_kv_groups))
 
 
-__all__ = ["FlapPlan", "flap_allocation", "flap_plan", "fluctuation_scores", "layer_fluctuation"]
+__all__ = ["FlapPlan", "flap_allocation", "flap_plan", "fluctuation_scores", "layer_fluctuation", "standardise"]

@@ -67,6 +67,7 @@ from layerprune.pruning.config import (
 )
 from layerprune.pruning.flap import flap_allocation, fluctuation_scores
 from layerprune.pruning.refit_loop import refit_kept_weights
+from layerprune.pruning.search import FitnessModel, SearchSettings, search_allocation, seed_refit
 from layerprune.pruning.surgery import StructuredPruner
 from layerprune.refit import BIAS_MODES, output_projection_grams
 from layerprune.scoring.groups import element_group_scores
@@ -226,6 +227,34 @@ def refit_batch(tokenizer: Any, config: PruneConfig) -> torch.Tensor:
 
     return calibration_batch(tokenizer, n_samples=config.refit_samples, seq_len=config.refit_seq_len,
                              seed=config.seed + 1, dataset=config.calib_dataset, data_dir=config.data_dir)
+
+
+def _take_seed(work: torch.nn.Module, seeded: Any) -> tuple[dict[str, Any], list[LayerKeep]]:
+    """``work`` becomes the seed's refit model (weights copied in place); its refit report and keep."""
+    with torch.no_grad():
+        work.load_state_dict(seeded.model.state_dict())
+    return seeded.report, seeded.keep
+
+
+def search_windows(tokenizer: Any, config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The allocation search's held-out windows, and as many more that check its final choice: the refit's draw
+    continued past its ``refit_samples`` windows, so they come from rows of the calibration text the refit never
+    read (and the check windows from rows the search never read)."""
+    from layerprune.data import calibration_batch
+
+    if distributed.active() is not None:
+        raise InvalidInputError("allocation search: runs in one process; run it without torchrun")
+    n, m = config.refit_samples, config.search_samples
+    drawn = calibration_batch(tokenizer, n_samples=n + 2 * m, seq_len=config.refit_seq_len, seed=config.seed + 1,
+                              dataset=config.calib_dataset, data_dir=config.data_dir)
+    return drawn[n:n + m], drawn[n + m:]
+
+
+def search_settings(config: PruneConfig) -> SearchSettings:
+    """The search's settings from a prune config (its seed is the run's)."""
+    return SearchSettings(generations=config.search_generations, time_limit=config.search_time,
+                          offspring=config.search_offspring, samples=config.search_samples,
+                          screen_samples=1, seed=config.seed)
 
 
 def _refit_share(tokenizer: Any, config: PruneConfig) -> torch.Tensor:
@@ -395,6 +424,23 @@ def prune(
     else:
         alloc = distributed.on_rank0(allocate, spec, solver=solver_for(config))  # the same plan on every rank
     timings["allocation"] = device_time(device) - t0
+    search = seeded = None
+    if config.allocation == "search":
+        t0 = device_time(device)
+        if refit_ids is None:
+            refit_ids = _refit_share(tokenizer, config)
+        held_out, check_ids = search_windows(tokenizer, config)
+        seeded = seed_refit(work, alloc, refit_ids.long().to(calib_ids.device), damping=config.refit_damping,
+                            error_correction=config.refit_error_correction, progress=progress)
+        search = search_allocation(work, spec, alloc, seeded.grams, held_out, search_settings(config),
+                                   damping=config.refit_damping, progress=progress)
+        seeded.grams = []
+        # the final choice is checked on windows the search never scored on (its own are biased toward its answer)
+        search.fitness_model = FitnessModel(work, None, check_ids, search_settings(config).top_k)
+        search.checks["check_tokens"] = int(check_ids.shape[0] * (check_ids.shape[1] - 1))
+        search.checks["seed_model_kl"] = search.fitness_model.score(seeded.model)
+        seed_alloc, alloc = alloc, search.allocation
+        timings["search"] = device_time(device) - t0
 
     full_kv = [s["num_kv_heads"] for s in shapes]
     full_mlp = [s["intermediate"] for s in shapes]
@@ -424,10 +470,25 @@ def prune(
             r0 = device_time(device)
             if refit_ids is None:
                 refit_ids = _refit_share(tokenizer, config)
-            refit_report, keep = refit_kept_weights(
-                work, keep, refit_ids.long().to(calib_ids.device), mode=config.refit, damping=config.refit_damping,
-                error_correction=config.refit_error_correction, progress=progress,
-                select="obs" if config.importance == "obs" else "given")
+            if seeded is not None and not search.changed:  # the seed's refit model is this one: no second refit
+                refit_report, keep = _take_seed(work, seeded)
+            else:
+                refit_report, keep = refit_kept_weights(
+                    work, keep, refit_ids.long().to(calib_ids.device), mode=config.refit, damping=config.refit_damping,
+                    error_correction=config.refit_error_correction, progress=progress,
+                    select="obs" if config.importance == "obs" else "given")
+            if seeded is not None:
+                search.checks["final_model_kl"] = search.fitness_model.score(work)
+                search.checks["kept"] = "search"
+                if search.checks["final_model_kl"] > search.checks["seed_model_kl"]:
+                    # the searched widths' own refit model scores worse than the solver's: keep the solver's
+                    refit_report, keep = _take_seed(work, seeded)
+                    alloc = seed_alloc
+                    final_kv = [int(a.kv_groups_kept) for a in alloc.layers]
+                    final_mlp = [int(a.mlp_kept) for a in alloc.layers]
+                    search.checks["kept"] = "solver"
+                search.fitness_model = None
+                seeded = None
             timings["refit"] = device_time(device) - r0
             rescoring += timings["refit"]  # kept apart from the surgery's time
         StructuredPruner(work, example).prune(keep)
@@ -458,6 +519,7 @@ def prune(
                           family=adapter_for(model).name, calib_source=calib_source, executor="memory",
                           device=next(work.parameters()).device)
     report["refit"] = refit_report
+    report["search"] = None if search is None else search.to_json()
     report.update(per_token_report(config, costs_before, costs_after))
     return PruneResult(model=work, allocation=alloc, layer_importance=li, report=report)
 

@@ -108,6 +108,7 @@ def refit_kept_weights(
     micro_batch: int = 8,
     progress: bool = True,
     select: str = "given",
+    grams_out: list[dict[str, InputGram]] | None = None,
 ) -> tuple[dict[str, Any], list[LayerKeep]]:
     """Refit ``model`` (about to be pruned to ``keep``) in place; returns per-layer output errors before/after,
     and the keep the surgery must apply (``keep`` itself, or with ``select="obs"`` the OBS choice of its counts).
@@ -115,7 +116,8 @@ def refit_kept_weights(
     ``keep`` indexes the model's current heads and channels, as the surgery does. The removed columns of
     o_proj / down_proj are zeroed here, so the refit model already computes the pruned model's function;
     the surgery then removes them. Errors are ``mean ‖y_dense − y_refit‖²`` of each projection on its
-    calibration inputs, with and without the refit, so the report shows what it bought.
+    calibration inputs, with and without the refit, so the report shows what it bought. ``grams_out`` (a list)
+    receives each layer's input Grams of the two projections, as the refit collected them.
     """
     if mode not in REFIT_MODES or mode == "none":
         raise InvalidInputError(f"refit: expected one of {', '.join(REFIT_MODES[1:])}, got {mode!r}")
@@ -142,8 +144,12 @@ def refit_kept_weights(
                                                 disable=not progress, leave=False)):
             fault_point("layer")
             x = hidden if error_correction else dense_inputs[l]
+            layer_grams: dict[str, InputGram] | None = None if grams_out is None else {}
             hidden, layer_errors, entry = refit_layer(model, layer, entry, x, layer_kwargs[l], mode=mode,
-                                                      damping=damping, micro_batch=micro_batch, select=select)
+                                                      damping=damping, micro_batch=micro_batch, select=select,
+                                                      grams_out=layer_grams)
+            if grams_out is not None:
+                grams_out.append(layer_grams)
             errors.append(layer_errors)
             chosen.append(entry)
     report = {"mode": mode, "damping": damping, "error_correction": error_correction, "select": select,
@@ -164,6 +170,7 @@ def refit_layer(
     micro_batch: int = 8,
     select: str = "given",
     kept_inputs_bytes: int | None = None,
+    grams_out: dict[str, InputGram] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], LayerKeep]:
     """Refit one decoder layer in place (about to be pruned to ``entry``) on its calibration inputs ``x``
     ``[n, T, d]``, called with ``layer_kwargs`` (the whole batch's; sliced per micro-batch).
@@ -174,6 +181,7 @@ def refit_layer(
     keep (``entry``, or the OBS choice of its counts with ``select="obs"``). ``kept_inputs_bytes``: how much of a
     projection's inputs is kept for its refit output (None: all); past it the block runs a second time.
     The bias compensation (``mode="bias"``, given columns) collects the Gram of the removed columns only.
+    ``grams_out`` (a dict) receives the two projections' input Grams.
     """
     adapter = adapter_for(model)
     n = x.shape[0]
@@ -202,6 +210,8 @@ def refit_layer(
             for _ in run_block():
                 pass
         InputGram.all_reduce([stats])  # data-parallel: every rank's calibration rows
+        if grams_out is not None:
+            grams_out[name] = stats
         dense_b = None if target.bias is None else target.bias.detach().clone()
         if select == "obs":
             stage = structured_obs(dense_w, stats, groups, [len(groups) - len(kept_units)], damping=damping,

@@ -3,7 +3,8 @@
 - `plot_importance`: per-layer importance of each layer-importance method (attention, MLP, combined);
 - `plot_allocation`: per-layer kept KV groups and MLP channels of each method at one target ratio;
 - `plot_ppl_vs_ratio`: perplexity against target ratio per method (only meaningful with several ratios);
-- `plot_heal`: a healing run's training and held-out losses, and its held-out perplexity, against tokens seen.
+- `plot_heal`: a healing run's training and held-out losses, and its held-out perplexity, against tokens seen;
+- `plot_search`: the allocation search's best fitness against generations and seconds.
 
 Each function writes through `save_figure` (a temporary file, then a rename), like every other output.
 """
@@ -140,6 +141,26 @@ def plot_heal(history: Mapping[str, Sequence[Sequence[float]]], path: str | os.P
     ppl_ax.set_xlabel("training tokens")
     ppl_ax.set_ylabel("held-out perplexity")
     ppl_ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_search(search: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """The allocation search's best fitness (mean KL from the dense model on its held-out windows) against
+    generations and against seconds, the solver's seed as a dashed line. ``search`` is a prune report's
+    ``search`` entry (``history`` rows [generation, seconds, fitness, evaluations])."""
+    rows = list(search.get("history", ()))
+    if not rows:
+        raise ValueError("plot_search: no generation to plot")
+    fig, (gen_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, column, label in ((gen_ax, 0, "generation"), (time_ax, 1, "seconds")):
+        ax.plot([r[column] for r in rows], [r[2] for r in rows], "o-", markersize=3, label="best candidate")
+        ax.axhline(float(search["seed_fitness"]), color="tab:gray", linestyle="--", label="solver's allocation")
+        ax.set_xlabel(label)
+        ax.set_ylabel("KL from the dense model per token")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"allocation search: {search.get('accepted', 0)} improvements in {len(rows) - 1} generations")
     fig.tight_layout()
     return save_figure(fig, path)
 
