@@ -23,6 +23,7 @@ import torch
 from layerprune.atomic import write_json_atomic
 from layerprune.data import calibration_batch, eval_tokens
 from layerprune.data.wikitext import read_rows, tokenize_text
+from layerprune.errors import DataError
 from layerprune.evaluation import perplexity
 from layerprune.models import load_model
 from layerprune.pruning import PruneConfig, pipeline
@@ -73,14 +74,21 @@ def main() -> int:
 
     for samples, seq_len in sizes:
         for fisher, curves in [(f, c) for c in curve_options for f in fisher_options]:
-            result, seconds = prune(args.ratio, samples, seq_len, fisher, curves)
+            try:
+                result, seconds = prune(args.ratio, samples, seq_len, fisher, curves)
+            except DataError as err:  # e.g. fewer rows of seq_len tokens than windows (one window per row)
+                row = {"samples": samples, "seq_len": seq_len, "tokens": samples * seq_len, "not_drawn": str(err)}
+                out["screen"].append(row)
+                print(json.dumps(row), flush=True)
+                write_json_atomic(args.out, out)
+                continue
             ppl = perplexity(result.model, held_out, seq_len=128, progress=False)["ppl"]
             row = {"samples": samples, "seq_len": seq_len, "tokens": samples * seq_len, "fisher_samples": fisher,
                    "curve_samples": curves, "held_out_ppl": ppl, "prune_seconds": round(seconds, 1), "timings": result.report["timings"]}
             out["screen"].append(row)
             print(json.dumps(row), flush=True)
             write_json_atomic(args.out, out)
-    best = min(out["screen"], key=lambda r: r["held_out_ppl"])
+    best = min((r for r in out["screen"] if "held_out_ppl" in r), key=lambda r: r["held_out_ppl"])
     out["chosen"] = {"samples": best["samples"], "seq_len": best["seq_len"], "fisher_samples": best["fisher_samples"],
                      "curve_samples": best["curve_samples"]}
     write_json_atomic(args.out, out)
