@@ -53,6 +53,7 @@ from layerprune.importance.divergence import teacher_top_k, top_k_kl
 from layerprune.models.layer_calls import batch_slice, layer_arguments, layer_call
 from layerprune.pruning.refit_loop import refit_kept_weights
 from layerprune.refit import DEFAULT_DAMPING, InputGram
+from layerprune.refit.lstsq import damping_added
 from layerprune.refit.obs import DEFAULT_BATCH_FRACTION, structured_obs
 from layerprune.scoring.selection import LayerKeep
 
@@ -199,18 +200,8 @@ class VariantBank:
 
 
 def obs_damping(stats: InputGram, damping: float) -> float:
-    """The ``λ`` structured OBS damps ``H/n`` with (:func:`layerprune.refit.lstsq.damped_cholesky`'s rule: ``damping``
-    times the mean diagonal, grown tenfold until the matrix factors)."""
-    h = stats.gram / max(stats.count, 1)
-    scale = float(torch.diagonal(h).mean()) if h.numel() else 0.0
-    scale = scale if scale > 0 else 1.0
-    lam = damping * scale
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    for _ in range(8):
-        if int(torch.linalg.cholesky_ex(h + lam * eye)[1]) == 0:
-            return lam
-        lam = max(lam * 10.0, 1e-8 * scale)
-    return lam
+    """The ``λ`` structured OBS damps ``H/n`` with (:func:`layerprune.refit.lstsq.damping_added`)."""
+    return damping_added(stats.gram, damping, divisor=max(stats.count, 1))
 
 
 def obs_refit(weight: torch.Tensor, stats: InputGram, columns: Sequence[int], lam: float) -> torch.Tensor:

@@ -115,6 +115,17 @@ def damped_cholesky(a: torch.Tensor, damping: float, who: str = "refit", divisor
         m = a.div_(divisor) if divisor is not None else a
     else:
         m = a / divisor if divisor is not None else a.clone()
+    return _damped_factor(m, damping, who)[0]
+
+
+def damping_added(a: torch.Tensor, damping: float, divisor: float | None = None) -> float:
+    """The ``λ`` :func:`damped_cholesky` adds to ``a / divisor`` (``damping`` times the mean diagonal, grown tenfold
+    until the matrix factors)."""
+    return _damped_factor(a / divisor if divisor is not None else a.clone(), damping, "damping")[1]
+
+
+def _damped_factor(m: torch.Tensor, damping: float, who: str) -> tuple[torch.Tensor, float]:
+    """Cholesky factor of ``m + λI`` and ``λ``; ``m``'s diagonal is overwritten with the damped one."""
     diag = torch.diagonal(m)
     plain = diag.clone()
     scale = float(plain.mean()) if plain.numel() else 0.0
@@ -124,7 +135,7 @@ def damped_cholesky(a: torch.Tensor, damping: float, who: str = "refit", divisor
         diag.copy_(plain + lam)
         factor, info = torch.linalg.cholesky_ex(m)
         if int(info) == 0:
-            return factor
+            return factor, lam
         lam = max(lam * 10.0, 1e-8 * scale)
     raise NumericalError(f"{who}: the calibration Gram matrix is not positive definite even with damping")
 
@@ -214,5 +225,5 @@ def reconstruction_error(weight: torch.Tensor, stats: InputGram, kept: Sequence[
     return float(full - 2 * cross + kept_part)
 
 
-__all__ = ["DEFAULT_DAMPING", "InputGram", "compensation_bias", "reconstruction_error", "refit_output_projection",
+__all__ = ["DEFAULT_DAMPING", "InputGram", "damping_added", "compensation_bias", "reconstruction_error", "refit_output_projection",
            "add_symmetric_gram_"]
