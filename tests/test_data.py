@@ -124,9 +124,11 @@ def test_text_file_dataset(tmp_path):
 def test_eval_tokens_match_llm_pruner_tokenization(wikitext_dir, smollm2_tokenizer, no_env):
     tokens = data.eval_tokens(smollm2_tokenizer, "wikitext2", wikitext_dir, max_tokens=2048)
     text = "\n\n".join(data.load_rows("wikitext2", "test", wikitext_dir))
-    reference = smollm2_tokenizer(text, return_tensors="pt").input_ids[0]
+    reference = smollm2_tokenizer(text, return_tensors="pt").input_ids[0]  # with the word cache on
     assert tokens.dtype == torch.long and tokens.dim() == 1
     assert torch.equal(tokens, reference[:2048])
+    # the whole split, tokenized with the word cache off, is the same stream
+    assert torch.equal(data.eval_tokens(smollm2_tokenizer, "wikitext2", wikitext_dir), reference)
     # SmolLM2's tokenizer adds no BOS by default, so the stream starts with the text itself.
     assert smollm2_tokenizer.decode(tokens[:8]).startswith("\n\n = Robert Boulter")
     with pytest.raises(InvalidInputError, match="max-tokens"):

@@ -19,6 +19,7 @@ from layerprune.data.wikitext import (
     rows_from_lines,
     text_source,
     tokenize_text,
+    word_cache_off,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "rows_from_lines",
     "text_source",
     "tokenize_text",
+    "word_cache_off",
 ]
