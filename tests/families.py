@@ -69,6 +69,12 @@ CASES = (
     FamilyCase("qwen3-qknorm", "Qwen3Config", "Qwen3ForCausalLM",
                dict(hidden_size=40, intermediate_size=60, num_attention_heads=8, num_key_value_heads=2, head_dim=8),
                settings={"head_dim": 8}),
+    FamilyCase("granite-scales", "GraniteConfig", "GraniteForCausalLM",
+               dict(hidden_size=48, intermediate_size=64, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                    attention_bias=True, tie_word_embeddings=True, embedding_multiplier=3.0,
+                    residual_multiplier=0.5, attention_multiplier=0.25, logits_scaling=4.0),
+               settings={"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "attention_multiplier": 0.25,
+                         "logits_scaling": 4.0, "attention_bias": True}),
 )
 CASE_IDS = [c.name for c in CASES]
 

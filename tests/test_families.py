@@ -72,6 +72,29 @@ def test_pruned_logits_equal_masked_dense(pruned_pair):
     assert [s["num_q_heads"] for s in shapes] == [ratio * len(k.kv_heads) for k in keep]
 
 
+def test_written_out_blocks_and_head_are_the_models_forward(case):
+    """What layer importance, the layer-by-layer losses, the search and healing compute without the model's own
+    forward (the adapter's pre-norm blocks, the head loss, healing's body and head) equals that forward: Granite's
+    embedding, residual and logit scales included."""
+    from layerprune.healing.trainer import body_and_head
+    from layerprune.models.layer_calls import head_loss, layer_arguments, layer_call
+
+    model = make_model(case)
+    adapter = adapter_for(model)
+    ids = token_ids(batch=2, length=12, seed=3)
+    with torch.no_grad():
+        hidden, kwargs = layer_arguments(model, input_ids=ids)
+        for layer, kw in zip(adapter.decoder_layers(model), kwargs):
+            written = adapter.layer_forward(layer, hidden, kw)
+            hidden = layer_call(layer, hidden, kw)
+            torch.testing.assert_close(written, hidden, atol=ATOL, rtol=0)
+        out = model(input_ids=ids, labels=ids)
+        assert head_loss(model, hidden, ids) == pytest.approx(float(out.loss), rel=1e-5)
+        body, head, divisor = body_and_head(model)
+        torch.testing.assert_close(head(body(input_ids=ids).last_hidden_state / divisor), out.logits,
+                                   atol=ATOL, rtol=0)
+
+
 def test_budget_formula_is_the_models_count(case):
     dense = make_model(case)
     spec = spec_from_model_config(dense.config, 0.2)
@@ -206,7 +229,7 @@ def test_unsupported_family_is_refused_by_every_entry_point(tmp_path, family):
     model = _unsupported_model(family)
     ids = token_ids(batch=2, length=8)
     message = (f"(?i){family}.*, which layerprune does not support; supported architectures: "
-               "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM$")
+               "GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM$")
     calls = {
         "prune": lambda: prune(model, None, plain_config(ratio=0.2), calib_ids=ids, progress=False),
         "layer_importance": lambda: layer_importance(model, ids, "removal", progress=False),

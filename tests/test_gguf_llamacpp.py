@@ -87,6 +87,8 @@ def _compare(model, gguf_path, tokens: torch.Tensor, llama_cpp, atol: float) -> 
     ("llama2-mha", True, "llama"),
     ("qwen2-bias", False, "deci"),
     ("qwen3-qknorm", True, "qwen3"),
+    ("granite-scales", True, "granite"),  # the four scales as granite.* keys
+    ("granite-scales", False, "deci"),  # per-layer widths: the scales folded into the weights, the head untied
 ])
 def test_tiny_pruned_model_runs_in_llama_cpp_like_transformers(tmp_path, llama_cpp, test_rows, case_name,
                                                               homogeneous, architecture):

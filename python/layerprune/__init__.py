@@ -1,4 +1,4 @@
-"""layerprune: structured pruning of Llama-family language models (Llama, Mistral, Qwen2, Qwen3), uniform or unbalanced.
+"""layerprune: structured pruning of Llama-family language models (Llama, Mistral, Qwen2, Qwen3, Granite), uniform or unbalanced.
 
 Data flows one way: model + calibration text -> scores -> layer importance -> allocation
 -> pruned model -> evaluation -> report. The public entry points below are imported lazily,

@@ -225,6 +225,23 @@ class FamilyAdapter:
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = geometry.intermediate
 
+    # ---- scales a family puts around the Llama layout -------------------------------------------------
+
+    def logits_divisor(self, config: Any) -> float:
+        """``d`` in ``logits = lm_head(norm(h)) / d`` (1 for Llama; Granite's ``logits_scaling``)."""
+        return 1.0
+
+    def gguf_scale_metadata(self, config: Any) -> dict[str, float]:
+        """Scalar GGUF keys (without the architecture prefix) that this family's own llama.cpp architecture reads
+        for its scales, e.g. ``{"logit_scale": 16.0}``; none for Llama."""
+        return {}
+
+    def folded_scales(self, config: Any) -> dict[str, float]:
+        """The same scales as factors on weights, for a llama.cpp architecture that has no keys for them:
+        ``embed`` (token embeddings), ``output`` (lm_head), ``query`` (q_proj rows, attention scale times
+        √head_dim), ``residual`` (o_proj and down_proj). Missing keys mean 1."""
+        return {}
+
     # ---- the decoder block, written out (layer importance) -------------------------------------------
 
     def attention_block(self, layer: Any, hidden: Any, kwargs: Mapping[str, Any]) -> Any:

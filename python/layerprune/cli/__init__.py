@@ -18,7 +18,7 @@ SUBCOMMANDS = ("eval", "allocate", "prune", "heal", "compare", "export")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layerprune",
-        description="Structured pruning of Llama-family language models (Llama, Mistral, Qwen2, Qwen3): "
+        description="Structured pruning of Llama-family language models (Llama, Mistral, Qwen2, Qwen3, Granite): "
         "uniform or unbalanced, under an exact parameter budget.",
         epilog="example: layerprune prune --model smollm2-135m --ratio 0.2 --out pruned/",
     )

@@ -9,6 +9,10 @@ uses that architecture with scalar head counts and feed-forward length. Otherwis
 Two layouts cannot be written, and are refused with the reason: a Qwen3 model that needs ``deci`` (deci has
 no per-head q/k norms), and biases a family's loader does not read when ``deci`` cannot take over.
 
+**Scales.** A family's own architecture reads its scales as keys (Granite: ``granite.embedding_scale``,
+``residual_scale``, ``attention.scale``, ``logit_scale``); written as ``deci``, the same scales are folded into
+the weights (token embeddings, lm_head, Q rows, o_proj and down_proj), and a tied lm_head is written on its own.
+
 **Tensors** are named as the ``gguf`` package names them (``token_embd``, ``blk.N.attn_q``, ...), shaped as
 in transformers (``[out, in]``, which GGUF stores as ``ne = [in, out]``), and checked against the
 architecture's tensor list in ``gguf``. Architectures whose RoPE rotates adjacent pairs of a head (``llama``,
@@ -192,10 +196,16 @@ def gguf_tensors(model: Any, layout: GGUFLayout) -> Iterator[tuple[str, np.ndarr
 
     T = gguf.MODEL_TENSOR
     adapter = adapter_for(model)
-    yield _tensor_name(T.TOKEN_EMBD), _numpy(adapter.embeddings(model).weight), T.TOKEN_EMBD
+    # An architecture other than the family's own has no keys for the family's scales: they go into the weights.
+    fold = {} if layout.architecture == adapter.gguf_architecture else adapter.folded_scales(model.config)
+    embed_scale, output_scale = fold.get("embed", 1.0), fold.get("output", 1.0)
+    residual_scale = fold.get("residual", 1.0)
+    scales = {"self_attn.q_proj": fold.get("query", 1.0), "self_attn.o_proj": residual_scale,
+              "mlp.down_proj": residual_scale}
+    yield _tensor_name(T.TOKEN_EMBD), _numpy(adapter.embeddings(model).weight) * np.float32(embed_scale), T.TOKEN_EMBD
     yield _tensor_name(T.OUTPUT_NORM), _numpy(adapter.final_norm(model).weight), T.OUTPUT_NORM
-    if not _tied(model):
-        yield _tensor_name(T.OUTPUT), _numpy(adapter.lm_head(model).weight), T.OUTPUT
+    if not _tied(model) or embed_scale != output_scale:  # a tied head is written on its own when scales differ
+        yield _tensor_name(T.OUTPUT), _numpy(adapter.lm_head(model).weight) * np.float32(output_scale), T.OUTPUT
     projection_kinds = {"self_attn.q_proj": T.ATTN_Q, "self_attn.k_proj": T.ATTN_K, "self_attn.v_proj": T.ATTN_V,
                         "self_attn.o_proj": T.ATTN_OUT, "mlp.gate_proj": T.FFN_GATE, "mlp.up_proj": T.FFN_UP,
                         "mlp.down_proj": T.FFN_DOWN}
@@ -209,6 +219,8 @@ def gguf_tensors(model: Any, layout: GGUFLayout) -> Iterator[tuple[str, np.ndarr
                 if param is None:
                     continue
                 array = _numpy(param)
+                if scales.get(name, 1.0) != 1.0:
+                    array = array * np.float32(scales[name])
                 if layout.permute_qk and name in heads:
                     array = adjacent_pair_rows(array, heads[name])
                 yield _tensor_name(kind, suffix, bid), array, kind
@@ -299,6 +311,9 @@ def build_writer(model: Any, tokenizer: Any, outtype: str = "f16", name: str | N
                       gguf.MODEL_TENSOR.ROPE_FREQS))
     else:
         raise ModelError(f"model: llama.cpp's `{arch}` architecture has no per-dimension RoPE factors (rope_freqs)")
+    if arch == adapter.gguf_architecture:
+        for key, value in adapter.gguf_scale_metadata(config).items():
+            writer.add_float32(f"{arch}.{key}", float(value))
     writer.add_string("layerprune.version", __version__)
     writer.add_string("layerprune.family", adapter.name)
 

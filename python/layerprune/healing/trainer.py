@@ -99,16 +99,16 @@ def step_sequences(step: int, config: HealConfig, n_train: int) -> list[int]:
     return out
 
 
-def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
-    """The decoder (embeddings to the final norm) and the head of ``model`` (the base model under peft). A model
-    whose logits are more than ``head(hidden)`` (soft-capped, scaled) is refused."""
+def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear, float]:
+    """The decoder (embeddings to the final norm), the head of ``model`` (the base model under peft) and the
+    family's logits divisor ``d`` (``logits = head(hidden / d)``). Soft-capped logits are refused."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
-    for key, plain in (("final_logit_softcapping", None), ("logits_scaling", 1.0)):
-        if getattr(config, key, plain) not in (plain, None):
-            raise InvalidInputError(f"model: its config sets {key}; healing computes logits as head(hidden) only")
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        raise InvalidInputError("model: its config sets final_logit_softcapping; healing computes logits as "
+                                "head(hidden) / d only")
     adapter = adapter_for(base, "model")
-    return adapter.inner_model(base), adapter.lm_head(base)
+    return adapter.inner_model(base), adapter.lm_head(base), adapter.logits_divisor(config)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -149,9 +149,11 @@ class HealTrainer:
                 teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits[:, :-1]
                 log_p, top_ids = teacher_top_k(teacher_logits, config.top_k, config.temperature)
             log_p, top_ids = log_p.clone(), top_ids.clone()
-        body, head = self.body_and_head
+        body, head, divisor = self.body_and_head
         with self._autocast():
             hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+        if divisor != 1.0:
+            hidden = hidden / divisor
         d = hidden.shape[-1]
         sums = fused_head_distillation(
             hidden.reshape(-1, d), head.weight, head.bias, log_p.reshape(-1, log_p.shape[-1]),

@@ -63,7 +63,7 @@ def head_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
               head_blocks: HeadBlocks | None = None, logits_bytes: int | None = None) -> float:
     """Mean next-token cross-entropy from the hidden state entering the final norm.
 
-    ``loss = mean_{b,t<T-1} CE(lm_head(norm(h))[b,t], labels[b,t+1])`` (what HF's ``labels=input_ids``
+    ``loss = mean_{b,t<T-1} CE(lm_head(norm(h) / d)[b,t], labels[b,t+1])`` (``d``: the adapter's logits divisor; what HF's ``labels=input_ids``
     computes), over chunks of positions whose float32 logits take at most ``logits_bytes`` (default
     ``LOGITS_BYTES``: a 128k vocabulary holds 130 positions at a time, not the whole batch). Data-parallel: the sum and the token count of every
     rank's samples (:mod:`layerprune.distributed`). ``head_blocks``: the head matrix in row blocks, ``(first
@@ -72,7 +72,11 @@ def head_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
     calculation for softmax"), equal to the whole head's to float rounding.
     """
     adapter = adapter_for(model)
-    norm = adapter.final_norm(model)
+    final_norm, divisor = adapter.final_norm(model), adapter.logits_divisor(model.config)
+
+    def norm(h: torch.Tensor) -> torch.Tensor:  # the head's input; a logits divisor divides it (the head is linear)
+        return final_norm(h) / divisor if divisor != 1.0 else final_norm(h)
+
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     target = labels[:, 1:].reshape(-1).to(states.device)
     count = target.numel()
