@@ -69,6 +69,13 @@ CASES = (
     FamilyCase("qwen3-qknorm", "Qwen3Config", "Qwen3ForCausalLM",
                dict(hidden_size=40, intermediate_size=60, num_attention_heads=8, num_key_value_heads=2, head_dim=8),
                settings={"head_dim": 8}),
+    FamilyCase("gemma2-caps", "Gemma2Config", "Gemma2ForCausalLM",
+               dict(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    query_pre_attn_scalar=12, sliding_window=4, final_logit_softcapping=2.0,
+                    attn_logit_softcapping=3.0),
+               settings={"query_pre_attn_scalar": 12, "sliding_window": 4, "final_logit_softcapping": 2.0,
+                         "attn_logit_softcapping": 3.0, "head_dim": 16,
+                         "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
     FamilyCase("granite-scales", "GraniteConfig", "GraniteForCausalLM",
                dict(hidden_size=48, intermediate_size=64, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
                     attention_bias=True, tie_word_embeddings=True, embedding_multiplier=3.0,
@@ -91,6 +98,8 @@ def make_model(case: FamilyCase, seed: int = 0) -> torch.nn.Module:
             p.mul_(1.0 + torch.rand_like(p))
             if p.dim() == 1 and p.shape[0] != config.hidden_size:  # biases and per-head norms: non-trivial
                 p.add_(0.1 * torch.randn_like(p))
+            elif p.dim() == 1 and "Gemma" in case.config_class:  # Gemma's norms scale by 1 + w, from w = 0
+                p.add_(0.3 * torch.randn_like(p))
     return model.eval()
 
 

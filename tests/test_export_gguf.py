@@ -155,6 +155,31 @@ def test_qwen3_heterogeneous_is_refused_with_the_reason(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_gemma2_heterogeneous_is_refused_with_the_reason(tmp_path):
+    folder, model, _ = pruned_folder(tmp_path, "gemma2-caps")
+    with pytest.raises(ModelError, match="different widths.*deci.*no gemma2's norms, caps and scales"):
+        export_gguf(folder, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_gemma2_homogeneous_carries_its_window_pattern_caps_and_norms_plus_one(tmp_path):
+    folder, model, _ = pruned_folder(tmp_path, "gemma2-caps", homogeneous=True)
+    out = export_gguf(folder, tmp_path / "g2.gguf", outtype="f32")
+    assert out.layout.notes == ()  # llama.cpp's gemma2 has the sliding window: nothing to warn about
+    reader = gguf.GGUFReader(tmp_path / "g2.gguf")
+    fields = _fields(reader)
+    assert fields["general.architecture"] == "gemma2"
+    assert fields["gemma2.attention.sliding_window"] == 4
+    assert fields["gemma2.final_logit_softcapping"] == pytest.approx(2.0)
+    assert fields["gemma2.attn_logit_softcapping"] == pytest.approx(3.0)
+    assert list(fields["gemma2.attention.sliding_window_pattern"]) == [True, False, True]
+    tensors = _tensors(reader)
+    layer = model.model.layers[2]
+    np.testing.assert_allclose(tensors["blk.2.post_ffw_norm.weight"].data,
+                               layer.post_feedforward_layernorm.weight.detach().numpy() + 1.0, rtol=0, atol=1e-7)
+    assert "output.weight" not in tensors  # tied: llama.cpp's gemma2 reads token_embd
+
+
 def test_mistral_sliding_window_is_reported(tmp_path):
     _, model, _ = pruned_folder(tmp_path, "mistral-window", homogeneous=True)
     layout = plan_layout(model)

@@ -90,8 +90,9 @@ def test_written_out_blocks_and_head_are_the_models_forward(case):
             torch.testing.assert_close(written, hidden, atol=ATOL, rtol=0)
         out = model(input_ids=ids, labels=ids)
         assert head_loss(model, hidden, ids) == pytest.approx(float(out.loss), rel=1e-5)
-        body, head, divisor = body_and_head(model)
-        torch.testing.assert_close(head(body(input_ids=ids).last_hidden_state / divisor), out.logits,
+        body, head, divisor, softcap = body_and_head(model)
+        z = head(body(input_ids=ids).last_hidden_state / divisor)
+        torch.testing.assert_close(z if softcap is None else (z / softcap).tanh() * softcap, out.logits,
                                    atol=ATOL, rtol=0)
 
 
@@ -229,7 +230,7 @@ def test_unsupported_family_is_refused_by_every_entry_point(tmp_path, family):
     model = _unsupported_model(family)
     ids = token_ids(batch=2, length=8)
     message = (f"(?i){family}.*, which layerprune does not support; supported architectures: "
-               "GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM$")
+               "Gemma2ForCausalLM, GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM$")
     calls = {
         "prune": lambda: prune(model, None, plain_config(ratio=0.2), calib_ids=ids, progress=False),
         "layer_importance": lambda: layer_importance(model, ids, "removal", progress=False),
@@ -249,7 +250,8 @@ def test_unsupported_family_is_refused_by_every_entry_point(tmp_path, family):
 
 @pytest.mark.slow
 def test_cli_prune_eval_compare_every_family(tmp_path, wikitext_dir, capsys):
-    """`layerprune prune`, then `eval` on its output, on a saved checkpoint of each family; `compare` on two."""
+    """`layerprune prune`, then `eval` and `export` on its output, on a saved checkpoint of each family; `compare` on
+    four."""
     from layerprune.cli import main
 
     data = ["--data-dir", str(wikitext_dir)]
@@ -271,7 +273,11 @@ def test_cli_prune_eval_compare_every_family(tmp_path, wikitext_dir, capsys):
         evaluated = json.loads(result.read_text())
         assert evaluated["params"]["total"] == report["params_after"]["total"]
         assert evaluated["ppl"] > 1.0
-        if case.name in ("qwen2-bias", "qwen3-qknorm"):
+        gguf_status = main(["export", "--model", str(out), "--out", str(tmp_path / case.name / "m.gguf")])
+        refused = case.name in ("qwen3-qknorm", "gemma2-caps")  # unequal widths need deci, which lacks their norms
+        assert gguf_status == (2 if refused else 0), case.name
+        assert (tmp_path / case.name / "m.gguf").exists() != refused
+        if case.name in ("qwen2-bias", "qwen3-qknorm", "gemma2-caps", "granite-scales"):
             cmp_out = tmp_path / case.name / "compare"
             methods = "dense,uniform-range,uniform,uniform-refit,flap,unbalanced-seed,unbalanced"
             assert main(["compare", "--model", str(dense_dir), "--ratios", "0.2", "--out", str(cmp_out), *data,

@@ -28,7 +28,10 @@ from layerprune.export.gguf import export_gguf, write_gguf
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-LOGIT_ATOL = {"tiny": 1e-4, "smollm2": 1e-3}
+# llama.cpp's GELU reads a table indexed by float16 inputs: on the tiny Gemma 2 the gap is 3.7e-4, and 6.9e-5 with
+# transformers' GELU given the same float16 rounding (measured 2026-12-07); dropping the query-scale fold or the
+# norms' +1 gives 1.9e-2 and 0.99.
+LOGIT_ATOL = {"tiny": 1e-4, "tiny-gelu": 1e-3, "smollm2": 1e-3}
 ARGMAX_AGREEMENT = 0.99
 PPL_RTOL = 0.01
 WINDOW = 128
@@ -87,6 +90,7 @@ def _compare(model, gguf_path, tokens: torch.Tensor, llama_cpp, atol: float) -> 
     ("llama2-mha", True, "llama"),
     ("qwen2-bias", False, "deci"),
     ("qwen3-qknorm", True, "qwen3"),
+    ("gemma2-caps", True, "gemma2"),  # four norms (+1), soft caps, the sliding-window pattern, query scale folded
     ("granite-scales", True, "granite"),  # the four scales as granite.* keys
     ("granite-scales", False, "deci"),  # per-layer widths: the scales folded into the weights, the head untied
 ])
@@ -99,7 +103,7 @@ def test_tiny_pruned_model_runs_in_llama_cpp_like_transformers(tmp_path, llama_c
     tokens = tokenize_text(tokenizer, text)[:PPL_TOKENS]
     assert tokens.numel() == PPL_TOKENS
 
-    _compare(model, out.path, tokens, llama_cpp, LOGIT_ATOL["tiny"])
+    _compare(model, out.path, tokens, llama_cpp, LOGIT_ATOL["tiny-gelu" if case_name.startswith("gemma") else "tiny"])
 
     runtime = llama_cpp(out.path, n_ctx=WINDOW, threads=1)
     try:

@@ -92,10 +92,11 @@ def test_top_k_kl_is_zero_for_the_teacher_itself_and_its_gradient_flows():
     assert student.grad is not None and torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("k, temperature, ce_weight, bias", [
-    (5, 1.0, 0.0, False), (30, 1.0, 0.0, True), (5, 1.0, 0.7, True), (30, 1.0, 1.0, False),
-    (5, 2.0, 0.5, True), (40, 0.5, 1.0, False), (7, 0.5, 0.0, False)])
-def test_the_fused_head_loss_and_its_gradients_equal_autograd(monkeypatch, k, temperature, ce_weight, bias):
+@pytest.mark.parametrize("k, temperature, ce_weight, bias, softcap", [
+    (5, 1.0, 0.0, False, None), (30, 1.0, 0.0, True, None), (5, 1.0, 0.7, True, None), (30, 1.0, 1.0, False, None),
+    (5, 2.0, 0.5, True, None), (40, 0.5, 1.0, False, None), (7, 0.5, 0.0, False, None),
+    (5, 1.0, 0.5, True, 1.5), (30, 2.0, 1.0, False, 0.8)])
+def test_the_fused_head_loss_and_its_gradients_equal_autograd(monkeypatch, k, temperature, ce_weight, bias, softcap):
     """The closed-form gradients of the chunked head + loss against autograd through the logits (float64)."""
     from layerprune.healing import fused_head
 
@@ -109,11 +110,12 @@ def test_the_fused_head_loss_and_its_gradients_equal_autograd(monkeypatch, k, te
     labels = torch.randint(0, vocab, (n,), generator=g)
     inputs = [hidden, weight] + ([b] if b is not None else [])
     z = hidden @ weight.T + (b if b is not None else 0.0)
+    z = z if softcap is None else (z / softcap).tanh() * softcap
     want = top_k_kl(z, log_p, ids, temperature).double() + ce_weight * torch.nn.functional.cross_entropy(
         z, labels, reduction="sum")
     want_grads = torch.autograd.grad(want, inputs)
     got = fused_head.fused_head_distillation(hidden, weight, b, log_p, ids, labels, temperature, ce_weight,
-                                             torch.float64)
+                                             torch.float64, softcap)
     got_grads = torch.autograd.grad(got[0], inputs)
     assert float(got[0].detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     for a, c in zip(want_grads, got_grads):
@@ -382,8 +384,8 @@ def test_healed_folders_of_every_family_reload_both_ways_and_export(tmp_path, sm
         jobs.append([str(tmp_path / case.name), str(tmp_path / f"{case.name}.ids.pt"),
                      str(tmp_path / f"{case.name}.out.pt")])
         expected[case.name] = want
-        if case.name == "qwen3-qknorm":  # llama.cpp's per-layer-width architecture has no q/k norms
-            with pytest.raises(ModelError, match="no per-head q/k norms"):
+        if case.name in ("qwen3-qknorm", "gemma2-caps"):  # deci (per-layer widths) has no q/k norms, no post-norms
+            with pytest.raises(ModelError, match="no per-head q/k norms|no gemma2's norms"):
                 export_gguf(tmp_path / case.name, tmp_path / f"{case.name}.gguf")
         else:
             gguf = export_gguf(tmp_path / case.name, tmp_path / f"{case.name}.gguf")

@@ -68,7 +68,9 @@ class FamilyAdapter:
     ``gguf_rope_adjacent_pairs`` says whether that architecture's RoPE rotates adjacent pairs of a head
     (GGML "normal" RoPE, so Q/K rows are permuted from transformers' half-split order on export);
     ``gguf_biases`` are the projections whose biases its loader reads; ``gguf_full_width_attention``: its
-    loader fixes q_proj / o_proj at hidden x hidden, so it cannot hold removed query heads.
+    loader fixes q_proj / o_proj at hidden x hidden, so it cannot hold removed query heads;
+    ``gguf_norm_offset`` is added to every norm weight on export; ``gguf_per_layer``: whether ``deci`` runs the
+    family when its layers have different widths.
     """
 
     name: str
@@ -85,6 +87,9 @@ class FamilyAdapter:
     gguf_rope_adjacent_pairs: bool = True
     gguf_biases: tuple[str, ...] = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
     gguf_full_width_attention: bool = False
+    gguf_norm_offset: float = 0.0  # added to every norm weight (Gemma's norms scale by 1 + w; llama.cpp's by w)
+    gguf_per_layer: bool = True  # deci can run it (per-layer widths); False: unequal widths are refused
+    gguf_sliding_window: bool = False  # the family's own architecture implements its sliding window
 
     # ---- names -------------------------------------------------------------------------------------
 
@@ -231,16 +236,38 @@ class FamilyAdapter:
         """``d`` in ``logits = lm_head(norm(h)) / d`` (1 for Llama; Granite's ``logits_scaling``)."""
         return 1.0
 
-    def gguf_scale_metadata(self, config: Any) -> dict[str, float]:
-        """Scalar GGUF keys (without the architecture prefix) that this family's own llama.cpp architecture reads
-        for its scales, e.g. ``{"logit_scale": 16.0}``; none for Llama."""
+    def logit_softcap(self, config: Any) -> float | None:
+        """``c`` in ``logits = c · tanh(z / c)`` (Gemma 2's ``final_logit_softcapping``); None: no cap."""
+        return None
+
+    def final_logits(self, config: Any, logits: Any) -> Any:
+        """The model's logits from ``lm_head``'s output ``z``, element by element (so a block of vocabulary rows at a
+        time gives the same): ``z / d`` (:meth:`logits_divisor`), then ``c · tanh(· / c)`` (:meth:`logit_softcap`)."""
+        divisor, cap = self.logits_divisor(config), self.logit_softcap(config)
+        logits = logits / divisor if divisor != 1.0 else logits
+        return logits if cap is None else (logits / cap).tanh() * cap
+
+    def scale_embeddings(self, model: Any, embedded: Any) -> Any:
+        """What the embedding module returns for rows looked up from its weight: the rows times its ``embed_scale``
+        where it has one (Gemma's √hidden, inside transformers' scaled embedding), else the rows."""
+        scale = getattr(self.embeddings(model), "embed_scale", None)
+        return embedded if scale is None else embedded * scale.to(embedded.dtype).to(embedded.device)
+
+    def gguf_metadata(self, config: Any) -> dict[str, Any]:
+        """GGUF keys (without the architecture prefix) that this family's own llama.cpp architecture reads for its
+        scales, caps and windows, e.g. ``{"logit_scale": 16.0}`` (a float is written as float32, an int as uint32,
+        a list as an array); none for Llama."""
         return {}
 
-    def folded_scales(self, config: Any) -> dict[str, float]:
-        """The same scales as factors on weights, for a llama.cpp architecture that has no keys for them:
-        ``embed`` (token embeddings), ``output`` (lm_head), ``query`` (q_proj rows, attention scale times
-        √head_dim), ``residual`` (o_proj and down_proj). Missing keys mean 1."""
+    def gguf_folded_scales(self, config: Any, architecture: str) -> dict[str, float]:
+        """Scales written into the weights for llama.cpp's ``architecture`` where it has no key for them, or computes
+        them otherwise: ``embed`` (token embeddings), ``output`` (lm_head), ``query`` (q_proj rows and biases),
+        ``residual`` (o_proj and down_proj). Missing keys mean 1."""
         return {}
+
+    def gguf_layer_norms(self) -> tuple[tuple[str, str], ...]:
+        """(layer attribute, ``gguf.MODEL_TENSOR`` name) of each norm of a decoder layer."""
+        return (("input_layernorm", "ATTN_NORM"), ("post_attention_layernorm", "FFN_NORM"))
 
     # ---- the decoder block, written out (layer importance) -------------------------------------------
 

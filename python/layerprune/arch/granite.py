@@ -33,13 +33,15 @@ class GraniteAdapter(FamilyAdapter):
     def logits_divisor(self, config: Any) -> float:
         return self._scale(config, "logits_scaling")
 
-    def gguf_scale_metadata(self, config: Any) -> dict[str, float]:
+    def gguf_metadata(self, config: Any) -> dict[str, Any]:
         return {"embedding_scale": self._scale(config, "embedding_multiplier"),
                 "residual_scale": self._scale(config, "residual_multiplier"),
                 "attention.scale": self._scale(config, "attention_multiplier"),
                 "logit_scale": self._scale(config, "logits_scaling")}
 
-    def folded_scales(self, config: Any) -> dict[str, float]:
+    def gguf_folded_scales(self, config: Any, architecture: str) -> dict[str, float]:
+        if architecture == self.gguf_architecture:  # read as keys
+            return {}
         return {"embed": self._scale(config, "embedding_multiplier"),
                 "output": 1.0 / self._scale(config, "logits_scaling"),
                 "query": self._scale(config, "attention_multiplier") * math.sqrt(head_dim(config)),

@@ -126,12 +126,13 @@ def plan_layout(model: Any) -> GGUFLayout:
     if unread:
         reasons.append(f"llama.cpp's `{own}` loader reads no {', '.join(unread)} bias")
     if not reasons:
-        note = _sliding_window_note(config, own)
+        note = None if adapter.gguf_sliding_window else _sliding_window_note(config, own)
         return GGUFLayout(own, q, kv, ff, head_dim, per_layer=False, permute_qk=adapter.gguf_rope_adjacent_pairs,
                           notes=(note,) if note else ())
-    if adapter.qk_norm:
+    if adapter.qk_norm or not adapter.gguf_per_layer:
+        lacks = "per-head q/k norms" if adapter.qk_norm else f"{adapter.name}'s norms, caps and scales"
         raise ModelError(f"model: this {adapter.name} model cannot be written as GGUF: {'; '.join(reasons)}, so it "
-                         f"needs llama.cpp's `{PER_LAYER_ARCHITECTURE}` architecture, which has no per-head q/k norms")
+                         f"needs llama.cpp's `{PER_LAYER_ARCHITECTURE}` architecture, which has no {lacks}")
     unread = sorted(biases - set(PER_LAYER_BIASES))
     if unread:
         raise ModelError(f"model: llama.cpp's `{PER_LAYER_ARCHITECTURE}` loader reads no {', '.join(unread)} bias")
@@ -196,14 +197,14 @@ def gguf_tensors(model: Any, layout: GGUFLayout) -> Iterator[tuple[str, np.ndarr
 
     T = gguf.MODEL_TENSOR
     adapter = adapter_for(model)
-    # An architecture other than the family's own has no keys for the family's scales: they go into the weights.
-    fold = {} if layout.architecture == adapter.gguf_architecture else adapter.folded_scales(model.config)
+    fold = adapter.gguf_folded_scales(model.config, layout.architecture)
+    offset = np.float32(adapter.gguf_norm_offset)
     embed_scale, output_scale = fold.get("embed", 1.0), fold.get("output", 1.0)
     residual_scale = fold.get("residual", 1.0)
     scales = {"self_attn.q_proj": fold.get("query", 1.0), "self_attn.o_proj": residual_scale,
               "mlp.down_proj": residual_scale}
     yield _tensor_name(T.TOKEN_EMBD), _numpy(adapter.embeddings(model).weight) * np.float32(embed_scale), T.TOKEN_EMBD
-    yield _tensor_name(T.OUTPUT_NORM), _numpy(adapter.final_norm(model).weight), T.OUTPUT_NORM
+    yield _tensor_name(T.OUTPUT_NORM), _numpy(adapter.final_norm(model).weight) + offset, T.OUTPUT_NORM
     if not _tied(model) or embed_scale != output_scale:  # a tied head is written on its own when scales differ
         yield _tensor_name(T.OUTPUT), _numpy(adapter.lm_head(model).weight) * np.float32(output_scale), T.OUTPUT
     projection_kinds = {"self_attn.q_proj": T.ATTN_Q, "self_attn.k_proj": T.ATTN_K, "self_attn.v_proj": T.ATTN_V,
@@ -212,7 +213,9 @@ def gguf_tensors(model: Any, layout: GGUFLayout) -> Iterator[tuple[str, np.ndarr
     head_norm_kinds = {"q_norm": T.ATTN_Q_NORM, "k_norm": T.ATTN_K_NORM}
     for bid, layer in enumerate(adapter.decoder_layers(model)):
         heads = {"self_attn.q_proj": layout.num_q_heads[bid], "self_attn.k_proj": layout.num_kv_heads[bid]}
-        yield _tensor_name(T.ATTN_NORM, bid=bid), _numpy(layer.input_layernorm.weight), T.ATTN_NORM
+        for attribute, kind_name in adapter.gguf_layer_norms():
+            kind = getattr(T, kind_name)
+            yield _tensor_name(kind, bid=bid), _numpy(getattr(layer, attribute).weight) + offset, kind
         for name, linear in adapter.projections(layer).items():
             kind = projection_kinds[name]
             for suffix, param in (("weight", linear.weight), ("bias", linear.bias)):
@@ -225,9 +228,8 @@ def gguf_tensors(model: Any, layout: GGUFLayout) -> Iterator[tuple[str, np.ndarr
                     array = adjacent_pair_rows(array, heads[name])
                 yield _tensor_name(kind, suffix, bid), array, kind
         for norm in adapter.unpruned_attention_parameters():
-            yield (_tensor_name(head_norm_kinds[norm], bid=bid), _numpy(getattr(layer.self_attn, norm).weight),
+            yield (_tensor_name(head_norm_kinds[norm], bid=bid), _numpy(getattr(layer.self_attn, norm).weight) + offset,
                    head_norm_kinds[norm])
-        yield _tensor_name(T.FFN_NORM, bid=bid), _numpy(layer.post_attention_layernorm.weight), T.FFN_NORM
 
 
 def _encode(array: np.ndarray, outtype: str) -> tuple[np.ndarray, Any]:
@@ -312,8 +314,13 @@ def build_writer(model: Any, tokenizer: Any, outtype: str = "f16", name: str | N
     else:
         raise ModelError(f"model: llama.cpp's `{arch}` architecture has no per-dimension RoPE factors (rope_freqs)")
     if arch == adapter.gguf_architecture:
-        for key, value in adapter.gguf_scale_metadata(config).items():
-            writer.add_float32(f"{arch}.{key}", float(value))
+        for key, value in adapter.gguf_metadata(config).items():
+            if isinstance(value, (list, tuple)):
+                writer.add_array(f"{arch}.{key}", list(value))
+            elif isinstance(value, int):
+                writer.add_uint32(f"{arch}.{key}", value)
+            else:
+                writer.add_float32(f"{arch}.{key}", float(value))
     writer.add_string("layerprune.version", __version__)
     writer.add_string("layerprune.family", adapter.name)
 

@@ -9,6 +9,8 @@ closed form. With q = softmax(z / T), the teacher's top-K probabilities p_k and 
     ∂ KL / ∂(z_j / T) = q_j (1 − p_t / q_t)       for every other token,
 
 and the loss T² · KL has gradient T · that with respect to z. Cross-entropy at T = 1 adds softmax(z) − onehot.
+With a soft cap (Gemma 2) the logits are ``c · tanh(z / c)`` of the head's ``z``, and the gradient is multiplied by
+their slope ``1 − tanh²(z / c)``.
 ``tests/test_heal.py`` checks the loss and the gradients against autograd through :func:`top_k_kl`.
 """
 
@@ -73,7 +75,7 @@ class _FusedHeadDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, log_p: torch.Tensor,
                 ids: torch.Tensor, labels: torch.Tensor, temperature: float, ce_weight: float,
-                compute_dtype: torch.dtype) -> torch.Tensor:
+                compute_dtype: torch.dtype, softcap: float | None) -> torch.Tensor:
         want_grad = any(ctx.needs_input_grad[:3])
         w = weight.to(compute_dtype)
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
@@ -86,12 +88,19 @@ class _FusedHeadDistillation(torch.autograd.Function):
             z = (h @ w.T).float()
             if bias is not None:
                 z += bias.float()
+            slope = None
+            if softcap is not None:
+                z.div_(softcap).tanh_()
+                slope = 1.0 - z * z if want_grad else None
+                z.mul_(softcap)
             k, c, g = _chunk_terms(z, log_p[start : start + CHUNK_POSITIONS].float(),
                                    ids[start : start + CHUNK_POSITIONS], labels[start : start + CHUNK_POSITIONS],
                                    temperature, ce_weight, want_grad)
             kl, ce = kl + k, ce + c
             if g is None:
                 continue
+            if slope is not None:
+                g.mul_(slope)
             gc = g.to(compute_dtype)
             if grad_h is not None:
                 grad_h[start : start + h.shape[0]] = (gc @ w).to(grad_h.dtype)
@@ -109,7 +118,7 @@ class _FusedHeadDistillation(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.grads
         ctx.grads = None
         scaled = [None if g is None else g * scale.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
-        return (*scaled, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None)
 
 
 def fused_head_distillation(
@@ -122,15 +131,18 @@ def fused_head_distillation(
     temperature: float = 1.0,
     ce_weight: float = 0.0,
     compute_dtype: torch.dtype = torch.float32,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """[Σ (T² KL + ce_weight · CE), Σ T² KL, Σ CE] over positions, float64, differentiable through its first entry.
 
     ``hidden`` [N, d] are the final hidden states, ``weight`` [V, d] / ``bias`` the head, the teacher's arrays
     [N, K] (:func:`~layerprune.healing.losses.teacher_top_k`), ``labels`` [N] the next tokens. The matmuls run in
-    ``compute_dtype`` (bfloat16 under autocast), the softmax in float32.
+    ``compute_dtype`` (bfloat16 under autocast), the softmax in float32. ``softcap``: the student's logits are
+    ``softcap · tanh(z / softcap)``.
     """
     return _FusedHeadDistillation.apply(hidden, weight, bias, teacher_log_probs, teacher_ids.long(), labels.long(),
-                                        float(temperature), float(ce_weight), compute_dtype)
+                                        float(temperature), float(ce_weight), compute_dtype,
+                                        None if softcap is None else float(softcap))
 
 
 __all__ = ["CHUNK_POSITIONS", "fused_head_distillation"]

@@ -99,16 +99,13 @@ def step_sequences(step: int, config: HealConfig, n_train: int) -> list[int]:
     return out
 
 
-def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear, float]:
-    """The decoder (embeddings to the final norm), the head of ``model`` (the base model under peft) and the
-    family's logits divisor ``d`` (``logits = head(hidden / d)``). Soft-capped logits are refused."""
+def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear, float, float | None]:
+    """The decoder (embeddings to the final norm), the head of ``model`` (the base model under peft), and the
+    family's logits divisor ``d`` and soft cap ``c``: ``logits = c · tanh(head(hidden / d) / c)`` (no cap: None)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        raise InvalidInputError("model: its config sets final_logit_softcapping; healing computes logits as "
-                                "head(hidden) / d only")
     adapter = adapter_for(base, "model")
-    return adapter.inner_model(base), adapter.lm_head(base), adapter.logits_divisor(config)
+    return (adapter.inner_model(base), adapter.lm_head(base), adapter.logits_divisor(base.config),
+            adapter.logit_softcap(base.config))
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -149,7 +146,7 @@ class HealTrainer:
                 teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits[:, :-1]
                 log_p, top_ids = teacher_top_k(teacher_logits, config.top_k, config.temperature)
             log_p, top_ids = log_p.clone(), top_ids.clone()
-        body, head, divisor = self.body_and_head
+        body, head, divisor, softcap = self.body_and_head
         with self._autocast():
             hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
         if divisor != 1.0:
@@ -158,7 +155,7 @@ class HealTrainer:
         sums = fused_head_distillation(
             hidden.reshape(-1, d), head.weight, head.bias, log_p.reshape(-1, log_p.shape[-1]),
             top_ids.reshape(-1, top_ids.shape[-1]), ids[:, 1:].reshape(-1), config.temperature, config.ce_weight,
-            torch.bfloat16 if config.precision == "bfloat16" else torch.float32)
+            torch.bfloat16 if config.precision == "bfloat16" else torch.float32, softcap)
         detached = sums.detach()
         return sums[0], float(detached[1]), float(detached[2])
 

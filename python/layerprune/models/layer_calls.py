@@ -63,7 +63,7 @@ def head_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
               head_blocks: HeadBlocks | None = None, logits_bytes: int | None = None) -> float:
     """Mean next-token cross-entropy from the hidden state entering the final norm.
 
-    ``loss = mean_{b,t<T-1} CE(lm_head(norm(h) / d)[b,t], labels[b,t+1])`` (``d``: the adapter's logits divisor; what HF's ``labels=input_ids``
+    ``loss = mean_{b,t<T-1} CE(F(lm_head(norm(h)))[b,t], labels[b,t+1])`` (``F``: the adapter's ``final_logits``; what HF's ``labels=input_ids``
     computes), over chunks of positions whose float32 logits take at most ``logits_bytes`` (default
     ``LOGITS_BYTES``: a 128k vocabulary holds 130 positions at a time, not the whole batch). Data-parallel: the sum and the token count of every
     rank's samples (:mod:`layerprune.distributed`). ``head_blocks``: the head matrix in row blocks, ``(first
@@ -72,31 +72,32 @@ def head_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
     calculation for softmax"), equal to the whole head's to float rounding.
     """
     adapter = adapter_for(model)
-    final_norm, divisor = adapter.final_norm(model), adapter.logits_divisor(model.config)
+    norm = adapter.final_norm(model)
 
-    def norm(h: torch.Tensor) -> torch.Tensor:  # the head's input; a logits divisor divides it (the head is linear)
-        return final_norm(h) / divisor if divisor != 1.0 else final_norm(h)
+    def final(z: torch.Tensor) -> torch.Tensor:  # the family's logits from the head's output (element-wise)
+        return adapter.final_logits(model.config, z)
 
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     target = labels[:, 1:].reshape(-1).to(states.device)
     count = target.numel()
     budget = LOGITS_BYTES if logits_bytes is None else logits_bytes
     if head_blocks is not None:
-        total = _streamed_cross_entropy(norm(states), target, head_blocks, budget)
+        total = _streamed_cross_entropy(norm(states), target, head_blocks, budget, final)
     else:
         head = adapter.lm_head(model)
         rows = max(1, budget // (4 * head.weight.shape[0]))
         total = 0.0
         for s in range(0, count, rows):
-            logits = head(norm(states[s:s + rows])).float()
+            logits = final(head(norm(states[s:s + rows])).float())
             total += float(torch.nn.functional.cross_entropy(logits, target[s:s + rows], reduction="sum"))
     total, count = distributed.sum_values(total, count)
     return total / count
 
 
 def _streamed_cross_entropy(normed: torch.Tensor, target: torch.Tensor, head_blocks: HeadBlocks,
-                            logits_bytes: int) -> float:
-    """``Σ_i logsumexp(z_i) − z_i[target_i]`` with ``z = normed Wᵀ`` and ``W`` arriving in row blocks: a running
+                            logits_bytes: int, final: Any = None) -> float:
+    """``Σ_i logsumexp(z_i) − z_i[target_i]`` with ``z = F(normed Wᵀ)`` (``F``: element-wise, the family's final
+    logits) and ``W`` arriving in row blocks: a running
     maximum ``m`` and ``s = Σ exp(z − m)`` per position, rescaled when ``m`` grows."""
     n = normed.shape[0]
     peak = torch.full((n,), -math.inf, dtype=torch.float32, device=normed.device)
@@ -108,6 +109,7 @@ def _streamed_cross_entropy(normed: torch.Tensor, target: torch.Tensor, head_blo
         for p in range(0, n, rows):
             q = min(p + rows, n)
             z = torch.nn.functional.linear(normed[p:q], weight).float()
+            z = z if final is None else final(z)
             grown = torch.maximum(peak[p:q], z.amax(1))
             scaled[p:q] = scaled[p:q] * torch.exp(peak[p:q] - grown) + torch.exp(z - grown[:, None]).sum(1)
             peak[p:q] = grown

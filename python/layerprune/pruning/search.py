@@ -227,7 +227,7 @@ class FitnessModel:
         adapter = adapter_for(model)
         self.norm = adapter.final_norm(model)
         self.head = adapter.lm_head(model)
-        self.divisor = adapter.logits_divisor(model.config)
+        self.final = lambda z: adapter.final_logits(model.config, z)
         self.layers = adapter.decoder_layers(model)
         device = next(model.parameters()).device
         self.ids = ids.long().to(device)
@@ -245,7 +245,7 @@ class FitnessModel:
             for l in tqdm(range(len(self.layers)), desc="search: dense targets", disable=not progress, leave=False):
                 hidden = layer_call(self.layers[l], hidden, self.kwargs[l])
             for w in range(self.n):
-                logits = self.head(self.norm(hidden[w, :-1]) / self.divisor).float()
+                logits = self.final(self.head(self.norm(hidden[w, :-1])).float())
                 self.teacher.append(teacher_top_k(logits, self.top_k))
 
     def score(self, other: torch.nn.Module) -> float:
@@ -286,7 +286,7 @@ class FitnessModel:
                     states.append(hidden)
             total = 0.0
             for w in range(count):
-                logits = self.head(self.norm(hidden[w, :-1]) / self.divisor)
+                logits = self.final(self.head(self.norm(hidden[w, :-1])))
                 log_p, ids = self.teacher[first + w]
                 total += float(top_k_kl(logits, log_p, ids))
         value = total / (count * self.positions_per_window)

@@ -254,11 +254,11 @@ class _Engine:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The embeddings of ``ids``: only the rows of the tokens that occur are read (a lookup copies rows, so
-        this is the full embedding's output exactly)."""
+        this is the full embedding's output exactly, times its scale where it has one)."""
         tokens, inverse = torch.unique(ids, sorted=True, return_inverse=True)
         with self.clock("read"):
             rows = self.ckpt.read_row_set(self._embed_name, tokens, self.dtype, self.device)
-        return torch.nn.functional.embedding(inverse.to(self.device), rows)
+        return self.adapter.scale_embeddings(self.model, torch.nn.functional.embedding(inverse.to(self.device), rows))
 
     def capture_inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """The hidden state entering layer 0 and the keyword arguments every layer is passed
