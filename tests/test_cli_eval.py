@@ -136,7 +136,7 @@ def test_model_errors(capsys, tmp_path, text_file):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(gpt2)
     code, _, err = _run(capsys, "--model", gpt2, "--dataset", text_file, "--json", tmp_path / "out.json",
                      "--no-progress")
-    _assert_one_error_line(code, err, "GPT2LMHeadModel", "supported architectures: LlamaForCausalLM")
+    _assert_one_error_line(code, err, "GPT2LMHeadModel", "supported architectures: Gemma2ForCausalLM, Gemma3ForCausalLM")
     assert not (tmp_path / "out.json").exists()
 
 

@@ -43,6 +43,34 @@ def test_perplexity_matches_manual_computation(tiny_llama):
     assert result["windows"] == 5 and result["tokens"] == 80 and result["seq_len"] == 16
 
 
+def test_gemma_windows_start_with_bos_as_context_only():
+    """A family that needs BOS at the start of a sequence (Gemma) gets it before every window: the same tokens are
+    predicted (HF's loss over each window with BOS prepended and the first label masked), Llama's windows stay plain."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from families import CASES, make_model
+
+    model = make_model(next(c for c in CASES if c.name == "gemma2-caps"))
+    bos = model.config.bos_token_id
+    tokens = _random_tokens(3 * 16, 320, seed=5)
+    with torch.no_grad():
+        losses = []
+        for w in tokens.view(3, 16):
+            inputs = torch.cat([torch.tensor([bos]), w])[None]
+            labels = inputs.clone()
+            labels[0, :2] = -100  # BOS is not predicted, nor is the window's first token
+            losses.append(float(model(inputs, labels=labels).loss))
+    result = perplexity(model, tokens, seq_len=16, progress=False)
+    assert result["window_prefix"] == bos and result["predicted_tokens"] == 3 * 15
+    assert result["nll"] == pytest.approx(sum(losses) / 3, rel=1e-5)
+    plain = perplexity(model, tokens, seq_len=16, progress=False, prefix_token=None)
+    assert plain["window_prefix"] is None and abs(plain["nll"] - result["nll"]) > 1e-3
+    llama = make_model(CASES[0])
+    assert perplexity(llama, tokens, seq_len=16, progress=False)["window_prefix"] is None
+
+
 def test_perplexity_matches_transformers_loss(tiny_llama):
     # Every window predicts seq_len - 1 tokens, so the mean of the per-window HF losses is the mean NLL.
     model = tiny_llama(vocab=128, seed=4)

@@ -120,6 +120,25 @@ def test_refit_model_prunes_saves_and_reloads(tmp_path, case, mode):
     assert json.loads((folder / "config.json").read_text()).get(OUTPUT_BIAS_KEY, False) is (mode != "lstsq")
 
 
+@pytest.mark.parametrize("kept_inputs_bytes", [None, 0])  # the output from the kept inputs, or the block run again
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_refit_layer_returns_the_refit_layers_own_output(case, kept_inputs_bytes):
+    """What the refit passes on to the next layer is what the refit layer computes: with a norm or a scale after
+    the output projection (Gemma, Granite), not the projection's output alone."""
+    from layerprune.models.layer_calls import layer_arguments, layer_call
+    from layerprune.pruning.refit_loop import refit_layer
+
+    model = make_model(case)
+    layer = model.model.layers[1]
+    with torch.no_grad():
+        hidden, kwargs = layer_arguments(model, input_ids=token_ids(batch=6, length=16, seed=2))
+        x = layer_call(model.model.layers[0], hidden, kwargs[0])
+    out, _, _ = refit_layer(model, layer, _keep(model)[1], x, kwargs[1], micro_batch=4,
+                            kept_inputs_bytes=kept_inputs_bytes)
+    with torch.no_grad():
+        torch.testing.assert_close(out, layer_call(layer, x, kwargs[1]), atol=2e-5, rtol=0)
+
+
 def test_refit_brings_the_pruned_model_closer_to_the_dense_one():
     """On held-out tokens, the refit pruned model's logits are closer to the dense model's than masking alone."""
     case = CASES[0]

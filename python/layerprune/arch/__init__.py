@@ -120,6 +120,25 @@ def check_supported(model_or_config: Any, where: str = "model") -> FamilyAdapter
     return adapter
 
 
+def window_prefix_token(model_or_config: Any) -> int | None:
+    """The token every evaluated window starts with, as context only: the BOS id for a family that needs it at the
+    start of every sequence (``FamilyAdapter.window_bos``: Gemma), else None (LLM-Pruner's plain windows)."""
+    adapter = find_adapter(model_or_config)
+    if adapter is None or not adapter.window_bos:
+        return None
+    bos = config_value(_config_of(model_or_config), "bos_token_id")
+    return None if bos is None else int(bos)
+
+
+def gguf_window_prefix_token(metadata: dict[str, Any]) -> int | None:
+    """:func:`window_prefix_token` of a GGUF file from its metadata (its architecture and BOS id)."""
+    arch = metadata.get("general.architecture")
+    if not any(a.gguf_architecture == arch and a.window_bos for a in adapters()):
+        return None
+    bos = metadata.get("tokenizer.ggml.bos_token_id")
+    return None if bos is None else int(bos)
+
+
 def is_pruned_config(config: Any) -> bool:
     """Whether a config (or ``config.json`` dict) was written by layerprune's saving."""
     return config_value(config, PRUNED_MARKER_KEY, None) is not None
@@ -227,10 +246,12 @@ __all__ = [
     "config_value",
     "decoder_layers",
     "find_adapter",
+    "gguf_window_prefix_token",
     "head_dim",
     "is_pruned_config",
     "layer_geometries",
     "layer_shapes",
     "per_token_costs",
     "supported_architectures",
+    "window_prefix_token",
 ]

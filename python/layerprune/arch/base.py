@@ -90,6 +90,7 @@ class FamilyAdapter:
     gguf_norm_offset: float = 0.0  # added to every norm weight (Gemma's norms scale by 1 + w; llama.cpp's by w)
     gguf_per_layer: bool = True  # deci can run it (per-layer widths); False: unequal widths are refused
     gguf_sliding_window: bool = False  # the family's own architecture implements its sliding window
+    window_bos: bool = False  # the model needs BOS at the start of every evaluated window (Gemma's attention sink)
 
     # ---- names -------------------------------------------------------------------------------------
 
@@ -270,6 +271,11 @@ class FamilyAdapter:
         return (("input_layernorm", "ATTN_NORM"), ("post_attention_layernorm", "FFN_NORM"))
 
     # ---- the decoder block, written out (layer importance) -------------------------------------------
+
+    def branch_output(self, layer: Any, projection: str, out: Any) -> Any:
+        """The branch's output (:meth:`attention_block`, :meth:`mlp_block`) from its output projection's
+        (``"o_proj"`` or ``"down_proj"``): the same for the Llama layout; Granite scales it, Gemma norms it."""
+        return out
 
     def attention_block(self, layer: Any, hidden: Any, kwargs: Mapping[str, Any]) -> Any:
         """``Attn(input_layernorm(x))`` without the residual, with the kwargs the model passed the layer."""

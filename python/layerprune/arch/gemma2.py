@@ -44,6 +44,10 @@ class Gemma2Adapter(FamilyAdapter):
     def mlp_block(self, layer: Any, hidden: Any) -> Any:
         return layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
 
+    def branch_output(self, layer: Any, projection: str, out: Any) -> Any:
+        norm = layer.post_attention_layernorm if projection == "o_proj" else layer.post_feedforward_layernorm
+        return norm(out)
+
     def logit_softcap(self, config: Any) -> float | None:
         cap = config_value(config, "final_logit_softcapping")
         return None if cap is None else float(cap)
@@ -71,9 +75,13 @@ class Gemma2Adapter(FamilyAdapter):
         # query_pre_attn_scalar^-½: the ratio goes into the Q rows
         layers, hidden, heads = (int(config_value(config, k)) for k in ("num_hidden_layers", "hidden_size",
                                                                           "num_attention_heads"))
-        theirs = hidden / heads if layers == 46 else head_dim(config)
+        theirs = hidden / heads if layers == self._llama_cpp_27b_layers() else head_dim(config)
         ours = float(config_value(config, "query_pre_attn_scalar", head_dim(config)))
         return {} if ours == theirs else {"query": math.sqrt(theirs / ours)}
+
+    def _llama_cpp_27b_layers(self) -> int:
+        """The layer count at which llama.cpp takes a model for the 27B and scales queries by 1/√(hidden/heads)."""
+        return 46
 
     def gguf_layer_norms(self) -> tuple[tuple[str, str], ...]:
         return (("input_layernorm", "ATTN_NORM"), ("post_attention_layernorm", "ATTN_POST_NORM"),
@@ -95,4 +103,5 @@ ADAPTER = Gemma2Adapter(
     gguf_norm_offset=1.0,
     gguf_per_layer=False,
     gguf_sliding_window=True,
+    window_bos=True,
 )

@@ -30,6 +30,9 @@ class GraniteAdapter(FamilyAdapter):
     def mlp_block(self, layer: Any, hidden: Any) -> Any:
         return super().mlp_block(layer, hidden) * layer.residual_multiplier
 
+    def branch_output(self, layer: Any, projection: str, out: Any) -> Any:
+        return out * layer.residual_multiplier
+
     def logits_divisor(self, config: Any) -> float:
         return self._scale(config, "logits_scaling")
 

@@ -3,8 +3,8 @@
 This file is copied next to the weights of every model layerprune saves, so that
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works without layerprune installed.
 It imports only torch and transformers, and names no model family: `Layerprune<P>Config` and
-`Layerprune<P>ForCausalLM` are made on first access from transformers' `<P>Config` and `<P>ForCausalLM`
-(for example P = Qwen2), with model_type "layerprune_" + the base model_type.
+`Layerprune<P>ForCausalLM` are made on first access from transformers' `<P>ForCausalLM` and its config class
+(for example P = Qwen2: Qwen2Config; P = Gemma3: Gemma3TextConfig), with the base model_type.
 
 config.json keeps the dense model's global widths and adds, per layer l:
   layer_num_attention_heads[l], layer_num_key_value_heads[l], layer_intermediate_sizes[l]
@@ -84,12 +84,12 @@ def resize_decoder_layers(model: Any, config: Any) -> None:
 
 
 def _make(family_prefix: str) -> tuple[type, type]:
-    base_config = getattr(transformers, f"{family_prefix}Config")
     base_model = getattr(transformers, f"{family_prefix}ForCausalLM")
+    base_config = base_model.config_class  # Gemma3ForCausalLM's is Gemma3TextConfig, not Gemma3Config
     config_class = type(f"{_PREFIX}{family_prefix}Config", (base_config,), {
         "model_type": base_config.model_type,
         "__module__": __name__,
-        "__doc__": f"{family_prefix}Config plus per-layer widths (the lists named in LAYER_WIDTH_KEYS).",
+        "__doc__": f"{base_config.__name__} plus per-layer widths (the lists named in LAYER_WIDTH_KEYS).",
     })
 
     def __init__(self: Any, config: Any) -> None:

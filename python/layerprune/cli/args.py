@@ -10,7 +10,7 @@ from pathlib import Path
 from layerprune.errors import InvalidInputError
 
 DTYPES = ("float32", "bfloat16", "float16")
-MODEL_HELP = "'smollm2-135m' (embedded), a local Hugging Face folder, or a hub id"
+MODEL_HELP = "'smollm2-135m' (embedded), 'gemma3-270m' (shipped), a local Hugging Face folder, or a hub id"
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
         device, args.dtype = "cpu", "gguf"
         params, info = gguf_summary(args.model)
-        llm = LlamaCppModel(args.model, n_ctx=args.seq_len, threads=args.threads)
+        llm = LlamaCppModel(args.model, n_ctx=args.seq_len + 1, threads=args.threads)  # + a window prefix
         tokens = torch.tensor(llm.tokenize("\n\n".join(rows)), dtype=torch.long)
         if args.max_tokens is not None:
             tokens = tokens[: args.max_tokens]

@@ -95,10 +95,16 @@ def _window_nll(logits: np.ndarray, window: np.ndarray) -> float:
     return float((log_norm - scores[np.arange(len(window) - 1), window[1:]]).sum())
 
 
-def gguf_perplexity(model: LlamaCppModel, tokens: Any, seq_len: int = 128, progress: bool = False) -> dict[str, Any]:
+def gguf_perplexity(model: LlamaCppModel, tokens: Any, seq_len: int = 128, progress: bool = False,
+                    prefix_token: int | None | str = "family") -> dict[str, Any]:
     """Perplexity of a llama.cpp model on ``tokens`` with non-overlapping windows (the protocol of
-    :func:`layerprune.evaluation.perplexity`); same keys in the result."""
+    :func:`layerprune.evaluation.perplexity`, its window prefix read from the file's architecture and BOS id);
+    same keys in the result."""
     from tqdm.auto import tqdm
+
+    from layerprune.arch import gguf_window_prefix_token
+
+    prefix = gguf_window_prefix_token(model.metadata()) if prefix_token == "family" else prefix_token
 
     stream = np.asarray(tokens, dtype=np.int64).reshape(-1)
     if seq_len < 2:
@@ -109,11 +115,14 @@ def gguf_perplexity(model: LlamaCppModel, tokens: Any, seq_len: int = 128, progr
     total = 0.0
     for w in tqdm(range(windows), desc="llama.cpp ppl", disable=not progress):
         window = stream[w * seq_len:(w + 1) * seq_len]
-        total += _window_nll(model.logits(window), window)
+        if prefix is None:
+            total += _window_nll(model.logits(window), window)
+        else:
+            total += _window_nll(model.logits([int(prefix), *window.tolist()])[1:], window)
     predicted = windows * (seq_len - 1)
     nll = total / predicted
     return {"ppl": math.exp(nll), "nll": nll, "tokens": windows * seq_len, "predicted_tokens": predicted,
-            "windows": windows, "seq_len": seq_len}
+            "windows": windows, "seq_len": seq_len, "window_prefix": prefix}
 
 
 def llama_cpp_available() -> bool:

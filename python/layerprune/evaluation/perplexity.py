@@ -7,6 +7,8 @@ each window is scored on its own, and
     PPL = exp( (1 / P) * sum_w sum_{t=1}^{seq_len-1} -log p(x_{w,t} | x_{w,<t}) ),
 
 with P = windows * (seq_len - 1) predicted tokens (the first token of a window is context only).
+A family that needs BOS at the start of every sequence (Gemma: ``FamilyAdapter.window_bos``) gets it before each
+window, as context only: the same P tokens are predicted, from one more token of context.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from layerprune.arch import window_prefix_token
 from layerprune.errors import DataError, InvalidInputError, NumericalError
+
+FAMILY = "family"  # prefix_token's default: the model family's choice (window_prefix_token)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -39,12 +44,14 @@ def perplexity(
     seq_len: int = 128,
     batch_size: int = 1,
     progress: bool = True,
+    prefix_token: int | None | str = FAMILY,
 ) -> dict[str, Any]:
     """Perplexity of `model` on `tokens` (1-D or [1, N]) with non-overlapping windows.
 
-    Returns ``{"ppl", "nll", "tokens", "predicted_tokens", "windows", "seq_len"}`` where `nll` is
+    Returns ``{"ppl", "nll", "tokens", "predicted_tokens", "windows", "seq_len", "window_prefix"}`` where `nll` is
     the mean next-token negative log-likelihood in nats and `tokens` counts the tokens used.
-    The loss is summed in float64 from float32 log-probabilities whatever the model dtype.
+    The loss is summed in float64 from float32 log-probabilities whatever the model dtype. ``prefix_token``: a
+    token put before every window as context (default: the family's, :func:`~layerprune.arch.window_prefix_token`).
     """
     from tqdm.auto import tqdm
 
@@ -58,6 +65,8 @@ def perplexity(
         raise DataError(f"{tokens.numel()} tokens do not fill one window of seq_len {seq_len}")
     used = windows * seq_len
     stream = tokens[:used].to(torch.long).view(windows, seq_len)
+    prefix = window_prefix_token(model) if prefix_token == FAMILY else prefix_token
+    skip = 0 if prefix is None else 1  # logits of the prefix position predict the window's first token: unscored
     device = _model_device(model)
     total_nll = 0.0
     was_training = model.training
@@ -67,8 +76,10 @@ def perplexity(
             bar = tqdm(total=windows, desc="perplexity", unit="window", disable=not progress, leave=False)
             for start in range(0, windows, batch_size):
                 batch = stream[start : start + batch_size].to(device)
-                logits = model(input_ids=batch, use_cache=False).logits
-                shift_logits = logits[:, :-1, :].float()
+                inputs = batch if prefix is None else torch.cat(
+                    [torch.full((batch.shape[0], 1), int(prefix), dtype=batch.dtype, device=device), batch], 1)
+                logits = model(input_ids=inputs, use_cache=False).logits
+                shift_logits = logits[:, skip:-1, :].float()
                 labels = batch[:, 1:]
                 nll = F.cross_entropy(
                     shift_logits.reshape(-1, shift_logits.shape[-1]), labels.reshape(-1), reduction="sum"
@@ -89,6 +100,7 @@ def perplexity(
         "predicted_tokens": predicted,
         "windows": windows,
         "seq_len": seq_len,
+        "window_prefix": prefix,
     }
 
 

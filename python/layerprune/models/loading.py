@@ -23,7 +23,7 @@ import torch
 from layerprune.arch import check_supported, find_adapter
 from layerprune.errors import ModelError
 from layerprune.models.checkpoint import check_checkpoint, check_finite
-from layerprune.models.embedded import EMBEDDED_MODEL, ensure_embedded_model
+from layerprune.models.embedded import EMBEDDED_MODEL, SHIPPED_MODELS, ensure_embedded_model, ensure_shipped_model
 from layerprune.models.pruned import is_pruned_folder, load_pruned, pruned_config, read_config_json
 
 
@@ -37,7 +37,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def resolve_model(name_or_path: str | os.PathLike[str]) -> Path | str:
-    """'smollm2-135m' -> converted cache folder; an existing path -> Path; anything else -> hub id.
+    """'smollm2-135m' or 'gemma3-270m' -> converted cache folder; an existing path -> Path; anything else -> hub id.
 
     Raises ModelError for a path that does not exist.
     """
@@ -46,6 +46,8 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path | str:
         raise ModelError("--model is empty: pass 'smollm2-135m', a local model folder, or a Hugging Face hub id")
     if name.lower() == EMBEDDED_MODEL:
         return ensure_embedded_model()
+    if name.lower() in SHIPPED_MODELS:
+        return ensure_shipped_model(SHIPPED_MODELS[name.lower()])
     path = Path(name).expanduser()
     if path.exists():
         if path.is_dir() and not (path / "config.json").is_file():

@@ -229,8 +229,8 @@ def refit_layer(
         else:
             _apply(target, stats, kept, mode, damping)
         layer_errors[f"{name}_refit"] = _output_error(dense_w, dense_b, target.weight, target.bias, stats)
-        if seen.complete:
-            return torch.cat([target(x_in) for x_in in seen.inputs])
+        if seen.complete:  # the branch's output from the refit projection's (a post-norm or scale after it)
+            return torch.cat([adapter.branch_output(layer, name, target(x_in)) for x_in in seen.inputs])
         return torch.cat(list(run_block()))  # the block again, the refit projection in it: the same inputs
 
     head_groups = [gqa.q_rows([j], ratio, head_dim) for j in range(geometry.num_kv_heads)]
