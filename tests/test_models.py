@@ -234,6 +234,8 @@ def test_chunked_gguf_is_joined_once_and_checked_against_its_sha256(monkeypatch,
     assert "shippedfake" not in sys.modules
     stamp = path.stat().st_mtime_ns
     assert embedded.shipped_gguf_path(spec) == path and path.stat().st_mtime_ns == stamp  # joined once
+    path.write_bytes(data[:-1])  # damaged in the cache: joined again
+    assert embedded.shipped_gguf_path(spec).read_bytes() == data
 
     monkeypatch.setenv("LAYERPRUNE_CACHE_DIR", str(tmp_path / "cache2"))
     (tmp_path / "good" / "shippedfake" / "data" / "SHA256SUMS").write_text(f"{'0' * 64}  m.gguf\n")

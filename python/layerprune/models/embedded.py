@@ -114,8 +114,8 @@ def shipped_gguf_path(spec: ShippedModel) -> Path:
         raise ModelError(f"the {spec.pip_name} package has no SHA-256 for {spec.gguf} (looked in {sums})")
     target = cache_dir() / "gguf" / spec.gguf
     verified = target.with_name(target.name + ".sha256")
-    if target.is_file() and verified.is_file() and verified.read_text().strip() == expected:
-        return target
+    if target.is_file() and verified.is_file() and verified.read_text().split() == [expected, str(target.stat().st_size)]:
+        return target  # verified when it was joined, and the same size since
     chunks = [_package_dir(p, spec) / "data" / f"{spec.gguf}.part{i:02d}" for i, p in enumerate(spec.chunk_packages)]
     missing = [str(c) for c in chunks if not c.is_file()]
     if missing:
@@ -131,7 +131,7 @@ def shipped_gguf_path(spec: ShippedModel) -> Path:
         if digest.hexdigest() != expected:
             raise ModelError(f"--model {spec.name}: the joined chunks' SHA-256 is {digest.hexdigest()}, "
                              f"{spec.pip_name} ships {expected}")
-    write_text_atomic(verified, expected + "\n")
+    write_text_atomic(verified, f"{expected} {target.stat().st_size}\n")
     return target
 
 
