@@ -180,6 +180,17 @@ def test_gemma2_homogeneous_carries_its_window_pattern_caps_and_norms_plus_one(t
     assert "output.weight" not in tensors  # tied: llama.cpp's gemma2 reads token_embd
 
 
+def test_gemma3_with_an_attention_soft_cap_is_refused(tmp_path):
+    """llama.cpp's gemma3 has no attention soft cap: such a model is refused, never written without it."""
+    folder, model, _ = pruned_folder(tmp_path, "gemma3-localglobal", homogeneous=True)
+    config = json.loads((folder / "config.json").read_text())
+    config["attn_logit_softcapping"] = 50.0
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="attn_logit_softcapping"):
+        export_gguf(folder, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_mistral_sliding_window_is_reported(tmp_path):
     _, model, _ = pruned_folder(tmp_path, "mistral-window", homogeneous=True)
     layout = plan_layout(model)

@@ -52,7 +52,6 @@ class Gemma2Adapter(FamilyAdapter):
         cap = config_value(config, "final_logit_softcapping")
         return None if cap is None else float(cap)
 
-
     # ---- GGUF (llama.cpp's gemma2) ----
 
     def gguf_metadata(self, config: Any) -> dict[str, Any]:

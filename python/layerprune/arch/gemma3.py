@@ -35,7 +35,8 @@ class Gemma3Adapter(Gemma2Adapter):
 
     def gguf_metadata(self, config: Any) -> dict[str, Any]:
         out = super().gguf_metadata(config)
-        out.pop("attn_logit_softcapping", None)  # llama.cpp's gemma3 has no attention soft cap
+        if out.pop("attn_logit_softcapping", None) is not None:
+            raise ModelError("model: its config sets attn_logit_softcapping, which llama.cpp's gemma3 does not apply")
         local = (config_value(config, "rope_parameters") or {}).get("sliding_attention") or {}
         if local.get("rope_theta") is not None:
             out["rope.freq_base_swa"] = float(local["rope_theta"])
