@@ -1,6 +1,6 @@
 """The soak's rounds, run as a script in a process of its own (the rest of a test session would change its heap):
 ``python soak_rounds.py DATA_DIR WORK_DIR ROUNDS WARM_UP`` prints one JSON line: the open descriptors after the
-warm-up and at the end, and the resident memory then and at the end (MiB)."""
+warm-up and at the end, and the resident memory then, after each later round and at the end (MiB)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,9 @@ def main(data_dir: str, work: str, rounds: int, warm_up: int) -> dict:
         del reloaded, tokenizer
         gc.collect()
         if round_ == warm_up - 1:
-            record.update(fds_start=open_fds(), rss_start=rss_mib())
+            record.update(fds_start=open_fds(), rss_start=rss_mib(), rss_rounds=[])
+        elif round_ >= warm_up:
+            record["rss_rounds"].append(rss_mib())
     record.update(fds_end=open_fds(), rss_end=rss_mib())
     return record
 
