@@ -27,6 +27,14 @@ from layerprune.errors import ModelError
 class Gemma2Adapter(FamilyAdapter):
     """Llama's adapter with Gemma 2's norms around each branch and its final soft cap (module docstring)."""
 
+    # llama.cpp's gemma2 / gemma3: NEOX rope, no biases read, norms + 1, no per-layer widths, its own sliding window
+    gguf_rope_adjacent_pairs: bool = False
+    gguf_biases: tuple[str, ...] = ()
+    gguf_norm_offset: float = 1.0
+    gguf_per_layer: bool = False
+    gguf_sliding_window: bool = True
+    window_bos: bool = True
+
     def layer_shape(self, config: Any, output_bias: bool = False) -> LayerShape:
         shape = super().layer_shape(config, output_bias)
         return dataclasses.replace(shape, norm_params=shape.norm_params + 2 * shape.hidden)
@@ -97,10 +105,4 @@ ADAPTER = Gemma2Adapter(
                                                  "sliding_window", "layer_types", "hidden_activation"),
     description="Gemma 2 (four norms a layer, soft caps, scaled embeddings)",
     gguf_architecture="gemma2",
-    gguf_rope_adjacent_pairs=False,
-    gguf_biases=(),
-    gguf_norm_offset=1.0,
-    gguf_per_layer=False,
-    gguf_sliding_window=True,
-    window_bos=True,
 )

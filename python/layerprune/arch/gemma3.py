@@ -58,10 +58,4 @@ ADAPTER = Gemma3Adapter(
     qk_norm=True,
     description="Gemma 3 text (four norms a layer, q/k norms, a rope per kind of layer, scaled embeddings)",
     gguf_architecture="gemma3",
-    gguf_rope_adjacent_pairs=False,
-    gguf_biases=(),
-    gguf_norm_offset=1.0,
-    gguf_per_layer=False,
-    gguf_sliding_window=True,
-    window_bos=True,
 )
