@@ -43,6 +43,12 @@ class FamilyCase:
 
 _COMMON = dict(vocab_size=VOCAB, num_hidden_layers=3, max_position_embeddings=256, rms_norm_eps=1e-5)
 
+# Phi-4-mini's RoPE as its config.json writes it: LongRoPE factors (rope_scaling) over a partial rotary dimension
+# (half of head_dim 8: 2 factors each); transformers keeps it as one normalised rope_parameters dict
+_PHI_ROPE = {"type": "longrope", "short_factor": [1.0, 1.5], "long_factor": [2.0, 3.0]}
+_PHI_ROPE_SAVED = {**_PHI_ROPE, "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                   "original_max_position_embeddings": 64}
+
 CASES = (
     FamilyCase("llama3-gqa", "LlamaConfig", "LlamaForCausalLM",
                dict(hidden_size=48, intermediate_size=80, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
@@ -86,6 +92,12 @@ CASES = (
                          "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
                          "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                                              "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+    FamilyCase("phi3-fused", "Phi3Config", "Phi3ForCausalLM",
+               dict(hidden_size=48, intermediate_size=64, num_attention_heads=6, num_key_value_heads=2,
+                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0, sliding_window=5,
+                    original_max_position_embeddings=64, partial_rotary_factor=0.5, rope_scaling=_PHI_ROPE),
+               settings={"sliding_window": 5, "original_max_position_embeddings": 64, "tie_word_embeddings": True,
+                         "partial_rotary_factor": 0.5, "rope_parameters": _PHI_ROPE_SAVED}),
     FamilyCase("granite-scales", "GraniteConfig", "GraniteForCausalLM",
                dict(hidden_size=48, intermediate_size=64, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
                     attention_bias=True, tie_word_embeddings=True, embedding_multiplier=3.0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from families import CASES, make_model, make_tokenizer
+from families import CASES, FamilyCase, make_model, make_tokenizer
 
 from layerprune.arch import layer_shapes
 from layerprune.export import save_pruned
@@ -12,7 +12,12 @@ from layerprune.models import load_pruned
 from layerprune.pruning import pruned_copy
 from layerprune.scoring.selection import LayerKeep
 
-CASE_BY_NAME = {c.name: c for c in CASES}
+# Phi-3-mini-4k's layout (MHA, whole-head RoPE, no scaling): the Phi-3 that llama.cpp's llama / deci graphs run
+# (CASES' phi3-fused has Phi-4-mini's LongRoPE and partial rotary, which the export refuses)
+PHI3_MINI = FamilyCase("phi3-mini", "Phi3Config", "Phi3ForCausalLM",
+                       dict(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=0))
+CASE_BY_NAME = {c.name: c for c in (*CASES, PHI3_MINI)}
 
 
 def heterogeneous_keep(model) -> list[LayerKeep]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from families import SAMPLE_TEXT, make_tokenizer
-from gguf_models import CASE_BY_NAME, pruned_folder
+from gguf_models import pruned_folder
 
 from layerprune.arch import adapter_for, layer_shapes
 from layerprune.errors import InvalidInputError, ModelError
@@ -423,3 +423,22 @@ def test_sentencepiece_tokenizer_is_written_as_llama_vocabulary(tmp_path, tiny_l
     first = "".join(merged[0]) if isinstance(merged[0], list) else merged[0].replace(" ", "")
     assert scores[tokenizer.convert_tokens_to_ids(first)] == 0.0 and min(scores) == -(len(merged) - 1)
     assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (1, 2)
+
+
+def test_a_name_llama_cpp_keys_a_vocabulary_rule_on_is_spaced_out_only_without_its_tokens():
+    """llama.cpp looks up </s>, <unk>, <s> and <|endoftext|> for a general.name holding phi3 / phi-3 (and fails
+    without them); layerprune's tiny vocabularies have none, a real Phi-3 one has all four."""
+    from layerprune.export.gguf import llama_cpp_safe_name
+
+    class Vocab:
+        def __init__(self, tokens):
+            self.tokens = {t: i for i, t in enumerate(tokens)}
+
+        def get_vocab(self):
+            return self.tokens
+
+    bare, phi3 = Vocab(["a", "b"]), Vocab(["</s>", "<unk>", "<s>", "<|endoftext|>"])
+    assert llama_cpp_safe_name("phi3-mini-pruned", bare) == "phi 3-mini-pruned"
+    assert llama_cpp_safe_name("Phi-3.5-mini", bare) == "Phi 3.5-mini"
+    assert llama_cpp_safe_name("phi3-mini-pruned", phi3) == "phi3-mini-pruned"
+    assert llama_cpp_safe_name("smol-25", bare) == "smol-25"

@@ -220,9 +220,9 @@ def _unsupported_model(family: str):
     return getattr(transformers, f"{family}ForCausalLM")(config).eval()
 
 
-@pytest.mark.parametrize("family", ["Phi3", "Gemma"])
+@pytest.mark.parametrize("family", ["Olmo2", "Gemma"])
 def test_unsupported_family_is_refused_by_every_entry_point(tmp_path, family):
-    """Phi-3 (fused qkv_proj) and Gemma (the Llama attribute names, other maths: a (1 + w) norm, scaled
+    """OLMo-2 (q/k norms over the whole projection) and Gemma (the Llama attribute names, other maths: a (1 + w) norm, scaled
     embeddings): one error line naming the supported architectures, before any work."""
     from layerprune.importance import layer_importance
     from layerprune.scoring.groups import element_group_scores
@@ -230,7 +230,7 @@ def test_unsupported_family_is_refused_by_every_entry_point(tmp_path, family):
     model = _unsupported_model(family)
     ids = token_ids(batch=2, length=8)
     message = (f"(?i){family}.*, which layerprune does not support; supported architectures: "
-               "Gemma2ForCausalLM, Gemma3ForCausalLM, GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM$")
+               "Gemma2ForCausalLM, Gemma3ForCausalLM, GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM$")
     calls = {
         "prune": lambda: prune(model, None, plain_config(ratio=0.2), calib_ids=ids, progress=False),
         "layer_importance": lambda: layer_importance(model, ids, "removal", progress=False),
@@ -274,7 +274,8 @@ def test_cli_prune_eval_compare_every_family(tmp_path, wikitext_dir, capsys):
         assert evaluated["params"]["total"] == report["params_after"]["total"]
         assert evaluated["ppl"] > 1.0
         gguf_status = main(["export", "--model", str(out), "--out", str(tmp_path / case.name / "m.gguf")])
-        refused = case.name in ("qwen3-qknorm", "gemma2-caps", "gemma3-localglobal")  # deci lacks their norms
+        # deci lacks their norms; llama.cpp's llama / deci graphs apply no LongRoPE
+        refused = case.name in ("qwen3-qknorm", "gemma2-caps", "gemma3-localglobal", "phi3-fused")
         assert gguf_status == (2 if refused else 0), case.name
         assert (tmp_path / case.name / "m.gguf").exists() != refused
         if case.name in ("qwen2-bias", "qwen3-qknorm", "gemma2-caps", "granite-scales"):
@@ -286,3 +287,40 @@ def test_cli_prune_eval_compare_every_family(tmp_path, wikitext_dir, capsys):
             runs = json.loads((cmp_out / "report.json").read_text())["runs"]
             assert {r["method"] for r in runs} == set(methods.split(","))
     capsys.readouterr()
+
+
+def test_fused_projections_split_in_place_keep_the_forward_and_read_as_byte_ranges(tmp_path):
+    """Phi-3's qkv_proj / gate_up_proj become q/k/v and gate/up Linears holding exactly their rows; the logits do not
+    change; a copy calls its own parts; a dense checkpoint's fused tensors read, layer by layer, as the same rows."""
+    import copy
+
+    from layerprune.models.checkpoint import SafetensorsCheckpoint
+
+    (case,) = [c for c in CASES if "fused" in c.name]
+    model = make_model(case)
+    ids = token_ids()
+    before = logits(model, ids)
+    fused = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "dense")
+    adapter_for(model).decoder_layers(model)
+    torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=1e-6)
+    config, state = model.config, model.state_dict()
+    q, kv = config.num_attention_heads * 8, config.num_key_value_heads * 8
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        qkv, gate_up = fused[f"{p}.self_attn.qkv_proj.weight"], fused[f"{p}.mlp.gate_up_proj.weight"]
+        assert f"{p}.self_attn.qkv_proj.weight" not in state and f"{p}.mlp.gate_up_proj.weight" not in state
+        for name, rows in (("self_attn.q_proj", qkv[:q]), ("self_attn.k_proj", qkv[q:q + kv]),
+                           ("self_attn.v_proj", qkv[q + kv:]), ("mlp.gate_proj", gate_up[:config.intermediate_size]),
+                           ("mlp.up_proj", gate_up[config.intermediate_size:])):
+            assert torch.equal(state[f"{p}.{name}.weight"], rows), (p, name)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.model.layers[0].self_attn.k_proj.weight.zero_()
+    torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=1e-6)  # the copy's parts are its own
+    assert not torch.allclose(logits(twin, ids), before)
+    with SafetensorsCheckpoint(tmp_path / "dense") as checkpoint:
+        checkpoint.check_config(config)
+        for name, tensor in state.items():
+            if name != "lm_head.weight":
+                assert torch.equal(checkpoint.read(name), tensor), name

@@ -96,6 +96,8 @@ def _compare(model, gguf_path, tokens: torch.Tensor, llama_cpp, atol: float) -> 
     ("gemma3-localglobal", True, "gemma3"),  # q/k norms (+1), a rope base per kind of layer  # four norms (+1), soft caps, the sliding-window pattern, query scale folded
     ("granite-scales", True, "granite"),  # the four scales as granite.* keys
     ("granite-scales", False, "deci"),  # per-layer widths: the scales folded into the weights, the head untied
+    ("phi3-mini", True, "llama"),  # split qkv_proj / gate_up_proj, written as Llama's separate tensors
+    ("phi3-mini", False, "deci"),
 ])
 def test_tiny_pruned_model_runs_in_llama_cpp_like_transformers(tmp_path, llama_cpp, test_rows, case_name,
                                                               homogeneous, architecture):

@@ -11,8 +11,9 @@ import torch
 from families import CASE_IDS, CASES, logits, make_model, make_tokenizer, token_ids, plain_config
 from gguf_models import heterogeneous_keep, homogeneous_keep
 
-from layerprune.arch import layer_shapes
+from layerprune.arch import adapter_for, layer_shapes
 from layerprune.export import MODELING_FILE, save_pruned
+from layerprune.export.save import plain_config_obstacle
 from layerprune.models import load_model, load_pruned
 from layerprune.pruning import prune, pruned_copy
 from layerprune.scoring.selection import LayerKeep
@@ -30,6 +31,14 @@ def test_homogeneous_model_gets_the_family_config(tmp_path, case):
     dense = make_model(case)
     pruned = pruned_copy(dense, homogeneous_keep(dense))
     folder = save_pruned(pruned, make_tokenizer(), tmp_path / "plain")
+    obstacle = adapter_for(dense).plain_save_obstacle
+    if obstacle is not None:  # Phi-3: saved split, with per-layer widths, and the reason said
+        saved = json.loads((folder / "config.json").read_text())
+        assert saved["architectures"] == [adapter_for(dense).pruned_architecture]
+        assert plain_config_obstacle(pruned) == obstacle
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
+        torch.testing.assert_close(logits(reloaded, token_ids()), logits(pruned, token_ids()), rtol=0, atol=1e-6)
+        return
 
     saved = json.loads((folder / "config.json").read_text())
     original = json.loads(dense.config.to_json_string(use_diff=False))  # as a dense save writes it

@@ -22,6 +22,7 @@ from torch import nn
 
 import layerprune.torch_pruning as tp
 from layerprune.allocation import from_pruning_ratio_dict, to_pruning_ratio_dict
+from layerprune.arch import adapter_for
 from layerprune.allocation.ratio_dict import ATTENTION, MLP, Structure
 from layerprune.arch import layer_shapes
 from layerprune.errors import InvalidInputError, ModelError
@@ -66,6 +67,8 @@ def projection_items(group):
 
 
 def torch_pruning_graph(model, ids):
+    """Torch-Pruning's graph of ``model`` as layerprune holds it (fused projections split first)."""
+    adapter_for(model).decoder_layers(model)
     return real_tp.DependencyGraph().build_dependency(
         model, example_inputs=ids, forward_fn=lambda m, x: m(input_ids=x, use_cache=False),
         output_transform=lambda out: out.logits, verbose=False)
@@ -91,7 +94,10 @@ def importances():
 # ---- groups ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+UNFUSED_CASES = [c for c in CASES if "fused" not in c.name]
+
+
+@pytest.mark.parametrize("case", UNFUSED_CASES, ids=[c.name for c in UNFUSED_CASES])
 def test_mlp_groups_are_torch_pruning_groups(case):
     model = make_model(case)
     ids = token_ids()
@@ -106,6 +112,25 @@ def test_mlp_groups_are_torch_pruning_groups(case):
         assert len(ours) == 3
         for imp in importances():
             same_scores(imp(ours), imp(theirs), f"{case.name} layer {index} {type(imp).__name__}")
+
+
+def test_torch_pruning_maps_a_fused_mlp_channel_to_rows_past_the_projection():
+    """Phi-3's gate_up_proj, split, is concatenated then chunked in its forward. Torch-Pruning's graph carries channel
+    c through that concatenation as rows c and c + width of both gate_proj and up_proj (rows that do not exist);
+    layerprune's group is gate row c, up row c and down_proj column c, the one that equals the masked dense model
+    (``test_families.test_pruned_logits_equal_masked_dense[phi3-fused]``)."""
+    (case,) = [c for c in CASES if "fused" in c.name]
+    model = make_model(case)
+    graph = torch_pruning_graph(model, token_ids())
+    layer = model.model.layers[0]
+    width = layer.mlp.gate_proj.out_features
+    theirs = {dep.target.module: idxs for dep, idxs in
+              graph.get_pruning_group(layer.mlp.gate_proj, real_tp.prune_linear_out_channels, idxs=[1])}
+    assert sorted(theirs[layer.mlp.gate_proj]) == sorted(theirs[layer.mlp.up_proj]) == [1, width + 1]
+    assert list(theirs[layer.mlp.down_proj]) == [1]
+    items = projection_items(GroupBuilder(model).group(Structure(0, MLP)))
+    assert [m for m, *_ in items] == [id(layer.mlp.gate_proj), id(layer.mlp.up_proj), id(layer.mlp.down_proj)]
+    assert all(idxs == list(range(width)) for _, _, idxs, _ in items)
 
 
 def test_attention_groups_are_torch_pruning_groups_without_gqa():

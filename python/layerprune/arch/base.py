@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from layerprune.arch.budget import LayerShape, lm_head_flops
-from layerprune.arch.modeling_layerprune import OUTPUT_BIAS_KEY  # o_proj / down_proj carry a bias
+from layerprune.arch.modeling_layerprune import OUTPUT_BIAS_KEY, split_fused_projections  # OUTPUT_BIAS_KEY: o_proj / down_proj carry a bias
 from layerprune.errors import ModelError
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -91,6 +91,7 @@ class FamilyAdapter:
     gguf_per_layer: bool = True  # deci can run it (per-layer widths); False: unequal widths are refused
     gguf_sliding_window: bool = False  # the family's own architecture implements its sliding window
     window_bos: bool = False  # the model needs BOS at the start of every evaluated window (Gemma's attention sink)
+    plain_save_obstacle: str | None = None  # why even equal widths are saved with per-layer widths (None: they are not)
 
     # ---- names -------------------------------------------------------------------------------------
 
@@ -163,9 +164,13 @@ class FamilyAdapter:
         return inner
 
     def decoder_layers(self, model: Any) -> list[Any]:
-        """The decoder layers, each checked for the modules the pipeline uses."""
+        """The decoder layers, each checked for the modules the pipeline uses. A fused projection (Phi-3's
+        ``qkv_proj`` and ``gate_up_proj``) is first split in place into the separate ones the pipeline prunes
+        (:func:`~layerprune.arch.modeling_layerprune.split_fused_projections`; the forward is unchanged)."""
         layers = list(self.inner_model(model).layers)
         for i, layer in enumerate(layers):
+            if hasattr(layer, "self_attn") and hasattr(layer, "mlp"):
+                split_fused_projections(layer, model.config)
             self._check_layer(layer, i)
         return layers
 

@@ -14,12 +14,18 @@ Each layer is built dense by the family's transformers code, then its q/k/v/o an
 are replaced by Linear layers of that layer's widths (biases where the dense layer had them). head_dim, the
 hidden size and every other module (norms, per-head q/k norms, rotary embedding, sliding window) are those
 of the dense model; a layer's GQA ratio is its query heads // its KV heads.
+
+A family that fuses projections (Phi-3: qkv_proj = [q | k | v] rows, gate_up_proj = [gate | up] rows) keeps its
+own attention and MLP code: each fused Linear is split into the separate ones (saved under their names), and
+the family's code, which calls the fused projection, gets their outputs concatenated (ConcatenatedProjections);
+an attention whose code reads its head counts from the config sees this layer's (LayerHeadsConfig).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import transformers
 from torch import nn
 
@@ -28,6 +34,87 @@ LAYER_WIDTH_KEYS = ("layer_num_attention_heads", "layer_num_key_value_heads", "l
 OUTPUT_BIAS_KEY = "layerprune_output_bias"
 _PREFIX = "Layerprune"
 _MADE: dict[str, type] = {}
+
+
+# A fused projection's name -> the separate projections it stacks, in row order.
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+class ConcatenatedProjections:
+    """Stands where a family's code calls a fused projection: ``cat([P₁(x), P₂(x), ...], -1)`` of its owner's
+    separate Linear layers (``names``), so their rows can be removed one projection at a time."""
+
+    def __init__(self, owner: nn.Module, names: tuple[str, ...]) -> None:
+        self.owner, self.names = owner, tuple(names)
+
+    def __call__(self, hidden: Any) -> Any:
+        return torch.cat([getattr(self.owner, n)(hidden) for n in self.names], dim=-1)
+
+
+class LayerHeadsConfig:
+    """The model's config as one attention module sees it after its q/k/v were split: ``num_attention_heads``
+    and ``num_key_value_heads`` are this module's (from its weights, so they follow pruning), every other field
+    is read from the model's config (an attention implementation set later is seen)."""
+
+    def __init__(self, config: Any, attention: nn.Module) -> None:
+        self.__dict__.update(_config=config, _attention=attention)
+
+    def _heads(self, projection: str) -> int:
+        attention = self.__dict__["_attention"]
+        return getattr(attention, projection).out_features // attention.head_dim
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self._heads("q_proj")
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self._heads("k_proj")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "_config" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["_config"], name)
+
+
+def fused_rows(fused: str, config: Any, rows: int) -> tuple[int, ...]:
+    """Rows of each separate projection inside the dense model's fused projection ``fused`` of ``rows`` rows:
+    q, k, v rows from the config's heads and head_dim; gate and up halves."""
+    if fused == "gate_up_proj":
+        return (rows // 2, rows - rows // 2)
+    field = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)  # config.json or config
+    heads = field("num_attention_heads")
+    head_dim = field("head_dim") or field("hidden_size") // heads
+    kv_heads = field("num_key_value_heads") or heads
+    return (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+
+
+def split_fused_projections(layer: Any, config: Any) -> None:
+    """Split each fused projection of a decoder layer's attention and MLP (:data:`FUSED_PROJECTIONS`) into its
+    separate Linear layers, in place, with the fused weight's rows (and bias); nothing to do when none is fused."""
+    for block in (layer.self_attn, layer.mlp):
+        for fused, names in FUSED_PROJECTIONS.items():
+            linear = block._modules.get(fused)
+            if not isinstance(linear, nn.Linear):
+                continue
+            sizes = fused_rows(fused, config, linear.out_features)
+            if sum(sizes) != linear.out_features:
+                raise ValueError(f"{fused}: {linear.out_features} rows, the config gives {sum(sizes)}")
+            del block._modules[fused]
+            start = 0
+            for name, size in zip(names, sizes):
+                part = nn.Linear(linear.in_features, size, bias=linear.bias is not None, device="meta",
+                                 dtype=linear.weight.dtype)
+                part.weight = nn.Parameter(linear.weight.detach()[start:start + size].clone(),
+                                           requires_grad=linear.weight.requires_grad)
+                if linear.bias is not None:
+                    part.bias = nn.Parameter(linear.bias.detach()[start:start + size].clone(),
+                                             requires_grad=linear.bias.requires_grad)
+                setattr(block, name, part)
+                start += size
+            setattr(block, fused, ConcatenatedProjections(block, names))
+            if fused == "qkv_proj" and hasattr(block, "config"):
+                block.config = LayerHeadsConfig(block.config, block)
 
 
 def layer_widths(config: Any) -> list[tuple[int, int, int]]:
@@ -65,6 +152,7 @@ def resize_decoder_layers(model: Any, config: Any) -> None:
     hidden = config.hidden_size
     output_bias = bool(getattr(config, OUTPUT_BIAS_KEY, False))  # bias compensation on o_proj and down_proj
     for layer, (q_heads, kv_heads, intermediate) in zip(model.layers, layer_widths(config)):
+        split_fused_projections(layer, config)
         attn, mlp = layer.self_attn, layer.mlp
         attn.q_proj = _linear_like(attn.q_proj, hidden, q_heads * head_dim)
         attn.k_proj = _linear_like(attn.k_proj, hidden, kv_heads * head_dim)
@@ -126,4 +214,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["LAYER_WIDTH_KEYS", "OUTPUT_BIAS_KEY", "layer_widths", "pruned_classes", "resize_decoder_layers"]
+__all__ = ["FUSED_PROJECTIONS", "LAYER_WIDTH_KEYS", "OUTPUT_BIAS_KEY", "ConcatenatedProjections", "LayerHeadsConfig",
+           "fused_rows", "layer_widths", "pruned_classes", "resize_decoder_layers", "split_fused_projections"]

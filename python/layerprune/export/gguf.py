@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,6 +263,23 @@ def _arch_enum(name: str) -> Any:
     raise ModelError(f"the installed gguf package does not know llama.cpp's `{name}` architecture")
 
 
+# llama.cpp's vocabulary loader (llama-vocab.cpp) sets token attributes by general.name: for a name holding one of
+# these words it looks the tokens up and stops ("unordered_map::at") on a vocabulary without one of them.
+NAME_KEYED_TOKENS = {("phi-3", "phi3"): ("</s>", "<unk>", "<s>", "<|endoftext|>")}
+
+
+def llama_cpp_safe_name(name: str, tokenizer: Any) -> str:
+    """``name``, with a word llama.cpp keys a vocabulary rule on (:data:`NAME_KEYED_TOKENS`) spaced out (``phi3`` →
+    ``phi 3``) when the vocabulary lacks a token that rule looks up, so that llama.cpp can load the file."""
+    vocab = tokenizer.get_vocab()
+    for words, tokens in NAME_KEYED_TOKENS.items():
+        if any(w in name.lower() for w in words) and not all(t in vocab for t in tokens):
+            for word in words:
+                name = re.sub(re.escape(word), lambda m: m.group(0)[:3] + " " + m.group(0)[3:].lstrip("-"), name,
+                              flags=re.IGNORECASE)
+    return name
+
+
 def build_writer(model: Any, tokenizer: Any, outtype: str = "f16", name: str | None = None) -> tuple[Any, GGUFExport]:
     """A ``gguf.GGUFWriter`` holding the whole file (metadata and tensors), not yet written, and its summary."""
     import gguf
@@ -280,7 +298,7 @@ def build_writer(model: Any, tokenizer: Any, outtype: str = "f16", name: str | N
     writer = gguf.GGUFWriter(None, arch)
     writer.add_type(gguf.GGUFType.MODEL)
     if name:
-        writer.add_name(name)
+        writer.add_name(llama_cpp_safe_name(name, tokenizer))
     writer.add_file_type(_file_type(outtype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab_size = int(adapter.embeddings(model).weight.shape[0])

@@ -99,6 +99,9 @@ def plain_config_obstacle(model: Any) -> str | None:
     """Why the family's own config cannot describe ``model`` (None when it can), in words: the layers' widths
     differ, o_proj / down_proj carry a compensation bias the family's config cannot declare, or the hidden size
     is not a multiple of the kept query heads (transformers' family configs refuse it)."""
+    obstacle = adapter_for(model).plain_save_obstacle
+    if obstacle is not None:
+        return obstacle
     widths = {(s["num_q_heads"], s["num_kv_heads"], s["intermediate"]) for s in layer_shapes(model)}
     if len(widths) != 1:
         return WIDTHS_DIFFER

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from layerprune.arch import check_supported, is_pruned_config
+from layerprune.arch.modeling_layerprune import FUSED_PROJECTIONS, fused_rows
 from layerprune.errors import InternalError, ModelError, NumericalError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -201,11 +202,34 @@ class SafetensorsCheckpoint:
                     found.add(int(index))
         return sorted(found)
 
+    def split_fused(self, config: Any) -> None:
+        """Name each fused projection's row ranges as the separate tensors layerprune's model holds (Phi-3's
+        ``qkv_proj`` as ``q_proj`` / ``k_proj`` / ``v_proj``, ``gate_up_proj`` as ``gate_proj`` / ``up_proj``:
+        :func:`~layerprune.arch.modeling_layerprune.split_fused_projections`), in place of the fused name; each
+        is one contiguous byte range of the file. Row counts come from the dense ``config``; idempotent."""
+        for name in [n for n in self.entries if n.rsplit(".", 2)[-2:-1] and n.rsplit(".", 2)[-2] in FUSED_PROJECTIONS]:
+            prefix, fused, kind = name.rsplit(".", 2)
+            entry = self.entries[name]
+            if not entry.shape:
+                raise ModelError(f"checkpoint: tensor {name} is a scalar, not a fused projection")
+            sizes = fused_rows(fused, config, entry.shape[0])
+            if sum(sizes) != entry.shape[0]:
+                raise ModelError(f"checkpoint: tensor {name} has {entry.shape[0]} rows; config.json gives {sum(sizes)}")
+            row_bytes = entry.nbytes // entry.shape[0]
+            start = 0
+            for part, size in zip(FUSED_PROJECTIONS[fused], sizes):
+                begin = entry.begin + start * row_bytes
+                self.entries[f"{prefix}.{part}.{kind}"] = TensorEntry(entry.path, entry.dtype, (size, *entry.shape[1:]),
+                                                                       begin, begin + size * row_bytes)
+                start += size
+            del self.entries[name]
+
     def check_layers(self, config: Any) -> None:
         """``config`` (a transformers config or the ``config.json`` dict, read before transformers builds anything
         from it) has sane sizes (:func:`layerprune.arch.check_geometry`) and the layer count the tensor names hold,
         so an absurd ``num_hidden_layers`` is refused before a config object or a skeleton is built."""
         adapter = check_supported(config, "model")
+        self.split_fused(config)
         layers, found = adapter.num_layers(config), self.layer_indices(adapter)
         if len(found) != layers or (found and found[-1] != layers - 1):  # sorted, unique: then 0..layers-1
             held = f"layers 0..{found[-1]}" + (f" with {found[-1] + 1 - len(found)} missing" if
@@ -322,6 +346,7 @@ def skeleton(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
+    adapter.decoder_layers(model)  # fused projections split, as the checkpoint names them (split_fused)
     return model.eval()
 
 

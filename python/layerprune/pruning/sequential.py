@@ -163,6 +163,7 @@ class _Engine:
     def __init__(self, checkpoint: SafetensorsCheckpoint, model_config: Any, config: PruneConfig, sink: TensorSink,
                  dtype: torch.dtype, options: SequentialOptions, progress: bool) -> None:
         self.ckpt, self.config, self.sink, self.dtype, self.progress = checkpoint, config, sink, dtype, progress
+        checkpoint.split_fused(model_config)
         self.device = torch.device(options.device)
         self.model = empty_model(model_config, dtype)
         self.adapter = adapter_for(self.model)

@@ -216,11 +216,11 @@ class StructuredPruner:
                 tp.prune_linear_out_channels(attn.q_proj, q_rows)
                 tp.prune_linear_in_channels(attn.o_proj, q_rows)
             removed_channels = _removed(entry.mlp_channels, shape["intermediate"])
-            if removed_channels:
-                group = self.graph.get_pruning_group(mlp.gate_proj, tp.prune_linear_out_channels, idxs=removed_channels)
-                if not self.graph.check_pruning_group(group):
-                    raise InternalError(f"model.layers[{i}].mlp: Torch-Pruning refused the pruning group")
-                group.prune()
+            if removed_channels:  # the group _check_coupling found: gate/up rows, down_proj columns (the index map
+                # through a fused gate_up_proj's concatenation and chunk is not Torch-Pruning's to follow)
+                tp.prune_linear_out_channels(mlp.gate_proj, removed_channels)
+                tp.prune_linear_out_channels(mlp.up_proj, removed_channels)
+                tp.prune_linear_in_channels(mlp.down_proj, removed_channels)
             self.adapter.set_widths(layer, LayerGeometry(len(entry.kv_heads) * ratio, len(entry.kv_heads), head_dim,
                                                          len(entry.mlp_channels)))
         for name, p in self.model.named_parameters():
