@@ -17,7 +17,11 @@ from layerprune.scoring.selection import LayerKeep
 PHI3_MINI = FamilyCase("phi3-mini", "Phi3Config", "Phi3ForCausalLM",
                        dict(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
                             bos_token_id=1, eos_token_id=2, pad_token_id=0))
-CASE_BY_NAME = {c.name: c for c in (*CASES, PHI3_MINI)}
+# OLMo-2 as published (no attention bias, which llama.cpp's olmo2 loader does not read)
+OLMO2 = FamilyCase("olmo2", "Olmo2Config", "Olmo2ForCausalLM",
+                   dict(hidden_size=48, intermediate_size=64, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0))
+CASE_BY_NAME = {c.name: c for c in (*CASES, PHI3_MINI, OLMO2)}
 
 
 def heterogeneous_keep(model) -> list[LayerKeep]:
@@ -44,13 +48,22 @@ def homogeneous_keep(model) -> list[LayerKeep]:
     return keep
 
 
-def pruned_folder(tmp: Path, case_name: str, homogeneous: bool = False, seed: int = 0) -> tuple[Path, object, object]:
+def mlp_only_keep(model) -> list[LayerKeep]:
+    """Every KV group, half the MLP channels (different ones per layer): the same widths in every layer."""
+    return [LayerKeep(kv_heads=tuple(range(s["num_kv_heads"])),
+                      mlp_channels=tuple(range(i % 2, s["intermediate"] - (s["intermediate"] % 2), 2)))
+            for i, s in enumerate(layer_shapes(model))]
+
+
+def pruned_folder(tmp: Path, case_name: str, homogeneous: bool | str = False, seed: int = 0) -> tuple[Path, object, object]:
     """(folder, pruned model, tokenizer) of a pruned tiny model of ``case_name`` saved with save_pruned; the
-    tokenizer is the folder's, as it reloads (a family's tokenizer class may change its pre-tokenizer)."""
+    tokenizer is the folder's, as it reloads (a family's tokenizer class may change its pre-tokenizer).
+    ``homogeneous``: False (:func:`heterogeneous_keep`), True (:func:`homogeneous_keep`) or "mlp" (:func:`mlp_only_keep`)."""
     dense = make_model(CASE_BY_NAME[case_name], seed=seed)
-    keep = (homogeneous_keep if homogeneous else heterogeneous_keep)(dense)
+    keep = {False: heterogeneous_keep, True: homogeneous_keep, "mlp": mlp_only_keep}[homogeneous](dense)
     pruned = pruned_copy(dense, keep)
-    folder = save_pruned(pruned, make_tokenizer(), tmp / f"{case_name}-{'homo' if homogeneous else 'hetero'}")
+    label = {False: "hetero", True: "homo", "mlp": "mlp"}[homogeneous]
+    folder = save_pruned(pruned, make_tokenizer(), tmp / f"{case_name}-{label}")
     return folder, pruned, load_pruned(folder)[1]
 
 

@@ -234,7 +234,8 @@ def tiny_specs(draw):
     r = draw(st.sampled_from([1, 3, 4]))
     inter = draw(st.integers(1, 6))
     step = draw(st.integers(1, 3))
-    shape = LayerShape(hidden=draw(st.integers(1, 3)), num_q_heads=hkv * r, num_kv_heads=hkv, head_dim=draw(st.integers(1, 2)), intermediate=inter, norm_params=2)
+    shape = LayerShape(hidden=draw(st.integers(1, 3)), num_q_heads=hkv * r, num_kv_heads=hkv, head_dim=draw(st.integers(1, 2)), intermediate=inter, norm_params=2,
+                       group_norm=draw(st.booleans()))
     use_curves = draw(st.booleans())
     kw = {}
     if use_curves:

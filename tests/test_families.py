@@ -220,9 +220,9 @@ def _unsupported_model(family: str):
     return getattr(transformers, f"{family}ForCausalLM")(config).eval()
 
 
-@pytest.mark.parametrize("family", ["Olmo2", "Gemma"])
+@pytest.mark.parametrize("family", ["Olmo", "Gemma"])
 def test_unsupported_family_is_refused_by_every_entry_point(tmp_path, family):
-    """OLMo-2 (q/k norms over the whole projection) and Gemma (the Llama attribute names, other maths: a (1 + w) norm, scaled
+    """OLMo 1 (norms without weights) and Gemma (the Llama attribute names, other maths: a (1 + w) norm, scaled
     embeddings): one error line naming the supported architectures, before any work."""
     from layerprune.importance import layer_importance
     from layerprune.scoring.groups import element_group_scores
@@ -230,7 +230,7 @@ def test_unsupported_family_is_refused_by_every_entry_point(tmp_path, family):
     model = _unsupported_model(family)
     ids = token_ids(batch=2, length=8)
     message = (f"(?i){family}.*, which layerprune does not support; supported architectures: "
-               "Gemma2ForCausalLM, Gemma3ForCausalLM, GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM$")
+               "Gemma2ForCausalLM, Gemma3ForCausalLM, GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Olmo2ForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM$")
     calls = {
         "prune": lambda: prune(model, None, plain_config(ratio=0.2), calib_ids=ids, progress=False),
         "layer_importance": lambda: layer_importance(model, ids, "removal", progress=False),
@@ -275,7 +275,7 @@ def test_cli_prune_eval_compare_every_family(tmp_path, wikitext_dir, capsys):
         assert evaluated["ppl"] > 1.0
         gguf_status = main(["export", "--model", str(out), "--out", str(tmp_path / case.name / "m.gguf")])
         # deci lacks their norms; llama.cpp's llama / deci graphs apply no LongRoPE
-        refused = case.name in ("qwen3-qknorm", "gemma2-caps", "gemma3-localglobal", "phi3-fused")
+        refused = case.name in ("qwen3-qknorm", "gemma2-caps", "gemma3-localglobal", "phi3-fused", "olmo2-postnorm")
         assert gguf_status == (2 if refused else 0), case.name
         assert (tmp_path / case.name / "m.gguf").exists() != refused
         if case.name in ("qwen2-bias", "qwen3-qknorm", "gemma2-caps", "granite-scales"):

@@ -15,7 +15,6 @@ the check that the files run, and a skip would hide that.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -98,6 +97,7 @@ def _compare(model, gguf_path, tokens: torch.Tensor, llama_cpp, atol: float) -> 
     ("granite-scales", False, "deci"),  # per-layer widths: the scales folded into the weights, the head untied
     ("phi3-mini", True, "llama"),  # split qkv_proj / gate_up_proj, written as Llama's separate tensors
     ("phi3-mini", False, "deci"),
+    ("olmo2", "mlp", "olmo2"),  # whole-projection q/k norms, post-branch norms; its loader needs every head
 ])
 def test_tiny_pruned_model_runs_in_llama_cpp_like_transformers(tmp_path, llama_cpp, test_rows, case_name,
                                                               homogeneous, architecture):

@@ -200,7 +200,7 @@ def _layer_shape(adapter: Any, config: Any, geometry: Any) -> LayerShape:
     dense = adapter.layer_shape(config)
     return LayerShape(dense.hidden, geometry.num_q_heads, geometry.num_kv_heads, geometry.head_dim,
                       geometry.intermediate, qkv_bias=dense.qkv_bias, o_bias=dense.o_bias, mlp_bias=dense.mlp_bias, qk_norm=dense.qk_norm,
-                      norm_params=dense.norm_params)
+                      norm_params=dense.norm_params, group_norm=dense.group_norm)
 
 
 def from_pruning_ratio_dict(

@@ -3,7 +3,7 @@
 A layer keeps ``g`` KV groups (one KV head and its ``r = Hq/Hkv`` query heads: q, k, v rows and
 o_proj columns together) and ``f`` MLP channels (gate/up rows, down column). Parameters kept::
 
-    attn(g) = d*hd*(2*r*g + 2*g) + qkv_bias*hd*(r*g + 2*g) + o_bias*d + qk_norm*2*hd
+    attn(g) = d*hd*(2*r*g + 2*g) + qkv_bias*hd*(r*g + 2*g) + o_bias*d + qk_norm*2*hd + group_norm*hd*(r*g + g)
     mlp(f)  = 3*d*f + mlp_bias*(2*f + d)
     layer   = attn(g) + mlp(f) + norm_params ;  total = extra_params + sum(layer)
 

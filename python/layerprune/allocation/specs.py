@@ -85,6 +85,7 @@ def spec_from_json(data: Mapping[str, Any]) -> AllocationSpec:
                     mlp_bias=bool(obj.get("mlp_bias", False)),
                     qk_norm=bool(obj.get("qk_norm", False)),
                     norm_params=int(obj.get("norm_params", 0)),
+                    group_norm=bool(obj.get("group_norm", False)),
                 )
             )
         except (TypeError, ValueError) as exc:

@@ -226,6 +226,10 @@ def check_consistency(model: Any) -> None:
             norm = getattr(attn, name, None)
             if norm is None or norm.weight.shape != (hd,):
                 raise InternalError(f"{where}: self_attn.{name} must be a [{hd}] per-head norm")
+        for name, projection in adapter.sliced_attention_norms().items():
+            norm, rows = getattr(attn, name, None), getattr(attn, projection).out_features
+            if norm is None or norm.weight.shape != (rows,):
+                raise InternalError(f"{where}: self_attn.{name} must be a [{rows}] norm over {projection}'s rows")
 
 
 __all__ = [

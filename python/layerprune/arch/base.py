@@ -62,7 +62,8 @@ class FamilyAdapter:
     saved as ``Layerprune<prefix>ForCausalLM`` with model_type ``layerprune_<model_type>``.
     ``kept_settings``: config keys a saved pruned model must carry unchanged (checked by the tests).
     ``qkv_bias`` / ``o_bias``: None reads ``attention_bias`` from the config; a bool is fixed by the
-    family. ``qk_norm``: per-head ``q_norm``/``k_norm`` of shape ``[head_dim]`` in every attention.
+    family. ``qk_norm``: per-head ``q_norm``/``k_norm`` of shape ``[head_dim]`` in every attention;
+    ``qk_norm_whole``: ``q_norm``/``k_norm`` over the whole q and k projections, whose rows go with their heads.
 
     llama.cpp (GGUF export): ``gguf_architecture`` is the family's own llama.cpp architecture;
     ``gguf_rope_adjacent_pairs`` says whether that architecture's RoPE rotates adjacent pairs of a head
@@ -82,6 +83,7 @@ class FamilyAdapter:
     qkv_bias: bool | None = None
     o_bias: bool | None = None
     qk_norm: bool = False
+    qk_norm_whole: bool = False  # q_norm / k_norm over the whole projections (OLMo-2): sliced with their heads
     description: str = ""
     gguf_architecture: str = "llama"
     gguf_rope_adjacent_pairs: bool = True
@@ -138,7 +140,8 @@ class FamilyAdapter:
         output_bias = output_bias or bool(config_value(config, OUTPUT_BIAS_KEY, False))
         down_bias_only = output_bias and not mlp  # a down_proj bias alone: a constant d parameters
         return LayerShape(hidden, heads, kv, hd, inter, qkv_bias=qkv, o_bias=o or output_bias, mlp_bias=mlp,
-                          qk_norm=self.qk_norm, norm_params=2 * hidden + (hidden if down_bias_only else 0))
+                          qk_norm=self.qk_norm, norm_params=2 * hidden + (hidden if down_bias_only else 0),
+                          group_norm=self.qk_norm_whole)
 
     def num_layers(self, config: Any) -> int:
         return int(config_value(config, "num_hidden_layers"))
@@ -217,6 +220,11 @@ class FamilyAdapter:
     def unpruned_attention_parameters(self) -> tuple[str, ...]:
         """Attention submodules that own parameters but are never sliced (shared across heads)."""
         return ("q_norm", "k_norm") if self.qk_norm else ()
+
+    def sliced_attention_norms(self) -> dict[str, str]:
+        """Attention norms sliced with their heads' rows: ``{"q_norm": "q_proj", "k_norm": "k_proj"}`` (OLMo-2's,
+        over the whole projections), each by the rows of the projection it normalises; none for Llama."""
+        return {"q_norm": "q_proj", "k_norm": "k_proj"} if self.qk_norm_whole else {}
 
     def geometry(self, model: Any, layer: Any) -> LayerGeometry:
         """Widths of one layer from its weights; ``head_dim`` from the config."""

@@ -2,12 +2,13 @@
 
 A layer keeping ``g`` KV groups (``r = Hq/Hkv`` query heads each) and ``f`` MLP channels holds::
 
-    attn(g) = d*hd*(2*r*g + 2*g) + qkv_bias*hd*(r*g + 2*g) + o_bias*d + qk_norm*2*hd
+    attn(g) = d*hd*(2*r*g + 2*g) + qkv_bias*hd*(r*g + 2*g) + o_bias*d + qk_norm*2*hd + group_norm*hd*(r*g + g)
     mlp(f)  = 3*d*f + mlp_bias*(2*f + d)
     layer   = attn(g) + mlp(f) + norm_params
 
 ``d`` is the hidden size and ``hd`` the head size. The o_proj and down_proj biases (``d`` each) and the
-per-head q/k norms (Qwen3: ``hd`` each, shared by all heads) are never pruned but are counted. This is
+per-head q/k norms (Qwen3: ``hd`` each, shared by all heads) are never pruned but are counted; q/k norms over the
+whole projections (OLMo-2: ``group_norm``) lose their heads' weights with them. This is
 the formula the Rust solvers use (``rust/src/alloc/mod.rs``); the shape rows handed to them are
 :meth:`LayerShape.row`.
 
@@ -41,6 +42,7 @@ class LayerShape:
     mlp_bias: bool = False
     qk_norm: bool = False
     norm_params: int = 0
+    group_norm: bool = False
 
     def params(self, kv_groups: int | None = None, mlp: int | None = None) -> int:
         """Parameters of the layer keeping ``kv_groups`` KV groups and ``mlp`` channels (default: all)."""
@@ -51,6 +53,7 @@ class LayerShape:
         attn = d * hd * (2 * r * g + 2 * g)
         attn += (hd * (r * g + 2 * g) if self.qkv_bias else 0) + (d if self.o_bias else 0)
         attn += 2 * hd if self.qk_norm else 0
+        attn += hd * (r * g + g) if self.group_norm else 0
         mlp_p = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
         return attn + mlp_p + self.norm_params
 
@@ -74,7 +77,7 @@ class LayerShape:
 
 SHAPE_COLUMNS = (
     "hidden", "num_q_heads", "num_kv_heads", "head_dim", "intermediate",
-    "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "norm_params",
+    "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "norm_params", "group_norm",
 )  # fmt: skip
 
 

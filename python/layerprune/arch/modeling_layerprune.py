@@ -13,7 +13,8 @@ down_proj then carry a bias).
 Each layer is built dense by the family's transformers code, then its q/k/v/o and gate/up/down projections
 are replaced by Linear layers of that layer's widths (biases where the dense layer had them). head_dim, the
 hidden size and every other module (norms, per-head q/k norms, rotary embedding, sliding window) are those
-of the dense model; a layer's GQA ratio is its query heads // its KV heads.
+of the dense model, except q/k norms over the whole projections (OLMo-2), which get that layer's width; a layer's
+GQA ratio is its query heads // its KV heads.
 
 A family that fuses projections (Phi-3: qkv_proj = [q | k | v] rows, gate_up_proj = [gate | up] rows) keeps its
 own attention and MLP code: each fused Linear is split into the separate ones (saved under their names), and
@@ -158,6 +159,12 @@ def resize_decoder_layers(model: Any, config: Any) -> None:
         attn.k_proj = _linear_like(attn.k_proj, hidden, kv_heads * head_dim)
         attn.v_proj = _linear_like(attn.v_proj, hidden, kv_heads * head_dim)
         attn.o_proj = _linear_like(attn.o_proj, q_heads * head_dim, hidden, bias=output_bias)
+        dense_kv = config.num_key_value_heads or config.num_attention_heads
+        for norm_name, dense_heads, heads in (("q_norm", config.num_attention_heads, q_heads), ("k_norm", dense_kv, kv_heads)):
+            weight = getattr(getattr(attn, norm_name, None), "weight", None)  # a norm over the whole projection (OLMo-2)
+            if weight is not None and dense_heads > 1 and weight.shape == (dense_heads * head_dim,) and heads != dense_heads:
+                getattr(attn, norm_name).weight = nn.Parameter(torch.ones(heads * head_dim, dtype=weight.dtype,
+                                                                          device=weight.device))
         attn.num_key_value_groups = q_heads // kv_heads
         # Older transformers reshape with these per-module attributes; newer ones infer heads from the weights.
         if hasattr(attn, "num_heads"):

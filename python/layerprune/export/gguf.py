@@ -228,7 +228,7 @@ def gguf_tensors(model: Any, layout: GGUFLayout) -> Iterator[tuple[str, np.ndarr
                 if layout.permute_qk and name in heads:
                     array = adjacent_pair_rows(array, heads[name])
                 yield _tensor_name(kind, suffix, bid), array, kind
-        for norm in adapter.unpruned_attention_parameters():
+        for norm in (*adapter.unpruned_attention_parameters(), *adapter.sliced_attention_norms()):
             yield (_tensor_name(head_norm_kinds[norm], bid=bid), _numpy(getattr(layer.self_attn, norm).weight) + offset,
                    head_norm_kinds[norm])
 

@@ -38,6 +38,7 @@ from layerprune.refit import DEFAULT_DAMPING, REFIT_MODES, InputGram, compensati
 from layerprune.refit.obs import DEFAULT_BATCH_FRACTION, structured_obs
 from layerprune.scoring.selection import LayerKeep
 from layerprune.faults import fault_point
+from layerprune.pruning.surgery import hold_kept_heads_norms
 
 SELECTIONS = ("given", "obs")
 ERROR_ROW_BLOCK = 256  # output rows of D at a time in the refit errors' tr(D H Dᵀ)  # the kept columns as given, or chosen by structured OBS
@@ -181,7 +182,9 @@ def refit_layer(
     keep (``entry``, or the OBS choice of its counts with ``select="obs"``). ``kept_inputs_bytes``: how much of a
     projection's inputs is kept for its refit output (None: all); past it the block runs a second time.
     The bias compensation (``mode="bias"``, given columns) collects the Gram of the removed columns only.
-    ``grams_out`` (a dict) receives the two projections' input Grams.
+    ``grams_out`` (a dict) receives the two projections' input Grams. q/k norms over whole projections (OLMo-2) are
+    held at the kept heads (:func:`~layerprune.pruning.surgery.hold_kept_heads_norms`) before o_proj's inputs are
+    collected, or, when OBS chooses the heads, after its choice (OBS then chose on the dense norms' outputs).
     """
     adapter = adapter_for(model)
     n = x.shape[0]
@@ -229,12 +232,17 @@ def refit_layer(
         else:
             _apply(target, stats, kept, mode, damping)
         layer_errors[f"{name}_refit"] = _output_error(dense_w, dense_b, target.weight, target.bias, stats)
+        if name == "o_proj" and select == "obs" and hold_kept_heads_norms(adapter, layer.self_attn, kept_units, ratio,
+                                                                          head_dim):
+            return torch.cat(list(run_block()))  # OLMo-2: the chosen heads' norms changed the block's output
         if seen.complete:  # the branch's output from the refit projection's (a post-norm or scale after it)
             return torch.cat([adapter.branch_output(layer, name, target(x_in)) for x_in in seen.inputs])
         return torch.cat(list(run_block()))  # the block again, the refit projection in it: the same inputs
 
     head_groups = [gqa.q_rows([j], ratio, head_dim) for j in range(geometry.num_kv_heads)]
     channel_groups = [[c] for c in range(geometry.intermediate)]
+    if select == "given":  # OLMo-2: the kept heads' q/k norms, before o_proj's inputs are collected
+        hold_kept_heads_norms(adapter, layer.self_attn, entry.kv_heads, ratio, head_dim)
     with torch.no_grad():
         mid = x + run(lambda h, kw: adapter.attention_block(layer, h, kw), x, layer.self_attn.o_proj, "o_proj",
                       head_groups, entry.kv_heads, None)

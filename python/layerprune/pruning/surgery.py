@@ -7,7 +7,8 @@ What is removed, per decoder layer (GQA ratio r = num_heads // num_kv_heads, hea
 * MLP channel c: gate_proj row c, up_proj row c, down_proj column c.
 
 The residual width (hidden size), the RMSNorm weights and per-head q/k norms (Qwen3) are never touched, so
-layers are independent. Biases go with their rows (Qwen2's q/k/v biases); an o_proj bias is never sliced.
+layers are independent. Biases go with their rows (Qwen2's q/k/v biases); an o_proj bias is never sliced. q/k norms
+over the whole projections (OLMo-2) lose their removed heads' weights, and then normalise over the kept heads.
 
 The tensor surgery is done by Torch-Pruning (Fang et al., "DepGraph", CVPR 2023). The MLP uses the dependency
 group rooted at gate_proj (out channels), which couples gate/up rows with down_proj columns. For attention the
@@ -29,7 +30,8 @@ from layerprune.arch import LayerGeometry, adapter_for, check_consistency, gqa, 
 from layerprune.errors import InternalError, InvalidInputError, ModelError
 from layerprune.scoring.selection import LayerKeep
 
-__all__ = ["StructuredPruner", "masked_dense_forward", "prune_decoder_layer", "pruned_copy"]
+__all__ = ["KeptHeadsNorm", "StructuredPruner", "hold_kept_heads_norms", "masked_dense_forward", "prune_decoder_layer",
+           "pruned_copy"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,6 +62,57 @@ def _removed(kept: Sequence[int], size: int) -> list[int]:
     return [j for j in range(size) if j not in kept_set]
 
 
+class KeptHeadsNorm(nn.Module):
+    """A q/k norm over the whole projection (OLMo-2) as it will be once the removed heads are cut, at the dense width:
+    ``y[kept] = w[kept] · x[kept] / √(mean(x[kept]²) + ε)``, ``y`` zero elsewhere. The refit puts it in place so that
+    the layer it refits computes the pruned layer; the surgery takes the dense norm back out and slices it."""
+
+    def __init__(self, norm: nn.Module, kept_rows: Sequence[int]) -> None:
+        super().__init__()
+        self.norm = norm
+        self.register_buffer("kept", torch.as_tensor(list(kept_rows), dtype=torch.long), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.norm.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = self.kept.to(x.device)
+        inside = x.index_select(-1, kept).float()
+        inside = inside * torch.rsqrt(inside.pow(2).mean(-1, keepdim=True) + self.norm.variance_epsilon)
+        out = torch.zeros_like(x)
+        out[..., kept] = (self.norm.weight.index_select(0, kept) * inside.to(x.dtype)).to(x.dtype)
+        return out
+
+
+def hold_kept_heads_norms(adapter: Any, attn: nn.Module, kv_heads: Sequence[int], ratio: int, head_dim: int) -> bool:
+    """Put :class:`KeptHeadsNorm` in place of each norm over a whole projection (OLMo-2's q_norm, k_norm) for the kept
+    KV groups ``kv_heads``; False (nothing done) for a family without such norms."""
+    rows = {"q_proj": gqa.q_rows(kv_heads, ratio, head_dim), "k_proj": gqa.kv_rows(kv_heads, head_dim)}
+    for norm_name, projection in adapter.sliced_attention_norms().items():
+        norm = getattr(attn, norm_name)
+        dense = norm.norm if isinstance(norm, KeptHeadsNorm) else norm
+        whole = len(rows[projection]) == dense.weight.shape[0]  # every head kept: the norm as it is
+        setattr(attn, norm_name, dense if whole else KeptHeadsNorm(dense, rows[projection]))
+    return bool(adapter.sliced_attention_norms())
+
+
+def _slice_attention_norms(adapter: Any, attn: nn.Module, q_rows: list[int], kv_rows: list[int]) -> None:
+    """Remove the removed heads' weights from the norms over the whole q and k projections (OLMo-2), in place (a
+    :class:`KeptHeadsNorm` the refit left is replaced by its dense norm, sliced to the same rows)."""
+    rows = {"q_proj": q_rows, "k_proj": kv_rows}
+    for norm_name, projection in adapter.sliced_attention_norms().items():
+        norm = getattr(attn, norm_name)
+        drop = set(rows[projection])
+        kept = [i for i in range(norm.weight.shape[0]) if i not in drop]
+        if isinstance(norm, KeptHeadsNorm):
+            if norm.kept.tolist() != kept:
+                raise InternalError(f"self_attn.{norm_name}: refit for rows {norm.kept.tolist()}, cut to {kept}")
+            norm = norm.norm
+            setattr(attn, norm_name, norm)
+        norm.weight = nn.Parameter(norm.weight.detach()[kept].clone(), requires_grad=norm.weight.requires_grad)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reference: the dense model with removed structures masked
 
@@ -69,7 +122,9 @@ def masked_dense_forward(model: nn.Module, input_ids: torch.Tensor, keep: Sequen
 
     Forward pre-hooks multiply the o_proj input by a 0/1 mask over query-head columns (heads r*j..r*j+r-1 of
     every removed KV group j) and the down_proj input by a 0/1 mask over MLP channels. Removing those structures
-    is exactly this masking, so a correctly pruned model's logits must equal these. The model is not modified.
+    is exactly this masking, so a correctly pruned model's logits must equal these. A q/k norm over the whole
+    projection (OLMo-2) is recomputed, in float32, as an RMSNorm over the kept heads' rows (what the pruned norm
+    computes). The model is not modified.
     """
     shapes = layer_shapes(model)
     _validate_keep(keep, shapes)
@@ -83,15 +138,31 @@ def masked_dense_forward(model: nn.Module, input_ids: torch.Tensor, keep: Sequen
 
         return hook
 
+    def kept_rms_hook(kept: list[int]):
+        def hook(norm: nn.Module, args: tuple[Any, ...], _out: torch.Tensor) -> torch.Tensor:
+            x = args[0].float()
+            inside = x[..., kept]
+            out = torch.zeros_like(x)
+            out[..., kept] = inside * torch.rsqrt(inside.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+            return (norm.weight.float() * out).to(args[0].dtype)
+
+        return hook
+
+    adapter = adapter_for(model)
     try:
         for layer, entry, shape in zip(layers, keep, shapes):
             ratio = shape["num_q_heads"] // shape["num_kv_heads"]
             head_mask = torch.zeros(shape["num_q_heads"] * shape["head_dim"])
-            head_mask[gqa.q_rows(entry.kv_heads, ratio, shape["head_dim"])] = 1.0
+            q_kept = gqa.q_rows(entry.kv_heads, ratio, shape["head_dim"])
+            head_mask[q_kept] = 1.0
             channel_mask = torch.zeros(shape["intermediate"])
             channel_mask[list(entry.mlp_channels)] = 1.0
             handles.append(layer.self_attn.o_proj.register_forward_pre_hook(make_hook(head_mask)))
             handles.append(layer.mlp.down_proj.register_forward_pre_hook(make_hook(channel_mask)))
+            kept_rows = {"q_proj": list(q_kept), "k_proj": list(gqa.kv_rows(entry.kv_heads, shape["head_dim"]))}
+            for norm_name, projection in adapter.sliced_attention_norms().items():  # RMS over the kept heads only
+                norm = getattr(layer.self_attn, norm_name)
+                handles.append(norm.register_forward_hook(kept_rms_hook(kept_rows[projection])))
         with torch.no_grad():
             out = model(input_ids=input_ids, use_cache=False)
         return out.logits if hasattr(out, "logits") else out[0]
@@ -182,7 +253,8 @@ class StructuredPruner:
         """
         for i, layer in enumerate(self._layers):
             attn, mlp = layer.self_attn, layer.mlp
-            attn_expected = {"q_proj", "k_proj", "v_proj", "o_proj", *self.adapter.unpruned_attention_parameters()}
+            attn_expected = {"q_proj", "k_proj", "v_proj", "o_proj", *self.adapter.unpruned_attention_parameters(),
+                             *self.adapter.sliced_attention_norms()}
             for block, expected in ((attn, attn_expected),
                                     (mlp, {"gate_proj", "up_proj", "down_proj"})):
                 owners = {name.split(".")[0] for name, _ in block.named_parameters()}
@@ -215,6 +287,7 @@ class StructuredPruner:
                 tp.prune_linear_out_channels(attn.v_proj, kv_rows)
                 tp.prune_linear_out_channels(attn.q_proj, q_rows)
                 tp.prune_linear_in_channels(attn.o_proj, q_rows)
+            _slice_attention_norms(self.adapter, attn, q_rows if removed_kv else [], kv_rows if removed_kv else [])
             removed_channels = _removed(entry.mlp_channels, shape["intermediate"])
             if removed_channels:  # the group _check_coupling found: gate/up rows, down_proj columns (the index map
                 # through a fused gate_up_proj's concatenation and chunk is not Torch-Pruning's to follow)
@@ -270,6 +343,7 @@ def prune_decoder_layer(adapter: Any, layer: nn.Module, geometry: LayerGeometry,
         tp.prune_linear_out_channels(attn.v_proj, kv_rows)
         tp.prune_linear_out_channels(attn.q_proj, q_rows)
         tp.prune_linear_in_channels(attn.o_proj, q_rows)
+    _slice_attention_norms(adapter, attn, q_rows if removed_kv else [], kv_rows if removed_kv else [])
     removed_channels = _removed(entry.mlp_channels, geometry.intermediate)
     if removed_channels:
         tp.prune_linear_out_channels(mlp.gate_proj, removed_channels)

@@ -18,6 +18,9 @@ pub struct LayerShape {
     /// The layer has q_norm and k_norm weights of `head_dim` each (shared across heads:
     /// `2 * head_dim` params, never pruned).
     pub qk_norm: bool,
+    /// q_norm and k_norm span the whole projections (OLMo-2: `num_q_heads * head_dim` and
+    /// `num_kv_heads * head_dim` weights), so a KV group takes `(r + 1) * head_dim` of them with it.
+    pub group_norm: bool,
     pub mlp_bias: bool,
     /// Norm parameters of the layer (never pruned), e.g. `2 * hidden` for two RMSNorms.
     pub norm_params: u64,
@@ -27,12 +30,17 @@ impl LayerShape {
     pub fn group_ratio(&self) -> u64 {
         self.num_q_heads / self.num_kv_heads
     }
-    /// Parameters removed per pruned KV group (q, k, v rows, o_proj columns, q/k/v biases).
+    /// Parameters removed per pruned KV group (q, k, v rows, o_proj columns, q/k/v biases, and the
+    /// group's slice of whole-projection q/k norms).
     pub fn group_cost(&self) -> u64 {
         let r = self.group_ratio();
         let w = self.hidden * self.head_dim * (2 * r + 2);
         w + if self.qkv_bias {
             self.head_dim * (r + 2)
+        } else {
+            0
+        } + if self.group_norm {
+            self.head_dim * (r + 1)
         } else {
             0
         }

@@ -224,6 +224,7 @@ fn case_strategy(max_layers: usize, max_i: u64) -> impl Strategy<Value = Case> {
                         qkv_bias: false,
                         o_bias: false,
                         qk_norm: false,
+                        group_norm: false,
                         mlp_bias: false,
                         norm_params: 2 * d
                     };
@@ -355,7 +356,7 @@ proptest! {
         seed in prop::collection::vec(0.01f64..10.0, 64),
     ) {
         let i = 4 * nsteps;
-        let shapes = vec![LayerShape { hidden: d, num_q_heads: h, num_kv_heads: h, head_dim: 3, intermediate: i, qkv_bias: false, o_bias: false, qk_norm: false, mlp_bias: false, norm_params: 0 }; nl];
+        let shapes = vec![LayerShape { hidden: d, num_q_heads: h, num_kv_heads: h, head_dim: 3, intermediate: i, qkv_bias: false, o_bias: false, qk_norm: false, group_norm: false, mlp_bias: false, norm_params: 0 }; nl];
         let attn: Vec<Vec<f64>> = (0..nl).map(|l| curve(&seed[l * 4 % 60..l * 4 % 60 + h as usize], true)).collect();
         let mlp: Vec<Vec<f64>> = (0..nl).map(|l| curve(&seed[(l * 5 + 3) % 50..(l * 5 + 3) % 50 + nsteps as usize], true)).collect();
         let mut spec = Spec::bare(ratio, shapes);
@@ -438,6 +439,7 @@ fn smollm2(ratio: f64) -> (Vec<LayerShape>, u64) {
         qkv_bias: false,
         o_bias: false,
         qk_norm: false,
+        group_norm: false,
         mlp_bias: false,
         norm_params: 2 * 576,
     };
@@ -616,6 +618,7 @@ fn profile_dp_8b() {
         qkv_bias: false,
         o_bias: false,
         qk_norm: false,
+        group_norm: false,
         mlp_bias: false,
         norm_params: 8192,
     };
@@ -684,6 +687,11 @@ fn layer_tensors(s: &LayerShape, g: u64, f: u64) -> Vec<(&'static str, Vec<u64>)
         t.push(("q_norm.weight", vec![hd]));
         t.push(("k_norm.weight", vec![hd]));
     }
+    if s.group_norm {
+        // OLMo-2: RMSNorms over the whole q and k projections, sliced with their heads
+        t.push(("q_norm.weight", vec![q_heads * hd]));
+        t.push(("k_norm.weight", vec![g * hd]));
+    }
     if s.mlp_bias {
         t.push(("gate_proj.bias", vec![f]));
         t.push(("up_proj.bias", vec![f]));
@@ -749,6 +757,7 @@ fn shape_with(base: [u64; 6], flags: u32) -> LayerShape {
         o_bias: flags & 2 != 0,
         mlp_bias: flags & 4 != 0,
         qk_norm: flags & 8 != 0,
+        group_norm: flags & 16 != 0,
         norm_params: base[5],
     }
 }
@@ -756,7 +765,7 @@ fn shape_with(base: [u64; 6], flags: u32) -> LayerShape {
 #[test]
 fn layer_params_match_element_count_for_all_flag_combinations() {
     for base in FAMILY_SHAPES {
-        for flags in 0..16u32 {
+        for flags in 0..32u32 {
             let s = shape_with(base, flags);
             let (h, i) = (s.num_kv_heads, s.intermediate);
             let gs: Vec<u64> = [0, 1, h / 2, h.saturating_sub(1), h]
@@ -802,6 +811,7 @@ fn qwen_family_totals() {
         qkv_bias: true,
         o_bias: false,
         qk_norm: false,
+        group_norm: false,
         mlp_bias: false,
         norm_params: 2 * 896,
     };
@@ -822,6 +832,7 @@ fn qwen_family_totals() {
         qkv_bias: false,
         o_bias: false,
         qk_norm: true,
+        group_norm: false,
         mlp_bias: false,
         norm_params: 2 * 1024,
     };
@@ -836,11 +847,12 @@ fn qwen_family_totals() {
 }
 
 #[test]
-fn solvers_land_in_window_with_qkv_bias_and_qk_norm() {
+fn solvers_land_in_window_with_qkv_bias_and_qk_norms() {
     let qwen2 = shape_with([896, 14, 2, 64, 4864, 2 * 896], 1); // qkv_bias only
     let qwen3 = shape_with([1024, 16, 8, 128, 3072, 2 * 1024], 8); // qk_norm only
     let llama_ab = shape_with([576, 9, 3, 64, 1536, 2 * 576], 3); // attention_bias: all four
-    let all = shape_with([64, 6, 2, 16, 96, 128], 15);
+    let olmo2 = shape_with([2048, 16, 16, 128, 8192, 2 * 2048], 16); // whole-projection q/k norms
+    let all = shape_with([64, 6, 2, 16, 96, 128], 31);
     for (name, layers, extra) in [
         ("qwen2", vec![qwen2; 24], 151936 * 896 + 896),
         ("qwen3", vec![qwen3; 28], 151936 * 1024 + 1024),
@@ -849,7 +861,8 @@ fn solvers_land_in_window_with_qkv_bias_and_qk_norm() {
             vec![llama_ab; 30],
             49152 * 576 + 576,
         ),
-        ("all_flags_mixed", vec![all, qwen2, qwen3, llama_ab], 1000),
+        ("olmo2", vec![olmo2; 16], 100352 * 2048 * 2 + 2048),
+        ("all_flags_mixed", vec![all, qwen2, qwen3, llama_ab, olmo2], 1000),
     ] {
         let n = layers.len();
         let imp: Vec<f64> = (0..n).map(|l| 1.0 + ((l * 7919) % 13) as f64).collect();
@@ -912,6 +925,7 @@ fn twenty_five_params() -> Spec<'static> {
         qkv_bias: false,
         o_bias: false,
         qk_norm: false,
+        group_norm: false,
         mlp_bias: false,
         norm_params: 0,
     };
@@ -1157,7 +1171,7 @@ proptest! {
 #[test]
 fn kv_and_flops_formulas_match_the_tensors() {
     for base in FAMILY_SHAPES {
-        for flags in 0..16u32 {
+        for flags in 0..32u32 {
             let s = shape_with(base, flags);
             let mut spec = Spec::bare(0.1, vec![s]);
             spec.flops_seq_len = 37;
@@ -1444,6 +1458,7 @@ fn homogeneous_unreachable_window_names_the_nearest_ratios() {
         qkv_bias: false,
         o_bias: false,
         qk_norm: false,
+        group_norm: false,
         mlp_bias: false,
         norm_params: 2,
     };

@@ -8,7 +8,7 @@ use pyo3::types::PyDict;
 use super::errors::{enter, raise, raise_error, Kind};
 use crate::alloc::{allocate as solve, Allocation, Curve, DpMethod, LayerShape, Solver, Spec};
 
-const SHAPE_COLUMNS: [&str; 10] = [
+const SHAPE_COLUMNS: [&str; 11] = [
     "hidden",
     "num_q_heads",
     "num_kv_heads",
@@ -19,6 +19,7 @@ const SHAPE_COLUMNS: [&str; 10] = [
     "mlp_bias",
     "qk_norm",
     "norm_params",
+    "group_norm",
 ];
 
 fn slice<'a>(py: Python<'_>, name: &str, a: &'a PyReadonlyArray1<'_, f64>) -> PyResult<&'a [f64]> {
@@ -69,10 +70,11 @@ fn objective<'a>(n: usize, c: &Option<Vec<&'a [f64]>>, imp: Option<&'a [f64]>) -
         .collect()
 }
 
-/// Solve an allocation problem. `shapes` is an (L, 10) int64 array with columns hidden,
+/// Solve an allocation problem. `shapes` is an (L, 11) int64 array with columns hidden,
 /// num_q_heads, num_kv_heads, head_dim, intermediate, qkv_bias, o_bias, mlp_bias, qk_norm,
-/// norm_params (flags are 0/1: qkv_bias = q/k/v projections have biases, o_bias = o_proj has a
-/// bias, qk_norm = q_norm and k_norm weights of head_dim each, counted but never pruned).
+/// norm_params, group_norm (flags are 0/1: qkv_bias = q/k/v projections have biases, o_bias =
+/// o_proj has a bias, qk_norm = q_norm and k_norm weights of head_dim each, counted but never
+/// pruned, group_norm = q_norm and k_norm over the whole projections, pruned with their heads).
 /// `ratio` (parameters), `kv_cache_ratio` and `flops_ratio` are the budgets; any may be None
 /// but not all.
 #[pyfunction]
@@ -154,6 +156,7 @@ fn allocate<'py>(
             mlp_bias: row[7] != 0,
             qk_norm: row[8] != 0,
             norm_params: row[9] as u64,
+            group_norm: row[10] != 0,
         });
     }
     let nonneg = |name: &str, v: i64| -> PyResult<u64> {
