@@ -90,6 +90,10 @@ def test_dp_equals_the_highs_optimum(spec):
 @settings(max_examples=10, deadline=None)
 @given(instances())
 def test_dp_equals_the_cpsat_optimum(spec):
+    _dp_equals_the_cpsat_optimum(spec)
+
+
+def _dp_equals_the_cpsat_optimum(spec):
     pytest.importorskip("ortools")
     dp = _feasible_solution_expected(spec)
     ref = solve_cpsat(spec, time_limit=60)
@@ -100,3 +104,13 @@ def test_dp_equals_the_cpsat_optimum(spec):
     # CP-SAT optimises losses scaled to integers: equal to within the scaling's rounding
     assert dp.objective <= ref.objective + 1e-9
     assert ref.objective - dp.objective <= 1e-6 * (1 + abs(dp.objective))
+
+
+def test_dp_equals_the_cpsat_optimum_where_no_option_costs_more():
+    """Hypothesis's find (make test-latest, 2026-12-07): with one KV group a layer kept (min_kv_groups=1) and one MLP
+    step, the options' losses spanned 0, the objective scale was 1e9 / 1e-300 = inf, and inf · 0 = NaN."""
+    spec = AllocationSpec(ratio=0.5, layers=[LayerShape(2, 1, 1, 1, 4, norm_params=2)] * 2, extra_params=0,
+                          attn_curves=[np.array([0.63696169, 0.0]), np.array([0.26978671, 0.0])],
+                          mlp_curves=[np.array([0.04097352, 0.0]), np.array([0.01652764, 0.0])], mlp_step=4,
+                          flops_seq_len=1)
+    _dp_equals_the_cpsat_optimum(spec)

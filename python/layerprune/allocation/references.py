@@ -162,7 +162,7 @@ def solve_cpsat(spec: AllocationSpec, time_limit: float = 60.0, threads: int = 1
     start = time.perf_counter()
     result = ReferenceResult("cpsat", 0.0, "infeasible", None, None, False)
     span = sum(max(o.loss for o in it.options) - min(o.loss for o in it.options) for it in ks.items)
-    scale = CPSAT_OBJECTIVE_SCALE / max(span, 1e-300)
+    scale = CPSAT_OBJECTIVE_SCALE / span if span > 0 else 0.0  # every option of every item costs the same: all 0
     for label, window in windows(ks):
         rows = _rows(ks, window)
         m = cp_model.CpModel()
