@@ -60,8 +60,9 @@ demo: setup
 rust-test:
 	cargo test --release --quiet
 
+# --durations: the 25 slowest tests at the end of the run (CI must stay under 30 minutes)
 py-test: setup
-	LAYERPRUNE_TEST_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q
+	LAYERPRUNE_TEST_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q --durations=25
 
 $(FLOOR_VENV)/.stamp: $(UV) $(FLOOR_REQS) $(EXT_STAMP)
 	@test -x $(FLOOR_VENV)/bin/python || $(UV) venv --quiet --python $(PYTHON) $(FLOOR_VENV)
