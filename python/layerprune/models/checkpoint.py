@@ -207,7 +207,8 @@ class SafetensorsCheckpoint:
         ``qkv_proj`` as ``q_proj`` / ``k_proj`` / ``v_proj``, ``gate_up_proj`` as ``gate_proj`` / ``up_proj``:
         :func:`~layerprune.arch.modeling_layerprune.split_fused_projections`), in place of the fused name; each
         is one contiguous byte range of the file. Row counts come from the dense ``config``; idempotent."""
-        for name in [n for n in self.entries if n.rsplit(".", 2)[-2:-1] and n.rsplit(".", 2)[-2] in FUSED_PROJECTIONS]:
+        fused_names = [n for n in self.entries if len(n.split(".")) >= 3 and n.rsplit(".", 2)[1] in FUSED_PROJECTIONS]
+        for name in fused_names:
             prefix, fused, kind = name.rsplit(".", 2)
             entry = self.entries[name]
             if not entry.shape:
