@@ -862,7 +862,11 @@ fn solvers_land_in_window_with_qkv_bias_and_qk_norms() {
             49152 * 576 + 576,
         ),
         ("olmo2", vec![olmo2; 16], 100352 * 2048 * 2 + 2048),
-        ("all_flags_mixed", vec![all, qwen2, qwen3, llama_ab, olmo2], 1000),
+        (
+            "all_flags_mixed",
+            vec![all, qwen2, qwen3, llama_ab, olmo2],
+            1000,
+        ),
     ] {
         let n = layers.len();
         let imp: Vec<f64> = (0..n).map(|l| 1.0 + ((l * 7919) % 13) as f64).collect();
