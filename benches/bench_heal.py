@@ -13,6 +13,11 @@ the peak is the training's steady state, not a model load's):
   Tokens/s are the median over the steps after the first.
 * ``topk``: two runs of ``--topk-tokens`` from the same student, one on the cached top-64 teacher, one on the
   teacher's whole distribution (live, full KL): the gap the top-K costs, in held-out and test perplexity.
+* ``tune``: the defaults chosen on held-out text. From the default config, one setting at a time: the peak
+  learning rate (``--tune-lrs``), the cross-entropy weight (``--tune-ce-weights``: KL alone against CE + KL) and
+  the teacher's top K (``--tune-top-ks``), each a run of ``--tune-tokens`` on the ``unbalanced`` student. The
+  choice is the lowest held-out perplexity (the held-out slice of valid the run never trains on); the test
+  perplexity is printed beside it and chooses nothing.
 * ``curve``: for each of ``--methods`` (pruned at ``--ratio`` with `compare`'s settings; ``dense`` is the unpruned
   model trained the same way, with the text's cross-entropy, since its KL to itself is zero) and each of
   ``--modes`` (full, lora): one healing run of ``--tokens`` on WikiText-2 valid, and the README protocol's
@@ -22,7 +27,7 @@ the peak is the training's steady state, not a model load's):
 Writes ``--json`` and the plot ``--plot`` (perplexity against healing tokens, one line per method and mode, dense
 as a reference). Never asserts.
 
-    python benches/bench_heal.py [--parts speed,topk,curve] [--methods unbalanced,uniform-obs,dense] [--modes full,lora]
+    python benches/bench_heal.py [--parts speed,topk,tune,curve] [--methods unbalanced,uniform-obs,dense] [--modes full,lora]
         [--tokens 262144] [--points 32768,65536,131072,262144] [--precision bfloat16] [--workdir DIR] [--json OUT]
         [--plot PNG]
     python benches/bench_heal.py --replot A.json B.json --plot PNG
@@ -209,6 +214,28 @@ def child_topk(args: argparse.Namespace) -> dict:
             "test_ppl": _test_ppl(result.model, test), "tokens_per_second": h["tokens_per_second"]}
 
 
+def child_tune(args: argparse.Namespace) -> dict:
+    """One run of ``--tune-tokens`` with the default config changed by ``--overrides`` (JSON)."""
+    from layerprune.data import eval_tokens
+    from layerprune.healing import heal
+    from layerprune.models import load_model
+
+    overrides = json.loads(args.overrides)
+    student, tokenizer = load_model(args.student)
+    test = eval_tokens(tokenizer, data_dir=_data_dir(args), max_tokens=EVAL_TOKENS)
+    config = _heal_config(args, tokens=args.tune_tokens, **overrides)
+    cache = f"{args.teacher_cache}-k{config.top_k}"
+    result = heal(student, lambda: load_model(MODEL)[0], tokenizer, config, teacher_cache=cache,
+                  progress=not args.no_progress, inplace=True)
+    h = result.report["heal"]
+    return {"overrides": overrides, "tokens": h["tokens"], "held_out_before": h["held_out_before"],
+            "held_out_after": h["held_out_after"], "test_ppl": _test_ppl(result.model, test),
+            "tokens_per_second": h["tokens_per_second"], "config": h["config"]}
+
+
+TUNED = (("lr", "tune_lrs", float), ("ce_weight", "tune_ce_weights", float), ("top_k", "tune_top_ks", int))
+
+
 # ---- the parent -------------------------------------------------------------------------------------------
 
 
@@ -216,7 +243,8 @@ def _run_child(args: argparse.Namespace, extra: list[str]) -> dict:
     out = Path(args.workdir) / f"child-{os.getpid()}-{time.monotonic_ns()}.json"
     argv = [sys.executable, __file__, "--child", str(out), "--workdir", args.workdir, "--precision", args.precision,
             "--tokens", str(args.tokens), "--points", args.points, "--speed-steps", str(args.speed_steps),
-            "--seed", str(args.seed), "--data-dir", _data_dir(args), "--topk-tokens", str(args.topk_tokens), *(["--no-progress"] if args.no_progress else []),
+            "--seed", str(args.seed), "--data-dir", _data_dir(args), "--topk-tokens", str(args.topk_tokens),
+            "--tune-tokens", str(args.tune_tokens), *(["--no-progress"] if args.no_progress else []),
             *extra]
     subprocess.run(argv, check=True)
     result = json.loads(out.read_text())
@@ -269,6 +297,11 @@ def main() -> None:
     p.add_argument("--teacher-cache", default=None, help=argparse.SUPPRESS)
     p.add_argument("--top-k", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--topk-tokens", type=int, default=32_768, help="healing tokens of the top-K against full-KL runs")
+    p.add_argument("--tune-tokens", type=int, default=32_768, help="healing tokens of each tuning run")
+    p.add_argument("--tune-lrs", default="5e-5,1e-4,2e-4,4e-4")
+    p.add_argument("--tune-ce-weights", default="0,1")
+    p.add_argument("--tune-top-ks", default="16,64,256")
+    p.add_argument("--overrides", default=None, help=argparse.SUPPRESS)
     p.add_argument("--replot", nargs="+", default=None, metavar="JSON",
                    help="draw --plot from the curves of these result files (no run)")
     args = p.parse_args()
@@ -282,7 +315,8 @@ def main() -> None:
         return
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.child:
-        result = child_speed(args) if args.kind else (child_topk(args) if args.top_k else child_curve(args))
+        result = (child_speed(args) if args.kind else child_tune(args) if args.overrides else
+                  child_topk(args) if args.top_k else child_curve(args))
         write_json_atomic(args.child, result)
         return
     import torch
@@ -314,6 +348,32 @@ def main() -> None:
             results["topk"].append(run)
             print(f"top-k {'full' if run['full'] else k}: held-out PPL {run['held_out_after']['ppl']:.2f}, test PPL "
                   f"{run['test_ppl']:.2f}, {run['tokens_per_second']:.1f} tokens/s", flush=True)
+            if args.json:
+                write_json_atomic(args.json, results)
+    if "tune" in parts:
+        from layerprune.healing import HealConfig
+
+        student, default = str(_pruned_folder(args, "unbalanced")), HealConfig()
+        results["tune"] = {"tokens": args.tune_tokens, "runs": [], "chosen": {}}
+        done: dict[str, dict] = {}
+        for field, flag, kind in TUNED:
+            values = [kind(v) for v in getattr(args, flag).split(",")]
+            runs = []
+            for value in values:
+                key = "default" if value == getattr(default, field) or (field == "lr" and value == default.peak_lr) \
+                    else f"{field}={value}"
+                if key not in done:
+                    overrides = {} if key == "default" else {field: value}
+                    done[key] = _run_child(args, ["--overrides", json.dumps(overrides), "--student", student,
+                                                  "--teacher-cache", cache])
+                    results["tune"]["runs"].append(done[key])
+                run = done[key]
+                runs.append((value, run))
+                print(f"tune {field}={value}: held-out PPL {run['held_out_after']['ppl']:.3f} (KL "
+                      f"{run['held_out_after']['kl']:.4f}), test PPL {run['test_ppl']:.2f}", flush=True)
+            best = min(runs, key=lambda vr: vr[1]["held_out_after"]["ppl"])[0]
+            results["tune"]["chosen"][field] = best
+            print(f"tune {field}: lowest held-out perplexity at {best}", flush=True)
             if args.json:
                 write_json_atomic(args.json, results)
     if "curve" in parts:

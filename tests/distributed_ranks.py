@@ -136,12 +136,16 @@ def pruned_plans() -> dict[str, Any]:
     return out
 
 
-def healed_weights() -> dict[str, Any]:
+def healed_weights(*, fsdp: bool = False, lora: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """A pruned tiny Llama healed for 3 steps of 4 sequences (micro-batches of 1): in one process, or each rank
-    taking its share of every step's sequences with the gradients summed over the ranks."""
+    taking its share of every step's sequences with the gradients summed over the ranks (``fsdp``: the decoder
+    layers sharded). ``stop_after``: the run is stopped after that step (a checkpoint at every step) and resumed."""
+    import tempfile
+
     from families import find_data_dir
     from families import CASES, make_model, make_tokenizer
 
+    from layerprune import distributed
     from layerprune.arch import layer_shapes
     from layerprune.healing import HealConfig, heal
     from layerprune.pruning import pruned_copy
@@ -150,15 +154,45 @@ def healed_weights() -> dict[str, Any]:
     teacher = make_model(CASES[0])
     keep = [LayerKeep(kv_heads=(0,), mlp_channels=tuple(range(0, s["intermediate"], 2))) for s in layer_shapes(teacher)]
     config = HealConfig(tokens=3 * 4 * 32, seq_len=32, batch_size=4, micro_batch_size=1, lr=1e-3, eval_every=1,
-                        data_dir=str(find_data_dir()))
-    result = heal(pruned_copy(teacher, keep), teacher, make_tokenizer(), config, progress=False)
+                        checkpoint_every=1, lora=lora, fsdp=fsdp, data_dir=str(find_data_dir()))
+    student = pruned_copy(teacher, keep)
+    state = Path(distributed.broadcast_object(tempfile.mkdtemp(prefix="heal-ranks-") if distributed.is_rank0() else None))
+    if stop_after is not None:
+        def stop(step: int, tokens: int, model: Any) -> None:
+            if step == stop_after:
+                raise KeyboardInterrupt
+
+        try:
+            heal(student, teacher, make_tokenizer(), config, state_dir=state, progress=False, on_step=stop)
+        except KeyboardInterrupt:
+            pass
+    result = heal(student, teacher, make_tokenizer(), config, state_dir=state, resume=stop_after is not None,
+                  progress=False)
     return {"weights": {k: v.clone() for k, v in result.model.state_dict().items()},
             "held_out": result.report["heal"]["history"]["held_out"], "steps": result.report["heal"]["steps"],
-            "world_size": result.report["heal"]["run"]["world_size"]}
+            "world_size": result.report["heal"]["run"]["world_size"],
+            "sharded_rows": _sharded_rows(config) if fsdp else None}
+
+
+def _sharded_rows(config: Any) -> tuple[int, int]:
+    """Rows of layer 0's gate_proj a rank holds once the model is sharded for healing, and all its rows."""
+    from families import CASES, make_model
+
+    from layerprune.healing.sharding import shard_decoder_layers
+
+    model = shard_decoder_layers(make_model(CASES[0]), config.batch_size)
+    weight = model.model.layers[0].mlp.gate_proj.weight
+    return int(weight.to_local().shape[0]), int(weight.shape[0])
+
+
+def healed_sharded() -> dict[str, Any]:
+    """Healing with the decoder layers sharded by FSDP2: plain, with LoRA, and stopped after step 2 and resumed."""
+    return {"full": healed_weights(fsdp=True), "lora": healed_weights(fsdp=True, lora=True),
+            "resumed": healed_weights(fsdp=True, stop_after=2)}
 
 
 COMPUTATIONS = {"statistics": calibration_statistics, "sharded": sharded_scores, "plans": pruned_plans,
-                "healed": healed_weights}
+                "healed": healed_weights, "healed_sharded": healed_sharded}
 
 
 def spawned_rank(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> None:

@@ -181,6 +181,25 @@ def test_healing_on_two_ranks_equals_one_process(job):
     assert_same(job["healed"][0]["weights"], job["healed"][1]["weights"], "ranks", rtol=0.0)
 
 
+def test_healing_with_fsdp_sharded_layers_equals_one_process(job):
+    """FSDP2 shards each decoder layer's rows over the ranks (gradients summed by its reduce-scatter, the head's
+    by an all-reduce, the clipping norm over both): full, LoRA, and a run stopped after step 2 and resumed from
+    its gathered checkpoint all end on the one-process weights, as a plain model on every rank."""
+    references = {"full": ranks.healed_weights(), "lora": ranks.healed_weights(lora=True)}
+    references["resumed"] = references["full"]
+    for rank, got in enumerate(job["healed_sharded"]):
+        for name, reference in references.items():
+            run = got[name]
+            assert run["world_size"] == WORLD and run["steps"] == reference["steps"] == 3, (rank, name)
+            local_rows, rows = run["sharded_rows"]
+            assert local_rows == -(-rows // WORLD) and rows > 1, (rank, name)
+            assert_same(reference["held_out"], run["held_out"], f"rank {rank} {name} held-out", rtol=1e-5)
+            assert_same(reference["weights"], run["weights"], f"rank {rank} {name} weights", rtol=1e-5)
+    for name in references:
+        assert_same(job["healed_sharded"][0][name]["weights"], job["healed_sharded"][1][name]["weights"], name,
+                    rtol=0.0)
+
+
 # ---- 2 ranks, torchrun: the command line ------------------------------------------------------------------
 
 
@@ -212,7 +231,7 @@ def _torchrun(target: list[str], logs: Path) -> tuple[subprocess.CompletedProces
     return done, [read(r, "stdout") for r in range(WORLD)], [read(r, "stderr") for r in range(WORLD)]
 
 
-def test_heal_under_torchrun_writes_what_one_process_writes(tiny_dir, wikitext_dir, tmp_path, capsys):
+def test_heal_under_torchrun_with_fsdp_writes_what_one_process_writes(tiny_dir, wikitext_dir, tmp_path, capsys):
     from safetensors.torch import load_file
 
     assert main(_prune_args(tiny_dir, tmp_path / "pruned", wikitext_dir)) == 0
@@ -227,12 +246,14 @@ def test_heal_under_torchrun_writes_what_one_process_writes(tiny_dir, wikitext_d
 
     assert main(heal_args(tmp_path / "one")) == 0
     capsys.readouterr()
-    done, out, err = _torchrun(["-m", "layerprune", *heal_args(tmp_path / "two")], tmp_path / "logs")
+    # the ranks run with the decoder layers sharded (the data-parallel path: test_healing_on_two_ranks_...)
+    done, out, err = _torchrun(["-m", "layerprune", *heal_args(tmp_path / "two"), "--fsdp"], tmp_path / "logs")
     assert done.returncode == 0, (done.stderr[-3000:], err)
     assert "saved:" in out[0] and "saved:" not in out[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heal.txt", "logs", "one", "pruned", "two"]
     one, two = (json.loads((tmp_path / name / "report.json").read_text())["heal"] for name in ("one", "two"))
     assert one["run"]["world_size"] == 1 and two["run"]["world_size"] == WORLD and two["run"]["backend"] == "gloo"
+    assert two["config"]["fsdp"] and not one["config"]["fsdp"]
     assert_same(one["history"]["held_out"], two["history"]["held_out"], "held-out", rtol=1e-5)
     a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("one", "two"))
     assert_same(a, b, "weights", rtol=1e-5)

@@ -171,6 +171,15 @@ def test_one_step_lowers_the_loss(small_text):
     assert after < before * 0.99, (before, after)
 
 
+def test_fsdp_without_a_process_group_is_refused_in_one_line(small_text):
+    """Sharding needs ranks (under torchrun; tests/test_distributed.py runs it on 2): one line, nothing trained."""
+    teacher = make_model(CASES[0])
+    student = pruned_copy(teacher, _keep(teacher))
+    config = HealConfig(tokens=4 * 32, seq_len=32, batch_size=4, fsdp=True, dataset=small_text)
+    with pytest.raises(InvalidInputError, match="--fsdp needs a torch.distributed process group"):
+        heal(student, teacher, make_tokenizer(), config, progress=False)
+
+
 @pytest.mark.parametrize("setting", [{"gradient_checkpointing": True}, {"micro_batch_size": 1},
                                      {"teacher_logits": "live"}], ids=["checkpointing", "accumulation", "live"])
 def test_memory_and_teacher_settings_change_nothing_but_the_cost(small_text, setting):

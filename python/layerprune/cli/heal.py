@@ -81,7 +81,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_runtime_arguments(p)
     from layerprune.cli.torchrun import add_distributed_arguments
 
-    add_distributed_arguments(p, fsdp=False)
+    add_distributed_arguments(p, fsdp="shard the decoder layers' weights, gradients and AdamW state over the ranks "
+                              "with FSDP2 (the embeddings and head stay whole on each); --batch-size must be a "
+                              "multiple of the ranks")
     p.set_defaults(run=run)
     return p
 
@@ -95,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         max_grad_norm=args.max_grad_norm, temperature=args.temperature, top_k=args.top_k,
         teacher_logits=args.teacher_logits, ce_weight=args.ce_weight, lora=args.lora, lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, held_out_fraction=args.held_out,
+        gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp, held_out_fraction=args.held_out,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, patience=args.patience, seed=args.seed,
         dataset=args.data, data_dir=args.data_dir))
 

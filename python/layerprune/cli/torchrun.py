@@ -22,18 +22,20 @@ from layerprune.errors import InvalidInputError
 DISTRIBUTED_COMMANDS = ("prune", "heal")
 
 
-def add_distributed_arguments(p: argparse.ArgumentParser, *, fsdp: bool = True) -> None:
+PRUNE_FSDP_HELP = ("compute the Taylor scores (taylor, vectorize) on a copy of the model sharded with FSDP2 over "
+                   "the ranks: each rank holds its shard of the weights and one gradient shard")
+
+
+def add_distributed_arguments(p: argparse.ArgumentParser, *, fsdp: str | None = PRUNE_FSDP_HELP) -> None:
+    """``--dist-backend``, and ``--fsdp`` with the help ``fsdp`` (None: no such flag)."""
     from layerprune.distributed import BACKENDS
 
     g = p.add_argument_group("several processes (torchrun --nproc-per-node N -m layerprune ...)")
     g.add_argument("--dist-backend", choices=BACKENDS, default="auto",
                    help="collective backend under torchrun: nccl (each rank on cuda:LOCAL_RANK) or gloo (CPU); "
                    "auto: nccl when every local rank has a GPU (default: auto)")
-    if not fsdp:
-        return
-    g.add_argument("--fsdp", action="store_true",
-                   help="compute the Taylor scores (taylor, vectorize) on a copy of the model sharded with FSDP2 "
-                   "over the ranks: each rank holds its shard of the weights and one gradient shard")
+    if fsdp is not None:
+        g.add_argument("--fsdp", action="store_true", help=fsdp)
 
 
 def wants_distributed(args: argparse.Namespace) -> bool:

@@ -24,7 +24,8 @@ class HealConfig:
     The loss is T² · KL(teacher ‖ student) on the next-token distributions (:mod:`layerprune.healing.losses`),
     plus ``ce_weight`` times the text's cross-entropy. ``teacher_logits="cached"`` runs the teacher once and keeps
     its ``top_k`` log-probabilities on disk; ``"live"`` runs it at every step. ``tokens`` counts the training
-    tokens read (``batch_size`` sequences of ``seq_len`` per optimizer step).
+    tokens read (``batch_size`` sequences of ``seq_len`` per optimizer step). Under torchrun the ranks share
+    each step's sequences; ``fsdp`` also shards the decoder layers over them (:mod:`layerprune.healing.sharding`).
     """
 
     tokens: int = 262_144
@@ -46,6 +47,7 @@ class HealConfig:
     lora_dropout: float = 0.0
     precision: str = "float32"  # bfloat16: autocast, the weights and AdamW's state stay float32
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: shard the decoder layers' weights, gradients and AdamW state (FSDP2)
     held_out_fraction: float = 0.05
     eval_every: int | None = None  # optimizer steps between held-out evaluations; None: about 8 per run
     checkpoint_every: int | None = None  # steps between resumable checkpoints; None: at every evaluation

@@ -5,7 +5,8 @@ A run is a pure function of its inputs, its config and its seed: the order of th
 per epoch from ``seed + epoch``, the learning rate is a function of the step, and a checkpoint holds everything
 else (the trainable weights, AdamW's state, the RNG state and the history), so a run resumed from any
 checkpoint ends on the weights of the run that was never stopped. Under torchrun every rank takes its share of
-each step's sequences and the gradients are summed over the ranks before the step (data parallel).
+each step's sequences and the gradients are summed over the ranks before the step (data parallel); with
+``fsdp`` the decoder layers are sharded over the ranks (:mod:`layerprune.healing.sharding`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ from layerprune.healing.config import HealConfig, validate_heal_config
 from layerprune.healing.lora import add_lora, merge_lora
 from layerprune.healing.fused_head import fused_head_distillation
 from layerprune.healing.losses import teacher_top_k
+from layerprune.healing.sharding import (
+    check_shardable,
+    clip_grad_norm_,
+    full_optimizer_state,
+    gather_trainable,
+    is_sharded,
+    padded_share,
+    shard_decoder_layers,
+    shard_like,
+    sharded_optimizer_state,
+)
 from layerprune.healing.teacher_cache import (
     TeacherCache,
     expected_meta,
@@ -127,6 +139,7 @@ class HealTrainer:
                                            betas=(0.9, 0.95), eps=1e-8)
         self.n_train = int(text.train.shape[0])
         self.body_and_head = body_and_head(student)
+        self.sharded = any(is_sharded(p) for _, p in self.named)
 
     def _autocast(self) -> Any:
         if self.config.precision == "bfloat16":
@@ -179,11 +192,14 @@ class HealTrainer:
             loss, _, _ = self.loss_sums(self.text.train[chunk], chunk)
             (loss / positions).backward()
             total += float(loss.detach())
-        distributed.all_reduce_sum_([p.grad for _, p in self.named if p.grad is not None])
+        # sharded layers' gradients were summed by FSDP's reduce-scatter in the backward
+        distributed.all_reduce_sum_([p.grad for _, p in self.named if p.grad is not None and not is_sharded(p.grad)])
         (total,) = distributed.sum_values(total)
         if not math.isfinite(total):
             raise NumericalError(f"healing step {step}: the loss is {total} (lower --lr)")
-        if config.max_grad_norm is not None:
+        if config.max_grad_norm is not None and self.sharded:
+            clip_grad_norm_([p for _, p in self.named], config.max_grad_norm)
+        elif config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for _, p in self.named], config.max_grad_norm)
         self.optimizer.step()
         return total / positions
@@ -193,11 +209,16 @@ class HealTrainer:
         """Held-out distillation loss, KL and perplexity (exp of the mean cross-entropy), every rank's share summed."""
         self.student.eval()
         rows = list(range(int(self.text.held_out.shape[0])))
-        local = rows[distributed.rank() :: distributed.world_size()]
         kl = ce = 0.0
-        for chunk in self._micro_batches(local):
-            _, k, c = self.loss_sums(self.text.held_out[chunk], [self.n_train + r for r in chunk])
-            kl, ce = kl + k, ce + c
+        if self.sharded:  # every rank runs as many forwards (FSDP gathers each layer in each)
+            for chunk in padded_share(rows, self.config.micro_batch):
+                _, k, c = self.loss_sums(self.text.held_out[chunk or rows[:1]], [self.n_train + r for r in chunk or rows[:1]])
+                kl, ce = (kl + k, ce + c) if chunk else (kl, ce)
+        else:
+            local = rows[distributed.rank() :: distributed.world_size()]
+            for chunk in self._micro_batches(local):
+                _, k, c = self.loss_sums(self.text.held_out[chunk], [self.n_train + r for r in chunk])
+                kl, ce = kl + k, ce + c
         kl, ce = distributed.sum_values(kl, ce)
         self.student.train()
         positions = len(rows) * (self.config.seq_len - 1)
@@ -205,7 +226,17 @@ class HealTrainer:
         return {"loss": loss, "kl": kl / positions, "ppl": math.exp(min(ce / positions, 700.0))}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().to("cpu").contiguous() for n, p in self.named}
+        """The trainable tensors whole, on the CPU (every rank must call: sharded ones are gathered)."""
+        return gather_trainable(self.named)
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """AdamW's state with whole moments (every rank must call)."""
+        return full_optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict()
+
+    def load_optimizer_state(self, saved: dict[str, Any]) -> None:
+        if self.sharded:
+            saved = sharded_optimizer_state(saved, [p for group in self.optimizer.param_groups for p in group["params"]])
+        self.optimizer.load_state_dict(saved)
 
     def load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
         missing = sorted(set(n for n, _ in self.named) - set(tensors))
@@ -214,19 +245,23 @@ class HealTrainer:
                                     f"({missing[0]}, ...): it was made by another run")
         with torch.no_grad():
             for n, p in self.named:
-                p.copy_(tensors[n].to(p.device))
+                p.copy_(shard_like(tensors[n].to(p.device), p))
 
 
 def _write_checkpoint(state: Path, trainer: HealTrainer, progress: dict[str, Any]) -> None:
+    """Every rank calls (sharded state is gathered); rank 0 writes."""
     from safetensors.torch import save_file
 
+    tensors, optimizer = trainer.trainable_state(), trainer.optimizer_state()
+    if not distributed.is_rank0():
+        return
     target = state / CHECKPOINT_DIR
     remove_stale_siblings(target)  # a killed run's half-written checkpoint
     tmp = temp_sibling_dir(target)
     try:
-        save_file(trainer.trainable_state(), str(tmp / TRAINABLE_FILE))
+        save_file(tensors, str(tmp / TRAINABLE_FILE))
         fault_point("heal-checkpoint-write")
-        torch.save({"optimizer": trainer.optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / OPTIMIZER_FILE)
+        torch.save({"optimizer": optimizer, "rng": torch.get_rng_state()}, tmp / OPTIMIZER_FILE)
         write_json_atomic(tmp / PROGRESS_FILE, progress)
         replace_dir(tmp, target)
     except BaseException:
@@ -248,16 +283,20 @@ def _read_checkpoint(state: Path, trainer: HealTrainer, identity: dict[str, Any]
                                 "resume with the same command, or remove the folder to start again")
     trainer.load_trainable(load_file(str(folder / TRAINABLE_FILE)))
     saved = torch.load(folder / OPTIMIZER_FILE, weights_only=True)
-    trainer.optimizer.load_state_dict(saved["optimizer"])
+    trainer.load_optimizer_state(saved["optimizer"])
     torch.set_rng_state(saved["rng"])
     return progress
 
 
 def _save_best(state: Path, trainer: HealTrainer) -> None:
+    """Every rank calls; rank 0 writes."""
     from safetensors.torch import save_file
 
+    tensors = trainer.trainable_state()
+    if not distributed.is_rank0():
+        return
     with atomic_output_file(state / BEST_FILE) as tmp:
-        save_file(trainer.trainable_state(), str(tmp))
+        save_file(tensors, str(tmp))
 
 
 def sequences_read(config: HealConfig, n_train: int) -> list[int]:
@@ -333,6 +372,8 @@ def heal(
     already holds every sequence the run reads.
     """
     config = validate_heal_config(config)
+    if config.fsdp:
+        check_shardable(config.batch_size)
     say = log or (lambda message: None)
     out_path = Path(out).expanduser().absolute() if out is not None else None
     if out_path is not None and distributed.is_rank0():
@@ -401,7 +442,9 @@ def _run(model: torch.nn.Module, teacher: TeacherSource, tokenizer: Any, config:
             raise InvalidInputError("--gradient-checkpointing: this model class does not support it")
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
-    trainer = HealTrainer(student, teacher, cache, text, config)
+    # with fsdp a sharded twin trains, and its weights come back into the plain student at the end
+    trained = shard_decoder_layers(copy.deepcopy(student), config.batch_size) if config.fsdp else student
+    trainer = HealTrainer(trained, teacher, cache, text, config)
     identity = {"config": {k: v for k, v in config.to_dict().items() if k not in ("checkpoint_every",)},
                 "text": tokens_fingerprint(text.train), "student": student_fingerprint,
                 "teacher": teacher_fingerprint, "world_size": distributed.world_size()}
@@ -435,7 +478,7 @@ def _run(model: torch.nn.Module, teacher: TeacherSource, tokenizer: Any, config:
                 history["held_out"].append([step, step * tokens_per_step, held["loss"], held["kl"], held["ppl"]])
                 if held["loss"] < best_loss:
                     best_loss, best_step, waited = held["loss"], step, 0
-                    if config.patience is not None and distributed.is_rank0():
+                    if config.patience is not None:
                         _save_best(state, trainer)
                 else:
                     waited += 1
@@ -444,15 +487,15 @@ def _run(model: torch.nn.Module, teacher: TeacherSource, tokenizer: Any, config:
                 postfix["val"] = f"{history['held_out'][-1][2]:.4f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
-            if (step % config.checkpoint_interval == 0 or stopped_early) and step < config.steps and distributed.is_rank0():
+            if (step % config.checkpoint_interval == 0 or stopped_early) and step < config.steps:
                 _write_checkpoint(state, trainer, {
                     "identity": identity, "step": step, "history": history, "best_loss": best_loss,
                     "best_step": best_step, "waited": waited, "train_seconds": train_seconds, "before": before,
                     "stopped_early": stopped_early})
             fault_point("heal-step")
             if on_step is not None:
-                on_step(step, step * tokens_per_step, student)
-                student.train()
+                on_step(step, step * tokens_per_step, trained)
+                trained.train()
     finally:
         bar.close()
     last = history["held_out"][-1]
@@ -465,6 +508,13 @@ def _run(model: torch.nn.Module, teacher: TeacherSource, tokenizer: Any, config:
         after = None
     if after is None:
         after = trainer.evaluate()
+    trainable_parameters = sum(p.numel() for _, p in trainer.named)
+    if trained is not student:
+        healed_tensors, plain = trainer.trainable_state(), dict(student.named_parameters())
+        del trainer, trained
+        with torch.no_grad():
+            for name, tensor in healed_tensors.items():
+                plain[name].copy_(tensor)
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
@@ -481,7 +531,7 @@ def _run(model: torch.nn.Module, teacher: TeacherSource, tokenizer: Any, config:
         "held_out_sequences": int(text.held_out.shape[0]),
         "teacher": teacher_fingerprint,
         "student": student_fingerprint,
-        "trainable_parameters": sum(p.numel() for _, p in trainer.named),
+        "trainable_parameters": trainable_parameters,
         "steps": step,
         "tokens": tokens_seen,
         "train_seconds": round(train_seconds, 3),
