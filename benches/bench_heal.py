@@ -15,9 +15,10 @@ the peak is the training's steady state, not a model load's):
   teacher's whole distribution (live, full KL): the gap the top-K costs, in held-out and test perplexity.
 * ``tune``: the defaults chosen on held-out text. From the default config, one setting at a time: the peak
   learning rate (``--tune-lrs``), the cross-entropy weight (``--tune-ce-weights``: KL alone against CE + KL) and
-  the teacher's top K (``--tune-top-ks``), each a run of ``--tune-tokens`` on the ``unbalanced`` student. The
-  choice is the lowest held-out perplexity (the held-out slice of valid the run never trains on); the test
-  perplexity is printed beside it and chooses nothing.
+  the teacher's top K (``--tune-top-ks``), each a run of ``--tune-tokens`` on the ``unbalanced`` student. Each
+  prints its held-out perplexity and loss (the held-out slice of valid the run never trains on; the loss compares
+  across learning rates only, since K and the CE weight change what it measures); the test perplexity is printed
+  beside them and chooses nothing.
 * ``curve``: for each of ``--methods`` (pruned at ``--ratio`` with `compare`'s settings; ``dense`` is the unpruned
   model trained the same way, with the text's cross-entropy, since its KL to itself is zero) and each of
   ``--modes`` (full, lora): one healing run of ``--tokens`` on WikiText-2 valid, and the README protocol's
@@ -188,7 +189,8 @@ def child_curve(args: argparse.Namespace) -> dict:
     result = heal(student, lambda: load_model(MODEL)[0], tokenizer, config, teacher_cache=args.teacher_cache,
                   progress=not args.no_progress, inplace=True, on_step=on_step)
     h = result.report["heal"]
-    return {"method": args.method, "mode": args.mode, "curve": curve, "tokens_per_second": h["tokens_per_second"],
+    return {"method": args.method, "mode": args.mode, "curve": curve, "peak_lr": h["peak_lr"],
+            "tokens_per_second": h["tokens_per_second"],
             "train_seconds": h["train_seconds"], "seconds": time.perf_counter() - t0,
             "held_out": h["history"]["held_out"], "config": h["config"], "peak_rss": peak_rss(),
             "trainable_parameters": h["trainable_parameters"], "torch_threads": torch.get_num_threads()}
@@ -259,7 +261,9 @@ def plot(results: dict, path: Path) -> None:
     for run in results.get("curve", []):
         xs, ys = [p["tokens"] for p in run["curve"]], [p["ppl"] for p in run["curve"]]
         style = ":" if run["method"] == "dense" else ("--" if run["mode"] == "lora" else "-")
-        label = f"{run['method']} ({run['mode']})" if run["method"] != "dense" else f"dense + heal ({run['mode']}, CE)"
+        lr = run.get("peak_lr") or run["config"].get("lr")  # None: runs from before it was recorded (1e-4 full)
+        mode = f"{run['mode']}, lr {lr:g}" if lr else run["mode"]
+        label = f"{run['method']} ({mode})" if run["method"] != "dense" else f"dense + heal ({mode}, CE)"
         ax.plot(xs, ys, "o" + style, label=label, markersize=4)
     if results.get("dense_ppl"):
         ax.axhline(results["dense_ppl"], color="gray", linestyle=":", label=f"dense ({results['dense_ppl']:.2f})")
@@ -374,6 +378,10 @@ def main() -> None:
             best = min(runs, key=lambda vr: vr[1]["held_out_after"]["ppl"])[0]
             results["tune"]["chosen"][field] = best
             print(f"tune {field}: lowest held-out perplexity at {best}", flush=True)
+            if field == "lr":  # the same loss at every learning rate: its held-out value compares too
+                by_loss = min(runs, key=lambda vr: vr[1]["held_out_after"]["loss"])[0]
+                results["tune"].setdefault("chosen_by_held_out_loss", {})[field] = by_loss
+                print(f"tune {field}: lowest held-out loss (the training objective) at {by_loss}", flush=True)
             if args.json:
                 write_json_atomic(args.json, results)
     if "curve" in parts:

@@ -241,18 +241,13 @@ except LayerpruneError as err:
         --cpu-eval "$EVALS/cpu_4k.json" --cross-eval "$EVALS/cross_4k.json" --json "$OUT/compare.json"
 
     # heal: distil the pruned model from the dense one on the device, then evaluate it (--quick: 2 short steps)
-    if "$PY" -m layerprune heal --help >/dev/null 2>&1; then
-        if [ $QUICK -eq 1 ]; then HEAL_DEFAULT="--tokens 256 --seq-len 32 --batch-size 4 --threads 1"
-        else HEAL_DEFAULT="--tokens 65536 --precision bfloat16"; fi
-        export HEAL_ARGS="${HEAL_ARGS:-$HEAL_DEFAULT}"
-        run_step heal eval 300 --needs prune_device --artifact "$EVALS/healed_4k.json" -- bash -c '
-            "$PY" -m layerprune heal --model "$0" --teacher "$MODEL_DIR" --device "$1" --data-dir "$DATA_DIR" \
-                --no-progress --overwrite --out "$2" $HEAL_ARGS &&
-            evaluate "$2" "$1" "$3" "$4"' "$MODELS/prune_device" "$DEVICE" "$MODELS/healed" "$CMP_TOKENS" "$EVALS/healed_4k.json"
-    else
-        echo "gpu_check: heal skipped: \`layerprune heal\` does not exist yet (\`layerprune heal --help\` fails)"
-        record heal heal skipped "layerprune heal does not exist yet (layerprune heal --help fails)"
-    fi
+    if [ $QUICK -eq 1 ]; then HEAL_DEFAULT="--tokens 256 --seq-len 32 --batch-size 4 --threads 1"
+    else HEAL_DEFAULT="--tokens 65536 --precision bfloat16"; fi
+    export HEAL_ARGS="${HEAL_ARGS:-$HEAL_DEFAULT}"
+    run_step heal eval 300 --needs prune_device --artifact "$EVALS/healed_4k.json" -- bash -c '
+        "$PY" -m layerprune heal --model "$0" --teacher "$MODEL_DIR" --device "$1" --data-dir "$DATA_DIR" \
+            --no-progress --overwrite --out "$2" $HEAL_ARGS &&
+        evaluate "$2" "$1" "$3" "$4"' "$MODELS/prune_device" "$DEVICE" "$MODELS/healed" "$CMP_TOKENS" "$EVALS/healed_4k.json"
 
     mkdir -p "$OUT/work"
     run_step sequential sequential 150 --artifact "$OUT/sequential.json" -- \

@@ -13,7 +13,7 @@ from layerprune.errors import InvalidInputError
 TEACHER_LOGITS = ("cached", "live")
 PRECISIONS = ("float32", "bfloat16")
 # Peak learning rates when none is given (AdamW, warm-up then cosine decay).
-FULL_LR = 1e-4
+FULL_LR = 2e-4
 LORA_LR = 2e-4
 
 

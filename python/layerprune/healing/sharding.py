@@ -7,8 +7,9 @@ summed over the ranks as in data-parallel healing. FSDP's reduce-scatter sums th
 factor 1), so a step is the one-process step on the whole batch, up to the order of float additions.
 
 Per rank, training holds 1/N of the layers' weights, gradients and AdamW moments (4/N floats per weight, against
-4 with data parallelism), plus the unsharded model the run started from, into which the healed weights are
-copied back at the end (:func:`gather_trainable`): the result and the saved folder are a plain model.
+4 with data parallelism). The twin is sharded from a copy of the student, whose own layers are released meanwhile
+(:func:`release_decoder_layers`); at the end every tensor is gathered back into it, one at a time
+(:func:`copy_back`), so the result and the saved folder are a plain model.
 """
 
 from __future__ import annotations
@@ -55,10 +56,10 @@ def shard_decoder_layers(model: torch.nn.Module, batch_size: int) -> torch.nn.Mo
     from layerprune.scoring.sharded import default_mesh
 
     check_shardable(batch_size)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     mesh = default_mesh(next(model.parameters()).device)
-    for layer in adapter_for(base, "model").inner_model(base).layers:  # under peft: holding LoRA-wrapped Linears
-        fully_shard(layer, mesh=mesh)
+    for layer in _decoder_layers(model):  # under peft: holding LoRA-wrapped Linears
+        # each layer is its own FSDP root, and a root keeps its weights whole after the forward unless told
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
         layer.set_gradient_divide_factor(1.0)  # type: ignore[operator]
         layer.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]  # a plain SUM (gloo has no PREMUL_SUM)
     return model
@@ -122,10 +123,33 @@ def padded_share(rows: Sequence[int], micro_batch: int) -> list[list[int]]:
     return [local[i * micro_batch : (i + 1) * micro_batch] for i in range(count)]
 
 
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return list(adapter_for(base, "model").inner_model(base).layers)
+
+
+def release_decoder_layers(model: torch.nn.Module) -> None:
+    """Free ``model``'s decoder layers (moved to the meta device) while a sharded twin trains them."""
+    for layer in _decoder_layers(model):
+        layer.to("meta")
+
+
+def copy_back(plain: torch.nn.Module, sharded: torch.nn.Module, device: torch.device) -> None:
+    """Give ``plain`` (its layers released) every parameter and buffer of its sharded twin, gathered whole one
+    tensor at a time (every rank must call)."""
+    for layer in _decoder_layers(plain):
+        layer.to_empty(device=device)
+    targets = {**dict(plain.named_parameters()), **dict(plain.named_buffers())}
+    with torch.no_grad():
+        for name, tensor in [*sharded.named_parameters(), *sharded.named_buffers()]:
+            targets[name].copy_(full_tensor(tensor.detach()))
+
+
 def gather_trainable(named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Every trainable tensor whole, on the CPU, by name (every rank must call when any is sharded)."""
     return {n: full_tensor(p.detach()).to("cpu").contiguous() for n, p in named}
 
 
-__all__ = ["check_shardable", "clip_grad_norm_", "full_optimizer_state", "full_tensor", "gather_trainable", "is_sharded",
-           "padded_share", "shard_decoder_layers", "shard_like", "sharded_optimizer_state"]
+__all__ = ["check_shardable", "clip_grad_norm_", "copy_back", "full_optimizer_state", "full_tensor",
+           "gather_trainable", "is_sharded", "padded_share", "release_decoder_layers", "shard_decoder_layers",
+           "shard_like", "sharded_optimizer_state"]

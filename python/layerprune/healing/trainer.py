@@ -47,10 +47,12 @@ from layerprune.healing.losses import teacher_top_k
 from layerprune.healing.sharding import (
     check_shardable,
     clip_grad_norm_,
+    copy_back,
     full_optimizer_state,
     gather_trainable,
     is_sharded,
     padded_share,
+    release_decoder_layers,
     shard_decoder_layers,
     shard_like,
     sharded_optimizer_state,
@@ -369,7 +371,8 @@ def heal(
     ``teacher_cache`` names one to share) lives in ``state_dir``, by default ``OUT.heal-state`` beside ``out``;
     it is removed when the run ends. ``teacher`` is the dense model, or a function that loads it: then it is held
     only while the cache is filled, and training needs no memory for it. It may be None when ``teacher_cache``
-    already holds every sequence the run reads.
+    already holds every sequence the run reads. With ``config.fsdp`` and ``inplace``, a run that fails leaves the
+    model's decoder layers released (on the meta device).
     """
     config = validate_heal_config(config)
     if config.fsdp:
@@ -443,7 +446,11 @@ def _run(model: torch.nn.Module, teacher: TeacherSource, tokenizer: Any, config:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     # with fsdp a sharded twin trains, and its weights come back into the plain student at the end
-    trained = shard_decoder_layers(copy.deepcopy(student), config.batch_size) if config.fsdp else student
+    device = _device_of(student)
+    trained = student
+    if config.fsdp:
+        trained = shard_decoder_layers(copy.deepcopy(student), config.batch_size)
+        release_decoder_layers(student)
     trainer = HealTrainer(trained, teacher, cache, text, config)
     identity = {"config": {k: v for k, v in config.to_dict().items() if k not in ("checkpoint_every",)},
                 "text": tokens_fingerprint(text.train), "student": student_fingerprint,
@@ -510,11 +517,8 @@ def _run(model: torch.nn.Module, teacher: TeacherSource, tokenizer: Any, config:
         after = trainer.evaluate()
     trainable_parameters = sum(p.numel() for _, p in trainer.named)
     if trained is not student:
-        healed_tensors, plain = trainer.trainable_state(), dict(student.named_parameters())
+        copy_back(student, trained, device)
         del trainer, trained
-        with torch.no_grad():
-            for name, tensor in healed_tensors.items():
-                plain[name].copy_(tensor)
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
@@ -526,6 +530,7 @@ def _run(model: torch.nn.Module, teacher: TeacherSource, tokenizer: Any, config:
     tokens_seen = step * tokens_per_step
     section = {
         "config": config.to_dict(),
+        "peak_lr": config.peak_lr,
         "text": text.source,
         "train_sequences": int(text.train.shape[0]),
         "held_out_sequences": int(text.held_out.shape[0]),
