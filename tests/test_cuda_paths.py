@@ -9,6 +9,7 @@ device, and recorded calls in place of torch.cuda's. `benches/gpu_check.sh` runs
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 
 import pytest
@@ -382,6 +383,44 @@ def test_perplexity_throughput_and_generation_on_cuda():
         assert throughput(on_cuda, seq_len=16, repeats=1) > 0
         assert generate_greedy(on_cuda, Tokenizer(), ["x"], max_new_tokens=3) == expected
     assert got["tokens"] == reference["tokens"] and got["ppl"] == pytest.approx(reference["ppl"], rel=1e-5)
+
+
+@simulated
+def test_healing_forward_paths_on_cuda_give_the_cpu_values(tmp_path):
+    """Healing with both models on (simulated) CUDA: the teacher cache fill (the teacher on the device, the rows
+    written to the CPU's memory map), the held-out evaluation on the cached rows and on the live teacher give the
+    CPU run's values. The backward and the optimizer step need a real device (this one runs no backward):
+    `benches/gpu_check.sh` heals there."""
+    from layerprune.healing import HealConfig
+    from layerprune.healing.text import HealText
+    from layerprune.healing.trainer import HealTrainer, _teacher_cache
+
+    generator = torch.Generator().manual_seed(3)
+    text = HealText(train=torch.randint(0, 64, (6, 24), generator=generator),
+                    held_out=torch.randint(0, 64, (3, 24), generator=generator), source={"text": "random ids"})
+    config = HealConfig(tokens=2 * 4 * 24, seq_len=24, batch_size=4, micro_batch_size=2, top_k=8)
+    teacher = _sim_model()
+    student = make_tiny_llama(num_heads=4, num_kv_heads=2, head_dim=8, hidden=32, intermediate=64, layers=3, vocab=64,
+                              seed=1)  # another draw of the teacher's shape
+
+    def held_out(folder, student, teacher):
+        cache = _teacher_cache(teacher, text, config, folder, 64, False)[0]
+        cached = HealTrainer(student, None, cache, text, config).evaluate()
+        live = HealTrainer(student, teacher, None, text, HealConfig(**{**config.to_dict(), "teacher_logits": "live"}))
+        rows = cache.rows(range(9))
+        cache.close()
+        return cached, live.evaluate(), rows
+
+    reference = held_out(tmp_path / "cpu", student, teacher)
+    with simulated_cuda.simulated_cuda():
+        got = held_out(tmp_path / "cuda", copy.deepcopy(student).to("cuda"), copy.deepcopy(teacher).to("cuda"))
+    for name in ("cached", "live"):
+        index = ("cached", "live").index(name)
+        for key in ("loss", "kl", "ppl"):
+            assert got[index][key] == pytest.approx(reference[index][key], rel=1e-5), (name, key)
+    assert reference[0]["kl"] > 0 and reference[1]["kl"] == pytest.approx(reference[0]["kl"], rel=1e-5)
+    torch.testing.assert_close(got[2][0], reference[2][0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[2][1], reference[2][1])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")

@@ -97,6 +97,24 @@ def test_row_shards_are_torch_chunk_sizes():
             assert shard_rows(rows, world) == want + [0] * (world - len(want))
 
 
+def test_padded_shares_give_every_rank_as_many_micro_batches_and_each_row_once(monkeypatch):
+    """FSDP gathers each layer in every forward, so each rank must run as many: a shorter share is padded with
+    empty micro-batches (healing's held-out evaluation runs one row for each and counts nothing)."""
+    from layerprune.healing.sharding import padded_share
+
+    for n in range(12):
+        for world in range(1, 5):
+            for micro in range(1, 4):
+                monkeypatch.setattr(distributed, "world_size", lambda: world)
+                shares = []
+                for r in range(world):
+                    monkeypatch.setattr(distributed, "rank", lambda: r)
+                    shares.append(padded_share(list(range(n)), micro))
+                assert len({len(share) for share in shares}) == 1, (n, world, micro)
+                assert sorted(i for share in shares for chunk in share for i in chunk) == list(range(n))
+                assert all(len(chunk) <= micro for share in shares for chunk in share)
+
+
 def test_in_one_process_every_collective_is_a_no_op():
     assert distributed.active() is None
     ids = torch.arange(6).view(3, 2)

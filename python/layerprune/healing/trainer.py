@@ -212,14 +212,14 @@ class HealTrainer:
         self.student.eval()
         rows = list(range(int(self.text.held_out.shape[0])))
         kl = ce = 0.0
-        if self.sharded:  # every rank runs as many forwards (FSDP gathers each layer in each)
-            for chunk in padded_share(rows, self.config.micro_batch):
-                _, k, c = self.loss_sums(self.text.held_out[chunk or rows[:1]], [self.n_train + r for r in chunk or rows[:1]])
-                kl, ce = (kl + k, ce + c) if chunk else (kl, ce)
+        if self.sharded:  # every rank runs as many forwards (FSDP gathers each layer in each): empty ones count 0
+            chunks = padded_share(rows, self.config.micro_batch)
         else:
-            local = rows[distributed.rank() :: distributed.world_size()]
-            for chunk in self._micro_batches(local):
-                _, k, c = self.loss_sums(self.text.held_out[chunk], [self.n_train + r for r in chunk])
+            chunks = list(self._micro_batches(rows[distributed.rank() :: distributed.world_size()]))
+        for chunk in chunks:
+            run = chunk or rows[:1]
+            _, k, c = self.loss_sums(self.text.held_out[run], [self.n_train + r for r in run])
+            if chunk:
                 kl, ce = kl + k, ce + c
         kl, ce = distributed.sum_values(kl, ce)
         self.student.train()
@@ -254,6 +254,8 @@ def _write_checkpoint(state: Path, trainer: HealTrainer, progress: dict[str, Any
     """Every rank calls (sharded state is gathered); rank 0 writes."""
     from safetensors.torch import save_file
 
+    if not (trainer.sharded or distributed.is_rank0()):
+        return
     tensors, optimizer = trainer.trainable_state(), trainer.optimizer_state()
     if not distributed.is_rank0():
         return
@@ -291,9 +293,11 @@ def _read_checkpoint(state: Path, trainer: HealTrainer, identity: dict[str, Any]
 
 
 def _save_best(state: Path, trainer: HealTrainer) -> None:
-    """Every rank calls; rank 0 writes."""
+    """Every rank calls (sharded weights are gathered); rank 0 writes."""
     from safetensors.torch import save_file
 
+    if not (trainer.sharded or distributed.is_rank0()):
+        return
     tensors = trainer.trainable_state()
     if not distributed.is_rank0():
         return
