@@ -140,6 +140,7 @@ def healed_weights(*, fsdp: bool = False, lora: bool = False, stop_after: int | 
     """A pruned tiny Llama healed for 3 steps of 4 sequences (micro-batches of 1): in one process, or each rank
     taking its share of every step's sequences with the gradients summed over the ranks (``fsdp``: the decoder
     layers sharded). ``stop_after``: the run is stopped after that step (a checkpoint at every step) and resumed."""
+    import shutil
     import tempfile
 
     from families import find_data_dir
@@ -168,6 +169,9 @@ def healed_weights(*, fsdp: bool = False, lora: bool = False, stop_after: int | 
             pass
     result = heal(student, teacher, make_tokenizer(), config, state_dir=state, resume=stop_after is not None,
                   progress=False)
+    distributed.barrier("healed-weights")
+    if distributed.is_rank0():
+        shutil.rmtree(state)
     return {"weights": {k: v.clone() for k, v in result.model.state_dict().items()},
             "held_out": result.report["heal"]["history"]["held_out"], "steps": result.report["heal"]["steps"],
             "world_size": result.report["heal"]["run"]["world_size"],
