@@ -14,6 +14,7 @@ Per rank, training holds 1/N of the layers' weights, gradients and AdamW moments
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from layerprune.arch import adapter_for
 from layerprune.errors import InvalidInputError
 
 
+@functools.cache
 def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
