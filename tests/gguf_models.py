@@ -55,14 +55,28 @@ def mlp_only_keep(model) -> list[LayerKeep]:
             for i, s in enumerate(layer_shapes(model))]
 
 
+def empty_blocks_keep(model, empty_last: bool = False) -> list[LayerKeep]:
+    """Layer 0 without attention, layer 1 without either block, layer 2 without MLP (``empty_last``: layer 1 without
+    MLP, layer 2 without either); a block that stays keeps the first half of its KV groups or every third channel."""
+    no_attn, no_mlp = ((0, 2), (1, 2)) if empty_last else ((0, 1), (1, 2))
+    keep = []
+    for i, s in enumerate(layer_shapes(model)):
+        kv = () if i in no_attn else tuple(range(max(1, s["num_kv_heads"] // 2)))
+        channels = () if i in no_mlp else tuple(range(0, s["intermediate"], 3))
+        keep.append(LayerKeep(kv_heads=kv, mlp_channels=channels))
+    return keep
+
+
 def pruned_folder(tmp: Path, case_name: str, homogeneous: bool | str = False, seed: int = 0) -> tuple[Path, object, object]:
     """(folder, pruned model, tokenizer) of a pruned tiny model of ``case_name`` saved with save_pruned; the
     tokenizer is the folder's, as it reloads (a family's tokenizer class may change its pre-tokenizer).
-    ``homogeneous``: False (:func:`heterogeneous_keep`), True (:func:`homogeneous_keep`) or "mlp" (:func:`mlp_only_keep`)."""
+    ``homogeneous``: False (:func:`heterogeneous_keep`), True (:func:`homogeneous_keep`), "mlp" (:func:`mlp_only_keep`),
+    "empty" or "empty-last" (:func:`empty_blocks_keep`)."""
     dense = make_model(CASE_BY_NAME[case_name], seed=seed)
-    keep = {False: heterogeneous_keep, True: homogeneous_keep, "mlp": mlp_only_keep}[homogeneous](dense)
+    keep = {False: heterogeneous_keep, True: homogeneous_keep, "mlp": mlp_only_keep, "empty": empty_blocks_keep,
+            "empty-last": lambda m: empty_blocks_keep(m, empty_last=True)}[homogeneous](dense)
     pruned = pruned_copy(dense, keep)
-    label = {False: "hetero", True: "homo", "mlp": "mlp"}[homogeneous]
+    label = {False: "hetero", True: "homo"}.get(homogeneous, homogeneous)
     folder = save_pruned(pruned, make_tokenizer(), tmp / f"{case_name}-{label}")
     return folder, pruned, load_pruned(folder)[1]
 

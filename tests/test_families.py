@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf_models import empty_blocks_keep
 from families import BLOCK_LAYERPRUNE, CASE_IDS, CASES, SAMPLE_TEXT, FamilyCase, logits, make_model, make_tokenizer, token_ids, plain_config
 
 from layerprune.allocation import spec_from_model_config
@@ -179,17 +180,19 @@ _STANDALONE = BLOCK_LAYERPRUNE + textwrap.dedent(
 
 
 def test_plain_transformers_reload_every_family(tmp_path):
-    """One isolated process loads every family's folder with trust_remote_code and AutoTokenizer."""
+    """One isolated process loads every family's folder with trust_remote_code and AutoTokenizer, and the same
+    family's folder with empty blocks (no attention in layers 0 and 1, no MLP in layers 1 and 2)."""
     jobs, expected = [], {}
     for case in CASES:
         dense = make_model(case)
-        pruned = pruned_copy(dense, _keep(dense))
-        folder = save_pruned(pruned, make_tokenizer(), tmp_path / case.name)
-        ids = token_ids(seed=11)
-        torch.save(ids, tmp_path / f"{case.name}.ids.pt")
-        jobs.append([str(folder), str(tmp_path / f"{case.name}.ids.pt"), str(tmp_path / f"{case.name}.out.pt")])
         tokens = _dense_folder_tokens(dense, make_tokenizer(), tmp_path / f"{case.name}-dense")
-        expected[case.name] = (logits(pruned, ids), adapter_for(dense).pruned_architecture, tokens)
+        for name, keep in ((case.name, _keep(dense)), (f"{case.name}-empty", empty_blocks_keep(dense))):
+            pruned = pruned_copy(dense, keep)
+            folder = save_pruned(pruned, make_tokenizer(), tmp_path / name)
+            ids = token_ids(seed=11)
+            torch.save(ids, tmp_path / f"{name}.ids.pt")
+            jobs.append([str(folder), str(tmp_path / f"{name}.ids.pt"), str(tmp_path / f"{name}.out.pt")])
+            expected[name] = (logits(pruned, ids), adapter_for(dense).pruned_architecture, tokens)
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     # PYTHONPATH first: `make floor-test` shadows transformers with its declared floor there
     site_dirs = [d for d in (*os.environ.get("PYTHONPATH", "").split(os.pathsep), *site.getsitepackages())
@@ -203,12 +206,11 @@ def test_plain_transformers_reload_every_family(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Do you wish to run the custom code" not in result.stdout + result.stderr
-    for case in CASES:
-        out = torch.load(tmp_path / f"{case.name}.out.pt")
-        want_logits, want_class, want_tokens = expected[case.name]
-        assert out["modules"] == [] and out["class"] == want_class, case.name
-        assert out["tokens"] == want_tokens, case.name
-        torch.testing.assert_close(out["logits"], want_logits, atol=1e-6, rtol=0, msg=case.name)
+    for name, (want_logits, want_class, want_tokens) in expected.items():
+        out = torch.load(tmp_path / f"{name}.out.pt")
+        assert out["modules"] == [] and out["class"] == want_class, name
+        assert out["tokens"] == want_tokens, name
+        torch.testing.assert_close(out["logits"], want_logits, atol=1e-6, rtol=0, msg=name)
 
 
 def _unsupported_model(family: str):

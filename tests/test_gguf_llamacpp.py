@@ -98,6 +98,12 @@ def _compare(model, gguf_path, tokens: torch.Tensor, llama_cpp, atol: float) -> 
     ("phi3-mini", True, "llama"),  # split qkv_proj / gate_up_proj, written as Llama's separate tensors
     ("phi3-mini", False, "deci"),
     ("olmo2", "mlp", "olmo2"),  # whole-projection q/k norms, post-branch norms; its loader needs every head
+    # empty blocks: layer 0 without attention (one zero head stands in), layer 1 without either (0 in deci's arrays:
+    # skipped), layer 2 without MLP (one zero channel stands in); "empty-last": the last layer without either
+    ("llama3-gqa", "empty", "deci"),
+    ("llama3-gqa", "empty-last", "deci"),
+    ("qwen2-bias", "empty", "deci"),
+    ("phi3-mini", "empty", "deci"),
 ])
 def test_tiny_pruned_model_runs_in_llama_cpp_like_transformers(tmp_path, llama_cpp, test_rows, case_name,
                                                               homogeneous, architecture):

@@ -203,8 +203,6 @@ def test_frozen_model_prunes_and_stays_frozen():
 @pytest.mark.parametrize(
     "keep, message",
     [
-        ([LayerKeep((), (0,))] * 3, "kv_heads: empty"),
-        ([LayerKeep((0,), ())] * 3, "mlp_channels: empty"),
         ([LayerKeep((1, 0), (0,))] * 3, "sorted and unique"),
         ([LayerKeep((0, 0), (0,))] * 3, "sorted and unique"),
         ([LayerKeep((2,), (0,))] * 3, "0..1"),
@@ -263,12 +261,13 @@ def test_select_keep_top_k_with_ties():
         assert entry.kv_heads == _brute_force_keep(kv_scores[layer], kv_k[layer])
         assert entry.mlp_channels == _brute_force_keep(ch_scores[layer].numpy(), ch_k[layer])
     assert select_keep([[1.0, 1.0, 1.0]], [[0.0, 2.0]], [2], [1]) == [LayerKeep((0, 1), (1,))]
+    assert select_keep([[1.0, 1.0, 1.0]], [[0.0, 2.0]], [0], [0]) == [LayerKeep((), ())]  # empty blocks
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (([[1.0, 2.0]], [[1.0]], [0], [1]), r"kv_groups_kept\[0\]=0"),
+        (([[1.0, 2.0]], [[1.0]], [-1], [1]), r"kv_groups_kept\[0\]=-1"),
         (([[1.0, 2.0]], [[1.0]], [3], [1]), r"kv_groups_kept\[0\]=3"),
         (([[1.0, 2.0]], [[1.0]], [1], [2]), r"mlp_kept\[0\]=2"),
         (([[1.0, float("nan")]], [[1.0]], [1], [1]), r"kv_group_scores\[0\]: contains NaN"),

@@ -26,6 +26,7 @@ from layerprune.arch.base import (
     head_dim,
 )
 from layerprune.arch.budget import SHAPE_COLUMNS, LayerShape
+from layerprune.arch.modeling_layerprune import EmptyAttention, EmptyMLP
 from layerprune.errors import InternalError, ModelError
 
 _NOT_FAMILIES = {"base", "budget", "gqa", "modeling_layerprune"}
@@ -200,22 +201,28 @@ def check_consistency(model: Any) -> None:
                              ("gate_proj", gate, 1), ("up_proj", up, 1), ("down_proj", down, 0)):
             if w.shape[dim] != hidden:
                 raise InternalError(f"{where}: {name} weight {tuple(w.shape)} does not match hidden size {hidden}")
-        if k.shape[0] == 0 or k.shape[0] % hd or q.shape[0] % hd:
-            raise InternalError(f"{where}: q rows {q.shape[0]} / k rows {k.shape[0]} are not positive multiples of head_dim {hd}")
+        if k.shape[0] % hd or q.shape[0] % hd or (k.shape[0] == 0) != (q.shape[0] == 0):
+            raise InternalError(f"{where}: q rows {q.shape[0]} / k rows {k.shape[0]} are not multiples of head_dim {hd}, "
+                                "both positive or both 0")
         if v.shape[0] != k.shape[0]:
             raise InternalError(f"{where}: v_proj rows {v.shape[0]} != k_proj rows {k.shape[0]}")
-        if q.shape[0] % k.shape[0]:
+        if (k.shape[0] == 0) != isinstance(attn, EmptyAttention):
+            raise InternalError(f"{where}: {type(attn).__name__} with {k.shape[0]} k_proj rows")
+        if k.shape[0] and q.shape[0] % k.shape[0]:
             raise InternalError(f"{where}: q_proj rows {q.shape[0]} are not a multiple of k_proj rows {k.shape[0]}")
-        layer_ratio = q.shape[0] // k.shape[0]
-        ratio = layer_ratio if ratio is None else ratio
-        if layer_ratio != ratio:
-            raise InternalError(f"{where}: GQA ratio {layer_ratio} differs from layer 0's {ratio}")
-        groups = getattr(attn, "num_key_value_groups", None)
-        if groups is not None and groups != layer_ratio:
-            raise InternalError(f"{where}: self_attn.num_key_value_groups={groups} but weights give ratio {layer_ratio}")
+        if k.shape[0]:  # an empty attention (no head left) has no ratio
+            layer_ratio = q.shape[0] // k.shape[0]
+            ratio = layer_ratio if ratio is None else ratio
+            if layer_ratio != ratio:
+                raise InternalError(f"{where}: GQA ratio {layer_ratio} differs from the other layers' {ratio}")
+            groups = getattr(attn, "num_key_value_groups", None)
+            if groups is not None and groups != layer_ratio:
+                raise InternalError(f"{where}: self_attn.num_key_value_groups={groups} but weights give ratio {layer_ratio}")
         if o.shape[1] != q.shape[0]:
             raise InternalError(f"{where}: o_proj columns {o.shape[1]} != q_proj rows {q.shape[0]}")
-        if not (gate.shape[0] == up.shape[0] == down.shape[1]) or gate.shape[0] == 0:
+        if (gate.shape[0] == 0) != isinstance(mlp, EmptyMLP):
+            raise InternalError(f"{where}: {type(mlp).__name__} with {gate.shape[0]} gate_proj rows")
+        if not (gate.shape[0] == up.shape[0] == down.shape[1]):
             raise InternalError(f"{where}: MLP widths disagree: gate {gate.shape[0]}, up {up.shape[0]}, down columns {down.shape[1]}")
         for name, lin in adapter.projections(layer).items():
             if lin.bias is not None and lin.bias.shape[0] != lin.weight.shape[0]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from layerprune.arch.budget import LayerShape, lm_head_flops
-from layerprune.arch.modeling_layerprune import OUTPUT_BIAS_KEY, split_fused_projections  # OUTPUT_BIAS_KEY: o_proj / down_proj carry a bias
+from layerprune.arch.modeling_layerprune import OUTPUT_BIAS_KEY, install_empty_blocks, split_fused_projections  # OUTPUT_BIAS_KEY: o_proj / down_proj carry a bias
 from layerprune.errors import ModelError
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -50,7 +50,8 @@ class LayerGeometry:
 
     @property
     def ratio(self) -> int:
-        return self.num_q_heads // self.num_kv_heads
+        """Query heads per KV head; 0 for an empty attention (no head left)."""
+        return self.num_q_heads // self.num_kv_heads if self.num_kv_heads else 0
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,9 @@ class FamilyAdapter:
                              layer.mlp.gate_proj.out_features)
 
     def set_widths(self, layer: Any, geometry: LayerGeometry) -> None:
-        """Per-module attributes some transformers releases reshape with; newer ones infer from weights."""
+        """Per-module attributes some transformers releases reshape with (newer ones infer from weights), after the
+        layer's projections were cut to ``geometry``; a block left with no head or channel becomes empty
+        (:func:`~layerprune.arch.modeling_layerprune.install_empty_blocks`)."""
         attn, mlp = layer.self_attn, layer.mlp
         attn.num_key_value_groups = geometry.ratio
         if hasattr(attn, "num_heads"):
@@ -243,6 +246,7 @@ class FamilyAdapter:
             attn.num_key_value_heads = geometry.num_kv_heads
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = geometry.intermediate
+        install_empty_blocks(layer)
 
     # ---- scales a family puts around the Llama layout -------------------------------------------------
 

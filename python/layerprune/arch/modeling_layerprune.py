@@ -16,6 +16,11 @@ hidden size and every other module (norms, per-head q/k norms, rotary embedding,
 of the dense model, except q/k norms over the whole projections (OLMo-2), which get that layer's width; a layer's
 GQA ratio is its query heads // its KV heads.
 
+A layer may keep no head or no MLP channel (an empty block: 0 in those lists). Its projections are then zero-width
+Linear layers (the state dict has the same names, with empty tensors), and the block is :class:`EmptyAttention` or
+:class:`EmptyMLP`, which add nothing to the residual stream (an output bias, if any); llama.cpp's ``deci`` runs the same
+layer with ``head_count`` or ``feed_forward_length`` 0 there.
+
 A family that fuses projections (Phi-3: qkv_proj = [q | k | v] rows, gate_up_proj = [gate | up] rows) keeps its
 own attention and MLP code: each fused Linear is split into the separate ones (saved under their names), and
 the family's code, which calls the fused projection, gets their outputs concatenated (ConcatenatedProjections);
@@ -25,6 +30,8 @@ an attention whose code reads its head counts from the config sees this layer's 
 from __future__ import annotations
 
 from typing import Any
+
+import warnings
 
 import torch
 import transformers
@@ -78,6 +85,57 @@ class LayerHeadsConfig:
         return getattr(self.__dict__["_config"], name)
 
 
+def _zero_width_input(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden.new_zeros(*hidden.shape[:-1], 0)
+
+
+class EmptyAttention(nn.Module):
+    """An attention block with no head left: ``o_proj(x[..., :0])`` (zeros, or o_proj's bias). It holds the family's
+    submodules (the zero-width projections, per-head norms) under their names. Called with a KV cache, it stores one
+    zero of width 1 per position in its layer's slot: a cache reads its length from its first layer's keys, and a
+    zero-head tensor is read as empty."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        for name, module in attention.named_children():
+            self.add_module(name, module)
+        self.layer_idx = getattr(attention, "layer_idx", None)
+        self.head_dim = attention.head_dim
+        self.num_key_value_groups = 0
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        out = self.o_proj(_zero_width_input(hidden_states))
+        cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None),
+                     None)
+        if cache is not None and self.layer_idx is not None and hidden_states.dim() == 3:
+            mark = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            cache.update(mark, mark, self.layer_idx)
+        return out, None
+
+
+class EmptyMLP(nn.Module):
+    """An MLP with no channel left: ``down_proj(x[..., :0])`` (zeros, or down_proj's bias); it holds the zero-width
+    gate/up/down projections under their names."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        for name, module in mlp.named_children():
+            self.add_module(name, module)
+        self.intermediate_size = 0
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(_zero_width_input(hidden_states))
+
+
+def install_empty_blocks(layer: Any) -> None:
+    """Put :class:`EmptyAttention` in place of a decoder layer's attention whose k_proj has no row, and
+    :class:`EmptyMLP` in place of an MLP whose gate_proj has none (in place; nothing to do otherwise)."""
+    if not isinstance(layer.self_attn, EmptyAttention) and layer.self_attn.k_proj.out_features == 0:
+        layer.self_attn = EmptyAttention(layer.self_attn)
+    if not isinstance(layer.mlp, EmptyMLP) and layer.mlp.gate_proj.out_features == 0:
+        layer.mlp = EmptyMLP(layer.mlp)
+
+
 def fused_rows(fused: str, config: Any, rows: int) -> tuple[int, ...]:
     """Rows of each separate projection inside the dense model's fused projection ``fused`` of ``rows`` rows:
     q, k, v rows from the config's heads and head_dim; gate and up halves."""
@@ -129,12 +187,14 @@ def layer_widths(config: Any) -> list[tuple[int, int, int]]:
         values = [default] * n_layers if values is None else list(values)
         if len(values) != n_layers:
             raise ValueError(f"config.{key}: has {len(values)} entries, num_hidden_layers is {n_layers}")
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-            raise ValueError(f"config.{key}: every entry must be a positive integer")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+            raise ValueError(f"config.{key}: every entry must be an integer >= 0")
         columns.append(values)
     widths = list(zip(*columns))
     for i, (q_heads, kv_heads, _) in enumerate(widths):
-        if q_heads % kv_heads:
+        if (q_heads == 0) != (kv_heads == 0):
+            raise ValueError(f"layer {i}: {q_heads} query heads and {kv_heads} KV heads (an empty attention has neither)")
+        if kv_heads and q_heads % kv_heads:
             raise ValueError(f"layer {i}: {q_heads} query heads is not a multiple of {kv_heads} KV heads")
     return widths
 
@@ -144,7 +204,9 @@ def _linear_like(old: nn.Linear, in_features: int, out_features: int, bias: bool
     bias = bias or old.bias is not None
     if old.in_features == in_features and old.out_features == out_features and (old.bias is not None) == bias:
         return old
-    return nn.Linear(in_features, out_features, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
+    with warnings.catch_warnings():  # a zero-width Linear (an empty block): torch says its initialisation does nothing
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        return nn.Linear(in_features, out_features, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
 
 
 def resize_decoder_layers(model: Any, config: Any) -> None:
@@ -165,7 +227,7 @@ def resize_decoder_layers(model: Any, config: Any) -> None:
             if weight is not None and dense_heads > 1 and weight.shape == (dense_heads * head_dim,) and heads != dense_heads:
                 getattr(attn, norm_name).weight = nn.Parameter(torch.ones(heads * head_dim, dtype=weight.dtype,
                                                                           device=weight.device))
-        attn.num_key_value_groups = q_heads // kv_heads
+        attn.num_key_value_groups = q_heads // kv_heads if kv_heads else 0
         # Older transformers reshape with these per-module attributes; newer ones infer heads from the weights.
         if hasattr(attn, "num_heads"):
             attn.num_heads = q_heads
@@ -176,6 +238,7 @@ def resize_decoder_layers(model: Any, config: Any) -> None:
         mlp.down_proj = _linear_like(mlp.down_proj, intermediate, hidden, bias=output_bias)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = intermediate
+        install_empty_blocks(layer)
 
 
 def _make(family_prefix: str) -> tuple[type, type]:
@@ -221,5 +284,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["FUSED_PROJECTIONS", "LAYER_WIDTH_KEYS", "OUTPUT_BIAS_KEY", "ConcatenatedProjections", "LayerHeadsConfig",
-           "fused_rows", "layer_widths", "pruned_classes", "resize_decoder_layers", "split_fused_projections"]
+__all__ = ["FUSED_PROJECTIONS", "LAYER_WIDTH_KEYS", "OUTPUT_BIAS_KEY", "ConcatenatedProjections", "EmptyAttention",
+           "EmptyMLP", "LayerHeadsConfig", "fused_rows", "install_empty_blocks", "layer_widths", "pruned_classes",
+           "resize_decoder_layers", "split_fused_projections"]

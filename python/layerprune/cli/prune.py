@@ -98,7 +98,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--mlp-step", type=int, default=default["mlp_step"],
                    help=f"MLP channels are kept in multiples of this (default: {default['mlp_step']})")
     p.add_argument("--min-kv-groups", type=int, default=default["min_kv_groups"],
-                   help=f"KV groups every layer keeps at least (default: {default['min_kv_groups']})")
+                   help=f"KV groups every layer keeps at least; 0 lets a layer lose its attention (default: "
+                        f"{default['min_kv_groups']})")
+    p.add_argument("--min-mlp-channels", type=int, default=default["min_mlp_channels"],
+                   help=f"MLP channels every layer keeps at least; 0 lets a layer lose its MLP (default: "
+                        f"{default['min_mlp_channels']})")
     p.add_argument("--tie", action="store_true", help="one rate for attention and MLP in each layer")
     p.add_argument("--homogeneous", action="store_true",
                    help="the same KV groups and MLP channels in every layer, at the exact budget (to one step per "
@@ -204,7 +208,8 @@ def config_from_args(args: argparse.Namespace):
         layer_start=args.layer_start, layer_end=args.layer_end, attn_layer_start=args.attn_layer_start,
         attn_layer_end=args.attn_layer_end, mlp_layer_start=args.mlp_layer_start, mlp_layer_end=args.mlp_layer_end,
         min_effective_rate=args.min_effective_rate, protected=tuple(args.protected), mlp_step=args.mlp_step,
-        min_kv_groups=args.min_kv_groups, tie=args.tie, seed=args.seed, calib_dataset=args.calib_dataset,
+        min_kv_groups=args.min_kv_groups, min_mlp_channels=args.min_mlp_channels, tie=args.tie, seed=args.seed,
+        calib_dataset=args.calib_dataset,
         data_dir=args.data_dir, homogeneous=args.homogeneous, curve_samples=args.curve_samples, refit=args.refit,
         refit_damping=args.refit_damping, refit_error_correction=not args.no_error_correction,
         refit_samples=args.refit_samples, fisher_samples=args.fisher_samples, refit_seq_len=args.refit_seq_len,

@@ -6,6 +6,11 @@ uses that architecture with scalar head counts and feed-forward length. Otherwis
 (Nemotron-NAS): its loader reads ``attention.head_count``, ``attention.head_count_kv`` and
 ``feed_forward_length`` as per-layer arrays and builds every layer, and its KV cache, at that layer's widths.
 ``llama`` also reads those arrays but builds every layer at layer 0's widths, so it is never given them.
+An empty block (a layer left with no head or no MLP channel) is a 0 in those arrays, which ``deci`` skips with its
+norm; its tensors are not written. Two cases llama.cpp cannot say with a 0 are written as one head or channel of zero
+weights, whose output is zero: layer 0's attention (llama.cpp reads the head size only from layer 0's heads), an
+empty MLP beside an attention (``deci`` skips a layer with no MLP channel whole, its attention included) and the last
+layer's empty MLP (llama.cpp stops on a model that ends on a skipped layer).
 Two layouts cannot be written, and are refused with the reason: a Qwen3 model that needs ``deci`` (deci has
 no per-head q/k norms), and biases a family's loader does not read when ``deci`` cannot take over.
 
@@ -50,6 +55,8 @@ PER_LAYER_ARCHITECTURE = "deci"
 # Projections whose biases deci's loader reads (all of them); its RoPE rotates adjacent pairs.
 PER_LAYER_BIASES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Q8_0_BLOCK = 32
+# The block each pre-norm of the Llama layout feeds (skipped with it when the block is empty).
+_NORM_BLOCK = {"ATTN_NORM": "self_attn", "FFN_NORM": "mlp"}
 ROPE_TOLERANCE = 1e-5
 
 
@@ -113,11 +120,14 @@ def plan_layout(model: Any) -> GGUFLayout:
     q = tuple(s["num_q_heads"] for s in shapes)
     kv = tuple(s["num_kv_heads"] for s in shapes)
     ff = tuple(s["intermediate"] for s in shapes)
-    if min(q) < 1 or min(kv) < 1 or min(ff) < 1:
-        raise ModelError("model: a layer without attention heads or MLP channels cannot be written as GGUF")
     biases = _projection_biases(model)
     own = adapter.gguf_architecture
     reasons = []
+    if min(kv) == 0 or min(ff) == 0:
+        reasons.append("it has empty blocks, written as 0 heads or 0 feed-forward length in per-layer arrays")
+        if biases & {"o_proj", "down_proj"}:
+            raise ModelError(f"model: llama.cpp's `{PER_LAYER_ARCHITECTURE}` skips an empty block whole, so its "
+                             "o_proj / down_proj bias would be lost")
     if len(set(zip(q, kv, ff))) > 1:
         reasons.append("its layers have different widths")
     if adapter.gguf_full_width_attention and any(h * head_dim != hidden for h in q):
@@ -138,6 +148,17 @@ def plan_layout(model: Any) -> GGUFLayout:
     if unread:
         raise ModelError(f"model: llama.cpp's `{PER_LAYER_ARCHITECTURE}` loader reads no {', '.join(unread)} bias")
     notes = [f"written as `{PER_LAYER_ARCHITECTURE}`, not `{own}`: " + "; ".join(reasons)]
+    if kv[0] == 0:
+        q, kv = (1, *q[1:]), (1, *kv[1:])
+        notes.append("layer 0 has no attention; it is written as one head whose weights are zero (its output is zero), "
+                     "because llama.cpp reads the head size only where layer 0 has heads")
+    last = len(ff) - 1
+    stand_ins = [f == 0 and (h > 0 or l == last) for l, (f, h) in enumerate(zip(ff, q))]
+    if any(stand_ins):
+        ff = tuple(1 if stand_in else f for stand_in, f in zip(stand_ins, ff))
+        notes.append("an empty MLP beside an attention, or in the last layer, is written as one channel whose weights "
+                     "are zero (its output is zero): llama.cpp's `deci` skips a layer with no MLP channel whole, "
+                     "attention included, and cannot end on a skipped layer")
     note = _sliding_window_note(config, PER_LAYER_ARCHITECTURE)
     if note:
         notes.append(note)
@@ -214,11 +235,26 @@ def gguf_tensors(model: Any, layout: GGUFLayout) -> Iterator[tuple[str, np.ndarr
     head_norm_kinds = {"q_norm": T.ATTN_Q_NORM, "k_norm": T.ATTN_K_NORM}
     for bid, layer in enumerate(adapter.decoder_layers(model)):
         heads = {"self_attn.q_proj": layout.num_q_heads[bid], "self_attn.k_proj": layout.num_kv_heads[bid]}
+        # an empty block is skipped whole by deci (0 heads, 0 feed-forward length), its norm included
+        empty = {"self_attn": layout.num_kv_heads[bid] == 0, "mlp": layout.intermediate[bid] == 0}
         for attribute, kind_name in adapter.gguf_layer_norms():
             kind = getattr(T, kind_name)
+            if empty.get(_NORM_BLOCK.get(kind_name, "")):
+                continue
             yield _tensor_name(kind, bid=bid), _numpy(getattr(layer, attribute).weight) + offset, kind
+        # a block empty in the model that the layout writes as one zero head or channel (plan_layout's notes)
+        stand_in = {"self_attn": not empty["self_attn"] and layer.self_attn.k_proj.out_features == 0,
+                    "mlp": not empty["mlp"] and layer.mlp.gate_proj.out_features == 0}
         for name, linear in adapter.projections(layer).items():
+            block = name.split(".")[0]
+            if empty[block]:
+                continue
             kind = projection_kinds[name]
+            if stand_in[block]:
+                width = layout.head_dim if block == "self_attn" else 1
+                shape = (linear.out_features, width) if name.endswith(("o_proj", "down_proj")) else (width, linear.in_features)
+                yield _tensor_name(kind, bid=bid), np.zeros(shape, dtype=np.float32), kind
+                continue
             for suffix, param in (("weight", linear.weight), ("bias", linear.bias)):
                 if param is None:
                     continue
@@ -228,7 +264,8 @@ def gguf_tensors(model: Any, layout: GGUFLayout) -> Iterator[tuple[str, np.ndarr
                 if layout.permute_qk and name in heads:
                     array = adjacent_pair_rows(array, heads[name])
                 yield _tensor_name(kind, suffix, bid), array, kind
-        for norm in (*adapter.unpruned_attention_parameters(), *adapter.sliced_attention_norms()):
+        for norm in () if empty["self_attn"] else (*adapter.unpruned_attention_parameters(),
+                                                   *adapter.sliced_attention_norms()):
             yield (_tensor_name(head_norm_kinds[norm], bid=bid), _numpy(getattr(layer.self_attn, norm).weight) + offset,
                    head_norm_kinds[norm])
 

@@ -24,9 +24,11 @@ def require_peft() -> Any:
 
 
 def lora_targets(model: torch.nn.Module) -> list[str]:
-    """Full module names of every projection of every decoder layer (what the family's adapter calls them)."""
+    """Full module names of every projection of every decoder layer (what the family's adapter calls them), but
+    the zero-width ones of an empty block."""
     adapter = adapter_for(model, "model")
-    wanted = {id(module) for layer in adapter.decoder_layers(model) for module in adapter.projections(layer).values()}
+    wanted = {id(module) for layer in adapter.decoder_layers(model) for module in adapter.projections(layer).values()
+              if module.weight.numel()}
     return [name for name, module in model.named_modules() if id(module) in wanted]
 
 

@@ -70,7 +70,8 @@ class PruneConfig:
     min_effective_rate: float = 0.0
     protected: tuple[int, ...] = ()
     mlp_step: int = 1
-    min_kv_groups: int = 1
+    min_kv_groups: int = 1  # 0: a layer may lose its whole attention (an empty block)
+    min_mlp_channels: int = 1  # 0: a layer may lose its whole MLP
     tie: bool = False
     homogeneous: bool = False  # the same widths in every layer (the `homogeneous` solver): a plain family config
     seed: int = 0
@@ -139,10 +140,13 @@ def _check_fields(config: PruneConfig, executor: str) -> None:
         raise InvalidInputError("importance obs: chooses by the error after the least-squares refit, so it needs "
                                 "refit lstsq, one pruning step, and mode unbalanced or uniform (no fsdp)")
     for name, low in (("calib_samples", 1), ("calib_seq_len", 2), ("iterative_steps", 1), ("mlp_step", 1),
-                      ("min_kv_groups", 1)):
+                      ("min_kv_groups", 0), ("min_mlp_channels", 0)):
         v = getattr(config, name)
         if not _is_int(v) or v < low:
             raise InvalidInputError(f"{name}: must be an integer >= {low}, got {v!r}")
+    if (config.min_kv_groups == 0 or config.min_mlp_channels == 0) and config.iterative_steps != 1:
+        raise InvalidInputError("min_kv_groups / min_mlp_channels 0 (empty blocks): needs one pruning step (a block "
+                                "emptied at one step has nothing left to score at the next)")
     _validate_homogeneous(config)
     if config.mode == "flap" and config.iterative_steps != 1:
         raise InvalidInputError("iterative_steps: FLAP prunes in one step (its scores and threshold are global)")

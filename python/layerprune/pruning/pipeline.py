@@ -120,6 +120,7 @@ def build_allocation_spec(model_config: Any, config: PruneConfig, importance: La
     constraints: dict[str, Any] = {
         "mlp_step": config.mlp_step,
         "min_kv_groups": config.min_kv_groups,
+        "min_mlp": config.min_mlp_channels,
         "protected": tuple(int(p) for p in config.protected),
         "tie": config.tie,
         "attn_layer_start": ranges["attn"][0],

@@ -9,6 +9,8 @@ What is removed, per decoder layer (GQA ratio r = num_heads // num_kv_heads, hea
 The residual width (hidden size), the RMSNorm weights and per-head q/k norms (Qwen3) are never touched, so
 layers are independent. Biases go with their rows (Qwen2's q/k/v biases); an o_proj bias is never sliced. q/k norms
 over the whole projections (OLMo-2) lose their removed heads' weights, and then normalise over the kept heads.
+A layer may keep no KV group or no channel: the block becomes empty (``EmptyAttention`` / ``EmptyMLP`` of
+:mod:`layerprune.arch.modeling_layerprune`, put in place by the adapter's ``set_widths``).
 
 The tensor surgery is done by Torch-Pruning (Fang et al., "DepGraph", CVPR 2023). The MLP uses the dependency
 group rooted at gate_proj (out channels), which couples gate/up rows with down_proj columns. For attention the
@@ -46,15 +48,19 @@ def _validate_keep(keep: Sequence[LayerKeep], shapes: list[dict[str, int]]) -> N
             raise InvalidInputError(f"keep[{i}]: expected a LayerKeep, got {type(entry).__name__}")
         for field, idxs, size in (("kv_heads", entry.kv_heads, shape["num_kv_heads"]),
                                   ("mlp_channels", entry.mlp_channels, shape["intermediate"])):
-            if len(idxs) == 0:
-                what = "KV group" if field == "kv_heads" else "MLP channel"
-                raise InvalidInputError(f"keep[{i}].{field}: empty; every layer must keep at least one {what}")
+            if len(idxs) == 0:  # an empty block: the layer's attention or MLP goes whole
+                continue
             if any(isinstance(j, bool) or not isinstance(j, (int, np.integer)) for j in idxs):
                 raise InvalidInputError(f"keep[{i}].{field}: indices must be integers")
             if list(idxs) != sorted(set(int(j) for j in idxs)):
                 raise InvalidInputError(f"keep[{i}].{field}: indices must be sorted and unique")
             if idxs[0] < 0 or idxs[-1] >= size:
                 raise InvalidInputError(f"keep[{i}].{field}: indices must be in 0..{size - 1}")
+
+
+def _ratio(shape: dict[str, int]) -> int:
+    """Query heads per KV head of a layer's shape; 0 for an empty attention."""
+    return shape["num_q_heads"] // shape["num_kv_heads"] if shape["num_kv_heads"] else 0
 
 
 def _removed(kept: Sequence[int], size: int) -> list[int]:
@@ -151,7 +157,7 @@ def masked_dense_forward(model: nn.Module, input_ids: torch.Tensor, keep: Sequen
     adapter = adapter_for(model)
     try:
         for layer, entry, shape in zip(layers, keep, shapes):
-            ratio = shape["num_q_heads"] // shape["num_kv_heads"]
+            ratio = _ratio(shape)
             head_mask = torch.zeros(shape["num_q_heads"] * shape["head_dim"])
             q_kept = gqa.q_rows(entry.kv_heads, ratio, shape["head_dim"])
             head_mask[q_kept] = 1.0
@@ -278,7 +284,7 @@ class StructuredPruner:
         for i, (layer, entry, shape) in enumerate(zip(self._layers, keep, shapes)):
             attn, mlp = layer.self_attn, layer.mlp
             head_dim = shape["head_dim"]
-            ratio = shape["num_q_heads"] // shape["num_kv_heads"]
+            ratio = _ratio(shape)
             removed_kv = _removed(entry.kv_heads, shape["num_kv_heads"])
             if removed_kv:
                 kv_rows = gqa.kv_rows(removed_kv, head_dim)
@@ -305,7 +311,7 @@ class StructuredPruner:
         check_consistency(self.model)
         after = layer_shapes(self.model)
         for i, (entry, old, new) in enumerate(zip(keep, before, after)):
-            ratio = old["num_q_heads"] // old["num_kv_heads"]
+            ratio = _ratio(old)
             expected = {"num_q_heads": len(entry.kv_heads) * ratio, "num_kv_heads": len(entry.kv_heads),
                         "head_dim": old["head_dim"], "intermediate": len(entry.mlp_channels)}
             if new != expected:

@@ -49,7 +49,7 @@ def select_keep(
 ) -> list[LayerKeep]:
     """Per layer, keep the kv_groups_kept[l] highest-scoring KV groups and the mlp_kept[l] highest-scoring channels.
 
-    Ties are broken by the lower index, so the result is deterministic. Counts must be in 1..n.
+    Ties are broken by the lower index, so the result is deterministic. Counts must be in 0..n (0: an empty block).
     """
     n_layers = len(kv_group_scores)
     for name, seq in (("channel_scores", channel_scores), ("kv_groups_kept", kv_groups_kept), ("mlp_kept", mlp_kept)):
@@ -60,10 +60,10 @@ def select_keep(
         kv = _scores_1d(kv_group_scores[layer], f"kv_group_scores[{layer}]")
         ch = _scores_1d(channel_scores[layer], f"channel_scores[{layer}]")
         n_kv, n_ch = _count(kv_groups_kept[layer], f"kv_groups_kept[{layer}]"), _count(mlp_kept[layer], f"mlp_kept[{layer}]")
-        if not 1 <= n_kv <= kv.size:
-            raise InvalidInputError(f"kv_groups_kept[{layer}]={n_kv}: must be in 1..{kv.size} (a layer keeps at least one KV group)")
-        if not 1 <= n_ch <= ch.size:
-            raise InvalidInputError(f"mlp_kept[{layer}]={n_ch}: must be in 1..{ch.size}")
+        if not 0 <= n_kv <= kv.size:
+            raise InvalidInputError(f"kv_groups_kept[{layer}]={n_kv}: must be in 0..{kv.size}")
+        if not 0 <= n_ch <= ch.size:
+            raise InvalidInputError(f"mlp_kept[{layer}]={n_ch}: must be in 0..{ch.size}")
         keep.append(LayerKeep(kv_heads=_top_k_sorted(kv, n_kv), mlp_channels=_top_k_sorted(ch, n_ch)))
     return keep
 
