@@ -67,17 +67,17 @@ def empty_blocks_keep(model, empty_last: bool = False) -> list[LayerKeep]:
     return keep
 
 
-def pruned_folder(tmp: Path, case_name: str, homogeneous: bool | str = False, seed: int = 0) -> tuple[Path, object, object]:
-    """(folder, pruned model, tokenizer) of a pruned tiny model of ``case_name`` saved with save_pruned; the
-    tokenizer is the folder's, as it reloads (a family's tokenizer class may change its pre-tokenizer).
-    ``homogeneous``: False (:func:`heterogeneous_keep`), True (:func:`homogeneous_keep`), "mlp" (:func:`mlp_only_keep`),
-    "empty" or "empty-last" (:func:`empty_blocks_keep`)."""
+KEEPS = {"hetero": heterogeneous_keep, "homo": homogeneous_keep, "mlp": mlp_only_keep, "empty": empty_blocks_keep,
+         "empty-last": lambda model: empty_blocks_keep(model, empty_last=True)}
+
+
+def pruned_folder(tmp: Path, case_name: str, keep: str = "hetero", seed: int = 0) -> tuple[Path, object, object]:
+    """(folder, pruned model, tokenizer) of a pruned tiny model of ``case_name`` saved with save_pruned, keeping what
+    ``KEEPS[keep]`` chooses; the tokenizer is the folder's, as it reloads (a family's tokenizer class may change its
+    pre-tokenizer)."""
     dense = make_model(CASE_BY_NAME[case_name], seed=seed)
-    keep = {False: heterogeneous_keep, True: homogeneous_keep, "mlp": mlp_only_keep, "empty": empty_blocks_keep,
-            "empty-last": lambda m: empty_blocks_keep(m, empty_last=True)}[homogeneous](dense)
-    pruned = pruned_copy(dense, keep)
-    label = {False: "hetero", True: "homo"}.get(homogeneous, homogeneous)
-    folder = save_pruned(pruned, make_tokenizer(), tmp / f"{case_name}-{label}")
+    pruned = pruned_copy(dense, KEEPS[keep](dense))
+    folder = save_pruned(pruned, make_tokenizer(), tmp / f"{case_name}-{keep}")
     return folder, pruned, load_pruned(folder)[1]
 
 

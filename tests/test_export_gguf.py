@@ -98,7 +98,7 @@ def test_heterogeneous_llama_is_deci_with_per_layer_arrays(tmp_path):
 
 
 def test_homogeneous_llama_keeps_its_architecture_and_scalars(tmp_path):
-    folder, model, _ = pruned_folder(tmp_path, "llama2-mha", homogeneous=True)
+    folder, model, _ = pruned_folder(tmp_path, "llama2-mha", "homo")
     shapes = layer_shapes(model)
     assert len({(s["num_q_heads"], s["num_kv_heads"], s["intermediate"]) for s in shapes}) == 1
 
@@ -119,7 +119,7 @@ def test_homogeneous_llama_keeps_its_architecture_and_scalars(tmp_path):
 
 
 def test_qwen2_pruned_attention_needs_deci_and_keeps_its_biases(tmp_path):
-    folder, model, _ = pruned_folder(tmp_path, "qwen2-bias", homogeneous=True)
+    folder, model, _ = pruned_folder(tmp_path, "qwen2-bias", "homo")
     layout = plan_layout(model)
     assert layout.architecture == "deci" and layout.permute_qk
     assert "hidden x hidden" in layout.notes[0]
@@ -135,7 +135,7 @@ def test_qwen2_pruned_attention_needs_deci_and_keeps_its_biases(tmp_path):
 
 
 def test_qwen3_homogeneous_is_qwen3_without_permutation(tmp_path):
-    folder, model, _ = pruned_folder(tmp_path, "qwen3-qknorm", homogeneous=True)
+    folder, model, _ = pruned_folder(tmp_path, "qwen3-qknorm", "homo")
 
     export_gguf(folder, tmp_path / "q3.gguf", outtype="f32")
 
@@ -163,7 +163,7 @@ def test_gemma2_heterogeneous_is_refused_with_the_reason(tmp_path):
 
 
 def test_gemma2_homogeneous_carries_its_window_pattern_caps_and_norms_plus_one(tmp_path):
-    folder, model, _ = pruned_folder(tmp_path, "gemma2-caps", homogeneous=True)
+    folder, model, _ = pruned_folder(tmp_path, "gemma2-caps", "homo")
     out = export_gguf(folder, tmp_path / "g2.gguf", outtype="f32")
     assert out.layout.notes == ()  # llama.cpp's gemma2 has the sliding window: nothing to warn about
     reader = gguf.GGUFReader(tmp_path / "g2.gguf")
@@ -182,7 +182,7 @@ def test_gemma2_homogeneous_carries_its_window_pattern_caps_and_norms_plus_one(t
 
 def test_gemma3_with_an_attention_soft_cap_is_refused(tmp_path):
     """llama.cpp's gemma3 has no attention soft cap: such a model is refused, never written without it."""
-    folder, model, _ = pruned_folder(tmp_path, "gemma3-localglobal", homogeneous=True)
+    folder, model, _ = pruned_folder(tmp_path, "gemma3-localglobal", "homo")
     config = json.loads((folder / "config.json").read_text())
     config["attn_logit_softcapping"] = 50.0
     (folder / "config.json").write_text(json.dumps(config))
@@ -192,7 +192,7 @@ def test_gemma3_with_an_attention_soft_cap_is_refused(tmp_path):
 
 
 def test_mistral_sliding_window_is_reported(tmp_path):
-    _, model, _ = pruned_folder(tmp_path, "mistral-window", homogeneous=True)
+    _, model, _ = pruned_folder(tmp_path, "mistral-window", "homo")
     layout = plan_layout(model)
     assert layout.architecture == "llama"
     assert any("no sliding window" in n and "4 tokens" in n for n in layout.notes)
@@ -395,7 +395,7 @@ def test_homogeneous_llama_gguf_reloads_in_transformers(tmp_path):
     independent check of names, shapes, metadata and the permutation."""
     from transformers import AutoModelForCausalLM
 
-    folder, model, _ = pruned_folder(tmp_path, "llama3-gqa", homogeneous=True)
+    folder, model, _ = pruned_folder(tmp_path, "llama3-gqa", "homo")
     out = export_gguf(folder, tmp_path / "h.gguf", outtype="f32")
     assert out.layout.architecture == "llama"
     reread = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="h.gguf", dtype=torch.float32).eval()

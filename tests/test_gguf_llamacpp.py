@@ -85,18 +85,18 @@ def _compare(model, gguf_path, tokens: torch.Tensor, llama_cpp, atol: float) -> 
     return figures
 
 
-@pytest.mark.parametrize("case_name, homogeneous, architecture", [
-    ("llama3-gqa", False, "deci"),
-    ("llama31-rope", False, "deci"),
-    ("llama2-mha", True, "llama"),
-    ("qwen2-bias", False, "deci"),
-    ("qwen3-qknorm", True, "qwen3"),
-    ("gemma2-caps", True, "gemma2"),
-    ("gemma3-localglobal", True, "gemma3"),  # q/k norms (+1), a rope base per kind of layer  # four norms (+1), soft caps, the sliding-window pattern, query scale folded
-    ("granite-scales", True, "granite"),  # the four scales as granite.* keys
-    ("granite-scales", False, "deci"),  # per-layer widths: the scales folded into the weights, the head untied
-    ("phi3-mini", True, "llama"),  # split qkv_proj / gate_up_proj, written as Llama's separate tensors
-    ("phi3-mini", False, "deci"),
+@pytest.mark.parametrize("case_name, keep, architecture", [
+    ("llama3-gqa", "hetero", "deci"),
+    ("llama31-rope", "hetero", "deci"),
+    ("llama2-mha", "homo", "llama"),
+    ("qwen2-bias", "hetero", "deci"),
+    ("qwen3-qknorm", "homo", "qwen3"),
+    ("gemma2-caps", "homo", "gemma2"),  # four norms (+1), soft caps, the sliding-window pattern, query scale folded
+    ("gemma3-localglobal", "homo", "gemma3"),  # q/k norms (+1), a rope base per kind of layer
+    ("granite-scales", "homo", "granite"),  # the four scales as granite.* keys
+    ("granite-scales", "hetero", "deci"),  # per-layer widths: the scales folded into the weights, the head untied
+    ("phi3-mini", "homo", "llama"),  # split qkv_proj / gate_up_proj, written as Llama's separate tensors
+    ("phi3-mini", "hetero", "deci"),
     ("olmo2", "mlp", "olmo2"),  # whole-projection q/k norms, post-branch norms; its loader needs every head
     # empty blocks: layer 0 without attention (one zero head stands in), layer 1 without either (0 in deci's arrays:
     # skipped), layer 2 without MLP (one zero channel stands in); "empty-last": the last layer without either
@@ -106,8 +106,8 @@ def _compare(model, gguf_path, tokens: torch.Tensor, llama_cpp, atol: float) -> 
     ("phi3-mini", "empty", "deci"),
 ])
 def test_tiny_pruned_model_runs_in_llama_cpp_like_transformers(tmp_path, llama_cpp, test_rows, case_name,
-                                                              homogeneous, architecture):
-    folder, model, tokenizer = pruned_folder(tmp_path, case_name, homogeneous=homogeneous)
+                                                              keep, architecture):
+    folder, model, tokenizer = pruned_folder(tmp_path, case_name, keep)
     out = export_gguf(folder, tmp_path / "m.gguf", outtype="f32")
     assert out.layout.architecture == architecture
     text = "\n\n".join(test_rows)
@@ -147,7 +147,7 @@ def test_sentencepiece_vocabulary_tokenizes_and_runs_like_transformers(tmp_path,
 
 def test_mistral_matches_within_its_sliding_window(tmp_path, llama_cpp):
     """llama.cpp has no sliding window for Mistral: positions inside the window agree, and the export says so."""
-    folder, model, _ = pruned_folder(tmp_path, "mistral-window", homogeneous=True)
+    folder, model, _ = pruned_folder(tmp_path, "mistral-window", "homo")
     out = export_gguf(folder, tmp_path / "m.gguf", outtype="f32")
     assert any("no sliding window" in note for note in out.layout.notes)
     ids = torch.randint(0, 320, (3, 4), generator=torch.Generator().manual_seed(1))  # window = 4 tokens

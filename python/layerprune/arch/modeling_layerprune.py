@@ -136,15 +136,19 @@ def install_empty_blocks(layer: Any) -> None:
         layer.mlp = EmptyMLP(layer.mlp)
 
 
+def _config_field(config: Any, key: str) -> Any:
+    """``key`` of a config object or of config.json read as a dict; None when absent."""
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
 def fused_rows(fused: str, config: Any, rows: int) -> tuple[int, ...]:
     """Rows of each separate projection inside the dense model's fused projection ``fused`` of ``rows`` rows:
     q, k, v rows from the config's heads and head_dim; gate and up halves."""
     if fused == "gate_up_proj":
         return (rows // 2, rows - rows // 2)
-    field = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)  # config.json or config
-    heads = field("num_attention_heads")
-    head_dim = field("head_dim") or field("hidden_size") // heads
-    kv_heads = field("num_key_value_heads") or heads
+    heads = _config_field(config, "num_attention_heads")
+    head_dim = _config_field(config, "head_dim") or _config_field(config, "hidden_size") // heads
+    kv_heads = _config_field(config, "num_key_value_heads") or heads
     return (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
 
 
