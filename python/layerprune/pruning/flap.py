@@ -11,7 +11,7 @@ checked point by point against the authors' released code (its AL-AM structure, 
 3. **Global threshold.** All KV groups and channels of all layers are sorted by score; the lowest are removed,
    each counted by its parameter share (the code hard-codes LLaMA-7B's 512/3 channels per head), until the
    parameter budget is met (every layer keeps at least ``min_kv_groups`` groups and one channel: FLAP has no
-   floor, layerprune plans no empty block). The per-layer widths follow.
+   floor; layerprune keeps one unless ``min_kv_groups`` is 0). The per-layer widths follow.
 4. **Bias compensation** of the removed columns' mean contribution (:mod:`layerprune.pruning.refit_loop`,
    ``bias``), from the dense model's inputs (no error correction), as the code does.
 """
