@@ -10,8 +10,8 @@ checked point by point against the authors' released code (its AL-AM structure, 
    SmolLM2), and three standardised group sums are always about −1.22, 0 and 1.22, whatever the layer.
 3. **Global threshold.** All KV groups and channels of all layers are sorted by score; the lowest are removed,
    each counted by its parameter share (the code hard-codes LLaMA-7B's 512/3 channels per head), until the
-   parameter budget is met (every layer keeps at least ``min_kv_groups`` groups and one channel: FLAP has no
-   floor; layerprune keeps one unless ``min_kv_groups`` is 0). The per-layer widths follow.
+   parameter budget is met (every layer keeps at least ``min_kv_groups`` groups and ``min_mlp_channels``
+   channels: FLAP has no floor; layerprune keeps one of each unless told 0). The per-layer widths follow.
 4. **Bias compensation** of the removed columns' mean contribution (:mod:`layerprune.pruning.refit_loop`,
    ``bias``), from the dense model's inputs (no error correction), as the code does.
 """
@@ -90,6 +90,7 @@ def flap_allocation(spec: AllocationSpec, kv_scores: list[torch.Tensor], channel
     candidates.sort(key=lambda c: c[0])
     kept_kv = [s.num_kv_heads for s in spec.layers]
     kept_mlp = [s.intermediate for s in spec.layers]
+    min_mlp = 1 if spec.min_mlp is None else int(spec.min_mlp)
     removed = 0
     for _z, l, kind in candidates:  # within a layer and kind the z order is the score order
         if removed >= target:
@@ -98,12 +99,12 @@ def flap_allocation(spec: AllocationSpec, kv_scores: list[torch.Tensor], channel
         if kind == "kv" and kept_kv[l] > min_kv_groups:
             removed += shape.params(kept_kv[l], kept_mlp[l]) - shape.params(kept_kv[l] - 1, kept_mlp[l])
             kept_kv[l] -= 1
-        elif kind == "mlp" and kept_mlp[l] > 1:
+        elif kind == "mlp" and kept_mlp[l] > min_mlp:
             removed += shape.params(kept_kv[l], kept_mlp[l]) - shape.params(kept_kv[l], kept_mlp[l] - 1)
             kept_mlp[l] -= 1
     if removed < target:
         raise InfeasibleError(f"flap: removing every prunable group and channel reaches {removed:,} of the "
-                              f"{target:,} parameters asked for (min_kv_groups)")
+                              f"{target:,} parameters asked for (min_kv_groups, min_mlp_channels)")
     layers = [LayerAllocation(g, g * (s.num_q_heads // s.num_kv_heads), f, 1.0 - g / s.num_kv_heads,
                               1.0 - f / s.intermediate, s.params(g, f))
               for s, g, f in zip(spec.layers, kept_kv, kept_mlp)]
