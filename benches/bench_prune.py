@@ -13,7 +13,6 @@ Calibration comes from WikiText-2 valid; nothing is evaluated. Never asserts.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 

@@ -166,7 +166,7 @@ def test_uniform_and_unbalanced_same_params_within_granule(finished):
 
 def test_uniform_range_lands_closest_to_target(finished):
     _, rep, model, _ = finished
-    settings = compare_mod.validate_settings(_settings(Path(".")))
+    compare_mod.validate_settings(_settings(Path(".")))
     dense = rep["runs"][0]["params"]
     for run in rep["runs"]:
         if run["method"] != "uniform-range":

@@ -196,34 +196,16 @@ def test_gguf_refuses_what_llama_cpp_would_run_otherwise():
 # Healing
 
 
-def test_healing_trains_around_empty_blocks(tmp_path, wikitext_dir):
-    """A full step lowers the distillation loss and leaves the empty blocks empty; LoRA adapts only the projections
-    that have weights, and merges back to the same widths."""
-    from layerprune.healing import HealConfig
+def test_lora_adapts_only_projections_with_weights():
+    """LoRA adapts only the projections that have weights, and merges back to the same widths (a full healing step
+    around empty blocks: test_heal.py::test_one_step_lowers_the_loss)."""
     from layerprune.healing.lora import add_lora, lora_targets, merge_lora
-    from layerprune.healing.text import heal_text
-    from layerprune.healing.trainer import HealTrainer, step_sequences
 
-    text_file = tmp_path / "heal.txt"
-    text_file.write_text((wikitext_dir / "valid.txt").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
-    teacher, tokenizer = make_model(CASES[0]), make_tokenizer()
-    student = pruned_copy(teacher, empty_blocks_keep(teacher)).train()
-    widths = [tuple(s.values()) for s in layer_shapes(student)]
-    config = HealConfig(tokens=4 * 32, seq_len=32, batch_size=4, lr=1e-3, warmup=0.0, dataset=str(text_file))
-    text = heal_text(tokenizer, config.seq_len, config.held_out_fraction, config.dataset)
-    trainer = HealTrainer(student, teacher.eval(), None, text, config)
-    rows = step_sequences(0, config, int(text.train.shape[0]))
-    with torch.no_grad():
-        before = float(trainer.loss_sums(text.train[rows], rows)[0])
-    trainer.train_step(0)
-    with torch.no_grad():
-        after = float(trainer.loss_sums(text.train[rows], rows)[0])
-    assert after < before * 0.99, (before, after)
-    assert [tuple(s.values()) for s in layer_shapes(student)] == widths
-    check_consistency(student)
-
+    teacher = make_model(CASES[0])
+    student = pruned_copy(teacher, empty_blocks_keep(teacher))
+    widths = layer_shapes(student)
     targets = lora_targets(student)
     assert "model.layers.0.self_attn.q_proj" not in targets and "model.layers.1.mlp.down_proj" not in targets
     assert "model.layers.2.self_attn.q_proj" in targets and "model.layers.0.mlp.down_proj" in targets
     merged = merge_lora(add_lora(student, rank=4, alpha=8.0, dropout=0.0))
-    assert [tuple(s.values()) for s in layer_shapes(merged)] == widths
+    assert layer_shapes(merged) == widths

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 from families import CASES, logits, make_model, make_tokenizer, token_ids
+from gguf_models import empty_blocks_keep
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from layerprune.arch import layer_shapes
+from layerprune.arch import check_consistency, layer_shapes
 from layerprune.cli import main
 from layerprune.errors import DataError, InvalidInputError, ModelError
 from layerprune.export import save_pruned
@@ -156,9 +157,12 @@ def _keep(model) -> list[LayerKeep]:
             for i, s in enumerate(layer_shapes(model))]
 
 
-def test_one_step_lowers_the_loss(small_text):
+@pytest.mark.parametrize("keep", [_keep, empty_blocks_keep], ids=["pruned", "empty-blocks"])
+def test_one_step_lowers_the_loss(small_text, keep):
+    """One full step lowers the distillation loss and keeps every layer's widths (empty blocks stay empty)."""
     teacher, tokenizer = make_model(CASES[0]), make_tokenizer()
-    student = pruned_copy(teacher, _keep(teacher)).train()
+    student = pruned_copy(teacher, keep(teacher)).train()
+    widths = layer_shapes(student)
     config = HealConfig(tokens=4 * 32, seq_len=32, batch_size=4, lr=1e-3, warmup=0.0, dataset=small_text)
     text = heal_text(tokenizer, config.seq_len, config.held_out_fraction, config.dataset)
     trainer = HealTrainer(student, teacher.eval(), None, text, config)  # the live teacher
@@ -169,6 +173,8 @@ def test_one_step_lowers_the_loss(small_text):
     with torch.no_grad():
         after = float(trainer.loss_sums(text.train[rows], rows)[0])
     assert after < before * 0.99, (before, after)
+    assert layer_shapes(student) == widths
+    check_consistency(student)
 
 
 def test_fsdp_without_a_process_group_is_refused_in_one_line(small_text):

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import layerprune
 from layerprune import models
 from layerprune.models import embedded, loading
 from layerprune.errors import InternalError, ModelError
