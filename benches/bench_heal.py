@@ -117,15 +117,8 @@ def child_speed(args: argparse.Namespace) -> dict:
     # one more step than timed: the last step of a heal run ends with its held-out evaluation, which is not timed
     config = _heal_config(args, tokens=(steps + 1) * 8 * 256, eval_every=10**6,
                           teacher_logits="live" if kind == "live" else "cached")
-    times: list[float] = []
-    last = [time.perf_counter()]
-
-    def on_step(step: int, tokens: int, model) -> None:
-        now = time.perf_counter()
-        times.append(now - last[0])
-        if step == 1:
-            reset_peak_rss()
-        last[0] = time.perf_counter()
+    on_step = StepTimer()
+    times = on_step.times
 
     if kind in ("live", "cached"):
         teacher = teacher_loader() if kind == "live" else teacher_loader
@@ -160,6 +153,24 @@ def child_speed(args: argparse.Namespace) -> dict:
     return {"kind": kind, "steps": steps, "step_seconds": times, "seconds_per_step": per_step,
             "tokens_per_second": 2048 / per_step,
             "peak_rss": peak_rss(), "precision": args.precision}
+
+
+class StepTimer:
+    """A ``heal`` ``on_step`` callback: the seconds of every step in ``times``; after step 1 the peak RSS is reset
+    (steps 2.. are measured), and ``at_first(model)`` is called then if given."""
+
+    def __init__(self, at_first=None) -> None:
+        self.times: list[float] = []
+        self.at_first = at_first
+        self.last = time.perf_counter()
+
+    def __call__(self, step: int, tokens: int, model) -> None:
+        self.times.append(time.perf_counter() - self.last)
+        if step == 1:
+            if self.at_first is not None:
+                self.at_first(model)
+            reset_peak_rss()
+        self.last = time.perf_counter()
 
 
 def child_curve(args: argparse.Namespace) -> dict:

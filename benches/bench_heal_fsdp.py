@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT / "benches"))
 
-from bench_sequential import peak_rss, reset_peak_rss  # noqa: E402
+import bench_heal  # noqa: E402
+from bench_sequential import peak_rss  # noqa: E402
 
 from layerprune.atomic import write_json_atomic  # noqa: E402
 
@@ -60,17 +61,9 @@ def rank_main(args: argparse.Namespace) -> None:
     student, tokenizer = load_model(args.student)
     config = HealConfig(tokens=(args.steps + 1) * TOKENS_PER_STEP, precision="bfloat16", eval_every=10**6,
                         fsdp=args.fsdp, data_dir=args.data_dir)
-    times: list[float] = []
     held: list[int] = []
-    last = [time.perf_counter()]
-
-    def on_step(step: int, tokens: int, model) -> None:
-        now = time.perf_counter()
-        times.append(now - last[0])
-        if step == 1:
-            held.append(_held_bytes(model))
-            reset_peak_rss()
-        last[0] = time.perf_counter()
+    on_step = bench_heal.StepTimer(at_first=lambda model: held.append(_held_bytes(model)))
+    times = on_step.times
 
     heal(student, lambda: load_model(MODEL)[0], tokenizer, config, teacher_cache=args.teacher_cache, progress=False,
          inplace=True, on_step=on_step)
@@ -121,8 +114,6 @@ def main() -> None:
     if args.rank_main:
         rank_main(args)
         return
-    import bench_heal
-
     student = str(bench_heal._pruned_folder(argparse.Namespace(workdir=args.workdir, ratio=args.ratio,
                                                                data_dir=args.data_dir, no_progress=True),
                                             "unbalanced"))

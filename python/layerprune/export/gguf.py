@@ -252,7 +252,8 @@ def gguf_tensors(model: Any, layout: GGUFLayout) -> Iterator[tuple[str, np.ndarr
             kind = projection_kinds[name]
             if stand_in[block]:
                 width = layout.head_dim if block == "self_attn" else 1
-                shape = (linear.out_features, width) if name.endswith(("o_proj", "down_proj")) else (width, linear.in_features)
+                output = name.endswith(("o_proj", "down_proj"))
+                shape = (linear.out_features, width) if output else (width, linear.in_features)
                 yield _tensor_name(kind, bid=bid), np.zeros(shape, dtype=np.float32), kind
                 continue
             for suffix, param in (("weight", linear.weight), ("bias", linear.bias)):

@@ -59,8 +59,8 @@ def _validate_keep(keep: Sequence[LayerKeep], shapes: list[dict[str, int]]) -> N
 
 
 def _ratio(shape: dict[str, int]) -> int:
-    """Query heads per KV head of a layer's shape; 0 for an empty attention."""
-    return shape["num_q_heads"] // shape["num_kv_heads"] if shape["num_kv_heads"] else 0
+    """:attr:`LayerGeometry.ratio` of a :func:`layer_shapes` entry (0 for an empty attention)."""
+    return LayerGeometry(**shape).ratio
 
 
 def _removed(kept: Sequence[int], size: int) -> list[int]:
