@@ -18,7 +18,7 @@ from layerprune.models import count_parameters, load_pruned
 from layerprune.pruning import masked_dense_forward, prune, pruned_copy
 from layerprune.pruning.refit_loop import refit_kept_weights
 from layerprune.refit import InputGram, compensation_bias, reconstruction_error, refit_output_projection
-from layerprune.refit.lstsq import add_symmetric_gram_
+from layerprune.refit.lstsq import add_symmetric_gram_, damping_added
 from layerprune.scoring.selection import LayerKeep
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,6 +38,28 @@ def _stats(x: torch.Tensor, chunks: int = 3) -> InputGram:
     for part in x.chunk(chunks):
         stats.update(part)
     return stats
+
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_refit_of_a_singular_gram_grows_the_damping_from_the_same_matrix(affine):
+    """A kept input that is always zero: the undamped block does not factor, its in-place factor is overwritten,
+    and the retry must start again from the block itself. The answer is the closed form at the damping that
+    factored."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 20, generator=gen, dtype=torch.float64) + 0.5
+    x[:, 6] = 0.0
+    w = torch.randn(4, 20, generator=gen, dtype=torch.float64)
+    kept = list(range(0, 20, 2))
+    stats = _stats(x)
+    second = stats.gram / stats.count - (torch.outer(stats.mean, stats.mean) if affine else 0.0)
+    block = second[kept][:, kept]
+    lam = damping_added(stats.gram[kept][:, kept] if not affine else block * stats.count, 0.0,
+                        divisor=stats.count)
+    assert lam > 0.0  # the first try failed
+    expected = torch.linalg.solve(block + lam * torch.eye(len(kept), dtype=torch.float64), (w @ second[:, kept]).T).T
+    new_w, _ = refit_output_projection(w, stats, kept, damping=0.0, affine=affine)
+    torch.testing.assert_close(new_w, expected, rtol=1e-9, atol=1e-9)
 
 
 @settings(max_examples=25, deadline=None)
@@ -206,3 +228,23 @@ def test_sensitivity_after_refit_measures_the_refit_layer():
     cache = capture_layer_inputs(work, calib, progress=False)
     base = capture_layer_inputs(dense, calib, progress=False).base_loss
     assert math.isclose(li.details["attn_samples"][layer][str(g)], cache.base_loss - base, rel_tol=1e-4, abs_tol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(changed=st.integers(0, 12), seed=st.integers(0, 10_000), bias=st.booleans())
+def test_output_error_equals_the_direct_mean_squared_difference(changed, seed, bias):
+    """The refit report's errors from the Gram (whole, or the block of the few columns that changed) equal
+    ``mean ‖(W x + b) − (W' x + b')‖²`` over the rows."""
+    from layerprune.pruning.refit_loop import _output_error
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(40, 12, generator=gen, dtype=torch.float64) + 0.3
+    w = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    new_w = w.clone()
+    cols = torch.randperm(12, generator=gen)[:changed]
+    new_w[:, cols] = torch.randn(5, changed, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, generator=gen, dtype=torch.float64) if bias else None
+    new_b = b + 0.1 if bias else None
+    direct = float((((x @ w.T + (0 if b is None else b)) - (x @ new_w.T + (0 if new_b is None else new_b))) ** 2)
+                   .sum(1).mean())
+    assert _output_error(w, b, new_w, new_b, _stats(x)) == pytest.approx(direct, rel=1e-9, abs=1e-12)

@@ -3,9 +3,9 @@
 a child process, whose peak RSS above its imports is held to the bound.
 
 The bound: a quarter of the checkpoint, plus, for a method that holds a projection's input Gram (the lstsq refit,
-structured OBS, FLAP's compensation), six float64 matrices of the widest projection input (``6 · 8 · in²`` bytes):
+structured OBS, FLAP's compensation), three float64 matrices of the widest projection input (``3 · 8 · in²`` bytes):
 that working set is one layer's, whatever the depth, so the goal of a quarter holds for it on deep models only
-(on a Llama-3.2-1B-shaped checkpoint it alone is 3 GiB; docs/large-models.md).
+(on a Llama-3.2-1B-shaped checkpoint it alone is 1.5 GiB; docs/large-models.md).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ WITH_GRAM = {"activation-lstsq", "uniform-obs", "flap"}
 # every method bench_sequential runs but the full default, whose sensitivity curves of 16 layers take 10 minutes
 # here (the layer-by-layer default holds what uniform-obs holds, plus perturbed copies that spill to disk)
 METHODS = sorted(set(bench.METHODS) - {"default", "default-coarse"})
-# the Gram, its kept block (damped in place), the block's Cholesky factor, the solver's column-major copy of it, and
-# the float64 weights and right-hand sides (about one more): measured 5.6 of them with an 8-window refit here
-GRAM_MATRICES = 6
+# the Gram and its kept block, factored in place (the refit), or its inverse, made in place (OBS), and the float64
+# rows refit a block at a time and OBS's updates (part of one more): measured 2.5 of them with an 8-window refit here
+GRAM_MATRICES = 3
 CHECKPOINT_SHARE = 0.25
 
 

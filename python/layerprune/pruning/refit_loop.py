@@ -221,15 +221,16 @@ def refit_layer(
                                    batch_fraction=batch_fraction)[-1]
             removed = set(stage.removed)
             kept_units = tuple(i for i in range(len(groups)) if i not in removed)
+            with torch.no_grad():
+                target.weight.copy_(stage.weight.to(target.weight))
+            del stage  # its float64 weights
         chosen[name] = tuple(kept_units)
         kept = [c for i in kept_units for c in groups[i]]
         masked = torch.zeros_like(dense_w)
         masked[:, kept] = dense_w[:, kept]
         layer_errors[f"{name}_masked"] = _output_error(dense_w, dense_b, masked, dense_b, stats)
-        if select == "obs":
-            with torch.no_grad():
-                target.weight.copy_(stage.weight.to(target.weight))
-        else:
+        del masked
+        if select != "obs":
             _apply(target, stats, kept, mode, damping)
         layer_errors[f"{name}_refit"] = _output_error(dense_w, dense_b, target.weight, target.bias, stats)
         if name == "o_proj" and select == "obs" and hold_kept_heads_norms(adapter, layer.self_attn, kept_units, ratio,
@@ -255,10 +256,22 @@ def _output_error(dense_w: torch.Tensor, dense_b: torch.Tensor | None, new_w: to
                   new_b: torch.Tensor | None, stats: InputGram) -> float:
     """``mean ‖(W x + b) − (W' x + b')‖²`` over the collected inputs, from their Gram ``H/n`` and mean ``μ``:
     ``tr(D H/n Dᵀ) + 2 δᵀ D μ + ‖δ‖²`` with ``D = W − W'``, ``δ = b − b'`` (a missing bias is zero). A Gram of
-    some columns only (``stats.columns``) serves when ``D`` is zero outside them."""
-    if stats.columns is None:
-        d = (dense_w - new_w).to(torch.float64)
-        mean = stats.mean
+    some columns only (``stats.columns``) serves when ``D`` is zero outside them; where ``D`` is zero outside at most
+    half the columns (the masked error: the removed ones), only their block of ``H`` is read."""
+    changed = torch.nonzero((dense_w != new_w).any(0)).flatten()
+    if stats.columns is None and 2 * changed.numel() > dense_w.shape[1]:
+        def d_rows(r: int) -> torch.Tensor:  # D's rows in float64, a block at a time: never a whole float64 copy
+            block = slice(r, r + ERROR_ROW_BLOCK)
+            return dense_w[block].to(stats.gram.device, torch.float64) - new_w[block].to(stats.gram.device, torch.float64)
+        gram, mean = stats.gram, stats.mean
+    elif stats.columns is None:  # D is zero outside a few columns (the masked error: the removed ones): their block
+        index = changed.to(stats.gram.device)
+        gram = stats.gram.index_select(0, index).index_select(1, index)
+        d = (dense_w.index_select(1, changed) - new_w.index_select(1, changed)).to(stats.gram.device, torch.float64)
+        mean = stats.mean[index]
+
+        def d_rows(r: int) -> torch.Tensor:
+            return d[r:r + ERROR_ROW_BLOCK]
     else:  # D is those columns' difference alone (the others checked equal): never a whole float64 copy
         columns = stats.columns.to(dense_w.device)
         outside = torch.ones(dense_w.shape[1], dtype=torch.bool, device=dense_w.device)
@@ -266,13 +279,21 @@ def _output_error(dense_w: torch.Tensor, dense_b: torch.Tensor | None, new_w: to
         outside_index = torch.nonzero(outside).flatten()
         if not torch.equal(dense_w.index_select(1, outside_index), new_w.index_select(1, outside_index)):
             raise InternalError("refit error: the weights changed outside the columns whose Gram was collected")
-        d = (dense_w.index_select(1, columns) - new_w.index_select(1, columns)).to(torch.float64)
-        mean = stats.mean[stats.columns]
-    value = sum(float(((d[r:r + ERROR_ROW_BLOCK] @ stats.gram) * d[r:r + ERROR_ROW_BLOCK]).sum())
-                for r in range(0, d.shape[0], ERROR_ROW_BLOCK)) / max(stats.count, 1)  # tr(D H Dᵀ), rows in blocks
-    zero = torch.zeros(d.shape[0], dtype=torch.float64, device=d.device)
-    delta = (zero if dense_b is None else dense_b.to(torch.float64)) - (zero if new_b is None else new_b.to(torch.float64))
-    value = value + 2 * delta @ (d @ mean.to(d.device)) + delta @ delta
+        d = (dense_w.index_select(1, columns) - new_w.index_select(1, columns)).to(stats.gram.device, torch.float64)
+        gram, mean = stats.gram, stats.mean[stats.columns]
+
+        def d_rows(r: int) -> torch.Tensor:
+            return d[r:r + ERROR_ROW_BLOCK]
+    value, d_mean = 0.0, []
+    for r in range(0, dense_w.shape[0], ERROR_ROW_BLOCK):  # tr(D H Dᵀ) and D μ, rows in blocks
+        rows = d_rows(r)
+        value += float(((rows @ gram) * rows).sum())
+        d_mean.append(rows @ mean.to(rows.device))
+    value /= max(stats.count, 1)
+    dm = torch.cat(d_mean)
+    zero = torch.zeros(dense_w.shape[0], dtype=torch.float64, device=dm.device)
+    delta = ((zero if dense_b is None else dense_b.to(dm)) - (zero if new_b is None else new_b.to(dm)))
+    value = value + 2 * delta @ dm + delta @ delta
     return float(value)
 
 

@@ -48,12 +48,12 @@ from layerprune.allocation.knapsack import (Knapsack, build_knapsack, choice_for
                                             widths, windows)
 from layerprune.allocation.solve import AllocationResult, AllocationSpec
 from layerprune.arch import adapter_for, gqa
-from layerprune.errors import InvalidInputError
+from layerprune.errors import InvalidInputError, NumericalError
 from layerprune.importance.divergence import teacher_top_k, top_k_kl
 from layerprune.models.layer_calls import batch_slice, layer_arguments, layer_call
 from layerprune.pruning.refit_loop import refit_kept_weights
 from layerprune.refit import DEFAULT_DAMPING, InputGram
-from layerprune.refit.lstsq import damping_added
+from layerprune.refit.lstsq import damping_added, factor_in_place_, solve_with_factor
 from layerprune.refit.obs import DEFAULT_BATCH_FRACTION, structured_obs
 from layerprune.scoring.selection import LayerKeep
 
@@ -213,7 +213,9 @@ def obs_refit(weight: torch.Tensor, stats: InputGram, columns: Sequence[int], la
     block = stats.gram.index_select(0, s).index_select(1, s) / n
     block.diagonal().add_(lam)
     rhs = w @ (stats.gram.index_select(1, s) / n) + lam * w.index_select(1, s)
-    return torch.cholesky_solve(rhs.T, torch.linalg.cholesky(block)).T
+    if not factor_in_place_(block):
+        raise NumericalError("search: a variant's damped Gram block does not factor")
+    return solve_with_factor(rhs, block)
 
 
 class FitnessModel:

@@ -15,7 +15,7 @@ The damping keeps ``H[S, S]`` invertible when calibration is short (SparseGPT's 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -105,62 +105,96 @@ def _kept_index(kept: Sequence[int] | torch.Tensor, features: int) -> torch.Tens
     return index
 
 
-def damped_cholesky(a: torch.Tensor, damping: float, who: str = "refit", divisor: float | None = None,
-                    overwrite: bool = False) -> torch.Tensor:
-    """The Cholesky factor of ``m + λI`` for symmetric ``m = a / divisor`` (``a`` without a divisor),
-    ``λ = damping · mean diag m``; the damping grows tenfold until it factors (the one damping rule of the refit
-    and of structured OBS). Holds one copy of ``a`` besides the factor (none with ``overwrite``: ``a`` itself is
-    divided and damped): the damping goes onto its diagonal."""
-    if overwrite:
-        m = a.div_(divisor) if divisor is not None else a
-    else:
-        m = a / divisor if divisor is not None else a.clone()
-    return _damped_factor(m, damping, who)[0]
+def factor_in_place_(m: torch.Tensor) -> bool:
+    """``m ← L``, the lower Cholesky factor of the symmetric ``m`` (upper triangle zeroed), in ``m``'s own memory:
+    ``m``'s transpose is the column-major matrix LAPACK factors in place, so no second matrix is made. False
+    (``m`` overwritten with a partial factor) where ``m`` is not positive definite."""
+    view = m.T
+    info = torch.empty((), dtype=torch.int32, device=m.device)
+    torch.linalg.cholesky_ex(view, upper=True, out=(view, info))
+    return int(info) == 0
 
 
-def damping_added(a: torch.Tensor, damping: float, divisor: float | None = None) -> float:
-    """The ``λ`` :func:`damped_cholesky` adds to ``a / divisor`` (``damping`` times the mean diagonal, grown tenfold
-    until the matrix factors)."""
-    return _damped_factor(a / divisor if divisor is not None else a.clone(), damping, "damping")[1]
-
-
-def _damped_factor(m: torch.Tensor, damping: float, who: str) -> tuple[torch.Tensor, float]:
-    """Cholesky factor of ``m + λI`` and ``λ``; ``m``'s diagonal is overwritten with the damped one."""
+def damped_cholesky_(m: torch.Tensor, damping: float, who: str,
+                     refill: Callable[[torch.Tensor], None]) -> tuple[torch.Tensor, float]:
+    """``m ← L`` with ``L Lᵀ = m + λI``, ``λ = damping · mean diag m``, in place; the damping grows tenfold until
+    it factors (the one damping rule of the refit and of structured OBS). ``refill(m)`` writes the undamped matrix
+    into ``m`` again after a failed try. Returns ``(m, λ)``."""
     diag = torch.diagonal(m)
     plain = diag.clone()
     scale = float(plain.mean()) if plain.numel() else 0.0
     scale = scale if scale > 0 else 1.0
     lam = damping * scale
-    for _ in range(8):
+    for attempt in range(8):
+        if attempt:
+            refill(m)
         diag.copy_(plain + lam)
-        factor, info = torch.linalg.cholesky_ex(m)
-        if int(info) == 0:
-            return factor, lam
+        if factor_in_place_(m):
+            return m, lam
         lam = max(lam * 10.0, 1e-8 * scale)
     raise NumericalError(f"{who}: the calibration Gram matrix is not positive definite even with damping")
 
 
-def _solve_damped(a: torch.Tensor, rhs: torch.Tensor, damping: float, overwrite: bool = False) -> torch.Tensor:
-    """``rhs (a + λI)⁻¹`` for symmetric ``a`` (:func:`damped_cholesky`; ``overwrite``: ``a`` is the factor's
-    scratch)."""
-    return torch.cholesky_solve(rhs.T, damped_cholesky(a, damping, overwrite=overwrite)).T
+def _copy_of(a: torch.Tensor, divisor: float | None) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
+    """A new matrix holding ``a / divisor`` (``a`` without one) and the function that writes it again."""
+
+    def refill(out: torch.Tensor) -> None:
+        if divisor is None:
+            out.copy_(a)
+        else:
+            torch.div(a, divisor, out=out)
+
+    m = torch.empty_like(a, memory_format=torch.contiguous_format)
+    refill(m)
+    return m, refill
 
 
-def _gram_block(gram: torch.Tensor, s: torch.Tensor, divisor: float) -> torch.Tensor:
-    """``gram[s][:, s] / divisor``, ``COLUMN_BLOCK`` rows of ``s`` at a time (no ``[|s|, |s|]`` index arrays)."""
-    out = torch.empty(s.numel(), s.numel(), dtype=gram.dtype, device=gram.device)
+def damped_cholesky(a: torch.Tensor, damping: float, who: str = "refit", divisor: float | None = None) -> torch.Tensor:
+    """The lower Cholesky factor of ``a / divisor + λI`` (:func:`damped_cholesky_`) in one new matrix; ``a`` is
+    left as it was."""
+    m, refill = _copy_of(a, divisor)
+    return damped_cholesky_(m, damping, who, refill)[0]
+
+
+def damping_added(a: torch.Tensor, damping: float, divisor: float | None = None) -> float:
+    """The ``λ`` :func:`damped_cholesky_` adds to ``a / divisor`` (``damping`` times the mean diagonal, grown tenfold
+    until the matrix factors)."""
+    m, refill = _copy_of(a, divisor)
+    return damped_cholesky_(m, damping, "damping", refill)[1]
+
+
+def solve_with_factor(rhs: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``rhs (L Lᵀ)⁻¹`` for ``rhs`` ``[rows, n]`` and the lower factor ``L``: two triangular solves from the right,
+    which read ``L`` where it is (``torch.cholesky_solve`` makes a column-major copy of it)."""
+    y = torch.linalg.solve_triangular(factor.T, rhs, upper=True, left=False)
+    return torch.linalg.solve_triangular(factor, y, upper=False, left=False)
+
+
+def _gram_block(gram: torch.Tensor, s: torch.Tensor, divisor: float, mean: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """``gram[s][:, s] / divisor`` (``− mean[s] mean[s]ᵀ`` with ``mean``: the centred second moment), ``COLUMN_BLOCK``
+    rows of ``s`` at a time (no ``[|s|, |s|]`` index arrays); written into ``out`` when given."""
+    if out is None:
+        out = torch.empty(s.numel(), s.numel(), dtype=gram.dtype, device=gram.device)
+    kept_mean = None if mean is None else mean[s]
     for b in range(0, s.numel(), COLUMN_BLOCK):
-        out[b:b + COLUMN_BLOCK] = gram.index_select(0, s[b:b + COLUMN_BLOCK]).index_select(1, s) / divisor
+        rows = out[b:b + COLUMN_BLOCK]
+        torch.div(gram.index_select(0, s[b:b + COLUMN_BLOCK]).index_select(1, s), divisor, out=rows)
+        if kept_mean is not None:
+            rows.sub_(torch.outer(kept_mean[b:b + COLUMN_BLOCK], kept_mean))
     return out
 
 
-COLUMN_BLOCK = 1024  # columns of a Gram slice taken at a time (a [in, |S|] slice of an 8192-wide MLP is 384 MiB)
+ROW_BLOCK_BYTES = 16 * 2**20  # output rows refit at a time: this many bytes of them in float64
+COLUMN_BLOCK = 256  # Gram rows gathered at a time into its kept block (a [256, in] slice of an 8192-wide MLP: 16 MiB)
 
 
-def _times_gram_columns(w: torch.Tensor, gram: torch.Tensor, s: torch.Tensor, divisor: float) -> torch.Tensor:
-    """``w (gram[:, s] / divisor)``, ``COLUMN_BLOCK`` columns of ``s`` at a time."""
-    return torch.cat([w @ (gram[:, s[b:b + COLUMN_BLOCK]] / divisor) for b in range(0, s.numel(), COLUMN_BLOCK)],
-                     dim=1)
+def _times_gram_columns(w: torch.Tensor, gram: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``w H[:, s]``, as ``w H[s_b, :]ᵀ`` for ``COLUMN_BLOCK`` rows ``s_b`` of the symmetric ``H`` at a time."""
+    out = torch.empty(w.shape[0], s.numel(), dtype=w.dtype, device=w.device)
+    for b in range(0, s.numel(), COLUMN_BLOCK):
+        torch.matmul(w, gram.index_select(0, s[b:b + COLUMN_BLOCK]).T, out=out[:, b:b + COLUMN_BLOCK])
+    return out
 
 
 def refit_output_projection(
@@ -183,19 +217,25 @@ def refit_output_projection(
     if stats.count < 1:
         raise InvalidInputError("refit: no calibration rows were collected")
     s = _kept_index(kept, weight.shape[1]).to(stats.gram.device)
-    w = weight.detach().to(stats.gram.device, torch.float64)
-    if affine:
-        second = stats.covariance()
-        new_w = _solve_damped(second[s][:, s], w @ second[:, s], damping)
-    else:  # never a whole copy of the Gram: its kept block, and its kept columns in blocks
-        rhs = _times_gram_columns(w, stats.gram, s, stats.count)
-        new_w = _solve_damped(_gram_block(stats.gram, s, stats.count), rhs, damping, overwrite=True)
-    if not affine:
-        return new_w.to(weight.dtype).to(weight.device), bias
-    mean = stats.mean
-    base = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if bias is None else bias.detach().to(w)
-    new_b = base + w @ mean - new_w @ mean[s]
-    return new_w.to(weight.dtype).to(weight.device), new_b.to(weight.dtype).to(weight.device)
+    # never a whole copy of the Gram: its kept block (factored in place); and the output rows, each refit alone
+    # with the same factor, ROW_BLOCK_BYTES of them at a time (no [out, in] float64 copies)
+    mean = stats.mean if affine else None  # affine: the centred second moment H/n − μμᵀ
+    factor, _ = damped_cholesky_(_gram_block(stats.gram, s, stats.count, mean), damping, "refit",
+                                 lambda out: _gram_block(stats.gram, s, stats.count, mean, out=out))
+    new_w = torch.empty(weight.shape[0], s.numel(), dtype=weight.dtype, device=weight.device)
+    new_b = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device) if affine else None
+    step = max(1, ROW_BLOCK_BYTES // (8 * weight.shape[1]))
+    for r in range(0, weight.shape[0], step):
+        w = weight.detach()[r:r + step].to(stats.gram.device, torch.float64)
+        rhs = _times_gram_columns(w, stats.gram, s).div_(stats.count)
+        if mean is not None:
+            rhs.sub_(torch.outer(w @ mean, mean[s]))
+        rows = solve_with_factor(rhs, factor)
+        new_w[r:r + step] = rows.to(weight.device)
+        if new_b is not None:
+            base = 0.0 if bias is None else bias.detach()[r:r + step].to(w)
+            new_b[r:r + step] = (base + w @ mean - rows @ mean[s]).to(weight.device)
+    return new_w, (new_b if affine else bias)
 
 
 def compensation_bias(
@@ -218,12 +258,13 @@ def reconstruction_error(weight: torch.Tensor, stats: InputGram, kept: Sequence[
     s = _kept_index(kept, weight.shape[1]).to(stats.gram.device)
     w = weight.detach().to(stats.gram.device, torch.float64)
     h = stats.gram / stats.count
-    new_w = _solve_damped(h[s][:, s], w @ h[:, s], damping)
+    new_w = solve_with_factor(w @ h[:, s], damped_cholesky(h[s][:, s], damping))
     full = torch.einsum("ij,jk,ik->", w, h, w)
     kept_part = torch.einsum("ij,jk,ik->", new_w, h[s][:, s], new_w)
     cross = torch.einsum("ij,jk,ik->", w, h[:, s], new_w)
     return float(full - 2 * cross + kept_part)
 
 
-__all__ = ["DEFAULT_DAMPING", "InputGram", "damping_added", "compensation_bias", "reconstruction_error", "refit_output_projection",
-           "add_symmetric_gram_"]
+__all__ = ["DEFAULT_DAMPING", "InputGram", "add_symmetric_gram_", "compensation_bias", "damped_cholesky",
+           "damped_cholesky_", "damping_added", "factor_in_place_", "reconstruction_error", "refit_output_projection",
+           "solve_with_factor"]

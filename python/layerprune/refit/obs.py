@@ -30,6 +30,7 @@ from layerprune.refit.lstsq import DEFAULT_DAMPING, InputGram, damped_cholesky
 
 # Channels removed per step: this fraction of those still to be removed (at least one).
 DEFAULT_BATCH_FRACTION = 1.0 / 16.0
+NORM_ROWS = 256  # weight rows squared at a time in the channels' errors
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,14 @@ class ObsStage:
 
 
 def damped_inverse(stats: InputGram, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
-    """``(H/n + λI)⁻¹`` with ``λ = damping · mean diag(H/n)``; the damping grows tenfold until it factors."""
+    """``(H/n + λI)⁻¹`` with ``λ = damping · mean diag(H/n)``; the damping grows tenfold until it factors. One new
+    matrix: the factor is made in it and inverted in place (LAPACK's potri on its column-major view)."""
     if stats.count < 1:
         raise InvalidInputError("obs: no calibration rows were collected")
-    return torch.cholesky_inverse(damped_cholesky(stats.gram, damping, "obs", divisor=stats.count))  # symmetric
+    factor = damped_cholesky(stats.gram, damping, "obs", divisor=stats.count)
+    view = factor.T  # the upper factor U = Lᵀ, column-major: (UᵀU)⁻¹ is written over it, both triangles
+    torch.cholesky_inverse(view, upper=True, out=view)
+    return factor
 
 
 def _group_errors(w: torch.Tensor, blocks: torch.Tensor, cols: torch.Tensor,
@@ -54,7 +59,10 @@ def _group_errors(w: torch.Tensor, blocks: torch.Tensor, cols: torch.Tensor,
     """``ΔE`` of removing each group alone: ``cols`` ``[k, size]`` its columns, ``blocks`` ``[k, size, size]`` its
     diagonal blocks of the current inverse (``[k]`` diagonal entries when ``size == 1``)."""
     if cols.shape[1] == 1:  # every column's weighted norm at once: cheaper than gathering the live ones first
-        norms = w.square().sum(0) if row_weights is None else torch.mv(w.square().T, row_weights)
+        norms = torch.zeros(w.shape[1], dtype=w.dtype, device=w.device)
+        for r in range(0, w.shape[0], NORM_ROWS):  # rows in blocks: no [out, in] square beside w
+            square = w[r:r + NORM_ROWS].square()
+            norms += square.sum(0) if row_weights is None else row_weights[r:r + NORM_ROWS] @ square
         return norms[cols[:, 0]] / blocks
     wq = w.index_select(1, cols.reshape(-1)).reshape(w.shape[0], *cols.shape)  # [out, k, size]
     if row_weights is not None:
@@ -103,7 +111,7 @@ def structured_obs(
     if rw is not None and (rw.shape != (weight.shape[0],) or bool((rw < 0).any())):
         raise InvalidInputError(f"obs: row_weights must be {weight.shape[0]} non-negative numbers")
 
-    w = weight.detach().to(device, torch.float64).clone()
+    w = weight.detach().to(device, torch.float64, copy=True)
     g0 = damped_inverse(stats, damping)
     size = index.shape[1]
     most = counts[-1] * size if counts else 0
@@ -150,7 +158,8 @@ def structured_obs(
                 trace.append((len(removed), error))
         dead = index[~alive].reshape(-1)
         w[:, dead] = 0.0
-        stages.append(ObsStage(removed=tuple(removed), weight=w.clone(), error=error))
+        last = target == counts[-1]  # the last stage takes w itself: no copy of it is left behind
+        stages.append(ObsStage(removed=tuple(removed), weight=w if last else w.clone(), error=error))
     return stages
 
 
