@@ -153,8 +153,13 @@ def test_data_parallel_statistics_equal_one_process(job):
     """Element scores (taylor, vectorize, taylor2, activation), removal, Block Influence, sensitivity curves
     on the first 3 samples, and the refit Gram matrices: 5 samples shared 3 + 2."""
     reference = ranks.calibration_statistics()
+    # the curves are differences of float32 losses: exact to a few float32 ulps of the loss, not of the difference
+    # (measured 6.9e-7 apart on an AVX2-only CPU, where 1e-4 of the curve's largest value is 6.8e-7)
+    loss_ulps = 8 * torch.finfo(torch.float32).eps * abs(float(np.asarray(reference["removal"][3])))
     for rank, got in enumerate(job["statistics"]):
-        assert_same(reference, got, f"rank {rank}")
+        assert_same({k: v for k, v in reference.items() if k != "sensitivity"},
+                    {k: v for k, v in got.items() if k != "sensitivity"}, f"rank {rank}")
+        assert_same(reference["sensitivity"], got["sensitivity"], f"rank {rank}/sensitivity", atol=loss_ulps)
 
 
 def test_fsdp_taylor_scores_equal_one_process(job):
