@@ -92,11 +92,6 @@ class InputGram:
     def mean(self) -> torch.Tensor:
         return self.total / max(self.count, 1)
 
-    def covariance(self) -> torch.Tensor:
-        """``H/n − μμᵀ`` (the second moment of the centred inputs)."""
-        mean = self.mean
-        return self.gram / max(self.count, 1) - torch.outer(mean, mean)
-
 
 def _kept_index(kept: Sequence[int] | torch.Tensor, features: int) -> torch.Tensor:
     index = torch.as_tensor(list(kept) if not isinstance(kept, torch.Tensor) else kept, dtype=torch.long)
